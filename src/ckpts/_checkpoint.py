@@ -1,0 +1,283 @@
+"""One checkpoint directory: write a TrainState snapshot into it, read it back in place.
+
+Each object's distinct tensors go into ``<name>.safetensors`` (or, above the shard
+size, ``<name>-00001-of-0000N.safetensors`` plus ``<name>.safetensors.index.json``,
+the Hugging Face layout), so a model's weights load with ``safe_open`` or
+``from_pretrained`` as they are. Everything else about the object (its JSON tree,
+tied-tensor aliases, each tensor's file, dtype and shape) is in ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import mmap
+import platform
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckpts._codec import decode, encode
+from ckpts._format import (
+    DTYPE_NAMES,
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    FileRecord,
+    TensorEntry,
+    manifest_tensor_entries,
+    read_header,
+    write_json,
+    write_safetensors,
+)
+from ckpts._state import ObjectSnapshot, Stateful, TrainState
+from ckpts._version import __version__
+from ckpts.errors import CheckpointError, IncompatibleStateError, InvalidArgumentError
+
+
+def write_checkpoint(
+    directory: Path,
+    *,
+    step: int,
+    snapshots: Mapping[str, ObjectSnapshot],
+    metrics: Mapping[str, float],
+    epoch: int | None,
+    max_shard_size: int,
+) -> dict[str, Any]:
+    """Write every object's tensors, then the manifest (last). Returns the manifest."""
+    files: dict[str, FileRecord] = {}
+    objects: dict[str, Any] = {}
+    for name, snap in snapshots.items():
+        placement = _plan_shards(name, snap.tensors, max_shard_size)
+        for file_name, keys in placement.items():
+            files[file_name] = write_safetensors(
+                directory / file_name, [(k, snap.tensors[k]) for k in keys]
+            )
+        if len(placement) > 1:
+            index_name = f"{name}.safetensors.index.json"
+            weight_map = {k: f for f, keys in placement.items() for k in keys}
+            total = sum(t.numel() * t.element_size() for t in snap.tensors.values())
+            files[index_name] = write_json(
+                directory / index_name,
+                {"metadata": {"total_size": total}, "weight_map": weight_map},
+            )
+        objects[name] = {
+            "kind": snap.kind,
+            "class": snap.class_name,
+            "tree": snap.tree,
+            "tensors": {
+                k: {"file": f, "dtype": DTYPES[snap.tensors[k].dtype],
+                    "shape": list(snap.tensors[k].shape)}
+                for f, keys in placement.items() for k in keys
+            },
+            "aliases": snap.aliases,
+        }
+    now = datetime.datetime.now(datetime.timezone.utc)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "epoch": epoch,
+        "created": now.isoformat(timespec="milliseconds"),
+        "metrics": encode(dict(metrics), {}),
+        "tags": [],
+        "versions": {
+            "ckpts": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        },
+        "world_size": 1,
+        "files": {n: {"nbytes": r.nbytes, "hash": r.hash} for n, r in files.items()},
+        "objects": objects,
+    }
+    write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def restore_into(directory: Path, manifest: Mapping[str, Any], state: TrainState) -> None:
+    """Check the checkpoint fits ``state``, then load every object in place.
+
+    Raises:
+        IncompatibleStateError: objects, keys, shapes or dtypes do not match; nothing
+            has been changed when this is raised before loading starts.
+    """
+    saved = manifest["objects"]
+    missing = sorted(set(state.objects) - set(saved))
+    unexpected = sorted(set(saved) - set(state.objects))
+    if missing or unexpected:
+        raise IncompatibleStateError(
+            f"{directory} holds objects {sorted(saved)} but the TrainState has "
+            f"{sorted(state.objects)} (missing: {missing}, unexpected: {unexpected}); "
+            "restore with a TrainState of the same names",
+            missing=missing, unexpected=unexpected,
+        )
+    for name, obj in state.objects.items():
+        check_compatible(directory, name, saved[name], obj, strict=True)
+    for name, obj in state.objects.items():
+        load_object(directory, name, saved[name], obj)
+
+
+def check_compatible(
+    directory: Path, name: str, saved: Mapping[str, Any], obj: Stateful, *, strict: bool
+) -> None:
+    """Compare a saved object with a live one before anything is overwritten.
+
+    Modules are compared key by key (missing, unexpected, dtype and shape);
+    optimizers by the number and size of their parameter groups.
+    """
+    if isinstance(obj, torch.nn.Module):
+        _check_module(directory, name, saved, obj, strict=strict)
+    elif isinstance(obj, torch.optim.Optimizer):
+        groups = decode(saved["tree"], lambda key: torch.empty(0))["param_groups"]
+        saved_sizes = [len(g["params"]) for g in groups]
+        live_sizes = [len(g["params"]) for g in obj.param_groups]
+        if saved_sizes != live_sizes:
+            raise IncompatibleStateError(
+                f"{directory}: optimizer {name!r} was saved with parameter groups of sizes "
+                f"{saved_sizes}, the live optimizer has {live_sizes}; build it over the "
+                "same parameters in the same order"
+            )
+
+
+def load_object(directory: Path, name: str, saved: Mapping[str, Any], obj: Stateful) -> None:
+    """Load one object's tensors (into its live tensors where they fit) and its tree."""
+    live: dict[str, torch.Tensor] = {}
+    encode(obj.state_dict(), live)
+    entries = manifest_tensor_entries(saved)
+    loaded = copy_tensors(directory, entries, live)
+    for alias, key in saved.get("aliases", {}).items():
+        loaded[alias] = loaded[key]
+    state_dict = decode(saved["tree"], loaded.__getitem__)
+    try:
+        obj.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise IncompatibleStateError(
+            f"{directory}: {type(obj).__qualname__}.load_state_dict rejected object "
+            f"{name!r}: {e}. Objects restored before it were already loaded; restore "
+            "again once the live object matches the one that was saved"
+        ) from e
+
+
+def copy_tensors(
+    directory: Path,
+    entries: Mapping[str, TensorEntry],
+    targets: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Read tensors from memory-mapped files, copying each straight into its target.
+
+    A target is used when its dtype and shape match the saved tensor; otherwise (or
+    with no target) a new CPU tensor is returned for that key.
+    """
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for key, entry in entries.items():
+        by_file[entry.file].append(key)
+    loaded: dict[str, torch.Tensor] = {}
+    for file_name, keys in by_file.items():
+        path = directory / file_name
+        header, _ = read_header(path)
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        for key in keys:
+            if key not in header:
+                raise CheckpointError(f"{path}: tensor {key!r} is listed in the manifest "
+                                      "but missing from the file")
+            source = _mapped_tensor(mapped, header[key])
+            target = targets.get(key)
+            if target is not None and target.dtype == source.dtype \
+                    and target.shape == source.shape:
+                with torch.no_grad():
+                    target.copy_(source)
+                loaded[key] = target
+            else:
+                loaded[key] = source.clone()
+            del source
+    return loaded
+
+
+def _mapped_tensor(mapped: mmap.mmap, entry: TensorEntry) -> torch.Tensor:
+    dtype = DTYPE_NAMES[entry.dtype]
+    if entry.end == entry.begin:
+        return torch.empty(entry.shape, dtype=dtype)
+    raw = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.end - entry.begin,
+                           offset=entry.begin)
+    if entry.begin % raw.new_empty(0, dtype=dtype).element_size():
+        raw = raw.clone()  # a foreign file with unaligned data: realign before the view
+    return raw.view(dtype).reshape(entry.shape)
+
+
+def _check_module(
+    directory: Path, name: str, saved: Mapping[str, Any], module: torch.nn.Module, *, strict: bool
+) -> None:
+    live: dict[str, torch.Tensor] = {}
+    encode(module.state_dict(), live)
+    entries = manifest_tensor_entries(saved)
+    for alias, key in saved.get("aliases", {}).items():
+        entries[alias] = entries[key]
+    missing = sorted(set(live) - set(entries)) if strict else []
+    unexpected = sorted(set(entries) - set(live)) if strict else []
+    mismatched = [
+        (key, f"{entries[key].dtype}{list(entries[key].shape)}",
+         f"{DTYPES.get(t.dtype, str(t.dtype))}{list(t.shape)}")
+        for key, t in live.items()
+        if key in entries and (tuple(t.shape) != entries[key].shape
+                               or DTYPES.get(t.dtype) != entries[key].dtype)
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{directory}: module {name!r} does not match the checkpoint"]
+        lines += [f"  missing in checkpoint: {k}" for k in missing[:20]]
+        lines += [f"  unexpected in checkpoint: {k}" for k in unexpected[:20]]
+        lines += [f"  {k}: checkpoint {a}, model {b}" for k, a, b in mismatched[:20]]
+        lines.append("Build the model with the same configuration as the saved one"
+                     + (", or pass strict=False to skip missing/unexpected keys." if strict
+                        else "."))
+        raise IncompatibleStateError(
+            "\n".join(lines), missing=missing, unexpected=unexpected, mismatched=mismatched
+        )
+
+
+def _plan_shards(name: str, tensors: Mapping[str, torch.Tensor], max_shard_size: int
+                 ) -> dict[str, list[str]]:
+    """Group keys into files of at most ``max_shard_size`` bytes (a bigger tensor gets
+    its own file). Within a file, wider dtypes come first so every tensor is aligned."""
+    if not tensors:
+        return {}
+    ordered = sorted(tensors, key=lambda k: -tensors[k].element_size())
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in ordered:
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    if len(shards) == 1:
+        return {f"{name}.safetensors": shards[0]}
+    total = len(shards)
+    return {f"{name}-{i:05d}-of-{total:05d}.safetensors": keys
+            for i, keys in enumerate(shards, start=1)}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as ``"500MB"`` or ``"2GiB"``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        text = size.strip().upper()
+        number = text.rstrip("KMGTIB")
+        unit = text[len(number):].strip()
+        try:
+            value = int(float(number) * units[unit]) if math.isfinite(float(number)) else -1
+        except (ValueError, KeyError):
+            value = -1
+    else:
+        value = -1
+    if value <= 0:
+        raise InvalidArgumentError(
+            f"size {size!r} is not a positive byte count; use an int or e.g. '500MB', '2GiB'"
+        )
+    return value

@@ -1,0 +1,270 @@
+"""CheckpointManager: save, restore, list and prune the checkpoints of one run."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
+from ckpts._codec import decode
+from ckpts._format import read_manifest
+from ckpts._policy import RetentionPolicy
+from ckpts._state import TrainState
+from ckpts._storage import (
+    commit,
+    committed_dirs,
+    delete,
+    directory_size,
+    new_staging_dir,
+    remove_leftovers,
+)
+from ckpts._verify import verify_checkpoint
+from ckpts.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    NotACheckpointError,
+)
+
+log = logging.getLogger("ckpts")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A committed checkpoint, as its manifest describes it.
+
+    Attributes:
+        step: the training step it was saved at.
+        path: its directory.
+        metrics: every metric attached to it (NaN allowed).
+        created: when it was committed (UTC).
+        nbytes: bytes on disk, manifest included.
+        epoch: the epoch passed to ``save``, if any.
+        tags: pin tags.
+    """
+
+    step: int
+    path: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    created: datetime.datetime = datetime.datetime.min
+    nbytes: int = 0
+    epoch: int | None = None
+    tags: tuple[str, ...] = ()
+
+    @classmethod
+    def from_directory(cls, path: Path) -> Checkpoint:
+        """Read a committed checkpoint's manifest (and nothing else)."""
+        manifest = read_manifest(path)
+        return cls(
+            step=manifest["step"],
+            path=path,
+            metrics=decode(manifest.get("metrics", {}), _no_tensors),
+            created=datetime.datetime.fromisoformat(manifest["created"]),
+            nbytes=directory_size(path),
+            epoch=manifest.get("epoch"),
+            tags=tuple(manifest.get("tags", ())),
+        )
+
+
+class CheckpointManager:
+    """Saves and restores the checkpoints of one run directory.
+
+    Args:
+        directory: the run directory; created on the first save.
+        keep: retention policies (e.g. ``[KeepLast(3)]``). A checkpoint survives if
+            any policy keeps it; the newest and the one restored from are always
+            kept. ``None`` keeps everything.
+        async_save: write in the background (not available yet).
+        max_shard_size: split each object's tensors into files of at most this
+            many bytes (int, or a string such as ``"2GB"``).
+
+    Example:
+        >>> state = ckpts.TrainState(model=model, optimizer=optimizer)     # doctest: +SKIP
+        >>> keep = [ckpts.KeepLast(2)]                                      # doctest: +SKIP
+        >>> manager = ckpts.CheckpointManager("runs/exp1", keep=keep)       # doctest: +SKIP
+        >>> start = manager.restore(state) or 0                             # doctest: +SKIP
+        >>> manager.save(step, state, metrics={"loss": loss})               # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep: Sequence[RetentionPolicy] | None = None,
+        async_save: bool = False,
+        max_shard_size: int | str = "2GB",
+    ) -> None:
+        if async_save:
+            raise NotImplementedError("async_save=True is not implemented yet")
+        self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
+        if keep is not None:
+            for policy in keep:
+                if not callable(getattr(policy, "keeps", None)):
+                    raise InvalidArgumentError(
+                        f"keep=[...] holds {policy!r}, which is not a retention policy; "
+                        "use e.g. ckpts.KeepLast(3)"
+                    )
+        self.keep = list(keep) if keep is not None else None
+        self.max_shard_size = parse_size(max_shard_size)
+        self.restored_from: int | None = None
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({str(self.directory)!r}, keep={self.keep!r})"
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        epoch: int | None = None,
+    ) -> Checkpoint:
+        """Save ``state`` as the checkpoint of ``step``, atomically, then apply retention.
+
+        Saving a step that already exists replaces it (atomically).
+
+        Raises:
+            InvalidArgumentError: bad step, state or metrics.
+            UnserializableStateError: a value in the state has no pickle-free encoding
+                (nothing is written).
+        """
+        _check_step(step)
+        if not isinstance(state, TrainState):
+            raise InvalidArgumentError(
+                f"save() needs a ckpts.TrainState, got {type(state).__qualname__}; "
+                "wrap your objects: TrainState(model=model, optimizer=optimizer)"
+            )
+        clean_metrics = _check_metrics(metrics)
+        if epoch is not None and (type(epoch) is not int or epoch < 0):
+            raise InvalidArgumentError(f"epoch must be an int >= 0 or None, got {epoch!r}")
+        snapshots = state.snapshot()  # refuses unserializable values before any write
+        remove_leftovers(self.directory)
+        staging = new_staging_dir(self.directory, step)
+        try:
+            write_checkpoint(staging, step=step, snapshots=snapshots, metrics=clean_metrics,
+                             epoch=epoch, max_shard_size=self.max_shard_size)
+            final = commit(staging, step)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("saved step %d to %s", step, final)
+        self._apply_retention()
+        return Checkpoint.from_directory(final)
+
+    def restore(self, state: TrainState, *, step: int | None = None) -> int | None:
+        """Load the newest intact checkpoint (or ``step``) into ``state``, in place.
+
+        A checkpoint that fails verification is skipped with a warning naming it,
+        and the next newest is tried.
+
+        Returns:
+            The step restored, or None when the run has no checkpoint yet.
+
+        Raises:
+            NotACheckpointError: ``step`` was given and has no committed checkpoint.
+            CorruptCheckpointError: ``step`` was given and fails verification, or
+                every checkpoint of the run does.
+            IncompatibleStateError: the checkpoint does not fit ``state``.
+        """
+        if not isinstance(state, TrainState):
+            raise InvalidArgumentError(
+                f"restore() needs a ckpts.TrainState, got {type(state).__qualname__}"
+            )
+        available = committed_dirs(self.directory) if self.directory.is_dir() else []
+        if step is not None:
+            _check_step(step)
+            chosen = [(s, p) for s, p in available if s == step]
+            if not chosen:
+                raise NotACheckpointError(
+                    f"{self.directory} has no committed checkpoint for step {step}; "
+                    f"available steps: {[s for s, _ in available] or 'none'}"
+                )
+            available = chosen
+        for candidate_step, path in reversed(available):
+            problems = verify_checkpoint(path)
+            if problems:
+                if step is not None:
+                    raise CorruptCheckpointError(
+                        f"{path} fails verification: " + "; ".join(problems))
+                log.warning("skipping corrupt checkpoint %s: %s", path, "; ".join(problems))
+                continue
+            restore_into(path, read_manifest(path), state)
+            self.restored_from = candidate_step
+            log.info("restored step %d from %s", candidate_step, path)
+            return candidate_step
+        if available:
+            raise CorruptCheckpointError(
+                f"every checkpoint in {self.directory} fails verification; run "
+                f"`ckpts verify {self.directory}` for details"
+            )
+        return None
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Committed checkpoints, ascending by step (reads only manifests)."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for _, path in committed_dirs(self.directory):
+            try:
+                found.append(Checkpoint.from_directory(path))
+            except (CheckpointError, OSError, ValueError, KeyError) as e:
+                log.warning("ignoring %s: unreadable manifest (%s)", path, e)
+        return found
+
+    def latest(self) -> Checkpoint | None:
+        """The newest committed checkpoint, or None."""
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def _apply_retention(self) -> None:
+        if self.keep is None:
+            return
+        checkpoints = self.checkpoints()
+        if not checkpoints:
+            return
+        kept = {checkpoints[-1].step}
+        if self.restored_from is not None:
+            kept.add(self.restored_from)
+        for policy in self.keep:
+            kept |= policy.keeps(checkpoints)
+        for checkpoint in checkpoints:
+            if checkpoint.step not in kept:
+                delete(checkpoint.path)
+                log.info("retention removed step %d (%s)", checkpoint.step, checkpoint.path)
+
+
+def _check_step(step: Any) -> None:
+    if type(step) is not int or step < 0:
+        raise InvalidArgumentError(f"step must be an int >= 0, got {step!r}")
+
+
+def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise InvalidArgumentError(f"metrics must be a dict of name -> number, got {metrics!r}")
+    clean = {}
+    for name, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InvalidArgumentError(
+                f"metric {name!r} = {value!r} is not a number; pass e.g. loss.item()"
+            ) from e
+        if type(name) is not str:
+            raise InvalidArgumentError(f"metric names must be str, got {name!r}")
+        clean[name] = number if not math.isnan(number) else math.nan
+    return clean
+
+
+def _no_tensors(key: str) -> Any:
+    raise CorruptCheckpointError(f"metrics reference a tensor ({key!r}); the manifest is damaged")

@@ -1,0 +1,149 @@
+"""TrainState: the named objects of a training run, as tensors plus a JSON tree.
+
+Anything with ``state_dict()`` and ``load_state_dict()`` is Stateful: modules,
+optimizers, LR schedulers, ``torch.amp.GradScaler``, a :class:`ResumableLoader`,
+or a user's own class. The process-wide random generators are added automatically
+under the reserved name ``rng``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ckpts._codec import encode
+from ckpts._rng import RNGState
+from ckpts.errors import InvalidArgumentError
+
+RNG_NAME = "rng"
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything whose state can be captured and put back in place."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state_dict: Any, /) -> Any: ...
+
+
+@dataclass
+class ObjectSnapshot:
+    """One object's state, split into an encoded JSON tree and its distinct tensors.
+
+    ``aliases`` maps a key whose tensor is the very same tensor as another key's
+    (tied weights such as GPT-2's ``lm_head.weight``) to that other key, so the
+    data is stored once and restored tied.
+    """
+
+    kind: str
+    class_name: str
+    tree: Any
+    tensors: dict[str, torch.Tensor]
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+class TrainState:
+    """The named objects a checkpoint saves and restores, plus every RNG.
+
+    Args:
+        **objects: name -> Stateful object. Names become file names
+            (``model`` -> ``model.safetensors``), so they are identifiers;
+            ``rng`` is reserved for the random generators, captured automatically.
+
+    Raises:
+        InvalidArgumentError: an object lacks state_dict/load_state_dict, or a
+            name is not usable.
+
+    Example:
+        >>> import torch, ckpts
+        >>> model = torch.nn.Linear(2, 2)
+        >>> state = ckpts.TrainState(model=model, optimizer=torch.optim.SGD(model.parameters()))
+        >>> sorted(state.objects)
+        ['model', 'optimizer', 'rng']
+    """
+
+    def __init__(self, **objects: Stateful) -> None:
+        if not objects:
+            raise InvalidArgumentError(
+                "TrainState needs at least one object, e.g. TrainState(model=model)"
+            )
+        for name, obj in objects.items():
+            if name == RNG_NAME:
+                raise InvalidArgumentError(
+                    f"the name {RNG_NAME!r} is reserved: TrainState captures the random "
+                    "generators under it automatically; pick another name"
+                )
+            if not _NAME.match(name):
+                raise InvalidArgumentError(
+                    f"object name {name!r} must be an identifier (letters, digits, _ and -)"
+                )
+            if not isinstance(obj, Stateful):
+                raise InvalidArgumentError(
+                    f"object {name!r} ({type(obj).__qualname__}) has no state_dict() and "
+                    "load_state_dict(); wrap it in a class that has both"
+                )
+        self.objects: dict[str, Stateful] = {**objects, RNG_NAME: RNGState()}
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}={type(o).__qualname__}" for n, o in self.objects.items())
+        return f"TrainState({parts})"
+
+    def snapshot(self) -> dict[str, ObjectSnapshot]:
+        """Capture every object's current state (tensors are referenced, not copied)."""
+        return {name: snapshot_object(obj) for name, obj in self.objects.items()}
+
+
+def snapshot_object(obj: Stateful) -> ObjectSnapshot:
+    """Split one object's state_dict into a JSON tree and its distinct tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = encode(obj.state_dict(), tensors)
+    distinct, aliases = _dedupe_tied(tensors)
+    return ObjectSnapshot(
+        kind=object_kind(obj),
+        class_name=type(obj).__qualname__,
+        tree=tree,
+        tensors=distinct,
+        aliases=aliases,
+    )
+
+
+def object_kind(obj: object) -> str:
+    """A coarse kind recorded in the manifest: module, optimizer, scheduler, rng or object."""
+    if isinstance(obj, torch.nn.Module):
+        return "module"
+    if isinstance(obj, torch.optim.Optimizer):
+        return "optimizer"
+    if isinstance(obj, torch.optim.lr_scheduler.LRScheduler):
+        return "scheduler"
+    if isinstance(obj, RNGState):
+        return "rng"
+    return "object"
+
+
+def _dedupe_tied(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep one key per identical view of the same memory; map the others to it."""
+    first_key: dict[tuple[Any, ...], str] = {}
+    distinct: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        if tensor.numel() == 0:
+            distinct[key] = tensor
+            continue
+        identity = (
+            tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+            tuple(tensor.shape), tensor.stride(), tensor.dtype,
+        )
+        if identity in first_key:
+            aliases[key] = first_key[identity]
+        else:
+            first_key[identity] = key
+            distinct[key] = tensor
+    return distinct, aliases

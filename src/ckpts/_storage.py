@@ -1,0 +1,140 @@
+"""Where checkpoint bytes go: a local run directory with an atomic, durable commit.
+
+Layout of a run directory::
+
+    run/
+      step-00000500/            committed: holds manifest.json (written last)
+      .tmp-step-00000600-ab12/  a save in progress (or killed): never listed
+      .trash-step-00000100-cd34/ a checkpoint being deleted: never listed
+      .replaced-step-00000500-ef56/ an older checkpoint of a step being saved again
+
+A save writes into a ``.tmp-`` sibling, fsyncs every file and the directory, then
+renames it into place and fsyncs the parent, so a checkpoint either exists whole
+or not at all. Deletion renames to ``.trash-`` first, then removes, so no reader
+sees a half-deleted checkpoint as valid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from ckpts._format import MANIFEST
+
+log = logging.getLogger("ckpts")
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+_REPLACED_PREFIX = ".replaced-"
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name for a step: ``step-00000500``."""
+    return f"step-{step:08d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step in a checkpoint directory name, or None if it is not one."""
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def committed_dirs(run: Path) -> list[tuple[int, Path]]:
+    """Committed checkpoint directories (those with a manifest), ascending by step."""
+    found = []
+    with os.scandir(run) as entries:
+        for entry in entries:
+            step = parse_step(entry.name)
+            if step is not None and os.path.isfile(os.path.join(entry.path, MANIFEST)):
+                found.append((step, Path(entry.path)))
+    return sorted(found)
+
+
+def new_staging_dir(run: Path, step: int) -> Path:
+    """Create an empty temporary sibling to write a checkpoint into."""
+    run.mkdir(parents=True, exist_ok=True)
+    staging = run / f"{_TMP_PREFIX}{checkpoint_name(step)}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    return staging
+
+
+def commit(staging: Path, step: int) -> Path:
+    """Atomically move a fully written and fsynced staging directory into place.
+
+    An existing checkpoint of the same step is replaced: it is set aside first and
+    removed only after the new one is in place, so a crash in between leaves one
+    of the two committed (see :func:`remove_leftovers`).
+    """
+    fsync_dir(staging)
+    final = staging.parent / checkpoint_name(step)
+    replaced = _rename_aside(final, _REPLACED_PREFIX) if final.exists() else None
+    os.rename(staging, final)
+    fsync_dir(final.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced)
+    return final
+
+
+def delete(path: Path) -> None:
+    """Delete a committed checkpoint: first out of the listing, then from disk."""
+    shutil.rmtree(_rename_aside(path, _TRASH_PREFIX))
+
+
+def _rename_aside(path: Path, prefix: str) -> Path:
+    aside = path.parent / f"{prefix}{path.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(path, aside)
+    fsync_dir(path.parent)
+    return aside
+
+
+def remove_leftovers(run: Path) -> list[Path]:
+    """Remove what killed saves and deletions left behind. Returns what was removed.
+
+    Staging and trash directories go, and so do ``step-*`` directories that have no
+    manifest (never committed). If a crash hit between setting aside an older
+    checkpoint of the same step and renaming its replacement in, the older one is
+    put back instead of being deleted.
+    """
+    removed: list[Path] = []
+    if not run.is_dir():
+        return removed
+    for entry in sorted(run.iterdir()):
+        name = entry.name
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        if name.startswith(_REPLACED_PREFIX):
+            original = run / name[len(_REPLACED_PREFIX) :].rsplit("-", 1)[0]
+            if not original.exists():
+                os.rename(entry, original)
+                log.warning("restored %s after an interrupted replace", original)
+                continue
+        elif not name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and (
+            parse_step(name) is None or (entry / MANIFEST).is_file()
+        ):
+            continue
+        shutil.rmtree(entry)
+        removed.append(entry)
+    if removed:
+        fsync_dir(run)
+        log.info("removed %d leftover(s) of interrupted saves in %s", len(removed), run)
+    return removed
+
+
+def directory_size(path: Path) -> int:
+    """Total bytes of the regular files directly inside ``path``."""
+    with os.scandir(path) as entries:
+        return sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

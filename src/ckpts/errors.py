@@ -1,0 +1,64 @@
+"""The exceptions ckpts raises for anything a user can cause.
+
+Every error a caller can trigger is a :class:`CheckpointError`. Each message says
+what happened, which path, step or key it concerns, and how to fix it.
+
+Hierarchy::
+
+    CheckpointError
+    ├── InvalidArgumentError      a bad argument (also a ValueError)
+    ├── NotACheckpointError       the path holds no committed checkpoint
+    ├── CorruptCheckpointError    a file is missing, truncated or fails its hash
+    ├── FormatVersionError        written by a newer, unknown format version
+    ├── UnserializableStateError  a value in the state cannot be saved without pickle
+    └── IncompatibleStateError    the checkpoint does not fit the live objects
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error ckpts raises on purpose."""
+
+
+class InvalidArgumentError(CheckpointError, ValueError):
+    """An argument has a wrong type or value."""
+
+
+class NotACheckpointError(CheckpointError):
+    """A path that should hold a committed checkpoint (or a run) does not."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint's files do not match its manifest (missing, truncated, wrong hash)."""
+
+
+class FormatVersionError(CheckpointError):
+    """A checkpoint was written by a newer format version than this ckpts can read."""
+
+
+class UnserializableStateError(CheckpointError):
+    """A value in the training state has no pickle-free encoding."""
+
+
+class IncompatibleStateError(CheckpointError):
+    """A checkpoint's contents do not fit the objects it is restored into.
+
+    Attributes:
+        missing: keys the live objects expect but the checkpoint lacks.
+        unexpected: keys in the checkpoint that the live objects do not have.
+        mismatched: ``(key, checkpoint (dtype, shape), live (dtype, shape))`` triples.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: list[str] | None = None,
+        unexpected: list[str] | None = None,
+        mismatched: list[tuple[str, str, str]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.missing = missing or []
+        self.unexpected = unexpected or []
+        self.mismatched = mismatched or []
