@@ -1,10 +1,14 @@
+import subprocess
+import sys
+
 import ckpts
 
 
-def test_all_is_sorted_and_complete() -> None:
+def test_all_is_sorted_and_every_name_resolves() -> None:
     assert ckpts.__all__ == sorted(ckpts.__all__)
-    public = {name for name in dir(ckpts) if not name.startswith("_")} - {"errors"}
-    assert public == set(ckpts.__all__) - {"__version__"}
+    assert dir(ckpts) == ckpts.__all__
+    for name in ckpts.__all__:
+        assert getattr(ckpts, name) is not None, name
 
 
 def test_every_error_is_a_checkpoint_error() -> None:
@@ -12,3 +16,10 @@ def test_every_error_is_a_checkpoint_error() -> None:
         obj = getattr(ckpts, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, ckpts.CheckpointError)
+
+
+def test_importing_ckpts_does_not_import_torch() -> None:
+    code = "import sys, ckpts, ckpts._catalog; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

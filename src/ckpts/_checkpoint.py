@@ -21,18 +21,15 @@ from typing import Any
 import torch
 
 from ckpts._codec import decode, encode
-from ckpts._format import (
-    DTYPE_NAMES,
-    DTYPES,
+from ckpts._format import DTYPE_NAMES, DTYPES, read_header, write_safetensors
+from ckpts._manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
     FileRecord,
     TensorEntry,
     manifest_tensor_entries,
-    read_header,
     write_json,
-    write_safetensors,
 )
 from ckpts._state import ObjectSnapshot, Stateful, TrainState
 from ckpts._version import __version__
@@ -130,7 +127,7 @@ def check_compatible(
     if isinstance(obj, torch.nn.Module):
         _check_module(directory, name, saved, obj, strict=strict)
     elif isinstance(obj, torch.optim.Optimizer):
-        groups = decode(saved["tree"], lambda key: torch.empty(0))["param_groups"]
+        groups = decode(saved["tree"], lambda key: None)["param_groups"]
         saved_sizes = [len(g["params"]) for g in groups]
         live_sizes = [len(g["params"]) for g in obj.param_groups]
         if saved_sizes != live_sizes:

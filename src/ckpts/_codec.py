@@ -17,12 +17,14 @@ type is refused with :class:`UnserializableStateError` naming its key path.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckpts.errors import CorruptCheckpointError, UnserializableStateError
+
+if TYPE_CHECKING:
+    import torch
 
 _FLOAT_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -40,7 +42,7 @@ def encode(value: Any, tensors: dict[str, torch.Tensor], *, path: str = "") -> A
         if math.isfinite(value):
             return value
         return {"__float__": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         key = _unique_key(path or "tensor", tensors)
         tensors[key] = value
         return {"__tensor__": key}
@@ -60,7 +62,7 @@ def encode(value: Any, tensors: dict[str, torch.Tensor], *, path: str = "") -> A
     )
 
 
-def decode(data: Any, load_tensor: Callable[[str], torch.Tensor]) -> Any:
+def decode(data: Any, load_tensor: Callable[[str], Any]) -> Any:
     """Invert :func:`encode`; ``load_tensor(key)`` supplies each referenced tensor."""
     if isinstance(data, list):
         return [decode(v, load_tensor) for v in data]
@@ -81,16 +83,10 @@ def decode(data: Any, load_tensor: Callable[[str], torch.Tensor]) -> Any:
     return {k: decode(v, load_tensor) for k, v in data.items()}
 
 
-def tensor_keys(data: Any) -> list[str]:
-    """Every tensor key referenced in an encoded tree, in order."""
-    keys: list[str] = []
-
-    def record(key: str) -> torch.Tensor:
-        keys.append(key)
-        return torch.empty(0)
-
-    decode(data, record)
-    return keys
+def _is_tensor(value: Any) -> bool:
+    # Without torch imported (e.g. the CLI listing a run), nothing can be a tensor.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def _encode_key(key: Any, path: str) -> Any:

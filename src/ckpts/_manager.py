@@ -2,75 +2,34 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckpts._catalog import Checkpoint, list_checkpoints
 from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
-from ckpts._codec import decode
-from ckpts._format import read_manifest
+from ckpts._manifest import read_manifest
 from ckpts._policy import RetentionPolicy
 from ckpts._state import TrainState
 from ckpts._storage import (
     commit,
     committed_dirs,
     delete,
-    directory_size,
     new_staging_dir,
     remove_leftovers,
 )
 from ckpts._verify import verify_checkpoint
 from ckpts.errors import (
-    CheckpointError,
     CorruptCheckpointError,
     InvalidArgumentError,
     NotACheckpointError,
 )
 
 log = logging.getLogger("ckpts")
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A committed checkpoint, as its manifest describes it.
-
-    Attributes:
-        step: the training step it was saved at.
-        path: its directory.
-        metrics: every metric attached to it (NaN allowed).
-        created: when it was committed (UTC).
-        nbytes: bytes on disk, manifest included.
-        epoch: the epoch passed to ``save``, if any.
-        tags: pin tags.
-    """
-
-    step: int
-    path: Path
-    metrics: dict[str, float] = field(default_factory=dict)
-    created: datetime.datetime = datetime.datetime.min
-    nbytes: int = 0
-    epoch: int | None = None
-    tags: tuple[str, ...] = ()
-
-    @classmethod
-    def from_directory(cls, path: Path) -> Checkpoint:
-        """Read a committed checkpoint's manifest (and nothing else)."""
-        manifest = read_manifest(path)
-        return cls(
-            step=manifest["step"],
-            path=path,
-            metrics=decode(manifest.get("metrics", {}), _no_tensors),
-            created=datetime.datetime.fromisoformat(manifest["created"]),
-            nbytes=directory_size(path),
-            epoch=manifest.get("epoch"),
-            tags=tuple(manifest.get("tags", ())),
-        )
 
 
 class CheckpointManager:
@@ -210,15 +169,7 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[Checkpoint]:
         """Committed checkpoints, ascending by step (reads only manifests)."""
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for _, path in committed_dirs(self.directory):
-            try:
-                found.append(Checkpoint.from_directory(path))
-            except (CheckpointError, OSError, ValueError, KeyError) as e:
-                log.warning("ignoring %s: unreadable manifest (%s)", path, e)
-        return found
+        return list_checkpoints(self.directory)
 
     def latest(self) -> Checkpoint | None:
         """The newest committed checkpoint, or None."""
@@ -264,7 +215,3 @@ def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
             raise InvalidArgumentError(f"metric names must be str, got {name!r}")
         clean[name] = number if not math.isnan(number) else math.nan
     return clean
-
-
-def _no_tensors(key: str) -> Any:
-    raise CorruptCheckpointError(f"metrics reference a tensor ({key!r}); the manifest is damaged")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from ckpts.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from ckpts._manager import Checkpoint
+    from ckpts._catalog import Checkpoint
 
 
 class RetentionPolicy(Protocol):

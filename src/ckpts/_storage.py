@@ -23,7 +23,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ckpts._format import MANIFEST
+from ckpts._manifest import MANIFEST
 
 log = logging.getLogger("ckpts")
 

@@ -5,13 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ckpts._format import (
-    MANIFEST,
-    hash_file,
-    manifest_tensor_entries,
-    read_header,
-    read_manifest,
-)
+from ckpts._format import read_header
+from ckpts._manifest import MANIFEST, hash_file, manifest_tensor_entries, read_manifest
 from ckpts._storage import committed_dirs
 from ckpts.errors import CheckpointError, NotACheckpointError
 

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ckpts._checkpoint import check_compatible, copy_tensors
-from ckpts._format import MANIFEST, manifest_tensor_entries, read_manifest
+from ckpts._manifest import MANIFEST, manifest_tensor_entries, read_manifest
 from ckpts._verify import _check_file
 from ckpts.errors import CorruptCheckpointError, NotACheckpointError
 
 if TYPE_CHECKING:
-    from ckpts._manager import Checkpoint
+    from ckpts._catalog import Checkpoint
 
 
 def load_weights(

@@ -1,0 +1,80 @@
+"""ckpts: a checkpoint manager for PyTorch training.
+
+Atomic, hash-verified, pickle-free checkpoints in standard safetensors files,
+bit-exact resume, and retention policies.
+
+Public names are imported on first use, so tools that only read manifests (the
+``ckpts ls`` command) start without importing torch.
+
+Example:
+    >>> import ckpts
+    >>> state = ckpts.TrainState(model=model, optimizer=optimizer)   # doctest: +SKIP
+    >>> manager = ckpts.CheckpointManager("runs/exp1", keep=[ckpts.KeepLast(3)])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ckpts._version import __version__
+from ckpts.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    IncompatibleStateError,
+    InvalidArgumentError,
+    NotACheckpointError,
+    UnserializableStateError,
+)
+
+if TYPE_CHECKING:
+    from ckpts._catalog import Checkpoint
+    from ckpts._data import ResumableLoader
+    from ckpts._manager import CheckpointManager
+    from ckpts._policy import KeepLast
+    from ckpts._state import Stateful, TrainState
+    from ckpts._verify import verify
+    from ckpts._weights import load_weights
+
+_LAZY = {
+    "Checkpoint": "ckpts._catalog",
+    "CheckpointManager": "ckpts._manager",
+    "KeepLast": "ckpts._policy",
+    "ResumableLoader": "ckpts._data",
+    "Stateful": "ckpts._state",
+    "TrainState": "ckpts._state",
+    "load_weights": "ckpts._weights",
+    "verify": "ckpts._verify",
+}
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointManager",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "IncompatibleStateError",
+    "InvalidArgumentError",
+    "KeepLast",
+    "NotACheckpointError",
+    "ResumableLoader",
+    "Stateful",
+    "TrainState",
+    "UnserializableStateError",
+    "__version__",
+    "load_weights",
+    "verify",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ckpts' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,148 @@
+"""The manifest: format v1's commit marker and table of contents (no torch needed).
+
+``manifest.json`` is written last into a checkpoint directory. It holds the format
+version, step, epoch, metrics, tags, creation time, library versions, every file
+with its byte size and xxh3-128 content hash, and each saved object's JSON tree
+with references to its tensors. Reading it needs only the standard library and
+xxhash, so listing a run never imports torch.
+
+xxh3-128 runs at memory speed (~15 GB/s here, against ~1.5 GB/s for sha256), so
+hashing costs a save almost nothing. It detects corruption, not tampering.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import xxhash
+
+from ckpts.errors import CorruptCheckpointError, FormatVersionError
+
+FORMAT_NAME = "ckpts"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+HASH_PREFIX = "xxh3_128:"
+
+# safetensors dtype names and their sizes in bytes
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file, dtype name, shape and byte range in the data."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int = 0
+    end: int = 0
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A written file's size and content hash, as recorded in the manifest."""
+
+    nbytes: int
+    hash: str
+
+
+def write_json(path: Path, data: Any) -> FileRecord:
+    """Write a JSON file (strict: no NaN), fsync it, and return its record."""
+    payload = (json.dumps(data, indent=1, allow_nan=False) + "\n").encode()
+    with open(path, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    return FileRecord(nbytes=len(payload), hash=HASH_PREFIX + xxhash.xxh3_128(payload).hexdigest())
+
+
+def hash_file(path: Path) -> str:
+    """The content hash of a file, read through a memory map."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                digest.update(mapped)
+    return HASH_PREFIX + digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """Load and check ``manifest.json``; raise CorruptCheckpointError or FormatVersionError."""
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{path} is not valid JSON: {e}") from e
+    check_manifest(manifest, path)
+    return manifest  # type: ignore[no-any-return]
+
+
+def check_manifest(manifest: Any, path: Path) -> None:
+    """Check a manifest's shape: version, step, files and objects, with safe file names."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError(f"{path} is not a ckpts manifest (no \"format\": \"ckpts\")")
+    version = manifest.get("format_version")
+    if type(version) is not int:
+        raise CorruptCheckpointError(f"{path}: format_version must be an integer")
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{path} uses format version {version}, but this ckpts reads up to version "
+            f"{FORMAT_VERSION}; upgrade ckpts to read it."
+        )
+    _expect(manifest, "step", int, path)
+    files = _expect(manifest, "files", dict, path)
+    for name, record in files.items():
+        check_file_name(name, path)
+        if not isinstance(record, dict) or type(record.get("nbytes")) is not int \
+                or not isinstance(record.get("hash"), str):
+            raise CorruptCheckpointError(f"{path}: file record for {name!r} is malformed")
+    objects = _expect(manifest, "objects", dict, path)
+    for name, obj in objects.items():
+        if not isinstance(obj, dict) or not isinstance(obj.get("tensors"), dict):
+            raise CorruptCheckpointError(f"{path}: object {name!r} is malformed")
+        for key, info in obj["tensors"].items():
+            if not isinstance(info, dict) or info.get("file") not in files \
+                    or info.get("dtype") not in DTYPE_SIZES or not is_shape(info.get("shape")):
+                raise CorruptCheckpointError(
+                    f"{path}: tensor {key!r} of object {name!r} has a malformed entry"
+                )
+        aliases = obj.get("aliases", {})
+        if not isinstance(aliases, dict) or any(a not in obj["tensors"] for a in aliases.values()):
+            raise CorruptCheckpointError(f"{path}: object {name!r} has malformed aliases")
+
+
+def check_file_name(name: str, manifest_path: Path) -> None:
+    """Refuse a file reference that could escape the checkpoint directory."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise CorruptCheckpointError(
+            f"{manifest_path}: file name {name!r} is not a plain name inside the checkpoint"
+        )
+
+
+def manifest_tensor_entries(obj: Mapping[str, Any]) -> dict[str, TensorEntry]:
+    """The tensor entries of one manifest object (dtype, shape and file of each key)."""
+    return {
+        key: TensorEntry(file=info["file"], dtype=info["dtype"], shape=tuple(info["shape"]))
+        for key, info in obj["tensors"].items()
+    }
+
+
+def is_shape(value: Any) -> TypeGuard[list[int]]:
+    """A list of non-negative ints."""
+    return isinstance(value, list) and all(type(d) is int and d >= 0 for d in value)
+
+
+def _expect(manifest: dict[str, Any], key: str, kind: type, path: Path) -> Any:
+    value = manifest.get(key)
+    if type(value) is not kind:
+        raise CorruptCheckpointError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+    return value
