@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ckpts._catalog import Checkpoint
     from ckpts._data import ResumableLoader
     from ckpts._manager import CheckpointManager
-    from ckpts._policy import KeepLast
+    from ckpts._policy import Every, KeepBest, KeepEvery, KeepLast, KeepSince, OnImprovement
     from ckpts._state import Stateful, TrainState
     from ckpts._verify import verify
     from ckpts._weights import load_weights
@@ -40,7 +40,12 @@ if TYPE_CHECKING:
 _LAZY = {
     "Checkpoint": "ckpts._catalog",
     "CheckpointManager": "ckpts._manager",
+    "Every": "ckpts._policy",
+    "KeepBest": "ckpts._policy",
+    "KeepEvery": "ckpts._policy",
     "KeepLast": "ckpts._policy",
+    "KeepSince": "ckpts._policy",
+    "OnImprovement": "ckpts._policy",
     "ResumableLoader": "ckpts._data",
     "Stateful": "ckpts._state",
     "TrainState": "ckpts._state",
@@ -53,11 +58,16 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "CorruptCheckpointError",
+    "Every",
     "FormatVersionError",
     "IncompatibleStateError",
     "InvalidArgumentError",
+    "KeepBest",
+    "KeepEvery",
     "KeepLast",
+    "KeepSince",
     "NotACheckpointError",
+    "OnImprovement",
     "ResumableLoader",
     "Stateful",
     "TrainState",

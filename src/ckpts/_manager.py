@@ -6,14 +6,17 @@ import logging
 import math
 import os
 import shutil
+import signal
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ckpts._catalog import Checkpoint, list_checkpoints
 from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
-from ckpts._manifest import read_manifest
-from ckpts._policy import RetentionPolicy
+from ckpts._codec import encode
+from ckpts._manifest import read_manifest, update_manifest
+from ckpts._policy import Mode, RetentionPolicy, SaveTrigger, check_mode, rank_by
 from ckpts._state import TrainState
 from ckpts._storage import (
     commit,
@@ -38,8 +41,17 @@ class CheckpointManager:
     Args:
         directory: the run directory; created on the first save.
         keep: retention policies (e.g. ``[KeepLast(3)]``). A checkpoint survives if
-            any policy keeps it; the newest and the one restored from are always
-            kept. ``None`` keeps everything.
+            any policy keeps it; the newest, the one restored from and pinned ones
+            are always kept. ``None`` keeps everything.
+        save: a save trigger (``Every(...)``, ``OnImprovement(...)``) or a list of
+            them; ``save()`` then writes only when one says so. ``None``: every
+            ``save()`` call writes.
+        save_on_signal: signals (e.g. ``(signal.SIGTERM,)`` for preemption) that
+            make the next ``save()`` call write regardless of the trigger. Once
+            that checkpoint is committed the process ends the conventional way
+            for the signal: the default handler is put back and the signal
+            re-raised, so a scheduler sees the status it expects (143 for SIGTERM).
+            Call ``save()`` often (every step) so the grace period suffices.
         async_save: write in the background (not available yet).
         max_shard_size: split each object's tensors into files of at most this
             many bytes (int, or a string such as ``"2GB"``).
@@ -57,6 +69,8 @@ class CheckpointManager:
         directory: str | os.PathLike[str],
         *,
         keep: Sequence[RetentionPolicy] | None = None,
+        save: SaveTrigger | Sequence[SaveTrigger] | None = None,
+        save_on_signal: Sequence[signal.Signals | int] = (),
         async_save: bool = False,
         max_shard_size: int | str = "2GB",
     ) -> None:
@@ -73,8 +87,19 @@ class CheckpointManager:
                         "use e.g. ckpts.KeepLast(3)"
                     )
         self.keep = list(keep) if keep is not None else None
+        triggers = [] if save is None else [save] if not isinstance(save, Sequence) else save
+        for trigger in triggers:
+            if not callable(getattr(trigger, "should_save", None)):
+                raise InvalidArgumentError(
+                    f"save={trigger!r} is not a save trigger; use e.g. ckpts.Every(steps=500) "
+                    "or ckpts.OnImprovement('val_loss')"
+                )
+        self.triggers: list[SaveTrigger] = list(triggers)
         self.max_shard_size = parse_size(max_shard_size)
         self.restored_from: int | None = None
+        self.pending_signal: int | None = None
+        for signum in save_on_signal:
+            signal.signal(signum, self._on_signal)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({str(self.directory)!r}, keep={self.keep!r})"
@@ -86,10 +111,13 @@ class CheckpointManager:
         *,
         metrics: Mapping[str, float] | None = None,
         epoch: int | None = None,
-    ) -> Checkpoint:
+        force: bool = False,
+    ) -> Checkpoint | None:
         """Save ``state`` as the checkpoint of ``step``, atomically, then apply retention.
 
-        Saving a step that already exists replaces it (atomically).
+        With save triggers, this writes only when a trigger says so (or ``force``,
+        or after a ``save_on_signal`` signal) and returns None otherwise. Saving a
+        step that already exists replaces it (atomically).
 
         Raises:
             InvalidArgumentError: bad step, state or metrics.
@@ -105,6 +133,32 @@ class CheckpointManager:
         clean_metrics = _check_metrics(metrics)
         if epoch is not None and (type(epoch) is not int or epoch < 0):
             raise InvalidArgumentError(f"epoch must be an int >= 0 or None, got {epoch!r}")
+        if not (force or self.pending_signal is not None or self._triggered(step, epoch,
+                                                                              clean_metrics)):
+            return None
+        checkpoint = self._write(step, state, clean_metrics, epoch)
+        for trigger in self.triggers:
+            trigger.saved(step, epoch, clean_metrics)
+        if self.pending_signal is not None:
+            log.warning("step %d committed after signal %d; exiting", step, self.pending_signal)
+            signal.signal(self.pending_signal, signal.SIG_DFL)
+            os.kill(os.getpid(), self.pending_signal)
+        return checkpoint
+
+    def _triggered(self, step: int, epoch: int | None, metrics: dict[str, float]) -> bool:
+        if not self.triggers:
+            return True
+        history = self.checkpoints()
+        # every trigger sees the call, so interval bookkeeping stays right
+        votes = [t.should_save(step, epoch, metrics, history) for t in self.triggers]
+        return any(votes)
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        log.warning("received signal %d: the next save() call will save and exit", signum)
+        self.pending_signal = signum
+
+    def _write(self, step: int, state: TrainState, clean_metrics: dict[str, float],
+               epoch: int | None) -> Checkpoint:
         snapshots = state.snapshot()  # refuses unserializable values before any write
         remove_leftovers(self.directory)
         staging = new_staging_dir(self.directory, step)
@@ -176,21 +230,82 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def _apply_retention(self) -> None:
+    def best(self, metric: str, mode: Mode = "min") -> Checkpoint | None:
+        """The checkpoint with the best ``metric``; None if no checkpoint has it.
+
+        NaN ranks last; among equal values the earlier step wins.
+        """
+        check_mode(mode)
+        ranked = rank_by(self.checkpoints(), metric, mode)
+        return ranked[0] if ranked else None
+
+    def add_metrics(self, step: int, metrics: Mapping[str, float]) -> Checkpoint:
+        """Attach metrics to a committed checkpoint (e.g. from a later evaluation job).
+
+        The manifest is replaced atomically; existing metrics of the same name are
+        overwritten. Retention is applied again afterwards, since rankings change
+        (the returned record describes the checkpoint even if retention removed it).
+        """
+        checkpoint = self._committed(step)
+        merged = {**checkpoint.metrics, **_check_metrics(metrics)}
+        update_manifest(checkpoint.path, metrics=encode(merged, {}))
+        updated = Checkpoint.from_directory(checkpoint.path)
+        self._apply_retention()
+        return updated
+
+    def pin(self, step: int, tag: str = "pinned") -> Checkpoint:
+        """Protect a checkpoint from retention until :meth:`unpin`, under a tag."""
+        if not isinstance(tag, str) or not tag:
+            raise InvalidArgumentError(f"tag must be a non-empty str, got {tag!r}")
+        checkpoint = self._committed(step)
+        tags = sorted({*checkpoint.tags, tag})
+        update_manifest(checkpoint.path, tags=tags)
+        return Checkpoint.from_directory(checkpoint.path)
+
+    def unpin(self, step: int, tag: str | None = None) -> Checkpoint:
+        """Remove one tag (or all with ``tag=None``); retention then applies again.
+
+        The returned record describes the checkpoint even if retention removed it.
+        """
+        checkpoint = self._committed(step)
+        tags = [] if tag is None else [t for t in checkpoint.tags if t != tag]
+        update_manifest(checkpoint.path, tags=tags)
+        updated = Checkpoint.from_directory(checkpoint.path)
+        self._apply_retention()
+        return updated
+
+    def prune(self, *, dry_run: bool = False) -> list[Checkpoint]:
+        """Apply the retention policies now. Returns the checkpoints removed (or that
+        would be, with ``dry_run``)."""
+        return self._apply_retention(dry_run=dry_run)
+
+    def _committed(self, step: int) -> Checkpoint:
+        _check_step(step)
+        for checkpoint in self.checkpoints():
+            if checkpoint.step == step:
+                return checkpoint
+        raise NotACheckpointError(
+            f"{self.directory} has no committed checkpoint for step {step}; available steps: "
+            f"{[c.step for c in self.checkpoints()] or 'none'}"
+        )
+
+    def _apply_retention(self, *, dry_run: bool = False) -> list[Checkpoint]:
         if self.keep is None:
-            return
+            return []
         checkpoints = self.checkpoints()
         if not checkpoints:
-            return
-        kept = {checkpoints[-1].step}
+            return []
+        kept = {checkpoints[-1].step} | {c.step for c in checkpoints if c.tags}
         if self.restored_from is not None:
             kept.add(self.restored_from)
         for policy in self.keep:
             kept |= policy.keeps(checkpoints)
-        for checkpoint in checkpoints:
-            if checkpoint.step not in kept:
+        removed = [c for c in checkpoints if c.step not in kept]
+        if not dry_run:
+            for checkpoint in removed:
                 delete(checkpoint.path)
                 log.info("retention removed step %d (%s)", checkpoint.step, checkpoint.path)
+        return removed
 
 
 def _check_step(step: Any) -> None:

@@ -146,3 +146,22 @@ def _expect(manifest: dict[str, Any], key: str, kind: type, path: Path) -> Any:
     if type(value) is not kind:
         raise CorruptCheckpointError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
     return value
+
+
+def update_manifest(directory: Path, **fields: Any) -> dict[str, Any]:
+    """Atomically replace top-level fields of a committed manifest (metrics, tags).
+
+    The new manifest is written beside the old one, fsynced, then renamed over it,
+    so a reader sees either the old or the new one, never a mix.
+    """
+    manifest = read_manifest(directory)
+    manifest.update(fields)
+    temporary = directory / f".{MANIFEST}.{os.getpid()}.tmp"
+    write_json(temporary, manifest)
+    os.replace(temporary, directory / MANIFEST)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return manifest

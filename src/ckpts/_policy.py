@@ -1,21 +1,34 @@
-"""Retention policies: which committed checkpoints to keep.
+"""When to save (save triggers) and what to keep (retention policies).
 
-A policy looks at the committed checkpoints (ascending by step) and returns the
-steps it keeps. Policies combine by union: a checkpoint survives if any policy in
-``CheckpointManager(keep=[...])`` keeps it. The manager always protects the newest
-checkpoint and the one it restored from, whatever the policies say.
+Save triggers answer "save now?" each time ``CheckpointManager.save`` is called:
+:class:`Every` (steps, epochs, seconds) and :class:`OnImprovement` (a metric got
+better). A list of triggers saves when any of them says so.
+
+Retention policies look at the committed checkpoints (ascending by step) and
+return the steps they keep: :class:`KeepLast`, :class:`KeepBest`,
+:class:`KeepEvery`, :class:`KeepSince`. Policies combine by union: a checkpoint
+survives if any policy keeps it. The manager always protects the newest
+checkpoint, the one it restored from, and pinned ones, whatever the policies say.
+
+Ranking by a metric: a checkpoint without the metric is never a candidate; NaN
+ranks last; among equal values the earlier step ranks first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+import datetime
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from ckpts.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from ckpts._catalog import Checkpoint
+
+Mode = Literal["min", "max"]
 
 
 class RetentionPolicy(Protocol):
@@ -24,7 +37,40 @@ class RetentionPolicy(Protocol):
     def keeps(self, checkpoints: Sequence[Checkpoint]) -> set[int]: ...
 
 
-@dataclass(frozen=True, kw_only=False)
+class SaveTrigger(Protocol):
+    """Anything that decides whether a ``save()`` call should write a checkpoint."""
+
+    def should_save(
+        self, step: int, epoch: int | None, metrics: dict[str, float],
+        history: Sequence[Checkpoint],
+    ) -> bool: ...
+
+    def saved(self, step: int, epoch: int | None, metrics: dict[str, float]) -> None: ...
+
+
+def rank_by(checkpoints: Sequence[Checkpoint], metric: str, mode: Mode) -> list[Checkpoint]:
+    """Checkpoints that have ``metric``, best first (NaN last, ties: earlier step first)."""
+    sign = 1.0 if mode == "min" else -1.0
+
+    def key(c: Checkpoint) -> tuple[bool, float, int]:
+        value = c.metrics[metric]
+        return (math.isnan(value), sign * value if not math.isnan(value) else 0.0, c.step)
+
+    return sorted((c for c in checkpoints if metric in c.metrics), key=key)
+
+
+def check_mode(mode: str) -> None:
+    """Refuse anything but 'min' or 'max'."""
+    if mode not in ("min", "max"):
+        raise InvalidArgumentError(f"mode must be 'min' or 'max', got {mode!r}")
+
+
+def _check_count(owner: str, name: str, value: object, *, minimum: int = 1) -> None:
+    if type(value) is not int or value < minimum:
+        raise InvalidArgumentError(f"{owner}({name}={value!r}): {name} must be an int >= {minimum}")
+
+
+@dataclass(frozen=True)
 class KeepLast:
     """Keep the ``n`` most recent checkpoints (by step).
 
@@ -35,9 +81,174 @@ class KeepLast:
     n: int
 
     def __post_init__(self) -> None:
-        if type(self.n) is not int or self.n < 1:
-            raise InvalidArgumentError(f"KeepLast(n={self.n!r}): n must be an int >= 1")
+        _check_count("KeepLast", "n", self.n)
 
     def keeps(self, checkpoints: Sequence[Checkpoint]) -> set[int]:
         """The steps of the last ``n`` checkpoints."""
         return {c.step for c in checkpoints[-self.n :]}
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    """Keep the ``n`` best checkpoints by a metric.
+
+    Example:
+        >>> keep = [ckpts.KeepBest(3, "val_loss"), ckpts.KeepLast(1)]
+    """
+
+    n: int
+    metric: str
+    mode: Mode = "min"
+
+    def __post_init__(self) -> None:
+        _check_count("KeepBest", "n", self.n)
+        check_mode(self.mode)
+        if not isinstance(self.metric, str) or not self.metric:
+            raise InvalidArgumentError(f"KeepBest(metric={self.metric!r}): give a metric name")
+
+    def keeps(self, checkpoints: Sequence[Checkpoint]) -> set[int]:
+        """The steps of the ``n`` best checkpoints that have the metric."""
+        return {c.step for c in rank_by(checkpoints, self.metric, self.mode)[: self.n]}
+
+
+@dataclass(frozen=True)
+class KeepEvery:
+    """Keep every checkpoint whose step is a multiple of ``steps`` (milestones).
+
+    Example:
+        >>> keep = [ckpts.KeepEvery(10_000), ckpts.KeepLast(2)]
+    """
+
+    steps: int
+
+    def __post_init__(self) -> None:
+        _check_count("KeepEvery", "steps", self.steps)
+
+    def keeps(self, checkpoints: Sequence[Checkpoint]) -> set[int]:
+        """The steps that are multiples of ``steps``."""
+        return {c.step for c in checkpoints if c.step % self.steps == 0}
+
+
+@dataclass(frozen=True)
+class KeepSince:
+    """Keep every checkpoint created in the last ``seconds``.
+
+    Example:
+        >>> keep = [ckpts.KeepSince(3600)]  # everything from the last hour
+    """
+
+    seconds: float
+    clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seconds, bool) or not isinstance(self.seconds, (int, float)) \
+                or not self.seconds > 0:
+            raise InvalidArgumentError(f"KeepSince(seconds={self.seconds!r}) must be > 0")
+
+    def keeps(self, checkpoints: Sequence[Checkpoint]) -> set[int]:
+        """The steps of checkpoints created within the window."""
+        now = datetime.datetime.fromtimestamp(self.clock(), tz=datetime.timezone.utc)
+        horizon = now - datetime.timedelta(seconds=self.seconds)
+        return {c.step for c in checkpoints if c.created >= horizon}
+
+
+@dataclass
+class Every:
+    """Save every ``steps`` steps, every ``epochs`` epochs and/or every ``seconds``.
+
+    With several given, a save happens when any of them is due. ``epochs`` fires
+    on the first ``save()`` call whose ``epoch`` differs from the previous call's
+    and is a multiple of ``epochs``. ``seconds`` counts from the manager's creation
+    or the last save.
+
+    Example:
+        >>> trigger = ckpts.Every(steps=500, seconds=1800)  # whichever comes first
+    """
+
+    steps: int | None = None
+    epochs: int | None = None
+    seconds: float | None = None
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    _last_epoch: int | None = field(default=None, init=False, repr=False)
+    _last_save: float | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.epochs is None and self.seconds is None:
+            raise InvalidArgumentError("Every() needs steps=, epochs= or seconds=")
+        if self.steps is not None:
+            _check_count("Every", "steps", self.steps)
+        if self.epochs is not None:
+            _check_count("Every", "epochs", self.epochs)
+        if self.seconds is not None and (isinstance(self.seconds, bool)
+                                         or not isinstance(self.seconds, (int, float))
+                                         or not self.seconds > 0):
+            raise InvalidArgumentError(f"Every(seconds={self.seconds!r}): must be > 0")
+        self._last_save = self.clock()
+
+    def should_save(self, step: int, epoch: int | None, metrics: dict[str, float],
+                    history: Sequence[Checkpoint]) -> bool:
+        """Whether any of the intervals is due at this call."""
+        due = self.steps is not None and step % self.steps == 0
+        if self.epochs is not None and epoch is not None:
+            changed = self._last_epoch is not None and epoch != self._last_epoch
+            due = due or (changed and epoch % self.epochs == 0)
+            self._last_epoch = epoch
+        if self.seconds is not None and self._last_save is not None:
+            due = due or self.clock() - self._last_save >= self.seconds
+        return due
+
+    def saved(self, step: int, epoch: int | None, metrics: dict[str, float]) -> None:
+        """Restart the seconds interval."""
+        self._last_save = self.clock()
+
+
+@dataclass
+class OnImprovement:
+    """Save when ``metric`` improves on the best value seen so far by more than ``min_delta``.
+
+    The best so far includes the checkpoints already on disk, so a resumed run
+    does not save a worse model just because its process is new.
+
+    Example:
+        >>> trigger = ckpts.OnImprovement("val_loss", mode="min", min_delta=1e-3)
+    """
+
+    metric: str
+    mode: Mode = "min"
+    min_delta: float = 0.0
+    _best: float | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_mode(self.mode)
+        if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, (int, float)) \
+                or not self.min_delta >= 0:
+            raise InvalidArgumentError(f"OnImprovement(min_delta={self.min_delta!r}) must be >= 0")
+
+    def should_save(self, step: int, epoch: int | None, metrics: dict[str, float],
+                    history: Sequence[Checkpoint]) -> bool:
+        """Whether this call's metric beats the best so far by more than min_delta."""
+        value = metrics.get(self.metric)
+        if value is None or math.isnan(value):
+            return False
+        best = self._best_so_far(history)
+        if best is None:
+            return True
+        if self.mode == "min":
+            return value < best - self.min_delta
+        return value > best + self.min_delta
+
+    def saved(self, step: int, epoch: int | None, metrics: dict[str, float]) -> None:
+        """Remember the value just saved as the best when it is."""
+        value = metrics.get(self.metric)
+        if value is not None and not math.isnan(value):
+            self._best = value if self._best is None else (
+                min(self._best, value) if self.mode == "min" else max(self._best, value))
+
+    def _best_so_far(self, history: Sequence[Checkpoint]) -> float | None:
+        values = [c.metrics[self.metric] for c in history if self.metric in c.metrics
+                  and not math.isnan(c.metrics[self.metric])]
+        if self._best is not None:
+            values.append(self._best)
+        if not values:
+            return None
+        return min(values) if self.mode == "min" else max(values)
