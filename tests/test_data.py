@@ -118,9 +118,11 @@ def test_resume_mid_epoch_replays_remaining_batches_and_later_epochs(kind: str) 
 @pytest.mark.parametrize("kind", ["shuffle", "loader_generator"])
 def test_resume_at_exact_end_of_epoch_yields_nothing_then_next_epoch(kind: str) -> None:
     per_epoch = len(LOADERS[kind](Numbers(), 0))
-    full, before, after, state = interrupt_and_resume(LOADERS[kind], stop_at=(1, per_epoch))
+    # right after the last batch of epoch 1, the epoch already counts as done
+    full, before, after, state = interrupt_and_resume(LOADERS[kind], stop_at=(2, 0))
 
-    assert (state["epoch"], state["batches_yielded"]) == (1, per_epoch)
+    assert (state["epoch"], state["batches_yielded"]) == (2, 0)
+    assert len(before) == 2 * per_epoch
     assert len(after) == per_epoch  # epoch 2 only
     assert_same(before + after, full)
 

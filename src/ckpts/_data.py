@@ -167,13 +167,24 @@ class ResumableLoader:
 
     @property
     def epoch(self) -> int:
-        """How many epochs have been iterated to the end."""
-        return self._epoch
+        """How many epochs have been iterated to the end (the last batch handed out)."""
+        return self._position()[0]
 
     @property
     def batches_yielded(self) -> int:
         """How many batches of the current epoch have been handed out."""
-        return self._batches_yielded
+        return self._position()[1]
+
+    def _position(self) -> tuple[int, int, _EpochRNG | None]:
+        """Epoch, batches and start RNG; an epoch whose last batch is out counts as done.
+
+        The loop only learns that an epoch ended on the next ``next()``, but a checkpoint
+        taken right after the last batch should already say "epoch done".
+        """
+        total = len(self) if hasattr(self._sampler.inner, "__len__") else None
+        if total is not None and self._batches_yielded >= total > 0:
+            return self._epoch + 1, 0, None
+        return self._epoch, self._batches_yielded, self._sampler.started
 
     def __len__(self) -> int:
         return len(self._dataloader)
@@ -204,8 +215,10 @@ class ResumableLoader:
             >>> state["epoch"], state["batches_yielded"]
             (0, 17)
         """
-        rng = self._sampler.started or (None, None, None)
-        state: dict[str, Any] = {"epoch": self._epoch, "batches_yielded": self._batches_yielded}
+        epoch, batches, started = self._position()
+        # between epochs, the generators' current states are where the next epoch starts
+        rng = started or (None, *_capture(self._generators)[1:])
+        state: dict[str, Any] = {"epoch": epoch, "batches_yielded": batches}
         for key, value in zip(_RNG_KEYS, rng, strict=True):
             state[key] = None if value is None else value.clone()
         return state
@@ -243,13 +256,14 @@ class ResumableLoader:
         cpu, *generator_states = (
             _rng_tensor(state, key, live) for key, live in zip(_RNG_KEYS, devices, strict=True)
         )
-        if cpu is None and (batches or any(s is not None for s in generator_states)):
+        if cpu is None and batches:
             raise InvalidArgumentError(
-                "ResumableLoader state has batches_yielded or generator states but no "
-                "'torch_rng'; pass an unmodified ResumableLoader.state_dict()"
+                "ResumableLoader state has batches_yielded but no 'torch_rng'; "
+                "pass an unmodified ResumableLoader.state_dict()"
             )
+        recorded = cpu is not None or any(s is not None for s in generator_states)
         for key, saved, live in zip(_RNG_KEYS[1:], generator_states, self._generators, strict=True):
-            if cpu is not None and (saved is None) != (live is None):
+            if recorded and (saved is None) != (live is None):
                 raise IncompatibleStateError(
                     f"ResumableLoader state {'has' if live is None else 'lacks'} {key!r} but this "
                     f"DataLoader {'has no' if live is None else 'has a'} torch.Generator there; "
@@ -263,6 +277,10 @@ class ResumableLoader:
                 "run that saved the state"
             )
         rng = None if cpu is None else (cpu, generator_states[0], generator_states[1])
+        if rng is None:  # saved between epochs: the next epoch starts from these generators
+            for generator, saved in zip(self._generators, generator_states, strict=True):
+                if generator is not None and saved is not None:
+                    generator.set_state(saved)
         self._sampler.started = rng
         self._sampler.replay = None if rng is None else (rng, batches)
         self._epoch, self._batches_yielded = epoch, batches
