@@ -12,9 +12,11 @@ from __future__ import annotations
 import datetime
 import math
 import mmap
+import os
 import platform
 from collections import defaultdict
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,9 @@ from ckpts._state import ObjectSnapshot, Stateful, TrainState
 from ckpts._version import __version__
 from ckpts.errors import CheckpointError, IncompatibleStateError, InvalidArgumentError
 
+# Threads that write (and read) shard files at once; I/O-bound, so a few more than cores.
+IO_THREADS = min(8, 2 * (os.cpu_count() or 1))
+
 
 def write_checkpoint(
     directory: Path,
@@ -45,15 +50,25 @@ def write_checkpoint(
     epoch: int | None,
     max_shard_size: int,
 ) -> dict[str, Any]:
-    """Write every object's tensors, then the manifest (last). Returns the manifest."""
+    """Write every object's tensors, then the manifest (last). Returns the manifest.
+
+    Shard files are written in parallel by a thread pool (file writes and hashing
+    release the GIL), largest first so the threads finish together.
+    """
     files: dict[str, FileRecord] = {}
     objects: dict[str, Any] = {}
+    jobs: list[tuple[str, list[tuple[str, torch.Tensor]]]] = []
+    placements = {name: _plan_shards(name, snap.tensors, max_shard_size)
+                  for name, snap in snapshots.items()}
+    for name, placement in placements.items():
+        jobs += [(f, [(k, snapshots[name].tensors[k]) for k in keys])
+                 for f, keys in placement.items()]
+    jobs.sort(key=lambda job: -sum(t.numel() * t.element_size() for _, t in job[1]))
+    with ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="ckpts-io") as pool:
+        records = pool.map(lambda job: write_safetensors(directory / job[0], job[1]), jobs)
+        files.update(zip([f for f, _ in jobs], records, strict=True))
     for name, snap in snapshots.items():
-        placement = _plan_shards(name, snap.tensors, max_shard_size)
-        for file_name, keys in placement.items():
-            files[file_name] = write_safetensors(
-                directory / file_name, [(k, snap.tensors[k]) for k in keys]
-            )
+        placement = placements[name]
         if len(placement) > 1:
             index_name = f"{name}.safetensors.index.json"
             weight_map = {k: f for f, keys in placement.items() for k in keys}
