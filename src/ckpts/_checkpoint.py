@@ -14,11 +14,11 @@ import math
 import mmap
 import os
 import platform
+import threading
 from collections import defaultdict
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -39,6 +39,42 @@ from ckpts.errors import CheckpointError, IncompatibleStateError, InvalidArgumen
 
 # Threads that write (and read) shard files at once; I/O-bound, so a few more than cores.
 IO_THREADS = min(8, 2 * (os.cpu_count() or 1))
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+def run_parallel(work: Callable[[_Item], _Result], items: Sequence[_Item]) -> list[_Result]:
+    """``[work(x) for x in items]`` on up to IO_THREADS threads; the first failure is raised.
+
+    Plain threads rather than concurrent.futures: an async save still in flight at
+    interpreter exit must be able to finish, and executors refuse work by then.
+    """
+    results: list[_Result | None] = [None] * len(items)
+    failures: list[BaseException] = []
+    queue = iter(enumerate(items))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while not failures:
+            with lock:
+                index, item = next(queue, (-1, None))
+            if index < 0:
+                return
+            try:
+                results[index] = work(item)  # type: ignore[arg-type]
+            except BaseException as e:  # re-raised below, on the caller's thread
+                failures.append(e)
+
+    threads = [threading.Thread(target=worker, name="ckpts-io")
+               for _ in range(min(IO_THREADS, len(items)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return results  # type: ignore[return-value]
 
 
 def write_checkpoint(
@@ -64,9 +100,8 @@ def write_checkpoint(
         jobs += [(f, [(k, snapshots[name].tensors[k]) for k in keys])
                  for f, keys in placement.items()]
     jobs.sort(key=lambda job: -sum(t.numel() * t.element_size() for _, t in job[1]))
-    with ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="ckpts-io") as pool:
-        records = pool.map(lambda job: write_safetensors(directory / job[0], job[1]), jobs)
-        files.update(zip([f for f, _ in jobs], records, strict=True))
+    records = run_parallel(lambda job: write_safetensors(directory / job[0], job[1]), jobs)
+    files.update(zip([f for f, _ in jobs], records, strict=True))
     for name, snap in snapshots.items():
         placement = placements[name]
         if len(placement) > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -12,13 +13,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ckpts._async import BackgroundWriter, Stager
 from ckpts._catalog import Checkpoint, list_checkpoints
 from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
 from ckpts._codec import encode
 from ckpts._manifest import read_manifest, update_manifest
 from ckpts._policy import Mode, RetentionPolicy, SaveTrigger, check_mode, rank_by
-from ckpts._state import TrainState
+from ckpts._state import ObjectSnapshot, TrainState
 from ckpts._storage import (
+    checkpoint_name,
     commit,
     committed_dirs,
     delete,
@@ -52,7 +55,11 @@ class CheckpointManager:
             for the signal: the default handler is put back and the signal
             re-raised, so a scheduler sees the status it expects (143 for SIGTERM).
             Call ``save()`` often (every step) so the grace period suffices.
-        async_save: write in the background (not available yet).
+        async_save: ``save()`` returns once the state is copied to host memory;
+            a background thread writes, commits and applies retention. One save is
+            in flight at a time. A background failure is raised by the next
+            ``save()``, ``wait()`` or ``close()``. Use the manager as a context
+            manager, or call ``close()``, to be sure the last save is durable.
         max_shard_size: split each object's tensors into files of at most this
             many bytes (int, or a string such as ``"2GB"``).
 
@@ -74,8 +81,6 @@ class CheckpointManager:
         async_save: bool = False,
         max_shard_size: int | str = "2GB",
     ) -> None:
-        if async_save:
-            raise NotImplementedError("async_save=True is not implemented yet")
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
@@ -98,8 +103,9 @@ class CheckpointManager:
         self.max_shard_size = parse_size(max_shard_size)
         self.restored_from: int | None = None
         self.pending_signal: int | None = None
-        for signum in save_on_signal:
-            signal.signal(signum, self._on_signal)
+        self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in save_on_signal}
+        self._stager = Stager() if async_save else None
+        self._writer = BackgroundWriter() if async_save else None
 
     def __repr__(self) -> str:
         return f"CheckpointManager({str(self.directory)!r}, keep={self.keep!r})"
@@ -119,6 +125,10 @@ class CheckpointManager:
         or after a ``save_on_signal`` signal) and returns None otherwise. Saving a
         step that already exists replaces it (atomically).
 
+        With ``async_save`` it returns once the state is staged; the record then
+        describes the checkpoint being written (``nbytes`` is the tensor bytes),
+        which is durable, and listed by ``checkpoints()``, after ``wait()``.
+
         Raises:
             InvalidArgumentError: bad step, state or metrics.
             UnserializableStateError: a value in the state has no pickle-free encoding
@@ -133,17 +143,54 @@ class CheckpointManager:
         clean_metrics = _check_metrics(metrics)
         if epoch is not None and (type(epoch) is not int or epoch < 0):
             raise InvalidArgumentError(f"epoch must be an int >= 0 or None, got {epoch!r}")
+        if self._writer is not None:
+            self._writer.wait()  # one save in flight; surfaces the previous one's failure
         if not (force or self.pending_signal is not None or self._triggered(step, epoch,
                                                                               clean_metrics)):
             return None
-        checkpoint = self._write(step, state, clean_metrics, epoch)
+        snapshots = state.snapshot()  # refuses unserializable values before any write
+        if self._stager is not None and self._writer is not None:
+            staged = self._stager.stage(snapshots)
+            self._writer.submit(lambda: self._commit(step, staged, clean_metrics, epoch),
+                                name=f"ckpts-save-{step}")
+            checkpoint = Checkpoint(
+                step=step, path=self.directory / checkpoint_name(step), metrics=clean_metrics,
+                created=datetime.datetime.now(datetime.timezone.utc), epoch=epoch,
+                nbytes=sum(t.numel() * t.element_size() for s in staged.values()
+                           for t in s.tensors.values()),
+            )
+        else:
+            checkpoint = self._commit(step, snapshots, clean_metrics, epoch)
         for trigger in self.triggers:
             trigger.saved(step, epoch, clean_metrics)
         if self.pending_signal is not None:
+            self.wait()
             log.warning("step %d committed after signal %d; exiting", step, self.pending_signal)
             signal.signal(self.pending_signal, signal.SIG_DFL)
             os.kill(os.getpid(), self.pending_signal)
         return checkpoint
+
+    def wait(self) -> None:
+        """Block until the save in flight (async mode) is committed.
+
+        Raises:
+            CheckpointError: the background save failed (raised once).
+        """
+        if self._writer is not None:
+            self._writer.wait()
+
+    def close(self) -> None:
+        """Wait for the save in flight, raise its failure, and restore signal handlers."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+        self.wait()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _triggered(self, step: int, epoch: int | None, metrics: dict[str, float]) -> bool:
         if not self.triggers:
@@ -157,9 +204,9 @@ class CheckpointManager:
         log.warning("received signal %d: the next save() call will save and exit", signum)
         self.pending_signal = signum
 
-    def _write(self, step: int, state: TrainState, clean_metrics: dict[str, float],
-               epoch: int | None) -> Checkpoint:
-        snapshots = state.snapshot()  # refuses unserializable values before any write
+    def _commit(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
+                clean_metrics: dict[str, float], epoch: int | None) -> Checkpoint:
+        """Write, commit atomically, then apply retention (on the writer thread if async)."""
         remove_leftovers(self.directory)
         staging = new_staging_dir(self.directory, step)
         try:
@@ -192,6 +239,7 @@ class CheckpointManager:
             raise InvalidArgumentError(
                 f"restore() needs a ckpts.TrainState, got {type(state).__qualname__}"
             )
+        self._settle()
         available = committed_dirs(self.directory) if self.directory.is_dir() else []
         if step is not None:
             _check_step(step)
@@ -246,6 +294,7 @@ class CheckpointManager:
         overwritten. Retention is applied again afterwards, since rankings change
         (the returned record describes the checkpoint even if retention removed it).
         """
+        self._settle()
         checkpoint = self._committed(step)
         merged = {**checkpoint.metrics, **_check_metrics(metrics)}
         update_manifest(checkpoint.path, metrics=encode(merged, {}))
@@ -257,6 +306,7 @@ class CheckpointManager:
         """Protect a checkpoint from retention until :meth:`unpin`, under a tag."""
         if not isinstance(tag, str) or not tag:
             raise InvalidArgumentError(f"tag must be a non-empty str, got {tag!r}")
+        self._settle()
         checkpoint = self._committed(step)
         tags = sorted({*checkpoint.tags, tag})
         update_manifest(checkpoint.path, tags=tags)
@@ -267,6 +317,7 @@ class CheckpointManager:
 
         The returned record describes the checkpoint even if retention removed it.
         """
+        self._settle()
         checkpoint = self._committed(step)
         tags = [] if tag is None else [t for t in checkpoint.tags if t != tag]
         update_manifest(checkpoint.path, tags=tags)
@@ -277,7 +328,13 @@ class CheckpointManager:
     def prune(self, *, dry_run: bool = False) -> list[Checkpoint]:
         """Apply the retention policies now. Returns the checkpoints removed (or that
         would be, with ``dry_run``)."""
+        self._settle()
         return self._apply_retention(dry_run=dry_run)
+
+    def _settle(self) -> None:
+        """Let a save in flight finish first (its failure stays for save/wait/close)."""
+        if self._writer is not None:
+            self._writer.join()
 
     def _committed(self, step: int) -> Checkpoint:
         _check_step(step)
