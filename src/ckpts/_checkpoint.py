@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import mmap
 import os
 import platform
 import threading
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from ckpts._codec import decode, encode
-from ckpts._format import DTYPE_NAMES, DTYPES, read_header, write_safetensors
+from ckpts._format import DTYPES, read_file_into, write_safetensors
 from ckpts._manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -35,7 +34,7 @@ from ckpts._manifest import (
 )
 from ckpts._state import ObjectSnapshot, Stateful, TrainState
 from ckpts._version import __version__
-from ckpts.errors import CheckpointError, IncompatibleStateError, InvalidArgumentError
+from ckpts.errors import IncompatibleStateError, InvalidArgumentError
 
 # Threads that write (and read) shard files at once; I/O-bound, so a few more than cores.
 IO_THREADS = min(8, 2 * (os.cpu_count() or 1))
@@ -146,9 +145,15 @@ def write_checkpoint(
 def restore_into(directory: Path, manifest: Mapping[str, Any], state: TrainState) -> None:
     """Check the checkpoint fits ``state``, then load every object in place.
 
+    Every file is read once, straight into the live tensors where dtype and shape
+    fit (no second copy of the state in memory), and hashed on the way in.
+
     Raises:
-        IncompatibleStateError: objects, keys, shapes or dtypes do not match; nothing
-            has been changed when this is raised before loading starts.
+        IncompatibleStateError: objects, keys, shapes or dtypes do not match;
+            checked from the manifest before anything is read or changed.
+        CorruptCheckpointError: a file's hash does not match. Its bytes may already
+            be in live tensors, but no ``load_state_dict`` has run; restoring
+            another checkpoint overwrites them all.
     """
     saved = manifest["objects"]
     missing = sorted(set(state.objects) - set(saved))
@@ -162,8 +167,25 @@ def restore_into(directory: Path, manifest: Mapping[str, Any], state: TrainState
         )
     for name, obj in state.objects.items():
         check_compatible(directory, name, saved[name], obj, strict=True)
+    jobs = []
     for name, obj in state.objects.items():
-        load_object(directory, name, saved[name], obj)
+        live: dict[str, torch.Tensor] = {}
+        encode(obj.state_dict(), live)
+        by_file: dict[str, dict[str, TensorEntry]] = defaultdict(dict)
+        for key, entry in manifest_tensor_entries(saved[name]).items():
+            by_file[entry.file][key] = entry
+        jobs += [(name, file_name, entries, live) for file_name, entries in by_file.items()]
+    jobs.sort(key=lambda job: -manifest["files"][job[1]]["nbytes"])
+    loaded: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    results = run_parallel(
+        lambda job: read_file_into(directory / job[1], manifest["files"][job[1]]["hash"],
+                                   job[2], job[3]),
+        jobs,
+    )
+    for (name, *_), tensors in zip(jobs, results, strict=True):
+        loaded[name].update(tensors)
+    for name, obj in state.objects.items():
+        _load_object(directory, name, saved[name], obj, loaded[name])
 
 
 def check_compatible(
@@ -188,12 +210,9 @@ def check_compatible(
             )
 
 
-def load_object(directory: Path, name: str, saved: Mapping[str, Any], obj: Stateful) -> None:
-    """Load one object's tensors (into its live tensors where they fit) and its tree."""
-    live: dict[str, torch.Tensor] = {}
-    encode(obj.state_dict(), live)
-    entries = manifest_tensor_entries(saved)
-    loaded = copy_tensors(directory, entries, live)
+def _load_object(directory: Path, name: str, saved: Mapping[str, Any], obj: Stateful,
+                 loaded: dict[str, torch.Tensor]) -> None:
+    """Hand an object its state: the tree, with the tensors already read."""
     for alias, key in saved.get("aliases", {}).items():
         loaded[alias] = loaded[key]
     state_dict = decode(saved["tree"], loaded.__getitem__)
@@ -205,53 +224,6 @@ def load_object(directory: Path, name: str, saved: Mapping[str, Any], obj: State
             f"{name!r}: {e}. Objects restored before it were already loaded; restore "
             "again once the live object matches the one that was saved"
         ) from e
-
-
-def copy_tensors(
-    directory: Path,
-    entries: Mapping[str, TensorEntry],
-    targets: Mapping[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Read tensors from memory-mapped files, copying each straight into its target.
-
-    A target is used when its dtype and shape match the saved tensor; otherwise (or
-    with no target) a new CPU tensor is returned for that key.
-    """
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for key, entry in entries.items():
-        by_file[entry.file].append(key)
-    loaded: dict[str, torch.Tensor] = {}
-    for file_name, keys in by_file.items():
-        path = directory / file_name
-        header, _ = read_header(path)
-        with open(path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        for key in keys:
-            if key not in header:
-                raise CheckpointError(f"{path}: tensor {key!r} is listed in the manifest "
-                                      "but missing from the file")
-            source = _mapped_tensor(mapped, header[key])
-            target = targets.get(key)
-            if target is not None and target.dtype == source.dtype \
-                    and target.shape == source.shape:
-                with torch.no_grad():
-                    target.copy_(source)
-                loaded[key] = target
-            else:
-                loaded[key] = source.clone()
-            del source
-    return loaded
-
-
-def _mapped_tensor(mapped: mmap.mmap, entry: TensorEntry) -> torch.Tensor:
-    dtype = DTYPE_NAMES[entry.dtype]
-    if entry.end == entry.begin:
-        return torch.empty(entry.shape, dtype=dtype)
-    raw = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.end - entry.begin,
-                           offset=entry.begin)
-    if entry.begin % raw.new_empty(0, dtype=dtype).element_size():
-        raw = raw.clone()  # a foreign file with unaligned data: realign before the view
-    return raw.view(dtype).reshape(entry.shape)
 
 
 def _check_module(

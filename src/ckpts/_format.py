@@ -8,9 +8,11 @@ trusted, so a truncated or hostile file fails with CorruptCheckpointError.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ import xxhash
 
 from ckpts._manifest import DTYPE_SIZES, HASH_PREFIX, FileRecord, TensorEntry, is_shape
 from ckpts.errors import CorruptCheckpointError, UnserializableStateError
+
+_READ_CHUNK = 64 * 1024 * 1024  # bytes read per call when a region is not a tensor
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -43,8 +47,7 @@ def tensor_bytes(tensor: torch.Tensor, *, key: str) -> memoryview:
             f"tensor {key!r} is {tensor.layout} (quantized={tensor.is_quantized}); only dense "
             "tensors can be saved. Convert it with .to_dense() or .dequantize()."
         )
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+    return _byte_view(tensor.detach().cpu().contiguous())
 
 
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> FileRecord:
@@ -140,3 +143,122 @@ def _header_entry(path: Path, key: str, info: Any, data_start: int, size: int) -
                        end=end)
 
 
+def read_file_into(
+    path: Path,
+    expected_hash: str,
+    entries: Mapping[str, TensorEntry],
+    targets: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Read one file's tensors, straight into ``targets`` where they fit, hashing every byte.
+
+    A target fits when it is a contiguous CPU tensor of the saved dtype and shape:
+    the file's bytes land in its memory with no intermediate copy. Other keys get a
+    new CPU tensor (copied on into a CUDA or strided target of the same dtype and
+    shape). The whole file is hashed in the same pass and compared at the end.
+
+    Raises:
+        CorruptCheckpointError: a size, offset or the hash does not match.
+    """
+    header, data_start = read_header(path)
+    digest = xxhash.xxh3_128()
+    loaded: dict[str, torch.Tensor] = {}
+    with open(path, "rb", buffering=0) as f:
+        position = _hash_region(f, 0, data_start, digest)
+        for key in sorted(entries, key=lambda k: header[k].begin if k in header else -1):
+            found = header.get(key)
+            if found is None or (found.dtype, found.shape) != (entries[key].dtype,
+                                                               entries[key].shape):
+                raise CorruptCheckpointError(
+                    f"{path}: tensor {key!r} is missing from the file or differs from the "
+                    "manifest's dtype and shape"
+                )
+            position = _hash_region(f, position, found.begin, digest)
+            target = targets.get(key)
+            fits = target is not None and target.dtype == DTYPE_NAMES[found.dtype] \
+                and tuple(target.shape) == found.shape
+            direct = fits and target is not None and target.device.type == "cpu" \
+                and target.is_contiguous()
+            tensor = target if direct and target is not None else \
+                torch.empty(found.shape, dtype=DTYPE_NAMES[found.dtype])
+            view = _byte_view(tensor)
+            if f.readinto(view) != len(view):
+                raise CorruptCheckpointError(f"{path}: ends inside tensor {key!r} (truncated)")
+            digest.update(view)
+            position = found.end
+            if fits and not direct and target is not None:
+                with torch.no_grad():
+                    target.copy_(tensor)
+                tensor = target
+            loaded[key] = tensor
+        _hash_region(f, position, path.stat().st_size, digest)
+    actual = HASH_PREFIX + digest.hexdigest()
+    if actual != expected_hash:
+        raise CorruptCheckpointError(
+            f"{path}: content hash {actual} differs from the manifest's {expected_hash}"
+        )
+    return loaded
+
+
+def _hash_region(f: Any, start: int, end: int, digest: Any) -> int:
+    """Hash bytes ``start..end`` of an open file (headers, gaps); returns ``end``."""
+    f.seek(start)
+    while start < end:
+        chunk = f.read(min(_READ_CHUNK, end - start))
+        if not chunk:
+            raise CorruptCheckpointError(f"{f.name}: shorter than its header says (truncated)")
+        digest.update(chunk)
+        start += len(chunk)
+    return end
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    """A byte view of a contiguous CPU tensor's memory (writable: readinto fills it)."""
+    flat = tensor.detach().reshape(-1).view(torch.uint8).numpy()
+    return memoryview(flat).cast("B")  # type: ignore[arg-type]
+
+
+def copy_tensors(
+    directory: Path,
+    entries: Mapping[str, TensorEntry],
+    targets: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Read tensors from memory-mapped files, copying each straight into its target.
+
+    A target is used when its dtype and shape match the saved tensor; otherwise (or
+    with no target) a new CPU tensor is returned for that key.
+    """
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for key, entry in entries.items():
+        by_file[entry.file].append(key)
+    loaded: dict[str, torch.Tensor] = {}
+    for file_name, keys in by_file.items():
+        path = directory / file_name
+        header, _ = read_header(path)
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        for key in keys:
+            if key not in header:
+                raise CorruptCheckpointError(f"{path}: tensor {key!r} is listed in the "
+                                             "manifest but missing from the file")
+            source = _mapped_tensor(mapped, header[key])
+            target = targets.get(key)
+            if target is not None and target.dtype == source.dtype \
+                    and target.shape == source.shape:
+                with torch.no_grad():
+                    target.copy_(source)
+                loaded[key] = target
+            else:
+                loaded[key] = source.clone()
+            del source
+    return loaded
+
+
+def _mapped_tensor(mapped: mmap.mmap, entry: TensorEntry) -> torch.Tensor:
+    dtype = DTYPE_NAMES[entry.dtype]
+    if entry.end == entry.begin:
+        return torch.empty(entry.shape, dtype=dtype)
+    raw = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.end - entry.begin,
+                           offset=entry.begin)
+    if entry.begin % raw.new_empty(0, dtype=dtype).element_size():
+        raw = raw.clone()  # a foreign file with unaligned data: realign before the view
+    return raw.view(dtype).reshape(entry.shape)

@@ -28,7 +28,7 @@ from ckpts._storage import (
     new_staging_dir,
     remove_leftovers,
 )
-from ckpts._verify import verify_checkpoint
+from ckpts._verify import check_file_sizes
 from ckpts.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
@@ -251,20 +251,22 @@ class CheckpointManager:
                 )
             available = chosen
         for candidate_step, path in reversed(available):
-            problems = verify_checkpoint(path)
-            if problems:
+            try:
+                manifest = read_manifest(path)
+                check_file_sizes(path, manifest)
+                restore_into(path, manifest, state)  # hashes every byte as it reads
+            except (CorruptCheckpointError, OSError) as e:
                 if step is not None:
-                    raise CorruptCheckpointError(
-                        f"{path} fails verification: " + "; ".join(problems))
-                log.warning("skipping corrupt checkpoint %s: %s", path, "; ".join(problems))
+                    raise CorruptCheckpointError(f"{path} fails verification: {e}") from e
+                log.warning("skipping corrupt checkpoint %s: %s", path, e)
                 continue
-            restore_into(path, read_manifest(path), state)
             self.restored_from = candidate_step
             log.info("restored step %d from %s", candidate_step, path)
             return candidate_step
         if available:
             raise CorruptCheckpointError(
-                f"every checkpoint in {self.directory} fails verification; run "
+                f"every checkpoint in {self.directory} fails verification, so nothing was "
+                "restored (model tensors may hold partly read data); run "
                 f"`ckpts verify {self.directory}` for details"
             )
         return None

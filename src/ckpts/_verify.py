@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from ckpts._format import read_header
 from ckpts._manifest import MANIFEST, hash_file, manifest_tensor_entries, read_manifest
 from ckpts._storage import committed_dirs
-from ckpts.errors import CheckpointError, NotACheckpointError
+from ckpts.errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
 
 
 def verify(path: str | os.PathLike[str]) -> list[str]:
@@ -78,12 +79,31 @@ def verify_checkpoint(directory: Path) -> list[str]:
 
 
 def _check_file(path: Path, nbytes: int, expected_hash: str) -> str | None:
+    problem = _size_problem(path, nbytes)
+    if problem:
+        return problem
+    actual = hash_file(path)
+    if actual != expected_hash:
+        return f"{path}: content hash {actual} differs from the manifest's {expected_hash}"
+    return None
+
+
+def check_file_sizes(directory: Path, manifest: dict[str, Any]) -> None:
+    """Cheap check before reading: every file exists with its recorded size.
+
+    Raises:
+        CorruptCheckpointError: naming the first file that is missing or resized.
+    """
+    for name, record in manifest["files"].items():
+        problem = _size_problem(directory / name, record["nbytes"])
+        if problem:
+            raise CorruptCheckpointError(problem)
+
+
+def _size_problem(path: Path, nbytes: int) -> str | None:
     if path.is_symlink() or not path.is_file():
         return f"{path}: missing (or not a regular file)"
     size = path.stat().st_size
     if size != nbytes:
         return f"{path}: {size} bytes, manifest says {nbytes} (truncated or overwritten)"
-    actual = hash_file(path)
-    if actual != expected_hash:
-        return f"{path}: content hash {actual} differs from the manifest's {expected_hash}"
     return None

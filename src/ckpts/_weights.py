@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ckpts._checkpoint import check_compatible, copy_tensors
+from ckpts._checkpoint import check_compatible
+from ckpts._format import copy_tensors
 from ckpts._manifest import MANIFEST, manifest_tensor_entries, read_manifest
 from ckpts._verify import _check_file
 from ckpts.errors import CorruptCheckpointError, NotACheckpointError
