@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,6 +22,11 @@ class TinyNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.drop(torch.relu(self.norm(self.fc1(x)))))
+
+
+def run_contents(run: Path) -> list[str]:
+    """Names in a run directory, without the writer's lock file (small metadata)."""
+    return sorted(p.name for p in run.iterdir() if p.name != ".ckpts.lock")
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:

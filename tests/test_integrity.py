@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ckpts
-from conftest import TinyNet, train_steps
+from conftest import TinyNet, run_contents, train_steps
 
 
 def three_checkpoints(run: Path) -> tuple[ckpts.CheckpointManager, list[ckpts.Checkpoint]]:
@@ -146,7 +146,7 @@ def test_a_save_killed_mid_write_leaves_the_previous_checkpoint(tmp_path: Path) 
     model = torch.nn.Linear(4, 4)
     assert manager.restore(ckpts.TrainState(model=model)) == 1
     manager.save(3, ckpts.TrainState(model=model))
-    assert sorted(p.name for p in run.iterdir()) == ["step-00000001", "step-00000003"]
+    assert run_contents(run) == ["step-00000001", "step-00000003"]
     manifest = json.loads((run / "step-00000003" / "manifest.json").read_text())
     assert manifest["step"] == 3
 
@@ -158,7 +158,7 @@ def test_saving_a_step_again_replaces_it_atomically(tmp_path: Path) -> None:
     with torch.no_grad():
         model.weight.fill_(7.0)
     manager.save(1, ckpts.TrainState(model=model))
-    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001"]
+    assert run_contents(tmp_path) == ["step-00000001"]
     fresh = torch.nn.Linear(2, 2)
     manager.restore(ckpts.TrainState(model=fresh))
     assert torch.equal(fresh.weight, torch.full((2, 2), 7.0))
@@ -172,5 +172,5 @@ def test_an_interrupted_replace_is_rolled_back(tmp_path: Path) -> None:
     (tmp_path / ".tmp-step-00000001-cafef00d").mkdir()
     assert manager.checkpoints() == []
     manager.save(2, ckpts.TrainState(model=torch.nn.Linear(2, 2)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000002"]
+    assert run_contents(tmp_path) == ["step-00000001", "step-00000002"]
     assert ckpts.verify(tmp_path) == []

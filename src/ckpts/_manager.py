@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ from ckpts._async import BackgroundWriter, Stager
 from ckpts._catalog import Checkpoint, list_checkpoints
 from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
 from ckpts._codec import encode
+from ckpts._lock import acquire, release
 from ckpts._manifest import read_manifest, update_manifest
 from ckpts._policy import Mode, RetentionPolicy, SaveTrigger, check_mode, rank_by
 from ckpts._state import ObjectSnapshot, TrainState
@@ -30,8 +32,11 @@ from ckpts._storage import (
 )
 from ckpts._verify import check_file_sizes
 from ckpts.errors import (
+    CheckpointError,
     CorruptCheckpointError,
+    InsufficientSpaceError,
     InvalidArgumentError,
+    LockedError,
     NotACheckpointError,
 )
 
@@ -104,6 +109,7 @@ class CheckpointManager:
         self.restored_from: int | None = None
         self.pending_signal: int | None = None
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in save_on_signal}
+        self._locked = False
         self._stager = Stager() if async_save else None
         self._writer = BackgroundWriter() if async_save else None
 
@@ -149,6 +155,8 @@ class CheckpointManager:
                                                                               clean_metrics)):
             return None
         snapshots = state.snapshot()  # refuses unserializable values before any write
+        self._lock()
+        self._check_space(step, snapshots, clean_metrics)
         if self._stager is not None and self._writer is not None:
             staged = self._stager.stage(snapshots)
             self._writer.submit(lambda: self._commit(step, staged, clean_metrics, epoch),
@@ -180,11 +188,23 @@ class CheckpointManager:
             self._writer.wait()
 
     def close(self) -> None:
-        """Wait for the save in flight, raise its failure, and restore signal handlers."""
+        """Wait for the save in flight, raise its failure, release the run's writer lock
+        and restore signal handlers."""
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers = {}
-        self.wait()
+        try:
+            self.wait()
+        finally:
+            if self._locked:
+                self._locked = False
+                release(self.directory)
+
+    def _lock(self) -> None:
+        """Become the run's one writer (once per manager; see ckpts._lock)."""
+        if not self._locked:
+            acquire(self.directory)
+            self._locked = True
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -206,15 +226,21 @@ class CheckpointManager:
 
     def _commit(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
                 clean_metrics: dict[str, float], epoch: int | None) -> Checkpoint:
-        """Write, commit atomically, then apply retention (on the writer thread if async)."""
+        """Write, commit atomically, then apply retention (on the writer thread if async).
+
+        A failed write (ENOSPC, EIO, ...) removes its partial data and leaves every
+        earlier checkpoint as it was; the training process can go on.
+        """
         remove_leftovers(self.directory)
         staging = new_staging_dir(self.directory, step)
         try:
             write_checkpoint(staging, step=step, snapshots=snapshots, metrics=clean_metrics,
                              epoch=epoch, max_shard_size=self.max_shard_size)
             final = commit(staging, step)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise _write_error(e, step, self.directory) from e
             raise
         log.info("saved step %d to %s", step, final)
         self._apply_retention()
@@ -293,19 +319,25 @@ class CheckpointManager:
         """Attach metrics to a committed checkpoint (e.g. from a later evaluation job).
 
         The manifest is replaced atomically; existing metrics of the same name are
-        overwritten. Retention is applied again afterwards, since rankings change
-        (the returned record describes the checkpoint even if retention removed it).
+        overwritten. This needs no writer lock, so an evaluation process can attach
+        metrics while training writes the run. Retention is applied again
+        afterwards, since rankings change (by the training process on its next save
+        if it holds the run); the returned record describes the checkpoint even if
+        retention removed it.
         """
         self._settle()
         checkpoint = self._committed(step)
         merged = {**checkpoint.metrics, **_check_metrics(metrics)}
         update_manifest(checkpoint.path, metrics=encode(merged, {}))
         updated = Checkpoint.from_directory(checkpoint.path)
-        self._apply_retention()
+        self._apply_retention(if_unlocked=True)
         return updated
 
     def pin(self, step: int, tag: str = "pinned") -> Checkpoint:
-        """Protect a checkpoint from retention until :meth:`unpin`, under a tag."""
+        """Protect a checkpoint from retention until :meth:`unpin`, under a tag.
+
+        Like :meth:`add_metrics`, this works while another process writes the run.
+        """
         if not isinstance(tag, str) or not tag:
             raise InvalidArgumentError(f"tag must be a non-empty str, got {tag!r}")
         self._settle()
@@ -324,7 +356,7 @@ class CheckpointManager:
         tags = [] if tag is None else [t for t in checkpoint.tags if t != tag]
         update_manifest(checkpoint.path, tags=tags)
         updated = Checkpoint.from_directory(checkpoint.path)
-        self._apply_retention()
+        self._apply_retention(if_unlocked=True)
         return updated
 
     def prune(self, *, dry_run: bool = False) -> list[Checkpoint]:
@@ -348,19 +380,52 @@ class CheckpointManager:
             f"{[c.step for c in self.checkpoints()] or 'none'}"
         )
 
-    def _apply_retention(self, *, dry_run: bool = False) -> list[Checkpoint]:
-        if self.keep is None:
-            return []
-        checkpoints = self.checkpoints()
-        if not checkpoints:
+    def _check_space(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
+                     metrics: dict[str, float]) -> None:
+        """Refuse a save the filesystem cannot hold, before writing a byte."""
+        tensors = [t for s in snapshots.values() for t in s.tensors.values()]
+        # tensor bytes, plus headers and the manifest (~300 bytes a tensor is generous)
+        needed = sum(t.numel() * t.element_size() for t in tensors) + 300 * len(tensors) + 65536
+        free = shutil.disk_usage(self.directory).free
+        if needed <= free:
+            return
+        existing = [c for c in self.checkpoints() if c.step != step]
+        upcoming = Checkpoint(step=step, path=self.directory / checkpoint_name(step),
+                              metrics=metrics)
+        plan = sorted([*existing, upcoming], key=lambda c: c.step)
+        reclaimable = sum(c.nbytes for c in self._retention_plan(plan))
+        raise InsufficientSpaceError(
+            f"not enough space in {self.directory} for step {step}: it needs about "
+            f"{_human(needed)}, {_human(free)} is free. Retention would free "
+            f"{_human(reclaimable)} once a new checkpoint is committed; free space first "
+            f"(e.g. `ckpts prune {self.directory} --keep-last N`) or keep fewer checkpoints",
+            needed=needed, free=free, reclaimable=reclaimable,
+        )
+
+    def _retention_plan(self, checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+        """The checkpoints the policies would delete (newest, restored-from, pinned kept)."""
+        if self.keep is None or not checkpoints:
             return []
         kept = {checkpoints[-1].step} | {c.step for c in checkpoints if c.tags}
         if self.restored_from is not None:
             kept.add(self.restored_from)
         for policy in self.keep:
             kept |= policy.keeps(checkpoints)
-        removed = [c for c in checkpoints if c.step not in kept]
-        if not dry_run:
+        return [c for c in checkpoints if c.step not in kept]
+
+    def _apply_retention(self, *, dry_run: bool = False, if_unlocked: bool = False
+                         ) -> list[Checkpoint]:
+        """Delete what the policies do not keep. With ``if_unlocked``, skip quietly when
+        another process is the run's writer: it applies retention on its next save."""
+        removed = self._retention_plan(self.checkpoints())
+        if removed and not dry_run:
+            try:
+                self._lock()
+            except LockedError:
+                if not if_unlocked:
+                    raise
+                log.info("%s has another writer; it will apply retention", self.directory)
+                return []
             for checkpoint in removed:
                 delete(checkpoint.path)
                 log.info("retention removed step %d (%s)", checkpoint.step, checkpoint.path)
@@ -389,3 +454,33 @@ def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
             raise InvalidArgumentError(f"metric names must be str, got {name!r}")
         clean[name] = number if not math.isnan(number) else math.nan
     return clean
+
+
+def _write_error(error: OSError, step: int, directory: Path) -> CheckpointError:
+    if error.errno == errno.ENOSPC:
+        return InsufficientSpaceError(
+            f"the disk filled up while writing step {step} to {directory}: {error}. The "
+            "partial checkpoint was removed and earlier ones are intact; free space (e.g. "
+            f"`ckpts prune {directory} --keep-last N`) and save again",
+            free=_free_bytes(directory),
+        )
+    return CheckpointError(
+        f"writing step {step} to {directory} failed: {error}. The partial checkpoint was "
+        "removed and earlier ones are intact; check the disk, then save again"
+    )
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def _human(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.1f} {unit}" if unit != "B" else f"{nbytes} B"
+        value /= 1000
+    return f"{value:.1f} TB"

@@ -22,7 +22,7 @@ from typing import Any, TypeGuard
 
 import xxhash
 
-from ckpts.errors import CorruptCheckpointError, FormatVersionError
+from ckpts.errors import CorruptCheckpointError, FormatVersionError, NotACheckpointError
 
 FORMAT_NAME = "ckpts"
 FORMAT_VERSION = 1
@@ -154,7 +154,10 @@ def update_manifest(directory: Path, **fields: Any) -> dict[str, Any]:
     The new manifest is written beside the old one, fsynced, then renamed over it,
     so a reader sees either the old or the new one, never a mix.
     """
-    manifest = read_manifest(directory)
+    try:
+        manifest = read_manifest(directory)
+    except FileNotFoundError as e:
+        raise NotACheckpointError(f"{directory} was deleted (retention?) before the update") from e
     manifest.update(fields)
     temporary = directory / f".{MANIFEST}.{os.getpid()}.tmp"
     write_json(temporary, manifest)

@@ -11,7 +11,9 @@ Hierarchy::
     ├── CorruptCheckpointError    a file is missing, truncated or fails its hash
     ├── FormatVersionError        written by a newer, unknown format version
     ├── UnserializableStateError  a value in the state cannot be saved without pickle
-    └── IncompatibleStateError    the checkpoint does not fit the live objects
+    ├── IncompatibleStateError    the checkpoint does not fit the live objects
+    ├── InsufficientSpaceError    the disk cannot hold the checkpoint (before or while writing)
+    └── LockedError               another process is writing to the run
 """
 
 from __future__ import annotations
@@ -62,3 +64,27 @@ class IncompatibleStateError(CheckpointError):
         self.missing = missing or []
         self.unexpected = unexpected or []
         self.mismatched = mismatched or []
+
+
+class InsufficientSpaceError(CheckpointError):
+    """The filesystem cannot hold the checkpoint.
+
+    Raised before writing when the estimate exceeds the free space, and while
+    writing on ENOSPC. Attributes give the figures (``None`` where unknown).
+
+    Attributes:
+        needed: bytes the checkpoint needs.
+        free: bytes free on the filesystem.
+        reclaimable: bytes the retention policies would free once it is committed.
+    """
+
+    def __init__(self, message: str, *, needed: int | None = None, free: int | None = None,
+                 reclaimable: int | None = None) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.free = free
+        self.reclaimable = reclaimable
+
+
+class LockedError(CheckpointError):
+    """Another process holds the run's writer lock (its host and pid are in the message)."""
