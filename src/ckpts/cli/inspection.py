@@ -1,0 +1,167 @@
+"""``ckpts show`` and ``ckpts du``: what a checkpoint holds, where a run's bytes go (no torch).
+
+Both read manifests only: tensor sizes come from each entry's dtype and shape,
+file sizes from the byte counts the manifest records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.filesize import decimal
+
+from ckpts._catalog import Checkpoint
+from ckpts._manifest import DTYPE_SIZES, MANIFEST, read_manifest
+from ckpts._storage import committed_dirs
+from ckpts.cli._common import (
+    JsonOption,
+    checkpoint_dir,
+    format_number,
+    json_metrics,
+    print_json,
+    print_table,
+    reports_errors,
+    run_dir,
+    stderr,
+    stdout,
+)
+from ckpts.errors import CheckpointError
+
+
+@reports_errors
+def show(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint directory (run/step-*).")],
+    tensors: Annotated[
+        bool, typer.Option("--tensors", help="List every tensor: key, dtype and shape.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Describe a checkpoint: step, epoch, metrics, tags, versions, objects and files."""
+    directory = checkpoint_dir(checkpoint)
+    manifest = read_manifest(directory)
+    summary = Checkpoint.from_directory(directory)
+    objects = {name: object_summary(obj, with_tensors=tensors)
+               for name, obj in manifest["objects"].items()}
+    files = {name: record["nbytes"] for name, record in manifest["files"].items()}
+    if as_json:
+        print_json({
+            "path": str(directory),
+            "step": summary.step,
+            "epoch": summary.epoch,
+            "created": summary.created.isoformat(),
+            "nbytes": summary.nbytes,
+            "metrics": json_metrics(summary.metrics),
+            "tags": list(summary.tags),
+            "versions": manifest.get("versions", {}),
+            "world_size": manifest.get("world_size"),
+            "objects": objects,
+            "files": files,
+        })
+        return
+    versions = manifest.get("versions", {})
+    print_table([
+        ["path", str(directory)],
+        ["step", str(summary.step)],
+        ["epoch", "" if summary.epoch is None else str(summary.epoch)],
+        ["created", summary.created.astimezone().isoformat(sep=" ", timespec="seconds")],
+        ["size", decimal(summary.nbytes)],
+        ["metrics", ", ".join(f"{k}={format_number(v)}" for k, v in summary.metrics.items())],
+        ["tags", ", ".join(summary.tags)],
+        ["versions", ", ".join(f"{k} {v}" for k, v in versions.items())],
+        ["world size", str(manifest.get("world_size", ""))],
+    ])
+    stdout.print()
+    print_table(
+        ([name, obj["kind"] or "", obj["class"] or "", str(obj["num_tensors"]),
+          decimal(obj["nbytes"]), ", ".join(obj["dtypes"])] for name, obj in objects.items()),
+        header=["object", "kind", "class", "tensors", "bytes", "dtypes"], right={3, 4},
+    )
+    if tensors:
+        for name, obj in objects.items():
+            stdout.print()
+            print_table(
+                ([k, e["dtype"], str(e["shape"]), e["file"]] for k, e in obj["tensors"].items()),
+                header=["key", "dtype", "shape", "file"], title=f"{name} tensors",
+            )
+    stdout.print()
+    print_table(([name, decimal(nbytes)] for name, nbytes in files.items()),
+                header=["file", "size"], right={1})
+
+
+@reports_errors
+def du(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Disk usage of a run: in total, per checkpoint, and per object kind (module, optimizer, ...).
+
+    Sizes are the file sizes the manifests record, plus each manifest itself.
+    """
+    directory = run_dir(run)
+    checkpoints: list[dict[str, Any]] = []
+    for step, path in committed_dirs(directory):
+        try:
+            by_kind = bytes_by_kind(read_manifest(path), (path / MANIFEST).stat().st_size)
+        except (CheckpointError, OSError) as e:
+            stderr.print(f"warning: skipping {path}: {e}")
+            continue
+        checkpoints.append({"step": step, "path": str(path), "nbytes": sum(by_kind.values()),
+                            "by_kind": by_kind})
+    totals: Counter[str] = Counter()
+    for checkpoint in checkpoints:
+        totals.update(checkpoint["by_kind"])
+    kinds = [kind for kind, _ in totals.most_common()]
+    if as_json:
+        print_json({"path": str(directory), "nbytes": totals.total(),
+                    "by_kind": {k: totals[k] for k in kinds}, "checkpoints": checkpoints})
+        return
+    if not checkpoints:
+        stderr.print(f"no checkpoints in {run}")
+        return
+    rows = [[str(row["step"]), decimal(row["nbytes"]),
+             *(decimal(row["by_kind"].get(kind, 0)) for kind in kinds)] for row in checkpoints]
+    rows.append(["total", decimal(totals.total()), *(decimal(totals[kind]) for kind in kinds)])
+    print_table(rows, header=["step", "size", *kinds], right=set(range(2 + len(kinds))))
+
+
+def object_summary(obj: dict[str, Any], *, with_tensors: bool) -> dict[str, Any]:
+    """One manifest object in brief: kind, class, tensor count, bytes, dtypes (and tensors)."""
+    entries = obj["tensors"]
+    summary: dict[str, Any] = {
+        "kind": obj.get("kind"),
+        "class": obj.get("class"),
+        "num_tensors": len(entries),
+        "nbytes": sum(tensor_nbytes(e["dtype"], e["shape"]) for e in entries.values()),
+        "dtypes": sorted({e["dtype"] for e in entries.values()}),
+        "aliases": obj.get("aliases", {}),
+    }
+    if with_tensors:
+        summary["tensors"] = {key: {"dtype": e["dtype"], "shape": e["shape"], "file": e["file"]}
+                              for key, e in entries.items()}
+    return summary
+
+
+def tensor_nbytes(dtype: str, shape: list[int]) -> int:
+    """Bytes of a tensor of this safetensors dtype name and shape."""
+    return DTYPE_SIZES[dtype] * math.prod(shape)
+
+
+def bytes_by_kind(manifest: dict[str, Any], manifest_nbytes: int) -> dict[str, int]:
+    """A checkpoint's recorded file sizes summed by the kind of object owning each file.
+
+    A shard index belongs to its object; the manifest (which also holds every
+    object's non-tensor state) counts as ``manifest``; unowned files as ``other``.
+    """
+    owner: dict[str, str] = {}
+    for name, obj in manifest["objects"].items():
+        kind = obj.get("kind") or "object"
+        owner[f"{name}.safetensors.index.json"] = kind
+        owner.update({entry["file"]: kind for entry in obj["tensors"].values()})
+    totals: Counter[str] = Counter({"manifest": manifest_nbytes})
+    for name, record in manifest["files"].items():
+        totals[owner.get(name, "other")] += record["nbytes"]
+    return dict(totals)

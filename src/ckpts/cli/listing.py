@@ -1,0 +1,152 @@
+"""``ckpts ls`` and ``ckpts best``: list a run's checkpoints, find the best one (no torch).
+
+Both read only the manifests (through :func:`ckpts._catalog.list_checkpoints`), so
+they start in a fraction of a second and list thousands of checkpoints quickly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.filesize import decimal
+from rich.text import Text
+
+from ckpts._catalog import Checkpoint, list_checkpoints
+from ckpts._policy import Mode, rank_by
+from ckpts.cli._common import (
+    JsonOption,
+    ModeOption,
+    check_metric,
+    fail,
+    format_number,
+    json_metrics,
+    metric_names,
+    print_json,
+    print_table,
+    reports_errors,
+    run_dir,
+    stderr,
+    stdout,
+)
+
+DEFAULT_TAG = "pinned"  # CheckpointManager.pin's default tag, shown as plain "pinned"
+
+
+@reports_errors
+def ls(
+    run: Annotated[Path, typer.Argument(help="A run directory, or a directory of runs.")],
+    metric: Annotated[
+        str | None,
+        typer.Option(help="Mark the best checkpoint by this metric only (default: every metric)."),
+    ] = None,
+    mode: ModeOption = "min",
+    as_json: JsonOption = False,
+) -> None:
+    """List a run's checkpoints: step, time, size, epoch, metrics, and latest/best/pinned markers.
+
+    Given a directory of runs (no checkpoints of its own), list each run in turn.
+    """
+    runs = find_runs(run_dir(run))
+    if metric is not None:
+        check_metric(metric, [c for checkpoints in runs.values() for c in checkpoints])
+    marked = {name: mark(checkpoints, metric, mode) for name, checkpoints in runs.items()}
+    if as_json:
+        rows = {name: [_json_row(c, m) for c, m in pairs] for name, pairs in marked.items()}
+        print_json(rows.get("", rows))  # one run: its rows; a directory of runs: by name
+        return
+    if "" in marked and not marked[""]:
+        stderr.print(f"no checkpoints in {run}")
+        return
+    for i, (name, pairs) in enumerate(marked.items()):
+        if name:  # a directory of runs: a blank line, then each run's name
+            if i:
+                stdout.print()
+            stdout.print(Text(name, style="bold"))
+        _print_table(pairs)
+
+
+@reports_errors
+def best(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    metric: Annotated[str, typer.Option(help="The metric to rank checkpoints by.")],
+    mode: ModeOption = "min",
+) -> None:
+    """Print the path of the checkpoint with the best metric (and nothing else).
+
+    Ties go to the earlier step; NaN values rank last.
+    """
+    checkpoints = list_checkpoints(run_dir(run))
+    check_metric(metric, checkpoints)
+    winner = rank_by(checkpoints, metric, mode)[0]
+    if math.isnan(winner.metrics[metric]):
+        fail(f"every checkpoint's {metric!r} in {run} is NaN; there is no best one")
+    typer.echo(str(winner.path))
+
+
+def find_runs(directory: Path) -> dict[str, list[Checkpoint]]:
+    """The runs to list: ``{"": checkpoints}`` for a run, ``{name: checkpoints}`` for each
+    subdirectory holding checkpoints when ``directory`` has none of its own."""
+    checkpoints = list_checkpoints(directory)
+    if checkpoints:
+        return {"": checkpoints}
+    runs = {}
+    for child in sorted(p for p in directory.iterdir() if p.is_dir()):
+        found = list_checkpoints(child)
+        if found:
+            runs[child.name] = found
+    return runs or {"": []}
+
+
+def mark(
+    checkpoints: Sequence[Checkpoint], metric: str | None, mode: Mode
+) -> list[tuple[Checkpoint, list[str]]]:
+    """Pair each checkpoint with its markers: ``latest``, ``best(<metric>)``, ``pinned[:tag]``.
+
+    ``best`` goes to the best checkpoint of ``metric``, or of every metric when it
+    is None, ranked by ``mode``; a metric that is NaN everywhere has no best.
+    """
+    markers: dict[int, list[str]] = {c.step: [] for c in checkpoints}
+    if checkpoints:
+        markers[checkpoints[-1].step].append("latest")
+    for name in [metric] if metric is not None else metric_names(checkpoints):
+        ranked = rank_by(checkpoints, name, mode)
+        if ranked and not math.isnan(ranked[0].metrics[name]):
+            markers[ranked[0].step].append(f"best({name})")
+    for c in checkpoints:
+        markers[c.step] += ["pinned" if t == DEFAULT_TAG else f"pinned:{t}" for t in c.tags]
+    return [(c, markers[c.step]) for c in checkpoints]
+
+
+def _print_table(pairs: list[tuple[Checkpoint, list[str]]]) -> None:
+    metrics = metric_names(c for c, _ in pairs)
+    header = ["step", "created", "size", "epoch", *metrics, "markers"]
+    rows = [
+        [
+            str(checkpoint.step),
+            checkpoint.created.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            decimal(checkpoint.nbytes),
+            "" if checkpoint.epoch is None else str(checkpoint.epoch),
+            *(format_number(checkpoint.metrics[m]) if m in checkpoint.metrics else ""
+              for m in metrics),
+            ", ".join(markers),
+        ]
+        for checkpoint, markers in pairs
+    ]
+    print_table(rows, header=header, right={0, 2, 3, *range(4, 4 + len(metrics))})
+
+
+def _json_row(checkpoint: Checkpoint, markers: list[str]) -> dict[str, Any]:
+    return {
+        "step": checkpoint.step,
+        "path": str(checkpoint.path),
+        "created": checkpoint.created.isoformat(),
+        "nbytes": checkpoint.nbytes,
+        "epoch": checkpoint.epoch,
+        "metrics": json_metrics(checkpoint.metrics),
+        "tags": list(checkpoint.tags),
+        "markers": markers,
+    }

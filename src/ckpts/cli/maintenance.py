@@ -1,0 +1,179 @@
+"""``ckpts verify``, ``prune``, ``pin`` and ``unpin``: check a run and manage what it keeps.
+
+These commands import torch (through :class:`ckpts.CheckpointManager` and the
+safetensors reader), so they import it inside the command, never at module level.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.filesize import decimal
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ckpts._catalog import Checkpoint, list_checkpoints
+from ckpts._manifest import MANIFEST
+from ckpts._policy import KeepBest, KeepEvery, KeepLast, Mode
+from ckpts._storage import committed_dirs
+from ckpts.cli._common import (
+    EXIT_CHECK_FAILED,
+    check_metric,
+    existing_dir,
+    fail,
+    reports_errors,
+    run_dir,
+    stderr,
+    stdout,
+)
+
+if TYPE_CHECKING:
+    from ckpts._manager import CheckpointManager
+    from ckpts._policy import RetentionPolicy
+
+RunArgument = Annotated[Path, typer.Argument(help="A run directory.")]
+StepArgument = Annotated[int, typer.Argument(help="The step of the checkpoint.")]
+
+
+@reports_errors
+def verify(
+    path: Annotated[Path, typer.Argument(help="A checkpoint directory, or a run directory.")],
+) -> None:
+    """Check every file of a checkpoint (or of each checkpoint in a run) against its manifest.
+
+    Exits with code 1 when any checkpoint has a problem.
+    """
+    directory = existing_dir(path)
+    if (directory / MANIFEST).is_file():
+        targets = [directory]
+    else:
+        targets = [checkpoint for _, checkpoint in committed_dirs(directory)]
+    if not targets:
+        fail(f"{path} is not a checkpoint (no {MANIFEST}) nor a run holding any")
+    from ckpts._verify import verify_checkpoint  # imports torch: only once there is work
+
+    failed = 0
+    columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True,
+                  disable=not stderr.is_terminal) as progress:
+        for target in progress.track(targets):
+            problems = verify_checkpoint(target)
+            failed += bool(problems)
+            stdout.print(f"{target.name}  {'FAILED' if problems else 'OK'}")
+            for problem in problems:
+                stdout.print(f"  {problem}")
+    stdout.print(f"{len(targets)} checkpoint(s) verified, {failed} with problems")
+    if failed:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@reports_errors
+def prune(
+    run: RunArgument,
+    keep_last: Annotated[
+        int | None, typer.Option(min=1, help="Keep the N most recent checkpoints.")
+    ] = None,
+    keep_best: Annotated[
+        int | None, typer.Option(min=1, help="Keep the K best checkpoints by --metric.")
+    ] = None,
+    metric: Annotated[str | None, typer.Option(help="The metric --keep-best ranks by.")] = None,
+    mode: Annotated[
+        Mode | None, typer.Option(help="For --keep-best: is lower (min, default) or higher better.")
+    ] = None,
+    keep_every: Annotated[
+        int | None, typer.Option(min=1, help="Keep every checkpoint whose step is a multiple of S.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only print what would be removed.")
+    ] = False,
+) -> None:
+    """Delete the checkpoints that none of the --keep options keeps.
+
+    The newest checkpoint and pinned ones are always kept. At least one --keep
+    option is required: prune never falls back to a default policy.
+    """
+    if keep_best is None and (metric is not None or mode is not None):
+        fail("--metric and --mode only apply with --keep-best K")
+    if keep_best is not None and metric is None:
+        fail("--keep-best needs --metric (the metric to rank checkpoints by)")
+    if keep_last is None and keep_best is None and keep_every is None:
+        fail("give at least one of --keep-last N, --keep-best K --metric M, --keep-every S; "
+             "prune never deletes with an implicit policy")
+    directory = run_dir(run)
+    if metric is not None:
+        check_metric(metric, list_checkpoints(directory))
+    keep: list[RetentionPolicy] = []
+    if keep_last is not None:
+        keep.append(KeepLast(keep_last))
+    if keep_best is not None and metric is not None:
+        keep.append(KeepBest(keep_best, metric, mode or "min"))
+    if keep_every is not None:
+        keep.append(KeepEvery(keep_every))
+    total = len(list_checkpoints(directory))
+    with _manager(directory, keep=keep) as manager:
+        removed = manager.prune(dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for checkpoint in removed:
+        stdout.print(f"{verb} {checkpoint.path.name} ({decimal(checkpoint.nbytes)})")
+    freed = decimal(sum(c.nbytes for c in removed))
+    stdout.print(f"{verb} {len(removed)} of {total} checkpoint(s) ({freed}); "
+                 f"{total - len(removed)} kept")
+
+
+@reports_errors
+def pin(
+    run: RunArgument,
+    step: StepArgument,
+    tag: Annotated[str, typer.Option(help="The pin's name.")] = "pinned",
+) -> None:
+    """Protect a checkpoint from pruning, under a tag, until it is unpinned."""
+    directory = run_dir(run)
+    _checkpoint_at(directory, step)
+    with _manager(directory) as manager:
+        checkpoint = manager.pin(step, tag)
+    stdout.print(f"pinned {checkpoint.path.name} (tags: {', '.join(checkpoint.tags)})")
+
+
+@reports_errors
+def unpin(
+    run: RunArgument,
+    step: StepArgument,
+    tag: Annotated[
+        str | None, typer.Option(help="Remove only this tag (default: every tag).")
+    ] = None,
+) -> None:
+    """Remove a checkpoint's pin tags; once it has none, pruning treats it like any other."""
+    directory = run_dir(run)
+    current = _checkpoint_at(directory, step)
+    if tag is not None and tag not in current.tags:
+        fail(f"step {step} has no tag {tag!r}; its tags: {', '.join(current.tags) or 'none'}")
+    with _manager(directory) as manager:
+        checkpoint = manager.unpin(step, tag)
+    stdout.print(f"unpinned {checkpoint.path.name} (tags left: "
+                 f"{', '.join(checkpoint.tags) or 'none'})")
+
+
+def _checkpoint_at(run: Path, step: int) -> Checkpoint:
+    """The committed checkpoint of ``step``, or exit 2 listing the steps there are.
+
+    Checked here, from the manifests alone, so a wrong step fails fast, before the
+    command imports torch.
+    """
+    checkpoints = list_checkpoints(run)
+    for checkpoint in checkpoints:
+        if checkpoint.step == step:
+            return checkpoint
+    fail(f"{run} has no committed checkpoint for step {step}; steps: "
+         f"{', '.join(str(c.step) for c in checkpoints) or 'none'}")
+
+
+def _manager(run: Path, *, keep: list[RetentionPolicy] | None = None) -> CheckpointManager:
+    """A manager of ``run``, to use in a ``with`` block (closing releases the writer lock).
+
+    keep=None for pin/unpin: unpin() applies retention, and with no policy it deletes
+    nothing.
+    """
+    from ckpts._manager import CheckpointManager
+
+    return CheckpointManager(run, keep=keep)
