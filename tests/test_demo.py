@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -10,7 +11,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rich.console import Console
+
 import ckpts
+from ckpts._demo import (
+    BEST_KEPT,
+    EVAL_EVERY,
+    SAVE_EVERY,
+    STEPS,
+    Saved,
+    batches_per_epoch,
+    parse_event,
+    plan_kill,
+)
+from ckpts.cli.demo import run_demo
 
 MARKER = ".ckpts-demo"  # the file that lets `ckpts demo` replace a directory
 
@@ -28,56 +42,124 @@ def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str
                           timeout=timeout, env=env, check=False)
 
 
-def test_demo_resumes_bit_exact_and_finds_an_earlier_best_checkpoint(tmp_path: Path) -> None:
+def saved_events(output: list[str]) -> list[Saved]:
+    """The checkpoints a worker reported writing, from its stdout lines."""
+    return [e for e in map(parse_event, output) if isinstance(e, Saved)]
+
+
+def best_and_latest(written: list[Saved]) -> set[int]:
+    """What KeepBest(BEST_KEPT, "val_loss") + KeepLast(1) keep of everything ever written:
+    the BEST_KEPT lowest val_loss (ties: the earlier step), and the newest."""
+    ranked = sorted(written, key=lambda s: (s.val_loss, s.step))
+    return {s.step for s in ranked[:BEST_KEPT]} | {max(s.step for s in written)}
+
+
+def steps_on_disk(run_dir: Path) -> set[int]:
+    return {c.step for c in ckpts.CheckpointManager(run_dir).checkpoints()}
+
+
+def test_demo_resumes_bit_exact_keeps_the_best_and_finds_an_earlier_best_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # In-process (the workers are still real processes), so the workers' outputs,
+    # every checkpoint written included, can be checked against what is on disk.
     run_dir = tmp_path / "demo"
     run_dir.mkdir()
     (run_dir / MARKER).write_text("")
     (run_dir / "stale.txt").write_text("left by an earlier demo")
+    shown = io.StringIO()
 
-    result = run_cli("demo", str(run_dir))
+    result = run_demo(run_dir, console=Console(file=shown, width=200))
 
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+    out = shown.getvalue()
+    assert result.bit_exact, out
     assert "bit-exact: yes" in out
     assert re.search(r"train losses after the resume: (\d+)/\1 steps", out)
     assert not (run_dir / "stale.txt").exists()
     killed_after = int(re.search(r"SIGKILL after step (\d+)", out)[1])  # type: ignore[index]
     resumed_from = int(re.search(r"from the checkpoint of step (\d+)", out)[1])  # type: ignore[index]
     assert 0 < resumed_from < killed_after
+    assert (resumed_from, killed_after) == (result.runs.resumed.start, plan_kill(STEPS).kill_step)
+    assert f"The run resumed from step {resumed_from} after the SIGKILL." in out
 
+    # Retention: of all the checkpoints the reference run ever wrote, exactly the 3
+    # best by val_loss and the latest are left.
+    written = saved_events(result.runs.reference.output)
+    assert [s.step for s in written] == sorted({s.step for s in written})  # each once, in order
+    assert written[-1].step == STEPS
+    assert all(s.step % EVAL_EVERY == 0 for s in written[:-1])
+    assert {SAVE_EVERY * i for i in range(1, STEPS // SAVE_EVERY + 1)} <= {s.step for s in written}
+    kept = best_and_latest(written)
+    assert len(written) > len(kept) + 1  # retention did delete some
+    assert steps_on_disk(run_dir / "reference") == kept
+    # The interrupted run wrote the same checkpoints, with the same metrics: its
+    # killed worker up to the kill, the resumed one after (retention recomputed from
+    # disk, OnImprovement comparing with what is on disk).
+    interrupted = [*saved_events(result.runs.killed.output),
+                   *saved_events(result.runs.resumed.output)]
+    assert interrupted == written
+    # Its kept set is the same, except that the resumed process never deletes the
+    # checkpoint it restored from (the manager protects it), so that one stays too
+    # even when it is neither among the best 3 nor the latest.
+    assert steps_on_disk(run_dir) == kept | {resumed_from}
+    assert (f"kept {len(kept | {resumed_from})} of the {len(written)} checkpoints written"
+            in out)
+
+    # The summary shows the run's `ckpts ls` table, as `ckpts ls` prints it.
+    listed = run_cli("ls", str(run_dir), timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.strip() in out
     step_dirs = sorted(p for p in run_dir.iterdir() if p.name.startswith("step-"))
-    assert step_dirs
     assert all((p / "manifest.json").is_file() for p in step_dirs)
     checkpoints = ckpts.CheckpointManager(run_dir).checkpoints()
     assert [c.path for c in checkpoints] == step_dirs
-    assert resumed_from in [c.step for c in checkpoints]
     reference = ckpts.CheckpointManager(run_dir / "reference").latest()
-    assert reference is not None and reference.step == checkpoints[-1].step
+    assert reference is not None and reference.step == checkpoints[-1].step == STEPS
 
     best = min(checkpoints, key=lambda c: c.metrics["val_loss"])
+    assert best.step == min(written, key=lambda s: s.val_loss).step
     reported = re.search(r"best checkpoint: step (\d+) \(val_loss ([\d.]+)\); "
                          r"last: step (\d+) \(val_loss ([\d.]+)\)", out)
     assert reported, out
     assert int(reported[1]) == best.step
     assert int(reported[3]) == checkpoints[-1].step
-    assert best.metrics["val_loss"] < checkpoints[-1].metrics["val_loss"]
+    assert best.metrics["val_loss"] < checkpoints[-1].metrics["val_loss"]  # overfitting
     assert float(reported[2]) < float(reported[4])
+    assert re.search(rf"^ *{best.step} .* best\(val_loss\)$", listed.stdout, re.M)
     assert f'ckpts.load_weights("{best.path}", model)' in out
+
+
+def test_kill_plan_interrupts_after_an_every_save_and_before_the_next_evaluation() -> None:
+    for steps in (90, STEPS, 1000):
+        plan = plan_kill(steps)
+        per_epoch = batches_per_epoch()
+        # Every(steps=SAVE_EVERY) writes checkpoint_step whatever val_loss does, ...
+        assert plan.checkpoint_step % SAVE_EVERY == 0
+        assert plan.checkpoint_step >= steps // 2 and plan.checkpoint_step % per_epoch != 0
+        # ... and no save can come after it before the kill (saves only at evaluations).
+        assert plan.checkpoint_step < plan.kill_step < plan.checkpoint_step + EVAL_EVERY
+        assert plan.kill_step < steps and plan.kill_step % per_epoch != 0
 
 
 def test_worker_killed_with_sigkill_resumes_from_its_newest_checkpoint(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "ckpts._demo", str(tmp_path), "--steps", "90"]
     killed_losses: dict[int, str] = {}
+    killed_output: list[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as worker:
         assert worker.stdout is not None
         for line in worker.stdout:
+            killed_output.append(line)
             match = re.match(r"step (\d+) train_loss (\S+)$", line)
             if match:
                 killed_losses[int(match[1])] = match[2]
-                if int(match[1]) == 35:  # after the save of step 30, before that of 60
+                if int(match[1]) == 37:  # after the save of step 30, before the eval of 45
                     os.kill(worker.pid, signal.SIGKILL)
     assert worker.returncode == -signal.SIGKILL
-    assert [c.step for c in ckpts.CheckpointManager(tmp_path).checkpoints()] == [30]
+    before = saved_events(killed_output)
+    assert before and before[-1].step == 30  # Every(steps=30) saved it
+    # KeepLast(1) keeps the newest, so the next worker finds it.
+    assert steps_on_disk(tmp_path) == best_and_latest(before)
+    assert ckpts.CheckpointManager(tmp_path).latest().step == 30  # type: ignore[union-attr]
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
 
@@ -88,7 +170,11 @@ def test_worker_killed_with_sigkill_resumes_from_its_newest_checkpoint(tmp_path:
     redone = [s for s in killed_losses if s > 30]
     assert redone
     assert all(resumed_losses[str(s)] == killed_losses[s] for s in redone)
-    assert [c.step for c in ckpts.CheckpointManager(tmp_path).checkpoints()] == [30, 60, 90]
+    written = [*before, *saved_events(lines)]
+    assert [s.step for s in written][-1] == 90
+    # The best 3 by val_loss and the latest, plus step 30: the resumed process
+    # restored from it, and a manager never deletes the checkpoint it restored from.
+    assert steps_on_disk(tmp_path) == best_and_latest(written) | {30}
 
 
 def test_demo_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:

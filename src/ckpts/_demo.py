@@ -1,10 +1,12 @@
 """The demo run: a tiny character-level language model that trains with checkpoints.
 
 Everything the ``ckpts demo`` command needs that is not printing: a corpus generated
-in-process from a seeded grammar, the model, a deterministic training loop that
-saves a checkpoint every :data:`SAVE_EVERY` steps and resumes from the newest one,
-the one-line-per-event protocol a worker process speaks on stdout, and the check
-run afterwards (bit-exact weights).
+in-process from a seeded grammar, the model, a deterministic training loop (it
+computes the validation loss every :data:`EVAL_EVERY` steps, saves a checkpoint when
+that improves and every :data:`SAVE_EVERY` steps, keeps the :data:`BEST_KEPT` best by
+validation loss plus the latest, and resumes from the newest one), the
+one-line-per-event protocol a worker process speaks on stdout, and the check run
+afterwards (bit-exact weights).
 
 The worker entry point trains one run directory and prints its events::
 
@@ -13,7 +15,7 @@ The worker entry point trains one run directory and prints its events::
     resumed from step 0
     step 1 train_loss 3.4012...
     ...
-    saved step 30 epoch 1 train_loss 2.41... val_loss 2.45...
+    saved step 15 epoch 0 train_loss 2.83... val_loss 2.42...
 
 Run it again on the same directory (for instance after ``kill -9``) and it picks up
 at the newest checkpoint; the steps it then reports are bit-identical to those of a
@@ -42,7 +44,9 @@ from ckpts.errors import InvalidArgumentError
 
 SEED = 1234
 STEPS = 360
-SAVE_EVERY = 30  # also how often the validation loss is computed
+EVAL_EVERY = 15  # how often the validation loss is computed (and a save considered)
+SAVE_EVERY = 30  # a checkpoint at least this often, improved or not
+BEST_KEPT = 3  # retention: the best BEST_KEPT by val_loss, plus the newest
 BATCH_SIZE = 16
 BLOCK_SIZE = 32
 WINDOW_STRIDE = 5  # train windows start every WINDOW_STRIDE characters (they overlap)
@@ -257,10 +261,18 @@ def train(run_dir: Path, *, steps: int) -> Iterator[TrainEvent]:
     they are interrupted, given the same torch build and thread count (the CPU
     kernels used here are deterministic; ``torch.use_deterministic_algorithms`` is
     not called because it imports torch's compiler stack, seconds per worker).
-    Saves every SAVE_EVERY steps and at the last one.
+
+    Every EVAL_EVERY steps (and at the last one) it computes the validation loss
+    and offers a checkpoint to the manager, which writes it when val_loss beats the
+    best so far or the step is a multiple of SAVE_EVERY; the last step is always
+    written. Retention then keeps the BEST_KEPT best by val_loss and the newest.
+    An interrupted run writes the same checkpoints as an uninterrupted one:
+    OnImprovement compares with the checkpoints on disk, and the best val_loss so
+    far is always among the kept ones.
 
     Yields:
-        ``Resumed`` first, then ``StepDone`` per step and ``Saved`` per checkpoint.
+        ``Resumed`` first, then ``StepDone`` per step and ``Saved`` per checkpoint
+        written.
 
     Raises:
         InvalidArgumentError: ``steps`` < 1.
@@ -279,11 +291,18 @@ def train(run_dir: Path, *, steps: int) -> Iterator[TrainEvent]:
                    drop_last=True)
     )
     state = ckpts.TrainState(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader)
-    # keep=None keeps every checkpoint, so the best one survives until a best-k policy exists.
-    manager = ckpts.CheckpointManager(run_dir)
+    # KeepLast(1) (and the manager, which never deletes the newest) keeps the newest
+    # checkpoint, so the one a killed worker saved last is there for the next worker.
+    # The kill plan relies on that: Every(steps=SAVE_EVERY) saves its checkpoint_step,
+    # and no save can come between it and the kill (see plan_kill).
+    manager = ckpts.CheckpointManager(
+        run_dir,
+        save=[ckpts.Every(steps=SAVE_EVERY), ckpts.OnImprovement("val_loss")],
+        keep=[ckpts.KeepBest(BEST_KEPT, "val_loss"), ckpts.KeepLast(1)],
+    )
     step = manager.restore(state) or 0
     yield Resumed(step)
-    losses_since_save: list[float] = []
+    losses_since_eval: list[float] = []
     while step < steps:
         for inputs, targets in loader:
             model.train()
@@ -293,17 +312,22 @@ def train(run_dir: Path, *, steps: int) -> Iterator[TrainEvent]:
             optimizer.step()
             scheduler.step()
             step += 1
-            losses_since_save.append(loss.item())
-            yield StepDone(step, losses_since_save[-1])
-            if step % SAVE_EVERY == 0 or step == steps:
-                # The mean over the steps since the last save: the same after a resume,
-                # because a resume redoes exactly those steps.
-                train_loss = sum(losses_since_save) / len(losses_since_save)
+            losses_since_eval.append(loss.item())
+            yield StepDone(step, losses_since_eval[-1])
+            # save() only here: the triggers are evaluated on every call.
+            if step % EVAL_EVERY == 0 or step == steps:
+                # The mean over the steps since the last evaluation: the same after a
+                # resume (checkpoints are only written at evaluations, and a resume
+                # redoes exactly the steps since one).
+                train_loss = sum(losses_since_eval) / len(losses_since_eval)
                 val_loss = evaluate(model, val_x, val_y)
-                manager.save(step, state, metrics={"train_loss": train_loss, "val_loss": val_loss},
-                             epoch=loader.epoch)
-                losses_since_save.clear()
-                yield Saved(step, loader.epoch, train_loss, val_loss)
+                losses_since_eval.clear()
+                checkpoint = manager.save(
+                    step, state, metrics={"train_loss": train_loss, "val_loss": val_loss},
+                    epoch=loader.epoch, force=step == steps,  # the final weights get compared
+                )
+                if checkpoint is not None:
+                    yield Saved(step, loader.epoch, train_loss, val_loss)
             if step == steps:
                 break
 
@@ -356,9 +380,11 @@ class KillPlan:
     """Where the demo interrupts its first worker.
 
     Attributes:
-        checkpoint_step: the save the next worker resumes from (mid-epoch).
+        checkpoint_step: the save the next worker resumes from (mid-epoch, a multiple
+            of SAVE_EVERY, so ``Every`` writes it whatever val_loss does).
         kill_step: SIGKILL the worker once it reports this step (mid-epoch, after
-            ``checkpoint_step`` and before the next save, so some steps are redone).
+            ``checkpoint_step`` and before the next evaluation, hence before any
+            other save, so some steps are redone).
     """
 
     checkpoint_step: int
@@ -375,10 +401,10 @@ def plan_kill(steps: int) -> KillPlan:
     for save in range(SAVE_EVERY, steps, SAVE_EVERY):
         if save < steps // 2 or save % per_epoch == 0:
             continue
-        kill = save + SAVE_EVERY // 4
+        kill = save + EVAL_EVERY // 2
         while kill % per_epoch == 0:
             kill += 1
-        if kill < min(steps, save + SAVE_EVERY):
+        if kill < min(steps, save + EVAL_EVERY):  # no evaluation, hence no save, between
             return KillPlan(checkpoint_step=save, kill_step=kill)
     raise InvalidArgumentError(
         f"steps={steps} is too short to interrupt the demo between two checkpoints; "

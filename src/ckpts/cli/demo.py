@@ -3,7 +3,8 @@
 The training happens in worker processes (``python -m ckpts._demo``, see
 :mod:`ckpts._demo`). This module starts them, kills the first one a few steps after
 a checkpoint, starts a second one that resumes, runs an uninterrupted reference
-run beside them, and renders what happened with rich.
+run beside them, and renders what happened with rich: the run's ``ckpts ls``
+table, what retention kept, the bit-exact check and the best checkpoint.
 
 torch is imported only when the command runs (``from ckpts import _demo`` inside
 the functions), so registering the command keeps ``ckpts --help`` fast.
@@ -26,24 +27,24 @@ from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.filesize import decimal
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
     TaskID,
     TextColumn,
-    TimeElapsedColumn,
 )
 from rich.syntax import Syntax
-from rich.table import Table
+from rich.text import Text
 
 import ckpts
+from ckpts.cli import listing
 from ckpts.cli._common import EXIT_CHECK_FAILED, reports_errors, stderr
+from ckpts.cli._common import stdout as ls_stdout
 from ckpts.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from ckpts._demo import KillPlan, TrainEvent
+    from ckpts._demo import KillPlan, Saved, TrainEvent
 
 MARKER = ".ckpts-demo"  # written into every demo directory: only such a directory is ever wiped
 REFERENCE = "reference"  # subdirectory of the uninterrupted reference run
@@ -59,15 +60,29 @@ def demo(
 ) -> None:
     """Train a tiny language model, kill it mid-run, resume it, and check the result bit-exact."""
     try:
-        bit_exact = run_demo(directory, console=Console(), steps=steps)
+        result = run_demo(directory, console=Console(), steps=steps)
     except RuntimeError as e:
         stderr.print(f"the demo failed: {e}")
         raise typer.Exit(EXIT_CHECK_FAILED) from e
-    if not bit_exact:
+    if not result.bit_exact:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-def run_demo(directory: Path, *, console: Console, steps: int | None = None) -> bool:
+@dataclass(frozen=True)
+class DemoResult:
+    """What :func:`run_demo` found.
+
+    Attributes:
+        bit_exact: the resumed run ended bit-identical to the reference run: the
+            same final weights and the same train loss at every step after the resume.
+        runs: the three workers, with everything they printed.
+    """
+
+    bit_exact: bool
+    runs: Runs
+
+
+def run_demo(directory: Path, *, console: Console, steps: int | None = None) -> DemoResult:
     """Run the whole demo in ``directory`` and show it on ``console``.
 
     Args:
@@ -78,8 +93,7 @@ def run_demo(directory: Path, *, console: Console, steps: int | None = None) -> 
         steps: training steps of each run (default: ``ckpts._demo.STEPS``).
 
     Returns:
-        True when the resumed run ends bit-identical to the reference run: the
-        same final weights and the same train loss at every step after the resume.
+        Whether the resume was bit-exact, and the workers' records.
 
     Raises:
         InvalidArgumentError: ``directory`` exists and was not made by the demo, or
@@ -98,9 +112,11 @@ def run_demo(directory: Path, *, console: Console, steps: int | None = None) -> 
     console.print(
         f"Training a {sum(p.numel() for p in model.parameters()):,}-parameter character-level "
         f"transformer for {steps} steps ({per_epoch} batches per epoch) on "
-        f"{len(corpus.train_text):,} characters of generated text, with a checkpoint every "
-        f"{_demo.SAVE_EVERY} steps in [bold]{directory}[/bold]. An uninterrupted reference "
-        f"run trains in {directory / REFERENCE} at the same time.\n",
+        f"{len(corpus.train_text):,} characters of generated text in [bold]{directory}"
+        f"[/bold]. Every {_demo.EVAL_EVERY} steps it computes the validation loss and saves "
+        f"a checkpoint if val_loss improved or {_demo.SAVE_EVERY} steps have passed; "
+        f"retention keeps the {_demo.BEST_KEPT} best by val_loss plus the latest. An "
+        f"uninterrupted reference run trains in {directory / REFERENCE} at the same time.\n",
         highlight=False,
     )
     runs = _train_all(directory, steps=steps, plan=plan, console=console, per_epoch=per_epoch)
@@ -115,8 +131,11 @@ def run_demo(directory: Path, *, console: Console, steps: int | None = None) -> 
     if final is None or final.step != steps or reference is None or reference.step != steps:
         raise RuntimeError(f"the runs ended without a checkpoint of step {steps} in each")
     console.print()
-    console.print(_checkpoint_table(checkpoints, best=best, resumed_from=runs.resumed.start,
-                                    directory=directory))
+    console.print(f"[bold]ckpts ls {directory}[/bold]", highlight=False)
+    console.print(_ls_table(checkpoints), soft_wrap=True)
+    console.print()
+    _show_retention(console, runs, kept=[c.step for c in checkpoints],
+                    best_kept=_demo.BEST_KEPT)
     console.print()
     different = _demo.differing_weights(final, reference)
     _show_comparison(console, runs, different=different, tensors=len(model.state_dict()),
@@ -127,7 +146,7 @@ def run_demo(directory: Path, *, console: Console, steps: int | None = None) -> 
         _show_best(console, best=best, last=final, sample=sample,
                    train_sentences=_demo.TRAIN_SENTENCES)
     console.print(f"\nfinished in {time.monotonic() - started:.1f} s", highlight=False)
-    return not different and runs.losses_match_reference()
+    return DemoResult(bit_exact=not different and runs.losses_match_reference(), runs=runs)
 
 
 def prepare_directory(directory: Path) -> None:
@@ -163,17 +182,18 @@ def prepare_directory(directory: Path) -> None:
 
 
 @dataclass
-class _Worker:
+class Worker:
     """One ``python -m ckpts._demo`` process and what it reported on stdout."""
 
     process: subprocess.Popen[str]
     stdout: IO[str]
     start: int = 0
     losses: dict[int, float] = field(default_factory=dict)
+    saved: list[Saved] = field(default_factory=list)
     output: list[str] = field(default_factory=list)
 
     @classmethod
-    def launch(cls, run_dir: Path, steps: int) -> _Worker:
+    def launch(cls, run_dir: Path, steps: int) -> Worker:
         process = subprocess.Popen(
             [sys.executable, "-m", "ckpts._demo", str(run_dir), "--steps", str(steps)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
@@ -188,7 +208,7 @@ class _Worker:
 
     def follow(self, on_event: Callable[[TrainEvent], None]) -> int:
         """Read stdout to the end, recording each event; returns the exit code."""
-        from ckpts._demo import Resumed, StepDone, parse_event
+        from ckpts._demo import Resumed, Saved, StepDone, parse_event
 
         for line in self.stdout:
             self.output.append(line.rstrip("\n"))
@@ -197,6 +217,8 @@ class _Worker:
                 self.start = event.step
             elif isinstance(event, StepDone):
                 self.losses[event.step] = event.train_loss
+            elif isinstance(event, Saved):
+                self.saved.append(event)
             if event is not None:
                 on_event(event)
         return self.process.wait()
@@ -207,12 +229,17 @@ class _Worker:
 
 
 @dataclass
-class _Runs:
+class Runs:
     """The three workers of a demo, once they have all exited."""
 
-    killed: _Worker
-    resumed: _Worker
-    reference: _Worker
+    killed: Worker
+    resumed: Worker
+    reference: Worker
+
+    def written(self) -> list[Saved]:
+        """Every checkpoint the interrupted run wrote (its two workers), by step."""
+        return sorted({s.step: s for s in [*self.killed.saved, *self.resumed.saved]}.values(),
+                      key=lambda s: s.step)
 
     def redone_steps(self) -> list[int]:
         return sorted(s for s in self.killed.losses if s > self.resumed.start)
@@ -223,18 +250,22 @@ class _Runs:
 
 
 def _train_all(directory: Path, *, steps: int, plan: KillPlan, console: Console,
-               per_epoch: int) -> _Runs:
+               per_epoch: int) -> Runs:
     """Run the killed, then the resumed worker, and the reference worker alongside."""
     progress = Progress(
-        TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console,
+        # The bar takes what is left, so 80 columns hold every column.
+        TextColumn("{task.description:<20}"), BarColumn(bar_width=None), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]:<16}"), TextColumn("{task.fields[saved]}"),
+        console=console,
     )
-    workers: list[_Worker] = []
+    workers: list[Worker] = []
+    reference_thread: threading.Thread | None = None
     try:
         with progress:
-            run_task = progress.add_task("run", total=steps, status="starting")
-            reference_task = progress.add_task("reference run", total=steps, status="starting")
-            reference = _Worker.launch(directory / REFERENCE, steps)
+            run_task = progress.add_task("run", total=steps, status="starting", saved="")
+            reference_task = progress.add_task("reference run", total=steps, status="starting",
+                                               saved="")
+            reference = Worker.launch(directory / REFERENCE, steps)
             workers.append(reference)
             # Its pipe must be drained while the main thread follows the other workers.
             reference_thread = threading.Thread(
@@ -242,7 +273,7 @@ def _train_all(directory: Path, *, steps: int, plan: KillPlan, console: Console,
             )
             reference_thread.start()
 
-            killed = _Worker.launch(directory, steps)
+            killed = Worker.launch(directory, steps)
             workers.append(killed)
             show_run = _show_in(progress, run_task)
 
@@ -263,7 +294,7 @@ def _train_all(directory: Path, *, steps: int, plan: KillPlan, console: Console,
             )
             progress.update(run_task, description="run (after SIGKILL)")
 
-            resumed = _Worker.launch(directory, steps)
+            resumed = Worker.launch(directory, steps)
             workers.append(resumed)
             if resumed.follow(show_run) != 0:
                 raise resumed.failure("the resumed worker failed")
@@ -275,13 +306,17 @@ def _train_all(directory: Path, *, steps: int, plan: KillPlan, console: Console,
             if worker.process.poll() is None:
                 worker.process.kill()
                 worker.process.wait()
-    runs = _Runs(killed=killed, resumed=resumed, reference=reference)
+        if reference_thread is not None:
+            reference_thread.join()  # it reads to the end of the pipe, now closed by the kill
+        for worker in workers:
+            worker.stdout.close()
+    runs = Runs(killed=killed, resumed=resumed, reference=reference)
     _show_resume(console, runs, per_epoch)
     return runs
 
 
 def _show_in(progress: Progress, task: TaskID) -> Callable[[TrainEvent], None]:
-    from ckpts._demo import Resumed, StepDone
+    from ckpts._demo import Resumed, Saved, StepDone
 
     def show(event: TrainEvent) -> None:
         if isinstance(event, Resumed):
@@ -290,6 +325,8 @@ def _show_in(progress: Progress, task: TaskID) -> Callable[[TrainEvent], None]:
         elif isinstance(event, StepDone):
             progress.update(task, completed=event.step,
                             status=f"train_loss {event.train_loss:.3f}")
+        elif isinstance(event, Saved):
+            progress.update(task, saved=f"ckpt {event.step} val_loss {event.val_loss:.3f}")
 
     return show
 
@@ -304,7 +341,7 @@ def _position(step: int, per_epoch: int) -> str:
 # --- rendering the results ------------------------------------------------------------
 
 
-def _show_resume(console: Console, runs: _Runs, per_epoch: int) -> None:
+def _show_resume(console: Console, runs: Runs, per_epoch: int) -> None:
     start = runs.resumed.start
     console.print(
         f"[bold green]↻ resumed[/bold green] in a fresh process from the checkpoint of step "
@@ -320,29 +357,47 @@ def _show_resume(console: Console, runs: _Runs, per_epoch: int) -> None:
         )
 
 
-def _checkpoint_table(checkpoints: list[ckpts.Checkpoint], *, best: ckpts.Checkpoint | None,
-                      resumed_from: int, directory: Path) -> Table:
-    table = Table(title=f"Checkpoints in {directory}", title_justify="left")
-    for name in ("step", "epoch", "train_loss", "val_loss", "size"):
-        table.add_column(name, justify="right")
-    table.add_column("created")
-    table.add_column("")
-    for checkpoint in checkpoints:
-        notes = []
-        if best is not None and checkpoint.step == best.step:
-            notes.append("[bold green]best val_loss[/bold green]")
-        if checkpoint.step == resumed_from:
-            notes.append("resumed from here")
-        table.add_row(
-            str(checkpoint.step),
-            "" if checkpoint.epoch is None else str(checkpoint.epoch),
-            _metric(checkpoint, "train_loss"),
-            _metric(checkpoint, "val_loss"),
-            decimal(checkpoint.nbytes),
-            checkpoint.created.astimezone().strftime("%H:%M:%S.%f")[:-3],
-            ", ".join(notes),
-        )
-    return table
+def _ls_table(checkpoints: list[ckpts.Checkpoint]) -> Text:
+    """The table ``ckpts ls`` prints for these checkpoints, made by its own code.
+
+    That code prints on the CLI's stdout console; capturing it there and showing it on
+    the demo's console keeps everything the demo prints on one console.
+    """
+    with ls_stdout.capture() as captured:
+        listing.print_checkpoint_table(listing.mark(checkpoints, None, "min"))
+    return Text.from_ansi(captured.get().rstrip("\n"))
+
+
+def _show_retention(console: Console, runs: Runs, *, kept: list[int], best_kept: int) -> None:
+    """How many checkpoints were written and kept, and why each kept one is there."""
+    written = runs.written()
+    # The policy itself, applied to everything ever written (retention ran on fewer at a
+    # time, but each of the best so far was always kept, so the result is the same).
+    best = sorted(ckpts.KeepBest(best_kept, "val_loss").keeps(_as_checkpoints(written)))
+    latest = written[-1].step if written else 0
+    resumed_from = runs.resumed.start
+    console.print(f"The run resumed from step {resumed_from} after the SIGKILL.",
+                  highlight=False)
+    protected = resumed_from not in {*best, latest}
+    console.print(
+        f"Retention (KeepBest({best_kept}, \"val_loss\") + KeepLast(1)) kept {len(kept)} of "
+        f"the {len(written)} checkpoints written: the {best_kept} best by val_loss (steps "
+        f"{', '.join(map(str, best))}){',' if protected else ' and'} the latest (step {latest})"
+        + (f" and step {resumed_from}, which the resumed process restored from (a manager "
+           "never deletes that one)" if protected else "")
+        + "; the others were deleted as training went on.",
+        highlight=False,
+    )
+    expected = sorted({*best, latest, resumed_from} - {0})
+    if kept != expected:
+        console.print(f"[red]unexpected:[/red] steps {expected} should be kept, the run "
+                      f"holds {kept}", highlight=False)
+
+
+def _as_checkpoints(saved: list[Saved]) -> list[ckpts.Checkpoint]:
+    """Records of the checkpoints a worker reported, for a retention policy (no paths)."""
+    return [ckpts.Checkpoint(step=s.step, path=Path(), metrics={"val_loss": s.val_loss})
+            for s in saved]
 
 
 def _metric(checkpoint: ckpts.Checkpoint, name: str) -> str:
@@ -350,7 +405,7 @@ def _metric(checkpoint: ckpts.Checkpoint, name: str) -> str:
     return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
-def _show_comparison(console: Console, runs: _Runs, *, different: list[str], tensors: int,
+def _show_comparison(console: Console, runs: Runs, *, different: list[str], tensors: int,
                      step: int) -> None:
     if different:
         console.print(

@@ -66,7 +66,7 @@ def ls(
             if i:
                 stdout.print()
             stdout.print(Text(name, style="bold"))
-        _print_table(pairs)
+        print_checkpoint_table(pairs)
 
 
 @reports_errors
@@ -121,7 +121,8 @@ def mark(
     return [(c, markers[c.step]) for c in checkpoints]
 
 
-def _print_table(pairs: list[tuple[Checkpoint, list[str]]]) -> None:
+def print_checkpoint_table(pairs: list[tuple[Checkpoint, list[str]]]) -> None:
+    """Print one run's ``ckpts ls`` table on stdout, from :func:`mark`'s pairs."""
     metrics = metric_names(c for c, _ in pairs)
     header = ["step", "created", "size", "epoch", *metrics, "markers"]
     rows = [
