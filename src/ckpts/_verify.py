@@ -54,7 +54,7 @@ def verify_checkpoint(directory: Path) -> list[str]:
         return [str(e)]
     problems = []
     for name, record in manifest["files"].items():
-        problem = _check_file(directory / name, record["nbytes"], record["hash"])
+        problem = check_file(directory / name, record["nbytes"], record["hash"])
         if problem:
             problems.append(problem)
     if problems:
@@ -78,7 +78,8 @@ def verify_checkpoint(directory: Path) -> list[str]:
     return problems
 
 
-def _check_file(path: Path, nbytes: int, expected_hash: str) -> str | None:
+def check_file(path: Path, nbytes: int, expected_hash: str) -> str | None:
+    """The problem with one file (missing, resized, other hash), or None."""
     problem = _size_problem(path, nbytes)
     if problem:
         return problem

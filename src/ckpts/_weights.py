@@ -11,7 +11,7 @@ import torch
 from ckpts._checkpoint import check_compatible
 from ckpts._format import copy_tensors
 from ckpts._manifest import MANIFEST, manifest_tensor_entries, read_manifest
-from ckpts._verify import _check_file
+from ckpts._verify import check_file
 from ckpts.errors import CorruptCheckpointError, NotACheckpointError
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def load_weights(
     entries = manifest_tensor_entries(saved)
     for file_name in sorted({e.file for e in entries.values()}):
         record = manifest["files"][file_name]
-        problem = _check_file(directory / file_name, record["nbytes"], record["hash"])
+        problem = check_file(directory / file_name, record["nbytes"], record["hash"])
         if problem:
             raise CorruptCheckpointError(f"cannot load weights: {problem}")
     check_compatible(directory, obj_name, saved, model, strict=strict)
@@ -67,7 +67,7 @@ def load_weights(
     for alias, key in saved.get("aliases", {}).items():
         if alias in live and key not in live:
             live[key] = live[alias]
-    copy_tensors(directory, {k: e for k, e in entries.items() if k in live or strict}, live)
+    copy_tensors(directory, {k: e for k, e in entries.items() if k in live}, live)
 
 
 def _pick_module(directory: Path, manifest: dict[str, Any], name: str | None
