@@ -57,12 +57,12 @@ def load_weights(
     manifest = read_manifest(directory)
     obj_name, saved = _pick_module(directory, manifest, name)
     entries = manifest_tensor_entries(saved)
+    check_compatible(directory, obj_name, saved, model, strict=strict)  # from the manifest alone
     for file_name in sorted({e.file for e in entries.values()}):
         record = manifest["files"][file_name]
         problem = check_file(directory / file_name, record["nbytes"], record["hash"])
         if problem:
             raise CorruptCheckpointError(f"cannot load weights: {problem}")
-    check_compatible(directory, obj_name, saved, model, strict=strict)
     live = model.state_dict()
     for alias, key in saved.get("aliases", {}).items():
         if alias in live and key not in live:
