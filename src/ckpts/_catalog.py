@@ -15,7 +15,7 @@ from typing import Any
 
 from ckpts._codec import decode
 from ckpts._manifest import read_manifest
-from ckpts._storage import committed_dirs, directory_size
+from ckpts._storage import committed_dirs, directory_size, parse_step
 from ckpts.errors import CheckpointError, CorruptCheckpointError
 
 log = logging.getLogger("ckpts")
@@ -47,6 +47,9 @@ class Checkpoint:
     def from_directory(cls, path: Path) -> Checkpoint:
         """Read a committed checkpoint's manifest (and nothing else)."""
         manifest = read_manifest(path)
+        if parse_step(path.name) not in (None, manifest["step"]):
+            raise CorruptCheckpointError(
+                f"{path}: the manifest says step {manifest['step']}, the directory name another")
         try:
             return cls(
                 step=manifest["step"],

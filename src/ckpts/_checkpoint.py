@@ -34,10 +34,13 @@ from ckpts._manifest import (
 )
 from ckpts._state import ObjectSnapshot, Stateful, TrainState
 from ckpts._version import __version__
-from ckpts.errors import IncompatibleStateError, InvalidArgumentError
+from ckpts.errors import CorruptCheckpointError, IncompatibleStateError, InvalidArgumentError
 
 # Threads that write (and read) shard files at once; I/O-bound, so a few more than cores.
 IO_THREADS = min(8, 2 * (os.cpu_count() or 1))
+
+# What a load_state_dict given a damaged or foreign state may raise (CheckpointErrors pass).
+LOAD_ERRORS = (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError)
 
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
@@ -199,8 +202,14 @@ def check_compatible(
     if isinstance(obj, torch.nn.Module):
         _check_module(directory, name, saved, obj, strict=strict)
     elif isinstance(obj, torch.optim.Optimizer):
-        groups = decode(saved["tree"], lambda key: None)["param_groups"]
-        saved_sizes = [len(g["params"]) for g in groups]
+        try:
+            groups = decode(saved["tree"], lambda key: None)["param_groups"]
+            saved_sizes = [len(g["params"]) for g in groups]
+        except (KeyError, TypeError, IndexError) as e:
+            raise CorruptCheckpointError(
+                f"{directory}: optimizer {name!r} has no usable param_groups in its manifest "
+                f"entry ({e!r})"
+            ) from e
         live_sizes = [len(g["params"]) for g in obj.param_groups]
         if saved_sizes != live_sizes:
             raise IncompatibleStateError(
@@ -215,10 +224,17 @@ def _load_object(directory: Path, name: str, saved: Mapping[str, Any], obj: Stat
     """Hand an object its state: the tree, with the tensors already read."""
     for alias, key in saved.get("aliases", {}).items():
         loaded[alias] = loaded[key]
-    state_dict = decode(saved["tree"], loaded.__getitem__)
+
+    def tensor(key: str) -> torch.Tensor:
+        if key not in loaded:
+            raise CorruptCheckpointError(
+                f"{directory}: object {name!r} refers to tensor {key!r}, which it does not list")
+        return loaded[key]
+
+    state_dict = decode(saved["tree"], tensor)
     try:
         obj.load_state_dict(state_dict)
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+    except LOAD_ERRORS as e:
         raise IncompatibleStateError(
             f"{directory}: {type(obj).__qualname__}.load_state_dict rejected object "
             f"{name!r}: {e}. Objects restored before it were already loaded; restore "

@@ -63,24 +63,42 @@ def encode(value: Any, tensors: dict[str, torch.Tensor], *, path: str = "") -> A
 
 
 def decode(data: Any, load_tensor: Callable[[str], Any]) -> Any:
-    """Invert :func:`encode`; ``load_tensor(key)`` supplies each referenced tensor."""
+    """Invert :func:`encode`; ``load_tensor(key)`` supplies each referenced tensor.
+
+    Raises:
+        CorruptCheckpointError: a tag is malformed (the manifest is damaged).
+    """
     if isinstance(data, list):
         return [decode(v, load_tensor) for v in data]
     if not isinstance(data, dict):
         return data
     if len(data) == 1:
         (tag, inner), = data.items()
-        if tag == "__tensor__":
-            return load_tensor(inner)
-        if tag == "__float__":
-            if inner not in _FLOAT_NAMES:
-                raise CorruptCheckpointError(f"unknown float tag {inner!r} in the manifest")
-            return _FLOAT_NAMES[inner]
-        if tag == "__tuple__":
-            return tuple(decode(v, load_tensor) for v in inner)
-        if tag == "__dict__":
-            return {decode(k, load_tensor): decode(v, load_tensor) for k, v in inner}
+        if tag in _TAGS:
+            return _decode_tag(tag, inner, load_tensor)
     return {k: decode(v, load_tensor) for k, v in data.items()}
+
+
+_TAGS = ("__tensor__", "__float__", "__tuple__", "__dict__")
+
+
+def _decode_tag(tag: str, inner: Any, load_tensor: Callable[[str], Any]) -> Any:
+    if tag == "__tensor__" and isinstance(inner, str):
+        return load_tensor(inner)
+    if tag == "__float__" and isinstance(inner, str) and inner in _FLOAT_NAMES:
+        return _FLOAT_NAMES[inner]
+    if tag == "__tuple__" and isinstance(inner, list):
+        return tuple(decode(v, load_tensor) for v in inner)
+    if tag == "__dict__" and isinstance(inner, list) \
+            and all(isinstance(pair, list) and len(pair) == 2 for pair in inner):
+        decoded = {}
+        for key, value in inner:
+            key = decode(key, load_tensor)
+            if not isinstance(key, (str, int, bool, tuple)) and key is not None:
+                raise CorruptCheckpointError(f"unusable dict key {key!r} in the manifest")
+            decoded[key] = decode(value, load_tensor)
+        return decoded
+    raise CorruptCheckpointError(f"malformed {tag} value in the manifest: {str(inner)[:80]}")
 
 
 def _is_tensor(value: Any) -> bool:

@@ -165,13 +165,7 @@ def read_file_into(
     with open(path, "rb", buffering=0) as f:
         position = _hash_region(f, 0, data_start, digest)
         for key in sorted(entries, key=lambda k: header[k].begin if k in header else -1):
-            found = header.get(key)
-            if found is None or (found.dtype, found.shape) != (entries[key].dtype,
-                                                               entries[key].shape):
-                raise CorruptCheckpointError(
-                    f"{path}: tensor {key!r} is missing from the file or differs from the "
-                    "manifest's dtype and shape"
-                )
+            found = _stored_entry(path, header, key, entries[key])
             position = _hash_region(f, position, found.begin, digest)
             target = targets.get(key)
             fits = target is not None and target.dtype == DTYPE_NAMES[found.dtype] \
@@ -230,17 +224,16 @@ def copy_tensors(
     by_file: dict[str, list[str]] = defaultdict(list)
     for key, entry in entries.items():
         by_file[entry.file].append(key)
+    # every header is checked before any target is written
+    found = {key: _stored_entry(directory / name, read_header(directory / name)[0], key,
+                                entries[key])
+             for name, keys in by_file.items() for key in keys}
     loaded: dict[str, torch.Tensor] = {}
     for file_name, keys in by_file.items():
-        path = directory / file_name
-        header, _ = read_header(path)
-        with open(path, "rb") as f:
+        with open(directory / file_name, "rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         for key in keys:
-            if key not in header:
-                raise CorruptCheckpointError(f"{path}: tensor {key!r} is listed in the "
-                                             "manifest but missing from the file")
-            source = _mapped_tensor(mapped, header[key])
+            source = _mapped_tensor(mapped, found[key])
             target = targets.get(key)
             if target is not None and target.dtype == source.dtype \
                     and target.shape == source.shape:
@@ -251,6 +244,18 @@ def copy_tensors(
                 loaded[key] = source.clone()
             del source
     return loaded
+
+
+def _stored_entry(path: Path, header: Mapping[str, TensorEntry], key: str,
+                  expected: TensorEntry) -> TensorEntry:
+    """The header's entry for ``key``, which must agree with the manifest's."""
+    found = header.get(key)
+    if found is None or (found.dtype, found.shape) != (expected.dtype, expected.shape):
+        raise CorruptCheckpointError(
+            f"{path}: tensor {key!r} is missing from the file or differs from the manifest's "
+            f"dtype and shape ({expected.dtype}{list(expected.shape)})"
+        )
+    return found
 
 
 def _mapped_tensor(mapped: mmap.mmap, entry: TensorEntry) -> torch.Tensor:

@@ -28,6 +28,7 @@ FORMAT_NAME = "ckpts"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 HASH_PREFIX = "xxh3_128:"
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
 # safetensors dtype names and their sizes in bytes
 DTYPE_SIZES: dict[str, int] = {
@@ -78,53 +79,86 @@ def hash_file(path: Path) -> str:
 def read_manifest(directory: Path) -> dict[str, Any]:
     """Load and check ``manifest.json``; raise CorruptCheckpointError or FormatVersionError."""
     path = directory / MANIFEST
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(
+            f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
     try:
         manifest = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{path} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd numbers or depth
+        raise CorruptCheckpointError(f"{path} is not a valid JSON manifest: {e}") from e
     check_manifest(manifest, path)
     return manifest  # type: ignore[no-any-return]
 
 
 def check_manifest(manifest: Any, path: Path) -> None:
-    """Check a manifest's shape: version, step, files and objects, with safe file names."""
+    """Check a manifest against the v1 schema (docs/format.md), strictly.
+
+    Every field has its type checked, file names cannot leave the checkpoint
+    directory, and every tensor entry names a listed file, a known dtype and a
+    shape; anything else is a CorruptCheckpointError naming the field.
+    """
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(f"{path} is not a ckpts manifest (no \"format\": \"ckpts\")")
-    version = manifest.get("format_version")
-    if type(version) is not int:
-        raise CorruptCheckpointError(f"{path}: format_version must be an integer")
+    version = _field(manifest, "format_version", int, path)
     if version > FORMAT_VERSION:
         raise FormatVersionError(
             f"{path} uses format version {version}, but this ckpts reads up to version "
             f"{FORMAT_VERSION}; upgrade ckpts to read it."
         )
-    _expect(manifest, "step", int, path)
-    files = _expect(manifest, "files", dict, path)
+    if version < 1 or _field(manifest, "step", int, path) < 0:
+        raise CorruptCheckpointError(f"{path}: format_version and step must be positive")
+    epoch = manifest.get("epoch")
+    if epoch is not None and (type(epoch) is not int or epoch < 0):
+        raise CorruptCheckpointError(f"{path}: epoch must be null or an int >= 0")
+    _field(manifest, "created", str, path)
+    _check_metrics(_field(manifest, "metrics", dict, path), path)
+    tags = _field(manifest, "tags", list, path)
+    if not all(isinstance(tag, str) for tag in tags):
+        raise CorruptCheckpointError(f"{path}: tags must be strings")
+    files = _field(manifest, "files", dict, path)
     for name, record in files.items():
         check_file_name(name, path)
         if not isinstance(record, dict) or type(record.get("nbytes")) is not int \
-                or not isinstance(record.get("hash"), str):
+                or record["nbytes"] < 0 or not isinstance(record.get("hash"), str):
             raise CorruptCheckpointError(f"{path}: file record for {name!r} is malformed")
-    objects = _expect(manifest, "objects", dict, path)
-    for name, obj in objects.items():
-        if not isinstance(obj, dict) or not isinstance(obj.get("tensors"), dict):
-            raise CorruptCheckpointError(f"{path}: object {name!r} is malformed")
-        for key, info in obj["tensors"].items():
-            if not isinstance(info, dict) or info.get("file") not in files \
-                    or info.get("dtype") not in DTYPE_SIZES or not is_shape(info.get("shape")):
-                raise CorruptCheckpointError(
-                    f"{path}: tensor {key!r} of object {name!r} has a malformed entry"
-                )
-        aliases = obj.get("aliases", {})
-        if not isinstance(aliases, dict) or any(a not in obj["tensors"] for a in aliases.values()):
-            raise CorruptCheckpointError(f"{path}: object {name!r} has malformed aliases")
+    for name, obj in _field(manifest, "objects", dict, path).items():
+        _check_object(name, obj, files, path)
+
+
+def _check_object(name: str, obj: Any, files: dict[str, Any], path: Path) -> None:
+    if not isinstance(obj, dict) or "tree" not in obj or not isinstance(obj.get("tensors"), dict) \
+            or not isinstance(obj.get("kind", ""), str):
+        raise CorruptCheckpointError(f"{path}: object {name!r} is malformed")
+    for key, info in obj["tensors"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("file"), str) \
+                or info["file"] not in files or not isinstance(info.get("dtype"), str) \
+                or info["dtype"] not in DTYPE_SIZES or not is_shape(info.get("shape")):
+            raise CorruptCheckpointError(
+                f"{path}: tensor {key!r} of object {name!r} has a malformed entry"
+            )
+    aliases = obj.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(
+        isinstance(target, str) and target in obj["tensors"] for target in aliases.values()
+    ):
+        raise CorruptCheckpointError(f"{path}: object {name!r} has malformed aliases")
+
+
+def _check_metrics(metrics: dict[str, Any], path: Path) -> None:
+    for name, value in metrics.items():
+        number = type(value) in (int, float) or (
+            isinstance(value, dict) and value.get("__float__") in ("nan", "inf", "-inf")
+            and len(value) == 1
+        )
+        if not number:
+            raise CorruptCheckpointError(f"{path}: metric {name!r} is not a number")
 
 
 def check_file_name(name: str, manifest_path: Path) -> None:
     """Refuse a file reference that could escape the checkpoint directory."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name \
+            or len(name.encode("utf-8", "replace")) > 255:
         raise CorruptCheckpointError(
-            f"{manifest_path}: file name {name!r} is not a plain name inside the checkpoint"
+            f"{manifest_path}: file name {name[:80]!r} is not a plain name inside the checkpoint"
         )
 
 
@@ -141,11 +175,12 @@ def is_shape(value: Any) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(type(d) is int and d >= 0 for d in value)
 
 
-def _expect(manifest: dict[str, Any], key: str, kind: type, path: Path) -> Any:
+def _field(manifest: dict[str, Any], key: str, kind: type, path: Path) -> Any:
     value = manifest.get(key)
     if type(value) is not kind:
         raise CorruptCheckpointError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
     return value
+
 
 
 def update_manifest(directory: Path, **fields: Any) -> dict[str, Any]:

@@ -56,7 +56,8 @@ class RNGState:
                 numpy_state["cached_gaussian"],
             ))
             torch.set_rng_state(state["torch"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError,
+                OverflowError) as e:
             raise IncompatibleStateError(f"the saved RNG state is unusable: {e}") from e
         cuda_states = state.get("cuda")
         if cuda_states:
