@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-long bench clean
 
 .venv/.installed: pyproject.toml
 	test -d .venv || python3 -m venv .venv
@@ -20,6 +20,10 @@ test: .venv/.installed
 	.venv/bin/ruff check src tests benchmarks examples
 	.venv/bin/mypy
 	.venv/bin/pytest -q
+
+# Opt-in long mode: 200 SIGKILL trials (sync + async) and 2,000 fuzz examples per target.
+test-long: .venv/.installed
+	CKPTS_LONG=1 .venv/bin/pytest -q -p no:cacheprovider tests/test_kill_harness.py tests/test_fuzz.py
 
 bench: .venv/.installed
 	$(PY) -m benchmarks.run
