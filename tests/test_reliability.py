@@ -186,3 +186,20 @@ def test_a_reader_never_sees_a_half_deleted_checkpoint(tmp_path: Path) -> None:
     assert seen > 0
     assert bad == 0
     assert [c.step for c in pruner.checkpoints()] == [40]
+
+
+def test_symlinks_never_count_as_checkpoint_data(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    run = tmp_path / "run"
+    ckpts.CheckpointManager(outside).save(5, ckpts.TrainState(model=torch.nn.Linear(2, 2)))
+    manager = ckpts.CheckpointManager(run)
+    manager.save(1, ckpts.TrainState(model=torch.nn.Linear(2, 2)))
+    (run / "step-00000005").symlink_to(outside / "step-00000005")
+    assert [c.step for c in manager.checkpoints()] == [1]  # the linked directory is not listed
+    weights = run / "step-00000001" / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to(outside / "step-00000005" / "model.safetensors")
+    problems = ckpts.verify(run / "step-00000001")
+    assert problems and "not a regular file" in problems[0]
+    with pytest.raises(ckpts.CorruptCheckpointError):
+        ckpts.load_weights(run / "step-00000001", torch.nn.Linear(2, 2))

@@ -45,12 +45,16 @@ def parse_step(name: str) -> int | None:
 
 
 def committed_dirs(run: Path) -> list[tuple[int, Path]]:
-    """Committed checkpoint directories (those with a manifest), ascending by step."""
+    """Committed checkpoint directories (those with a manifest), ascending by step.
+
+    A symlink is never a checkpoint: it could point anywhere.
+    """
     found = []
     with os.scandir(run) as entries:
         for entry in entries:
             step = parse_step(entry.name)
-            if step is not None and os.path.isfile(os.path.join(entry.path, MANIFEST)):
+            if step is not None and not entry.is_symlink() \
+                    and os.path.isfile(os.path.join(entry.path, MANIFEST)):
                 found.append((step, Path(entry.path)))
     return sorted(found)
 
