@@ -215,9 +215,8 @@ class CheckpointManager:
     def _triggered(self, step: int, epoch: int | None, metrics: dict[str, float]) -> bool:
         if not self.triggers:
             return True
-        history = self.checkpoints()
         # every trigger sees the call, so interval bookkeeping stays right
-        votes = [t.should_save(step, epoch, metrics, history) for t in self.triggers]
+        votes = [t.should_save(step, epoch, metrics, self.checkpoints) for t in self.triggers]
         return any(votes)
 
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:

@@ -42,8 +42,10 @@ class SaveTrigger(Protocol):
 
     def should_save(
         self, step: int, epoch: int | None, metrics: dict[str, float],
-        history: Sequence[Checkpoint],
-    ) -> bool: ...
+        history: Callable[[], Sequence[Checkpoint]],
+    ) -> bool:
+        """Whether this call should save; ``history()`` lists the run's checkpoints
+        (it reads every manifest: call it only when needed)."""
 
     def saved(self, step: int, epoch: int | None, metrics: dict[str, float]) -> None: ...
 
@@ -186,7 +188,7 @@ class Every:
         self._last_save = self.clock()
 
     def should_save(self, step: int, epoch: int | None, metrics: dict[str, float],
-                    history: Sequence[Checkpoint]) -> bool:
+                    history: Callable[[], Sequence[Checkpoint]]) -> bool:
         """Whether any of the intervals is due at this call."""
         due = self.steps is not None and step % self.steps == 0
         if self.epochs is not None and epoch is not None:
@@ -206,8 +208,9 @@ class Every:
 class OnImprovement:
     """Save when ``metric`` improves on the best value seen so far by more than ``min_delta``.
 
-    The best so far includes the checkpoints already on disk, so a resumed run
-    does not save a worse model just because its process is new.
+    The best so far includes the checkpoints already on disk (read once, the
+    first time the metric is seen), so a resumed run does not save a worse model
+    just because its process is new.
 
     Example:
         >>> trigger = ckpts.OnImprovement("val_loss", mode="min", min_delta=1e-3)
@@ -217,6 +220,7 @@ class OnImprovement:
     mode: Mode = "min"
     min_delta: float = 0.0
     _best: float | None = field(default=None, init=False, repr=False)
+    _seeded: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_mode(self.mode)
@@ -225,12 +229,16 @@ class OnImprovement:
             raise InvalidArgumentError(f"OnImprovement(min_delta={self.min_delta!r}) must be >= 0")
 
     def should_save(self, step: int, epoch: int | None, metrics: dict[str, float],
-                    history: Sequence[Checkpoint]) -> bool:
+                    history: Callable[[], Sequence[Checkpoint]]) -> bool:
         """Whether this call's metric beats the best so far by more than min_delta."""
         value = metrics.get(self.metric)
         if value is None or math.isnan(value):
             return False
-        best = self._best_so_far(history)
+        if not self._seeded:
+            self._seeded = True
+            for checkpoint in history():
+                self.saved(checkpoint.step, checkpoint.epoch, checkpoint.metrics)
+        best = self._best
         if best is None:
             return True
         if self.mode == "min":
@@ -243,12 +251,3 @@ class OnImprovement:
         if value is not None and not math.isnan(value):
             self._best = value if self._best is None else (
                 min(self._best, value) if self.mode == "min" else max(self._best, value))
-
-    def _best_so_far(self, history: Sequence[Checkpoint]) -> float | None:
-        values = [c.metrics[self.metric] for c in history if self.metric in c.metrics
-                  and not math.isnan(c.metrics[self.metric])]
-        if self._best is not None:
-            values.append(self._best)
-        if not values:
-            return None
-        return min(values) if self.mode == "min" else max(values)
