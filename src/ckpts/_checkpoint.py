@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import platform
-import threading
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from ckpts._codec import decode, encode
-from ckpts._format import DTYPES, read_file_into, write_safetensors
+from ckpts._format import DTYPES
+from ckpts._io import ReadRequest, read_files_into, write_files
 from ckpts._manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -36,47 +35,8 @@ from ckpts._state import ObjectSnapshot, Stateful, TrainState
 from ckpts._version import __version__
 from ckpts.errors import CorruptCheckpointError, IncompatibleStateError, InvalidArgumentError
 
-# Threads that write (and read) shard files at once; I/O-bound, so a few more than cores.
-IO_THREADS = min(8, 2 * (os.cpu_count() or 1))
-
 # What a load_state_dict given a damaged or foreign state may raise (CheckpointErrors pass).
 LOAD_ERRORS = (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError)
-
-_Item = TypeVar("_Item")
-_Result = TypeVar("_Result")
-
-
-def run_parallel(work: Callable[[_Item], _Result], items: Sequence[_Item]) -> list[_Result]:
-    """``[work(x) for x in items]`` on up to IO_THREADS threads; the first failure is raised.
-
-    Plain threads rather than concurrent.futures: an async save still in flight at
-    interpreter exit must be able to finish, and executors refuse work by then.
-    """
-    results: list[_Result | None] = [None] * len(items)
-    failures: list[BaseException] = []
-    queue = iter(enumerate(items))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while not failures:
-            with lock:
-                index, item = next(queue, (-1, None))
-            if index < 0:
-                return
-            try:
-                results[index] = work(item)  # type: ignore[arg-type]
-            except BaseException as e:  # re-raised below, on the caller's thread
-                failures.append(e)
-
-    threads = [threading.Thread(target=worker, name="ckpts-io")
-               for _ in range(min(IO_THREADS, len(items)))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise failures[0]
-    return results  # type: ignore[return-value]
 
 
 def write_checkpoint(
@@ -88,21 +48,15 @@ def write_checkpoint(
     epoch: int | None,
     max_shard_size: int,
 ) -> dict[str, Any]:
-    """Write every object's tensors, then the manifest (last). Returns the manifest.
-
-    Shard files are written in parallel by a thread pool (file writes and hashing
-    release the GIL), largest first so the threads finish together.
-    """
+    """Write every object's tensors (all files at once, see ckpts._io), then the manifest
+    (last). Returns the manifest."""
     files: dict[str, FileRecord] = {}
     objects: dict[str, Any] = {}
-    jobs: list[tuple[str, list[tuple[str, torch.Tensor]]]] = []
     placements = {name: _plan_shards(name, snap.tensors, max_shard_size)
                   for name, snap in snapshots.items()}
-    for name, placement in placements.items():
-        jobs += [(f, [(k, snapshots[name].tensors[k]) for k in keys])
-                 for f, keys in placement.items()]
-    jobs.sort(key=lambda job: -sum(t.numel() * t.element_size() for _, t in job[1]))
-    records = run_parallel(lambda job: write_safetensors(directory / job[0], job[1]), jobs)
+    jobs = [(f, [(k, snapshots[name].tensors[k]) for k in keys])
+            for name, placement in placements.items() for f, keys in placement.items()]
+    records = write_files([(directory / f, items) for f, items in jobs])
     files.update(zip([f for f, _ in jobs], records, strict=True))
     for name, snap in snapshots.items():
         placement = placements[name]
@@ -170,22 +124,19 @@ def restore_into(directory: Path, manifest: Mapping[str, Any], state: TrainState
         )
     for name, obj in state.objects.items():
         check_compatible(directory, name, saved[name], obj, strict=True)
-    jobs = []
+    owners, requests = [], []
     for name, obj in state.objects.items():
         live: dict[str, torch.Tensor] = {}
         encode(obj.state_dict(), live)
         by_file: dict[str, dict[str, TensorEntry]] = defaultdict(dict)
         for key, entry in manifest_tensor_entries(saved[name]).items():
             by_file[entry.file][key] = entry
-        jobs += [(name, file_name, entries, live) for file_name, entries in by_file.items()]
-    jobs.sort(key=lambda job: -manifest["files"][job[1]]["nbytes"])
+        for file_name, entries in by_file.items():
+            owners.append(name)
+            requests.append(ReadRequest(directory / file_name,
+                                        manifest["files"][file_name]["hash"], entries, live))
     loaded: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    results = run_parallel(
-        lambda job: read_file_into(directory / job[1], manifest["files"][job[1]]["hash"],
-                                   job[2], job[3]),
-        jobs,
-    )
-    for (name, *_), tensors in zip(jobs, results, strict=True):
+    for name, tensors in zip(owners, read_files_into(requests), strict=True):
         loaded[name].update(tensors)
     for name, obj in state.objects.items():
         _load_object(directory, name, saved[name], obj, loaded[name])

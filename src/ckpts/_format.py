@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 
-from ckpts._manifest import DTYPE_SIZES, HASH_PREFIX, FileRecord, TensorEntry, is_shape
+from ckpts._manifest import DTYPE_SIZES, TensorEntry, is_shape
 from ckpts.errors import CorruptCheckpointError, UnserializableStateError
-
-_READ_CHUNK = 64 * 1024 * 1024  # bytes read per call when a region is not a tensor
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -33,6 +29,24 @@ DTYPES: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 DTYPE_NAMES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPES.items()}
+
+
+def encode_header(items: Sequence[tuple[str, torch.Tensor]]) -> bytes:
+    """The length prefix and JSON header of a safetensors file holding ``items`` in order,
+    padded with spaces so the data starts 8-byte aligned."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        header[key] = {
+            "dtype": _dtype_name(tensor, key),
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
 
 
 def tensor_bytes(tensor: torch.Tensor, *, key: str) -> memoryview:
@@ -47,31 +61,7 @@ def tensor_bytes(tensor: torch.Tensor, *, key: str) -> memoryview:
             f"tensor {key!r} is {tensor.layout} (quantized={tensor.is_quantized}); only dense "
             "tensors can be saved. Convert it with .to_dense() or .dequantize()."
         )
-    return _byte_view(tensor.detach().cpu().contiguous())
-
-
-def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> FileRecord:
-    """Write a standard safetensors file, hashing the bytes as they go out, then fsync it."""
-    items = list(tensors)
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key, tensor in items:
-        nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {
-            "dtype": _dtype_name(tensor, key),
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    digest = xxhash.xxh3_128()
-    with open(path, "wb", buffering=0) as f:
-        for chunk in _file_chunks(header_bytes, items):
-            f.write(chunk)
-            digest.update(chunk)
-        os.fsync(f.fileno())
-    return FileRecord(nbytes=8 + len(header_bytes) + offset, hash=HASH_PREFIX + digest.hexdigest())
+    return byte_view(tensor.detach().cpu().contiguous())
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], int]:
@@ -106,15 +96,6 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], int]:
     return entries, data_start
 
 
-def _file_chunks(
-    header: bytes, items: list[tuple[str, torch.Tensor]]
-) -> Iterable[bytes | memoryview]:
-    yield struct.pack("<Q", len(header))
-    yield header
-    for key, tensor in items:
-        yield tensor_bytes(tensor, key=key)
-
-
 def _dtype_name(tensor: torch.Tensor, key: str) -> str:
     if tensor.dtype not in DTYPES:
         tensor_bytes(tensor, key=key)  # raises the explanatory error
@@ -143,69 +124,7 @@ def _header_entry(path: Path, key: str, info: Any, data_start: int, size: int) -
                        end=end)
 
 
-def read_file_into(
-    path: Path,
-    expected_hash: str,
-    entries: Mapping[str, TensorEntry],
-    targets: Mapping[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Read one file's tensors, straight into ``targets`` where they fit, hashing every byte.
-
-    A target fits when it is a contiguous CPU tensor of the saved dtype and shape:
-    the file's bytes land in its memory with no intermediate copy. Other keys get a
-    new CPU tensor (copied on into a CUDA or strided target of the same dtype and
-    shape). The whole file is hashed in the same pass and compared at the end.
-
-    Raises:
-        CorruptCheckpointError: a size, offset or the hash does not match.
-    """
-    header, data_start = read_header(path)
-    digest = xxhash.xxh3_128()
-    loaded: dict[str, torch.Tensor] = {}
-    with open(path, "rb", buffering=0) as f:
-        position = _hash_region(f, 0, data_start, digest)
-        for key in sorted(entries, key=lambda k: header[k].begin if k in header else -1):
-            found = _stored_entry(path, header, key, entries[key])
-            position = _hash_region(f, position, found.begin, digest)
-            target = targets.get(key)
-            fits = target is not None and target.dtype == DTYPE_NAMES[found.dtype] \
-                and tuple(target.shape) == found.shape
-            direct = fits and target is not None and target.device.type == "cpu" \
-                and target.is_contiguous()
-            tensor = target if direct and target is not None else \
-                torch.empty(found.shape, dtype=DTYPE_NAMES[found.dtype])
-            view = _byte_view(tensor)
-            if f.readinto(view) != len(view):
-                raise CorruptCheckpointError(f"{path}: ends inside tensor {key!r} (truncated)")
-            digest.update(view)
-            position = found.end
-            if fits and not direct and target is not None:
-                with torch.no_grad():
-                    target.copy_(tensor)
-                tensor = target
-            loaded[key] = tensor
-        _hash_region(f, position, path.stat().st_size, digest)
-    actual = HASH_PREFIX + digest.hexdigest()
-    if actual != expected_hash:
-        raise CorruptCheckpointError(
-            f"{path}: content hash {actual} differs from the manifest's {expected_hash}"
-        )
-    return loaded
-
-
-def _hash_region(f: Any, start: int, end: int, digest: Any) -> int:
-    """Hash bytes ``start..end`` of an open file (headers, gaps); returns ``end``."""
-    f.seek(start)
-    while start < end:
-        chunk = f.read(min(_READ_CHUNK, end - start))
-        if not chunk:
-            raise CorruptCheckpointError(f"{f.name}: shorter than its header says (truncated)")
-        digest.update(chunk)
-        start += len(chunk)
-    return end
-
-
-def _byte_view(tensor: torch.Tensor) -> memoryview:
+def byte_view(tensor: torch.Tensor) -> memoryview:
     """A byte view of a contiguous CPU tensor's memory (writable: readinto fills it)."""
     flat = tensor.detach().reshape(-1).view(torch.uint8).numpy()
     return memoryview(flat).cast("B")  # type: ignore[arg-type]
@@ -225,7 +144,7 @@ def copy_tensors(
     for key, entry in entries.items():
         by_file[entry.file].append(key)
     # every header is checked before any target is written
-    found = {key: _stored_entry(directory / name, read_header(directory / name)[0], key,
+    found = {key: stored_entry(directory / name, read_header(directory / name)[0], key,
                                 entries[key])
              for name, keys in by_file.items() for key in keys}
     loaded: dict[str, torch.Tensor] = {}
@@ -246,7 +165,7 @@ def copy_tensors(
     return loaded
 
 
-def _stored_entry(path: Path, header: Mapping[str, TensorEntry], key: str,
+def stored_entry(path: Path, header: Mapping[str, TensorEntry], key: str,
                   expected: TensorEntry) -> TensorEntry:
     """The header's entry for ``key``, which must agree with the manifest's."""
     found = header.get(key)

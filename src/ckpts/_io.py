@@ -1,0 +1,233 @@
+"""Parallel file I/O: many safetensors files written and read at once, chunk by chunk.
+
+All files of a checkpoint are cut into chunks of at most :data:`CHUNK` bytes and
+handed to :data:`IO_THREADS` threads, so the threads stay busy whatever the file
+sizes (an 800 MB optimizer file does not run on one thread while the others
+idle). ``os.pwrite``/``os.preadv`` release the GIL. Tensor bytes go straight
+between the tensors' memory and the files: no intermediate copy for contiguous
+CPU tensors.
+
+Each file's xxh3-128 hash is computed over its bytes in order from memory (the
+header, then the tensors), at memory speed: while the chunks are written on
+save, after they are read on restore.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import xxhash
+
+from ckpts._format import (
+    DTYPE_NAMES,
+    byte_view,
+    encode_header,
+    read_header,
+    stored_entry,
+    tensor_bytes,
+)
+from ckpts._manifest import HASH_PREFIX, FileRecord, TensorEntry
+from ckpts.errors import CorruptCheckpointError
+
+CHUNK = 32 * 1024 * 1024
+# I/O-bound threads: a few more than cores keeps several requests in flight.
+IO_THREADS = min(8, 2 * (os.cpu_count() or 1))
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+def run_parallel(work: Callable[[_Item], _Result], items: Sequence[_Item]) -> list[_Result]:
+    """``[work(x) for x in items]`` on up to IO_THREADS threads; the first failure is raised.
+
+    Plain threads rather than concurrent.futures: an async save still in flight at
+    interpreter exit must be able to finish, and executors refuse work by then.
+    """
+    results: list[_Result | None] = [None] * len(items)
+    failures: list[BaseException] = []
+    queue = iter(enumerate(items))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while not failures:
+            with lock:
+                index, item = next(queue, (-1, None))
+            if index < 0:
+                return
+            try:
+                results[index] = work(item)  # type: ignore[arg-type]
+            except BaseException as e:  # re-raised below, on the caller's thread
+                failures.append(e)
+
+    threads = [threading.Thread(target=worker, name="ckpts-io")
+               for _ in range(min(IO_THREADS, len(items)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return results  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class _Region:
+    """Bytes of one file at ``offset``, living in ``view`` (a tensor's memory or a buffer)."""
+
+    fd: int
+    offset: int
+    view: memoryview
+
+
+def write_files(files: Sequence[tuple[Path, Sequence[tuple[str, torch.Tensor]]]]
+                ) -> list[FileRecord]:
+    """Write standard safetensors files in parallel chunks, fsync them, return size and hash.
+
+    Tensors must stay unchanged until this returns (the manager either owns them,
+    for a sync save, or staged copies of them, for an async one).
+    """
+    fds: list[int] = []
+    try:
+        layouts = []
+        for path, items in files:
+            fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644))
+            parts = [memoryview(encode_header(items))]
+            parts += [tensor_bytes(tensor, key=key) for key, tensor in items]
+            layouts.append(_regions(fds[-1], parts))
+        # the hashes (memory speed) run beside the writes, one job a file, queued first
+        jobs: list[Callable[[], object]] = [partial(_hash, regions) for regions in layouts]
+        jobs += [partial(_pwrite, r) for regions in layouts for r in _chunks(regions)]
+        results = run_parallel(lambda job: job(), jobs)
+        run_parallel(os.fsync, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return [FileRecord(nbytes=sum(len(r.view) for r in regions), hash=str(digest))
+            for regions, digest in zip(layouts, results, strict=False)]
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """One file to read: its manifest hash, the entries wanted and live targets for them."""
+
+    path: Path
+    expected_hash: str
+    entries: Mapping[str, TensorEntry]
+    targets: Mapping[str, torch.Tensor]
+
+
+def read_files_into(requests: Sequence[ReadRequest]) -> list[dict[str, torch.Tensor]]:
+    """Read files in parallel chunks straight into live tensors where they fit; check hashes.
+
+    A target fits when it is a contiguous CPU tensor of the saved dtype and shape:
+    the bytes land in its memory with no intermediate copy. Other keys get a new
+    CPU tensor (copied on into a CUDA or strided target of the same dtype and
+    shape). Every byte of every file is hashed and compared with the manifest.
+
+    Raises:
+        CorruptCheckpointError: a header disagrees with the manifest, a file is
+            short, or a hash differs. Live targets may already hold read bytes.
+    """
+    fds: list[int] = []
+    try:
+        plans = []
+        for request in requests:
+            fds.append(os.open(request.path, os.O_RDONLY | os.O_CLOEXEC))
+            plans.append(_read_plan(fds[-1], request))
+        run_parallel(_pread, [r for regions, _ in plans for r in _chunks(regions)])
+        digests = run_parallel(lambda plan: _hash(plan[0]), plans)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    loaded = []
+    for request, (_, tensors), digest in zip(requests, plans, digests, strict=True):
+        if digest != request.expected_hash:
+            raise CorruptCheckpointError(
+                f"{request.path}: content hash {digest} differs from the manifest's "
+                f"{request.expected_hash}"
+            )
+        for key, tensor in tensors.items():
+            target = request.targets.get(key)
+            if target is not None and target is not tensor and target.dtype == tensor.dtype \
+                    and target.shape == tensor.shape:
+                with torch.no_grad():
+                    target.copy_(tensor)
+                tensors[key] = target
+        loaded.append(tensors)
+    return loaded
+
+
+def _read_plan(fd: int, request: ReadRequest) -> tuple[list[_Region], dict[str, torch.Tensor]]:
+    """Where each byte of the file goes: the header and gaps into buffers, tensors into
+    their destinations (the live target itself when it fits)."""
+    header, data_start = read_header(request.path)
+    size = os.fstat(fd).st_size
+    tensors: dict[str, torch.Tensor] = {}
+    parts: list[tuple[int, memoryview]] = [(0, memoryview(bytearray(data_start)))]
+    for key, expected in request.entries.items():
+        found = stored_entry(request.path, header, key, expected)
+        target = request.targets.get(key)
+        direct = target is not None and target.device.type == "cpu" \
+            and target.is_contiguous() and target.dtype == DTYPE_NAMES[found.dtype] \
+            and tuple(target.shape) == found.shape
+        tensor = target if direct and target is not None else \
+            torch.empty(found.shape, dtype=DTYPE_NAMES[found.dtype])
+        tensors[key] = tensor
+        parts.append((found.begin, byte_view(tensor)))
+    parts.sort(key=lambda part: part[0])
+    regions: list[_Region] = []
+    position = 0
+    for offset, view in parts:
+        if offset > position:  # bytes no entry covers (another tensor, padding): hash them too
+            regions.append(_Region(fd, position, memoryview(bytearray(offset - position))))
+        regions.append(_Region(fd, offset, view))
+        position = offset + len(view)
+    if size > position:
+        regions.append(_Region(fd, position, memoryview(bytearray(size - position))))
+    return regions, tensors
+
+
+def _regions(fd: int, parts: Sequence[memoryview]) -> list[_Region]:
+    regions, offset = [], 0
+    for view in parts:
+        regions.append(_Region(fd, offset, view))
+        offset += len(view)
+    return regions
+
+
+def _chunks(regions: Sequence[_Region]) -> list[_Region]:
+    return [_Region(r.fd, r.offset + start, r.view[start:start + CHUNK])
+            for r in regions for start in range(0, len(r.view), CHUNK)]
+
+
+def _pwrite(region: _Region) -> None:
+    view, offset = region.view, region.offset
+    while view:
+        written = os.pwrite(region.fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _pread(region: _Region) -> None:
+    view, offset = region.view, region.offset
+    while view:
+        got = os.preadv(region.fd, [view], offset)
+        if got == 0:
+            raise CorruptCheckpointError(
+                f"file descriptor {region.fd} ends at byte {offset}, before its header says "
+                "(truncated)"
+            )
+        view, offset = view[got:], offset + got
+
+
+def _hash(regions: Sequence[_Region]) -> str:
+    digest = xxhash.xxh3_128()
+    for region in regions:
+        digest.update(region.view)
+    return HASH_PREFIX + digest.hexdigest()
