@@ -14,7 +14,7 @@ from rich.filesize import decimal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ckpts._catalog import Checkpoint, list_checkpoints
-from ckpts._manifest import MANIFEST
+from ckpts._manifest import MANIFEST, read_manifest
 from ckpts._policy import KeepBest, KeepEvery, KeepLast, Mode
 from ckpts._storage import committed_dirs
 from ckpts.cli._common import (
@@ -27,6 +27,7 @@ from ckpts.cli._common import (
     stderr,
     stdout,
 )
+from ckpts.errors import CheckpointError
 
 if TYPE_CHECKING:
     from ckpts._manager import CheckpointManager
@@ -61,11 +62,23 @@ def verify(
             problems = verify_checkpoint(target)
             failed += bool(problems)
             stdout.print(f"{target.name}  {'FAILED' if problems else 'OK'}")
-            for problem in problems:
-                stdout.print(f"  {problem}")
+            _report_files(target, problems)
     stdout.print(f"{len(targets)} checkpoint(s) verified, {failed} with problems")
     if failed:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _report_files(checkpoint: Path, problems: list[str]) -> None:
+    """One line per file of the manifest (size, OK or FAILED), then each problem."""
+    try:
+        files = read_manifest(checkpoint)["files"]
+    except (CheckpointError, OSError):
+        files = {}  # the manifest itself is the problem; it is printed below
+    for name, record in sorted(files.items()):
+        bad = any(p.startswith(f"{checkpoint / name}:") for p in problems)
+        stdout.print(f"  {name}  {decimal(record['nbytes'])}  {'FAILED' if bad else 'OK'}")
+    for problem in problems:
+        stdout.print(f"  {problem}")
 
 
 @reports_errors
