@@ -143,9 +143,9 @@ def copy_tensors(
     by_file: dict[str, list[str]] = defaultdict(list)
     for key, entry in entries.items():
         by_file[entry.file].append(key)
-    # every header is checked before any target is written
-    found = {key: stored_entry(directory / name, read_header(directory / name)[0], key,
-                                entries[key])
+    # every header is read once and checked before any target is written
+    headers = {name: read_header(directory / name)[0] for name in by_file}
+    found = {key: stored_entry(directory / name, headers[name], key, entries[key])
              for name, keys in by_file.items() for key in keys}
     loaded: dict[str, torch.Tensor] = {}
     for file_name, keys in by_file.items():

@@ -58,7 +58,8 @@ class FileRecord:
 
 def write_json(path: Path, data: Any) -> FileRecord:
     """Write a JSON file (strict: no NaN), fsync it, and return its record."""
-    payload = (json.dumps(data, indent=1, allow_nan=False) + "\n").encode()
+    # compact: a 40,000-tensor manifest encodes 5x faster than indented (C encoder)
+    payload = (json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n").encode()
     with open(path, "wb") as f:
         f.write(payload)
         f.flush()
