@@ -46,7 +46,11 @@ class Checkpoint:
     @classmethod
     def from_directory(cls, path: Path) -> Checkpoint:
         """Read a committed checkpoint's manifest (and nothing else)."""
-        manifest = read_manifest(path)
+        return cls.from_manifest(path, read_manifest(path))
+
+    @classmethod
+    def from_manifest(cls, path: Path, manifest: dict[str, Any]) -> Checkpoint:
+        """The record of the checkpoint at ``path`` whose checked manifest is given."""
         if parse_step(path.name) not in (None, manifest["step"]):
             raise CorruptCheckpointError(
                 f"{path}: the manifest says step {manifest['step']}, the directory name another")

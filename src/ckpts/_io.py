@@ -106,7 +106,7 @@ def write_files(files: Sequence[tuple[Path, Sequence[tuple[str, torch.Tensor]]]]
             layouts.append(_regions(fds[-1], parts))
         # the hashes (memory speed) run beside the writes, one job a file, queued first
         jobs: list[Callable[[], object]] = [partial(_hash, regions) for regions in layouts]
-        jobs += [partial(_pwrite, r) for regions in layouts for r in _chunks(regions)]
+        jobs += [partial(_pwrite, job) for regions in layouts for job in _chunks(regions)]
         results = run_parallel(lambda job: job(), jobs)
         run_parallel(os.fsync, fds)
     finally:
@@ -144,7 +144,7 @@ def read_files_into(requests: Sequence[ReadRequest]) -> list[dict[str, torch.Ten
         for request in requests:
             fds.append(os.open(request.path, os.O_RDONLY | os.O_CLOEXEC))
             plans.append(_read_plan(fds[-1], request))
-        run_parallel(_pread, [r for regions, _ in plans for r in _chunks(regions)])
+        run_parallel(_pread, [job for regions, _ in plans for job in _chunks(regions)])
         digests = run_parallel(lambda plan: _hash(plan[0]), plans)
     finally:
         for fd in fds:
@@ -205,28 +205,56 @@ def _regions(fd: int, parts: Sequence[memoryview]) -> list[_Region]:
     return regions
 
 
-def _chunks(regions: Sequence[_Region]) -> list[_Region]:
-    return [_Region(r.fd, r.offset + start, r.view[start:start + CHUNK])
-            for r in regions for start in range(0, len(r.view), CHUNK)]
+def _chunks(regions: Sequence[_Region]) -> list[list[_Region]]:
+    """Jobs of adjacent pieces of one file, at most CHUNK bytes and _MAX_BUFFERS pieces
+    each: big tensors are split, runs of small ones share one pwritev/preadv call."""
+    pieces = [_Region(r.fd, r.offset + start, r.view[start:start + CHUNK])
+              for r in regions for start in range(0, len(r.view), CHUNK)]
+    jobs: list[list[_Region]] = []
+    size = 0
+    for piece in pieces:
+        last = jobs[-1][-1] if jobs else None
+        if last is None or last.fd != piece.fd or last.offset + len(last.view) != piece.offset \
+                or size + len(piece.view) > CHUNK or len(jobs[-1]) >= _MAX_BUFFERS:
+            jobs.append([])
+            size = 0
+        jobs[-1].append(piece)
+        size += len(piece.view)
+    return jobs
 
 
-def _pwrite(region: _Region) -> None:
-    view, offset = region.view, region.offset
-    while view:
-        written = os.pwrite(region.fd, view, offset)
-        view, offset = view[written:], offset + written
+_MAX_BUFFERS = 512  # below IOV_MAX (1024 on Linux)
 
 
-def _pread(region: _Region) -> None:
-    view, offset = region.view, region.offset
-    while view:
-        got = os.preadv(region.fd, [view], offset)
-        if got == 0:
+def _pwrite(job: list[_Region]) -> None:
+    views, offset = [r.view for r in job], job[0].offset
+    while views:
+        done = os.pwritev(job[0].fd, views, offset)
+        offset += done
+        views = _advance(views, done)
+
+
+def _pread(job: list[_Region]) -> None:
+    views, offset = [r.view for r in job], job[0].offset
+    while views:
+        done = os.preadv(job[0].fd, views, offset)
+        if done == 0:
             raise CorruptCheckpointError(
-                f"file descriptor {region.fd} ends at byte {offset}, before its header says "
+                f"file descriptor {job[0].fd} ends at byte {offset}, before its header says "
                 "(truncated)"
             )
-        view, offset = view[got:], offset + got
+        offset += done
+        views = _advance(views, done)
+
+
+def _advance(views: list[memoryview], done: int) -> list[memoryview]:
+    """The views left after ``done`` bytes of them were transferred."""
+    while views and done >= len(views[0]):
+        done -= len(views[0])
+        views = views[1:]
+    if views and done:
+        views = [views[0][done:], *views[1:]]
+    return views
 
 
 def _hash(regions: Sequence[_Region]) -> str:

@@ -233,8 +233,9 @@ class CheckpointManager:
         remove_leftovers(self.directory)
         staging = new_staging_dir(self.directory, step)
         try:
-            write_checkpoint(staging, step=step, snapshots=snapshots, metrics=clean_metrics,
-                             epoch=epoch, max_shard_size=self.max_shard_size)
+            manifest = write_checkpoint(staging, step=step, snapshots=snapshots,
+                                        metrics=clean_metrics, epoch=epoch,
+                                        max_shard_size=self.max_shard_size)
             final = commit(staging, step)
         except BaseException as e:
             shutil.rmtree(staging, ignore_errors=True)
@@ -243,7 +244,7 @@ class CheckpointManager:
             raise
         log.info("saved step %d to %s", step, final)
         self._apply_retention()
-        return Checkpoint.from_directory(final)
+        return Checkpoint.from_manifest(final, manifest)
 
     def restore(self, state: TrainState, *, step: int | None = None) -> int | None:
         """Load the newest intact checkpoint (or ``step``) into ``state``, in place.
