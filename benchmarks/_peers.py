@@ -164,15 +164,6 @@ def best_dcp_threads(w: Workload, scratch: Path) -> tuple[int, dict[int, float]]
 # ---------------------------------------------------------------- async saves
 
 
-def ckpts_async_unavailable() -> str | None:
-    """Why ``async_save=True`` cannot be measured, or None when it can."""
-    try:
-        ckpts.CheckpointManager(Path("/nonexistent-ckpts-bench"), async_save=True)
-    except NotImplementedError as e:
-        return f"n/a (NotImplementedError: {e})"
-    return None
-
-
 def ckpts_async_save(w: Workload, run_dir: Path) -> Op:
     """The stall of ``save()`` with ``async_save=True``.
 
