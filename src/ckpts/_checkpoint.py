@@ -225,24 +225,29 @@ def _check_module(
 
 def _plan_shards(name: str, tensors: Mapping[str, torch.Tensor], max_shard_size: int
                  ) -> dict[str, list[str]]:
-    """Group keys into files of at most ``max_shard_size`` bytes (a bigger tensor gets
-    its own file). Within a file, wider dtypes come first so every tensor is aligned."""
+    """Group keys into files of at most ``max_shard_size`` bytes and of about equal size
+    (a bigger tensor gets its own file), so threads write them side by side. Within a
+    file, wider dtypes come first so every tensor is aligned."""
     if not tensors:
         return {}
     ordered = sorted(tensors, key=lambda k: -tensors[k].element_size())
+    sizes = {k: tensors[k].numel() * tensors[k].element_size() for k in ordered}
+    total = sum(sizes.values())
+    target = total / max(1, math.ceil(total / max_shard_size))
     shards: list[list[str]] = [[]]
     size = 0
     for key in ordered:
-        nbytes = tensors[key].numel() * tensors[key].element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
+        # a new file once this tensor would end past the cap, or mostly past the target
+        if shards[-1] and (size + sizes[key] > max_shard_size
+                           or size + sizes[key] / 2 > target):
             shards.append([])
             size = 0
         shards[-1].append(key)
-        size += nbytes
+        size += sizes[key]
     if len(shards) == 1:
         return {f"{name}.safetensors": shards[0]}
-    total = len(shards)
-    return {f"{name}-{i:05d}-of-{total:05d}.safetensors": keys
+    count = len(shards)
+    return {f"{name}-{i:05d}-of-{count:05d}.safetensors": keys
             for i, keys in enumerate(shards, start=1)}
 
 

@@ -14,8 +14,11 @@ save, after they are read on restore.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -104,9 +107,11 @@ def write_files(files: Sequence[tuple[Path, Sequence[tuple[str, torch.Tensor]]]]
             parts = [memoryview(encode_header(items))]
             parts += [tensor_bytes(tensor, key=key) for key, tensor in items]
             layouts.append(_regions(fds[-1], parts))
-        # the hashes (memory speed) run beside the writes, one job a file, queued first
+        # the hashes (memory speed) run beside the writes, one job a file, queued first;
+        # then every thread writes chunks until none are left
+        turns = _WriteTurns([_chunks(regions) for regions in layouts])
         jobs: list[Callable[[], object]] = [partial(_hash, regions) for regions in layouts]
-        jobs += [partial(_pwrite, job) for regions in layouts for job in _chunks(regions)]
+        jobs += [turns.write_until_done] * IO_THREADS
         results = run_parallel(lambda job: job(), jobs)
         run_parallel(os.fsync, fds)
     finally:
@@ -114,6 +119,38 @@ def write_files(files: Sequence[tuple[Path, Sequence[tuple[str, torch.Tensor]]]]
             os.close(fd)
     return [FileRecord(nbytes=sum(len(r.view) for r in regions), hash=str(digest))
             for regions, digest in zip(layouts, results, strict=False)]
+
+
+class _WriteTurns:
+    """Hands out the chunk jobs of several files so that threads write different files.
+
+    A local filesystem (ext4, xfs, tmpfs) holds a file's inode lock for the whole of a
+    buffered write: two threads writing one file take turns, two threads writing two
+    files copy at once. So a thread takes its next chunk from the file fewest threads
+    are writing, the one with most chunks left among those.
+    """
+
+    def __init__(self, chunks_per_file: Sequence[Sequence[list[_Region]]]) -> None:
+        self._pending = [deque(chunks) for chunks in chunks_per_file]
+        self._writers = [0] * len(self._pending)
+        self._lock = threading.Lock()
+
+    def write_until_done(self) -> None:
+        file: int | None = None
+        while (turn := self._take(file)) is not None:
+            file, job = turn
+            _pwrite(job)
+
+    def _take(self, finished: int | None) -> tuple[int, list[_Region]] | None:
+        with self._lock:
+            if finished is not None:
+                self._writers[finished] -= 1
+            files = [i for i, chunks in enumerate(self._pending) if chunks]
+            if not files:
+                return None
+            file = min(files, key=lambda i: (self._writers[i], -len(self._pending[i])))
+            self._writers[file] += 1
+            return file, self._pending[file].popleft()
 
 
 @dataclass(frozen=True)
@@ -228,10 +265,42 @@ _MAX_BUFFERS = 512  # below IOV_MAX (1024 on Linux)
 
 def _pwrite(job: list[_Region]) -> None:
     views, offset = [r.view for r in job], job[0].offset
+    start = offset
     while views:
         done = os.pwritev(job[0].fd, views, offset)
         offset += done
         views = _advance(views, done)
+    start_writeback(job[0].fd, start, offset - start)
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range (Linux only; os has no binding), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing these dirty pages to disk now, without waiting.
+
+    The fsync at the end then finds most of the file already on its way, and dirty
+    pages never pile up enough for the kernel to throttle the writers (measured on
+    the 2-core benchmark machine, 1.27 GB in 32 MB pwrites + fsync: one file 1.37 s
+    without, 0.68 s with; two files on two threads 1.07 s and 0.59 s). Only a hint:
+    durability still comes from the fsync, so a failure here is ignored.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _pread(job: list[_Region]) -> None:

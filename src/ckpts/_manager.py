@@ -65,8 +65,10 @@ class CheckpointManager:
             in flight at a time. A background failure is raised by the next
             ``save()``, ``wait()`` or ``close()``. Use the manager as a context
             manager, or call ``close()``, to be sure the last save is durable.
-        max_shard_size: split each object's tensors into files of at most this
-            many bytes (int, or a string such as ``"2GB"``).
+        max_shard_size: split each object's tensors into files of about equal
+            size and at most this many bytes (int, or a string such as ``"5GB"``).
+            Several files are written and read in parallel; the default, 512 MB,
+            gives a 100 M-parameter model with AdamW three files.
 
     Example:
         >>> state = ckpts.TrainState(model=model, optimizer=optimizer)     # doctest: +SKIP
@@ -84,7 +86,7 @@ class CheckpointManager:
         save: SaveTrigger | Sequence[SaveTrigger] | None = None,
         save_on_signal: Sequence[signal.Signals | int] = (),
         async_save: bool = False,
-        max_shard_size: int | str = "2GB",
+        max_shard_size: int | str = "512MB",
     ) -> None:
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
