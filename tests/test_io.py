@@ -82,3 +82,24 @@ def test_large_objects_split_into_files_of_about_equal_size_under_the_cap(
     assert all(size <= cap for size in on_disk)
     # 66,560 bytes: three files of about 22 KB: the big weight alone, then five and five
     assert sizes == [1, 5, 5]
+
+
+@pytest.mark.usefixtures("tiny_chunks")
+def test_a_failed_write_stops_every_thread_and_is_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = [(tmp_path / f"f{i}.safetensors", _tensors(i, 40)) for i in range(3)]
+    calls: list[int] = []
+    real_pwrite = _io._pwrite
+
+    def failing_pwrite(job: list[_io._Region]) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_pwrite(job)
+
+    monkeypatch.setattr(_io, "_pwrite", failing_pwrite)
+    total_bytes = sum(t.numel() * t.element_size() for _, items in files for _, t in items)
+    assert total_bytes // _io.CHUNK > 30
+    with pytest.raises(OSError, match="No space left"):
+        _io.write_files(files)
+    assert len(calls) <= 3 + _io.IO_THREADS  # each other thread finishes at most its chunk

@@ -8,7 +8,7 @@ CPU tensors.
 
 Writes are shaped for the page cache: each thread writes a file no other thread
 is writing (a buffered write holds the file's lock), and each chunk is handed to
-the disk as soon as it is written (:func:`start_writeback`), so the final fsync
+the disk as soon as it is written (:func:`_start_writeback`), so the final fsync
 has little left to do and dirty pages never pile up.
 
 Each file's xxh3-128 hash is computed over its bytes in order from memory (the
@@ -46,7 +46,7 @@ from ckpts.errors import CorruptCheckpointError
 CHUNK = 32 * 1024 * 1024
 # One thread a core (at least 2, at most 8). On the 2-core benchmark machine, saving
 # 1.27 GB in three files with early writeback (below) took 0.64-0.83 s (medians of two
-# runs) with 2 threads and 0.64-1.03 s with 4: more threads only add dirty pages.
+# runs) with 2 threads and 0.64-1.03 s with 4: more threads than cores gain nothing.
 IO_THREADS = min(8, max(2, os.cpu_count() or 1))
 
 _Item = TypeVar("_Item")
@@ -140,9 +140,15 @@ class _WriteTurns:
 
     def write_until_done(self) -> None:
         file: int | None = None
-        while (turn := self._take(file)) is not None:
-            file, job = turn
-            _pwrite(job)
+        try:
+            while (turn := self._take(file)) is not None:
+                file, job = turn
+                _pwrite(job)
+        except BaseException:
+            with self._lock:  # the other threads stop at their next turn
+                for chunks in self._pending:
+                    chunks.clear()
+            raise
 
     def _take(self, finished: int | None) -> tuple[int, list[_Region]] | None:
         with self._lock:
@@ -273,7 +279,7 @@ def _pwrite(job: list[_Region]) -> None:
         done = os.pwritev(job[0].fd, views, offset)
         offset += done
         views = _advance(views, done)
-    start_writeback(job[0].fd, start, offset - start)
+    _start_writeback(job[0].fd, start, offset - start)
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -293,7 +299,7 @@ _SYNC_FILE_RANGE = _load_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Ask the kernel to start writing these dirty pages to disk now, without waiting.
 
     The fsync at the end then finds most of the file already on its way, and dirty
