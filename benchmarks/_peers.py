@@ -43,6 +43,8 @@ NOTES = [
     "'1 run': timed once (in its memory run, sampler on) instead of in every round, being "
     "too slow for the time budget (DCP and torch.load at many_small, or > 20 s); its ratio "
     "is of the medians. An op still running after 90 s is interrupted and shown as such.",
+    "Each round runs the contenders in a new seeded random order: on this VM an op's time "
+    "depends on the op run just before it, so a fixed rotation would favour some.",
     "The machine is shared: other processes may run during the benchmark.",
 ]
 

@@ -2,7 +2,7 @@
 
 For each workload size: save (fsync'd), async-save stall, restore into a live model
 and optimizer, weights-only load, peak extra RSS and bytes on disk; each time is the
-median of interleaved rounds (every contender once per round, order rotated), and
+median of interleaved rounds (every contender once per round, order shuffled), and
 each ratio is the median of the per-round ratios ckpts/peer. See BENCHMARKS.md.
 
 Run: ``python -m benchmarks.run [--sizes small,standard,many_small] [--reps 5]
