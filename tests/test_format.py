@@ -80,6 +80,26 @@ def test_shard_size_splits_files_with_a_hf_index(tmp_path: Path) -> None:
         assert torch.equal(fresh.state_dict()[key], value)
 
 
+def test_sharded_model_files_load_with_from_pretrained(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64,
+                                     n_positions=16, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    checkpoint = ckpts.CheckpointManager(tmp_path / "run", max_shard_size=20_000).save(
+        1, ckpts.TrainState(model=model))
+    shards = sorted(checkpoint.path.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    hf_dir = tmp_path / "hf"
+    config.save_pretrained(hf_dir)
+    for path in [*shards, checkpoint.path / "model.safetensors.index.json"]:
+        shutil.copy(path, hf_dir)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(hf_dir)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_tied_weights_are_stored_once_and_restored_tied(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50,
