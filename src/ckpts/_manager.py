@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import errno
 import logging
 import math
 import os
@@ -11,6 +10,7 @@ import shutil
 import signal
 import types
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +19,27 @@ from ckpts._catalog import Checkpoint, list_checkpoints
 from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
 from ckpts._codec import encode
 from ckpts._lock import acquire, release
-from ckpts._manifest import read_manifest, update_manifest
+from ckpts._manifest import MANIFEST, read_manifest, update_manifest
 from ckpts._policy import Mode, RetentionPolicy, SaveTrigger, check_mode, rank_by
+from ckpts._space import free_bytes, human_bytes, needed_bytes, write_error
 from ckpts._state import ObjectSnapshot, TrainState
 from ckpts._storage import (
     checkpoint_name,
     commit,
     committed_dirs,
     delete,
+    foreign_checkpoints,
     new_staging_dir,
     remove_leftovers,
 )
 from ckpts._verify import check_file_sizes
 from ckpts.errors import (
-    CheckpointError,
     CorruptCheckpointError,
     InsufficientSpaceError,
     InvalidArgumentError,
     LockedError,
     NotACheckpointError,
+    WriteError,
 )
 
 log = logging.getLogger("ckpts")
@@ -91,6 +93,12 @@ class CheckpointManager:
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
+        if (self.directory / MANIFEST).is_file():
+            raise InvalidArgumentError(
+                f"{self.directory} is a checkpoint, not a run: new checkpoints would be nested "
+                f"inside it. Pass the run folder that holds the step-* checkpoints, "
+                f"CheckpointManager({str(self.directory.parent)!r})"
+            )
         if keep is not None:
             for policy in keep:
                 if not callable(getattr(policy, "keeps", None)):
@@ -110,6 +118,9 @@ class CheckpointManager:
         self.max_shard_size = parse_size(max_shard_size)
         self.restored_from: int | None = None
         self.pending_signal: int | None = None
+        self._newest_step: int | None = None  # the run's newest committed step, once known
+        self._newest_known = False
+        self._branch: _Branch | None = None
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in save_on_signal}
         self._locked = False
         self._stager = Stager() if async_save else None
@@ -131,16 +142,26 @@ class CheckpointManager:
 
         With save triggers, this writes only when a trigger says so (or ``force``,
         or after a ``save_on_signal`` signal) and returns None otherwise. Saving a
-        step that already exists replaces it (atomically).
+        step that already exists replaces it (atomically). A step older than the
+        run's newest is refused before anything is written: call :meth:`restore`
+        first to continue the run, or branch from an older checkpoint on purpose with
+        ``restore(state, step=k, discard_newer=True)``.
 
         With ``async_save`` it returns once the state is staged; the record then
         describes the checkpoint being written (``nbytes`` is the tensor bytes),
         which is durable, and listed by ``checkpoints()``, after ``wait()``.
 
         Raises:
-            InvalidArgumentError: bad step, state or metrics.
+            InvalidArgumentError: bad step, state or metrics, or a step older than the
+                run's newest (nothing is written).
             UnserializableStateError: a value in the state has no pickle-free encoding
                 (nothing is written).
+            InsufficientSpaceError: the disk cannot hold it (checked before writing) or
+                filled up while writing (the partial checkpoint is removed).
+            WriteError: an I/O error while writing, or in the clean-up after the commit;
+                the message says which. With ``async_save`` this is raised by the next
+                ``save()``, ``wait()`` or ``close()``, with the same message.
+            LockedError: another process writes to the run.
         """
         _check_step(step)
         if not isinstance(state, TrainState):
@@ -158,6 +179,7 @@ class CheckpointManager:
             return None
         snapshots = state.snapshot()  # refuses unserializable values before any write
         self._lock()
+        self._check_step_order(step)
         self._check_space(step, snapshots, clean_metrics)
         if self._stager is not None and self._writer is not None:
             staged = self._stager.stage(snapshots)
@@ -205,7 +227,13 @@ class CheckpointManager:
     def _lock(self) -> None:
         """Become the run's one writer (once per manager; see ckpts._lock)."""
         if not self._locked:
-            acquire(self.directory)
+            try:
+                acquire(self.directory)
+            except OSError as e:
+                raise WriteError(
+                    f"cannot take the writer lock of {self.directory}: {e}. Check that the "
+                    "folder can be created and written"
+                ) from e
             self._locked = True
 
     def __enter__(self) -> CheckpointManager:
@@ -225,59 +253,146 @@ class CheckpointManager:
         log.warning("received signal %d: the next save() call will save and exit", signum)
         self.pending_signal = signum
 
+    def _check_step_order(self, step: int) -> None:
+        """Refuse a step older than the run's newest (or than the branch point), before
+        any byte is written: retention would delete it at once as stale."""
+        if not self._newest_known:
+            found = committed_dirs(self.directory)
+            self._newest_step = found[-1][0] if found else None
+            self._newest_known = True
+        floor = self._branch.step if self._branch is not None else self._newest_step
+        if floor is None or step >= floor:
+            return
+        if self._branch is not None:
+            raise InvalidArgumentError(
+                f"cannot save step {step} into {self.directory}: this run was branched from "
+                f"step {floor} (restore(..., discard_newer=True)), so new steps must be "
+                f">= {floor}"
+            )
+        raise InvalidArgumentError(
+            f"cannot save step {step} into {self.directory}: the run already holds step "
+            f"{floor}, and an older step would be deleted at once as stale. Nothing was "
+            "written. To continue that run, call manager.restore(state) first and count on "
+            "from the step it returns; to start over, use a new directory; to branch from an "
+            "older checkpoint on purpose, restore it with manager.restore(state, step=K, "
+            "discard_newer=True), which deletes the newer checkpoints once the first new one "
+            "is committed"
+        )
+
     def _commit(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
                 clean_metrics: dict[str, float], epoch: int | None) -> Checkpoint:
         """Write, commit atomically, then apply retention (on the writer thread if async).
 
         A failed write (ENOSPC, EIO, ...) removes its partial data and leaves every
-        earlier checkpoint as it was; the training process can go on.
+        earlier checkpoint as it was; the training process can go on. No OSError
+        escapes: what fails before the commit and what fails after it each become a
+        CheckpointError that says which.
         """
-        remove_leftovers(self.directory)
-        staging = new_staging_dir(self.directory, step)
+        staging: Path | None = None
         try:
+            remove_leftovers(self.directory)
+            staging = new_staging_dir(self.directory, step)
             manifest = write_checkpoint(staging, step=step, snapshots=snapshots,
                                         metrics=clean_metrics, epoch=epoch,
                                         max_shard_size=self.max_shard_size)
             final = commit(staging, step)
         except BaseException as e:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
             if isinstance(e, OSError):
-                raise _write_error(e, step, self.directory) from e
+                raise write_error(e, step, self.directory) from e
             raise
         log.info("saved step %d to %s", step, final)
-        self._apply_retention()
-        return Checkpoint.from_manifest(final, manifest)
+        self._newest_step = max(step, self._newest_step or 0)
+        try:
+            checkpoint = Checkpoint.from_manifest(final, manifest)
+            self._after_commit(step)
+        except OSError as e:
+            raise WriteError(
+                f"step {step} was committed to {final}, but the clean-up after the commit "
+                f"failed: {e}. Earlier checkpoints are intact, and retention runs again at "
+                f"the next save; check {self.directory} (did another program remove files?)"
+            ) from e
+        return checkpoint
 
-    def restore(self, state: TrainState, *, step: int | None = None) -> int | None:
+    def _after_commit(self, step: int) -> None:
+        """End a branch's newer checkpoints, end the restored-from protection, apply
+        retention: all only once the new checkpoint is durable."""
+        if self._branch is not None and step > self._branch.step:
+            branch, self._branch = self._branch, None
+            discarded = [s for s in branch.newer_steps if s != step]
+            for path in [p for s, p in committed_dirs(self.directory) if s in discarded]:
+                delete(path)
+            if discarded:
+                log.warning("branched from step %d: deleted the newer steps %s of %s",
+                            branch.step, discarded, self.directory)
+            self._newest_step = step  # every other step above the branch point is gone
+        if self.restored_from is not None and step > self.restored_from:
+            self.restored_from = None  # a newer checkpoint of this process now exists
+        # the step just saved is now the newest, which retention always keeps
+        self._apply_retention()
+
+    def restore(self, state: TrainState, *, step: int | None = None,
+                missing_ok: bool = True, discard_newer: bool = False) -> int | None:
         """Load the newest intact checkpoint (or ``step``) into ``state``, in place.
 
         A checkpoint that fails verification is skipped with a warning naming it,
-        and the next newest is tried.
+        and the next newest is tried. Restoring means this process will write the
+        run, so it takes the run's writer lock first: a second launch of the same
+        job fails here, before it trains. (An evaluation job that only reads uses
+        :func:`ckpts.load_weights` and :meth:`add_metrics`, which need no lock.)
+
+        Each object's ``state_dict()`` is called first, to check that the
+        checkpoint fits it, before anything is loaded.
+
+        Args:
+            state: the live objects to load into.
+            step: restore this step instead of the newest.
+            missing_ok: with False, a run that has no checkpoint raises instead of
+                returning None (a job that must resume, never start over).
+            discard_newer: branch from ``step`` on purpose: later saves may use steps
+                above ``step`` although newer checkpoints exist, and those newer
+                checkpoints are deleted once the first new checkpoint is committed
+                (nothing is deleted before). Needs ``step``.
 
         Returns:
             The step restored, or None when the run has no checkpoint yet.
 
         Raises:
-            NotACheckpointError: ``step`` was given and has no committed checkpoint.
+            NotACheckpointError: ``step`` was given and has no committed checkpoint,
+                or ``missing_ok=False`` and the run has none.
             CorruptCheckpointError: ``step`` was given and fails verification, or
                 every checkpoint of the run does.
             IncompatibleStateError: the checkpoint does not fit ``state``.
+            LockedError: another process writes to the run.
         """
         if not isinstance(state, TrainState):
             raise InvalidArgumentError(
                 f"restore() needs a ckpts.TrainState, got {type(state).__qualname__}"
             )
-        self._settle()
-        available = committed_dirs(self.directory) if self.directory.is_dir() else []
         if step is not None:
             _check_step(step)
+        if discard_newer and step is None:
+            raise InvalidArgumentError(
+                "restore(discard_newer=True) needs step=K: the older checkpoint to branch from"
+            )
+        self._settle()
+        self._lock()
+        available = committed_dirs(self.directory)
+        if not available:
+            self._nothing_to_restore(missing_ok)
+            return None
+        newer = [s for s, _ in available if step is not None and s > step]
+        if step is not None:
             chosen = [(s, p) for s, p in available if s == step]
             if not chosen:
                 raise NotACheckpointError(
                     f"{self.directory} has no committed checkpoint for step {step}; "
-                    f"available steps: {[s for s, _ in available] or 'none'}"
+                    f"available steps: {[s for s, _ in available]}"
                 )
             available = chosen
+        if discard_newer:
+            self._check_unpinned(newer)
         for candidate_step, path in reversed(available):
             try:
                 manifest = read_manifest(path)
@@ -289,15 +404,40 @@ class CheckpointManager:
                 log.warning("skipping corrupt checkpoint %s: %s", path, e)
                 continue
             self.restored_from = candidate_step
+            if discard_newer and newer:
+                self._branch = _Branch(step=candidate_step, newer_steps=tuple(newer))
+                log.info("branching from step %d: steps %s go once a new step is committed",
+                         candidate_step, newer)
             log.info("restored step %d from %s", candidate_step, path)
             return candidate_step
-        if available:
-            raise CorruptCheckpointError(
-                f"every checkpoint in {self.directory} fails verification, so nothing was "
-                "restored (model tensors may hold partly read data); run "
-                f"`ckpts verify {self.directory}` for details"
+        raise CorruptCheckpointError(
+            f"every checkpoint in {self.directory} fails verification, so nothing was "
+            "restored (model tensors may hold partly read data); run "
+            f"`ckpts verify {self.directory}` for details"
+        )
+
+    def _nothing_to_restore(self, missing_ok: bool) -> None:
+        """A run without checkpoints: say so if it holds other frameworks' checkpoints."""
+        foreign = foreign_checkpoints(self.directory)
+        hint = (f"; it holds checkpoints ckpts did not write ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}): bring them in with "
+                f"`ckpts import SRC {self.directory}`") if foreign else ""
+        if not missing_ok:
+            raise NotACheckpointError(
+                f"{self.directory} has no committed checkpoint to restore{hint}; "
+                "pass missing_ok=True to start a new run instead"
             )
-        return None
+        if foreign:
+            log.warning("restore(): %s has no ckpts checkpoint, starting from scratch%s",
+                        self.directory, hint)
+
+    def _check_unpinned(self, steps: list[int]) -> None:
+        pinned = [c.step for c in self.checkpoints() if c.step in steps and c.tags]
+        if pinned:
+            raise InvalidArgumentError(
+                f"cannot branch: the newer steps {pinned} of {self.directory} are pinned and "
+                "discard_newer would delete them; unpin them first (manager.unpin(step))"
+            )
 
     def checkpoints(self) -> list[Checkpoint]:
         """Committed checkpoints, ascending by step (reads only manifests)."""
@@ -385,11 +525,9 @@ class CheckpointManager:
     def _check_space(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
                      metrics: dict[str, float]) -> None:
         """Refuse a save the filesystem cannot hold, before writing a byte."""
-        tensors = [t for s in snapshots.values() for t in s.tensors.values()]
-        # tensor bytes, plus headers and the manifest (~300 bytes a tensor is generous)
-        needed = sum(t.numel() * t.element_size() for t in tensors) + 300 * len(tensors) + 65536
-        free = shutil.disk_usage(self.directory).free
-        if needed <= free:
+        needed = needed_bytes(snapshots)
+        free = free_bytes(self.directory)
+        if free is None or needed <= free:
             return
         existing = [c for c in self.checkpoints() if c.step != step]
         upcoming = Checkpoint(step=step, path=self.directory / checkpoint_name(step),
@@ -398,8 +536,8 @@ class CheckpointManager:
         reclaimable = sum(c.nbytes for c in self._retention_plan(plan))
         raise InsufficientSpaceError(
             f"not enough space in {self.directory} for step {step}: it needs about "
-            f"{_human(needed)}, {_human(free)} is free. Retention would free "
-            f"{_human(reclaimable)} once a new checkpoint is committed; free space first "
+            f"{human_bytes(needed)}, {human_bytes(free)} is free. Retention would free "
+            f"{human_bytes(reclaimable)} once a new checkpoint is committed; free space first "
             f"(e.g. `ckpts prune {self.directory} --keep-last N`) or keep fewer checkpoints",
             needed=needed, free=free, reclaimable=reclaimable,
         )
@@ -434,6 +572,14 @@ class CheckpointManager:
         return removed
 
 
+@dataclass(frozen=True)
+class _Branch:
+    """A restore(step=k, discard_newer=True): the newer steps to delete after a commit."""
+
+    step: int
+    newer_steps: tuple[int, ...]
+
+
 def _check_step(step: Any) -> None:
     if type(step) is not int or step < 0:
         raise InvalidArgumentError(f"step must be an int >= 0, got {step!r}")
@@ -456,33 +602,3 @@ def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
             raise InvalidArgumentError(f"metric names must be str, got {name!r}")
         clean[name] = number if not math.isnan(number) else math.nan
     return clean
-
-
-def _write_error(error: OSError, step: int, directory: Path) -> CheckpointError:
-    if error.errno == errno.ENOSPC:
-        return InsufficientSpaceError(
-            f"the disk filled up while writing step {step} to {directory}: {error}. The "
-            "partial checkpoint was removed and earlier ones are intact; free space (e.g. "
-            f"`ckpts prune {directory} --keep-last N`) and save again",
-            free=_free_bytes(directory),
-        )
-    return CheckpointError(
-        f"writing step {step} to {directory} failed: {error}. The partial checkpoint was "
-        "removed and earlier ones are intact; check the disk, then save again"
-    )
-
-
-def _free_bytes(directory: Path) -> int | None:
-    try:
-        return shutil.disk_usage(directory).free
-    except OSError:
-        return None
-
-
-def _human(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000:
-            return f"{value:.1f} {unit}" if unit != "B" else f"{nbytes} B"
-        value /= 1000
-    return f"{value:.1f} TB"

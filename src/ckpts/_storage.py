@@ -85,8 +85,16 @@ def commit(staging: Path, step: int) -> Path:
 
 
 def delete(path: Path) -> None:
-    """Delete a committed checkpoint: first out of the listing, then from disk."""
-    shutil.rmtree(_rename_aside(path, _TRASH_PREFIX))
+    """Delete a committed checkpoint: first out of the listing, then from disk.
+
+    A checkpoint that is already gone (removed by another program) counts as deleted.
+    """
+    try:
+        aside = _rename_aside(path, _TRASH_PREFIX)
+    except FileNotFoundError:
+        log.info("%s was already gone when retention came to delete it", path)
+        return
+    shutil.rmtree(aside)
 
 
 def _rename_aside(path: Path, prefix: str) -> Path:
@@ -127,6 +135,20 @@ def remove_leftovers(run: Path) -> list[Path]:
         fsync_dir(run)
         log.info("removed %d leftover(s) of interrupted saves in %s", len(removed), run)
     return removed
+
+
+# What other frameworks leave in a folder: torch.save, Lightning, Hugging Face Trainer.
+_FOREIGN_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def foreign_checkpoints(directory: Path) -> list[str]:
+    """Names in ``directory`` that look like another framework's checkpoints."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [n for n in names if n.endswith(_FOREIGN_SUFFIXES)
+            or (n.startswith("checkpoint-") and (directory / n).is_dir())]
 
 
 def directory_size(path: Path) -> int:

@@ -13,6 +13,7 @@ Hierarchy::
     ├── UnserializableStateError  a value in the state cannot be saved without pickle
     ├── IncompatibleStateError    the checkpoint does not fit the live objects
     ├── InsufficientSpaceError    the disk cannot hold the checkpoint (before or while writing)
+    ├── WriteError                an I/O error while writing, committing or cleaning up a save
     └── LockedError               another process is writing to the run
 """
 
@@ -84,6 +85,15 @@ class InsufficientSpaceError(CheckpointError):
         self.needed = needed
         self.free = free
         self.reclaimable = reclaimable
+
+
+class WriteError(CheckpointError):
+    """An I/O error (EIO, a vanished folder, a read-only disk) while saving.
+
+    Raised the same way by sync and async saves. The message says whether the
+    checkpoint was committed before the failure; earlier checkpoints are intact
+    either way, so training can go on and save again.
+    """
 
 
 class LockedError(CheckpointError):
