@@ -98,12 +98,10 @@ def test_demo_resumes_bit_exact_keeps_the_best_and_finds_an_earlier_best_checkpo
     interrupted = [*saved_events(result.runs.killed.output),
                    *saved_events(result.runs.resumed.output)]
     assert interrupted == written
-    # Its kept set is the same, except that the resumed process never deletes the
-    # checkpoint it restored from (the manager protects it), so that one stays too
-    # even when it is neither among the best 3 nor the latest.
-    assert steps_on_disk(run_dir) == kept | {resumed_from}
-    assert (f"kept {len(kept | {resumed_from})} of the {len(written)} checkpoints written"
-            in out)
+    # Its kept set is the same: the checkpoint it restored from is protected only
+    # until the resumed process commits a newer one.
+    assert steps_on_disk(run_dir) == kept
+    assert f"kept {len(kept)} of the {len(written)} checkpoints written" in out
 
     # The summary shows the run's `ckpts ls` table, as `ckpts ls` prints it.
     listed = run_cli("ls", str(run_dir), timeout=60)
@@ -172,9 +170,9 @@ def test_worker_killed_with_sigkill_resumes_from_its_newest_checkpoint(tmp_path:
     assert all(resumed_losses[str(s)] == killed_losses[s] for s in redone)
     written = [*before, *saved_events(lines)]
     assert [s.step for s in written][-1] == 90
-    # The best 3 by val_loss and the latest, plus step 30: the resumed process
-    # restored from it, and a manager never deletes the checkpoint it restored from.
-    assert steps_on_disk(tmp_path) == best_and_latest(written) | {30}
+    # The best 3 by val_loss and the latest, as an uninterrupted run keeps: step 30,
+    # restored from, was protected only until a newer checkpoint was committed.
+    assert steps_on_disk(tmp_path) == best_and_latest(written)
 
 
 def test_demo_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:

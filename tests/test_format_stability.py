@@ -86,13 +86,14 @@ def test_the_fixture_verifies_and_lists() -> None:
     assert checkpoint.nbytes == sum(p.stat().st_size for p in CHECKPOINT.iterdir())
 
 
-def test_the_fixture_restores_the_exact_values_into_fresh_objects() -> None:
+def test_the_fixture_restores_the_exact_values_into_fresh_objects(tmp_path: Path) -> None:
     model, optimizer = fresh_objects()
     state = ckpts.TrainState(model=model, optimizer=optimizer)
     random.seed(1)  # every RNG elsewhere than where the fixture left it
     np.random.seed(1)
     torch.manual_seed(1)
-    assert ckpts.CheckpointManager(RUN).restore(state) == 3
+    run = shutil.copytree(RUN, tmp_path / "run")  # restore() takes the run's writer lock
+    assert ckpts.CheckpointManager(run).restore(state) == 3
     for key, expected in MODEL.items():
         assert_exact(model.state_dict()[key], expected, key)
     saved = optimizer.state_dict()

@@ -98,15 +98,17 @@ def test_a_restarted_run_keeps_what_an_uninterrupted_one_would(tmp_path: Path) -
     assert steps(second) == steps(straight) == [4, 7, 8]
 
 
-def test_the_checkpoint_restored_from_is_protected(tmp_path: Path) -> None:
-    manager = ckpts.CheckpointManager(tmp_path, keep=[ckpts.KeepLast(1)])
-    for step in (1, 2, 3):
-        manager.save(step, state())
+def test_the_checkpoint_restored_from_is_protected_until_a_newer_one_commits(
+        tmp_path: Path) -> None:
+    with ckpts.CheckpointManager(tmp_path) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, state())
     resumed = ckpts.CheckpointManager(tmp_path, keep=[ckpts.KeepLast(1)])
-    assert resumed.restore(state()) == 3
-    for step in (4, 5):
-        resumed.save(step, state())
-    assert steps(resumed) == [3, 5]
+    assert resumed.restore(state(), step=2) == 2
+    assert [c.step for c in resumed.prune()] == [1]  # 2 (restored from) and 3 (newest) stay
+    resumed.save(4, state())
+    assert steps(resumed) == [4]  # as an uninterrupted run with KeepLast(1) would keep
+    resumed.close()
 
 
 def test_pins_protect_until_unpinned(tmp_path: Path) -> None:

@@ -61,9 +61,11 @@ def check_locked_out(tmp_path: Path, holder: subprocess.Popen[str]) -> None:
     # an evaluation job may attach metrics and pin while training runs
     assert manager.add_metrics(1, {"eval_acc": 0.5}).metrics == {"eval_acc": 0.5}
     assert manager.pin(2, "keep").tags == ("keep",)
-    # readers need no lock
+    # restoring means writing next: a duplicate launch fails before it trains
     model = torch.nn.Linear(2, 2)
-    assert manager.restore(ckpts.TrainState(model=model)) == 2
+    with pytest.raises(ckpts.LockedError):
+        manager.restore(ckpts.TrainState(model=model))
+    # readers need no lock
     ckpts.load_weights(tmp_path / "step-00000001", model)
     assert ckpts.verify(tmp_path) == []
     assert [c.step for c in manager.checkpoints()] == [1, 2]

@@ -5,7 +5,9 @@ The lock is an ``flock`` held for as long as the writing process lives (or until
 even by SIGKILL: a lock left by a killed process is recovered by the next writer
 without any cleanup. The file records who holds it (host, pid, since) for the
 error a second writer gets. Managers in one process share the lock: the process
-is the writer. Readers (listing, restore, load_weights, verify) never lock.
+is the writer. ``restore()`` takes it too, since a run that restores is about to
+write: a duplicate launch fails before it trains. Readers (listing, load_weights,
+verify) and metadata updates (add_metrics, pin) never lock.
 
 flock is reliable on local filesystems; on NFS it depends on the mount options,
 so give each run one writer by design there.
@@ -55,7 +57,7 @@ def acquire(run: Path) -> None:
             raise LockedError(
                 f"{run} is being written by another process ({holder}); one run has one "
                 "writer. Wait for it to finish, or write to another directory. Reading "
-                "(ls, restore, load_weights, verify) needs no lock."
+                "(ls, load_weights, verify) needs no lock."
             ) from e
         info = {"host": socket.gethostname(), "pid": os.getpid(),
                 "since": datetime.datetime.now(datetime.timezone.utc).isoformat()}

@@ -378,17 +378,14 @@ def _show_retention(console: Console, runs: Runs, *, kept: list[int], best_kept:
     resumed_from = runs.resumed.start
     console.print(f"The run resumed from step {resumed_from} after the SIGKILL.",
                   highlight=False)
-    protected = resumed_from not in {*best, latest}
     console.print(
         f"Retention (KeepBest({best_kept}, \"val_loss\") + KeepLast(1)) kept {len(kept)} of "
         f"the {len(written)} checkpoints written: the {best_kept} best by val_loss (steps "
-        f"{', '.join(map(str, best))}){',' if protected else ' and'} the latest (step {latest})"
-        + (f" and step {resumed_from}, which the resumed process restored from (a manager "
-           "never deletes that one)" if protected else "")
-        + "; the others were deleted as training went on.",
+        f"{', '.join(map(str, best))}) and the latest (step {latest}), as an uninterrupted "
+        "run would; the others were deleted as training went on.",
         highlight=False,
     )
-    expected = sorted({*best, latest, resumed_from} - {0})
+    expected = sorted({*best, latest})
     if kept != expected:
         console.print(f"[red]unexpected:[/red] steps {expected} should be kept, the run "
                       f"holds {kept}", highlight=False)
