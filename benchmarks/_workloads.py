@@ -1,8 +1,9 @@
 """Deterministic training states to checkpoint: a module of fp32 parameters plus AdamW state.
 
-``small``/``standard``/``large`` are transformer-like (an embedding, then blocks of a
-fused qkv, an output projection, two MLP matrices and a small fused norm/bias
-tensor); ``many_small`` is 10,000 tensors of 1-4 KB, to show per-tensor overhead.
+``tiny``/``small``/``standard``/``large`` are transformer-like (an embedding, then
+blocks of a fused qkv, an output projection, two MLP matrices and a small fused
+norm/bias tensor); ``tiny`` (1.4 MB of state) shows the fixed cost of a save,
+``many_small`` (10,000 tensors of 1-4 KB) the per-tensor overhead.
 The optimizer has taken one step, so every parameter has ``exp_avg``,
 ``exp_avg_sq`` and ``step``: the state is about 3x the parameter bytes. Also: a
 description of the machine the workloads run on.
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 import xxhash
 
-SIZES = ("small", "standard", "large", "many_small")
+SIZES = ("tiny", "small", "standard", "large", "many_small")
 
 
 def _transformer(width: int, vocab: int, positions: int, blocks: int, norm_rows: int
@@ -42,6 +43,8 @@ def _transformer(width: int, vocab: int, positions: int, blocks: int, norm_rows:
 
 def shapes_for(size: str) -> list[tuple[str, tuple[int, ...]]]:
     """Parameter names and shapes of a workload size."""
+    if size == "tiny":  # ~117 K params, 12 tensors, 2 KB .. 64 KB: 1.4 MB with AdamW
+        return _transformer(width=64, vocab=256, positions=64, blocks=2, norm_rows=8)
     if size == "small":  # ~10.4 M params, 17 tensors, 80 KB .. 4 MB
         return _transformer(width=512, vocab=2048, positions=256, blocks=3, norm_rows=40)
     if size == "standard":  # ~101 M params, 42 tensors, 320 KB .. 16 MB

@@ -5,7 +5,7 @@ and optimizer, weights-only load, peak extra RSS and bytes on disk; each time is
 median of interleaved rounds (every contender once per round, order shuffled), and
 each ratio is the median of the per-round ratios ckpts/peer. See BENCHMARKS.md.
 
-Run: ``python -m benchmarks.run [--sizes small,standard,many_small] [--reps 5]
+Run: ``python -m benchmarks.run [--sizes tiny,small,standard,many_small] [--reps 5]
 [--out benchmarks/results] [--dir /tmp]``  (``large``, ~6 GB of state, only on request)
 """
 
@@ -29,7 +29,9 @@ from benchmarks._measure import Rows, Series, log
 from benchmarks._peers import NOTES
 from benchmarks._workloads import SIZES, Workload, build
 
-DEFAULT_SIZES = "small,standard,many_small"
+DEFAULT_SIZES = "tiny,small,standard,many_small"
+# A tiny save takes milliseconds, where the disk's noise is as large: more rounds.
+REPS_FACTOR = {"tiny": 5}
 # Timed once (in the memory run) instead of in every round: with 40,000 tensors a DCP
 # save or load takes 20-45 s here and torch.load 10-20 s, which would blow the default
 # run's time budget (~8 minutes on 2 cores).
@@ -147,6 +149,7 @@ def restore_phase(target: Workload, expected: dict[str, str], reps: int, kept: P
 
 def bench_size(size: str, reps: int, base: Path) -> dict[str, Any]:
     started = time.perf_counter()
+    reps *= REPS_FACTOR.get(size, 1)
     log(f"== {size}: building the workload")
     w = build(size)
     info: dict[str, Any] = {"params": w.n_params, "tensors": len(w.flat()),

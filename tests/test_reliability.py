@@ -146,7 +146,7 @@ def test_eio_while_writing_raises_and_leaves_earlier_checkpoints(
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
-    with pytest.raises(ckpts.CheckpointError, match="Input/output error"):
+    with pytest.raises(ckpts.WriteError, match="Input/output error"):
         manager.save(2, big_state(1))
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert run_contents(tmp_path) == ["step-00000001"]

@@ -97,10 +97,12 @@ class _Region:
 
 def write_files(files: Sequence[tuple[Path, Sequence[tuple[str, torch.Tensor]]]]
                 ) -> list[FileRecord]:
-    """Write standard safetensors files in parallel chunks, fsync them, return size and hash.
+    """Write standard safetensors files in parallel chunks; return each one's size and hash.
 
-    Tensors must stay unchanged until this returns (the manager either owns them,
-    for a sync save, or staged copies of them, for an async one).
+    The files are not fsynced here: the commit makes every file of the checkpoint
+    durable at once (see ckpts._storage.commit). Tensors must stay unchanged until
+    this returns (the manager either owns them, for a sync save, or staged copies
+    of them, for an async one).
     """
     fds: list[int] = []
     try:
@@ -115,8 +117,10 @@ def write_files(files: Sequence[tuple[Path, Sequence[tuple[str, torch.Tensor]]]]
         turns = _WriteTurns([_chunks(regions) for regions in layouts])
         jobs: list[Callable[[], object]] = [partial(_hash, regions) for regions in layouts]
         jobs += [turns.write_until_done] * IO_THREADS
-        results = run_parallel(lambda job: job(), jobs)
-        run_parallel(os.fsync, fds)
+        if sum(len(r.view) for regions in layouts for r in regions) <= CHUNK:
+            results = [job() for job in jobs]  # a small save: threads cost more than they gain
+        else:
+            results = run_parallel(lambda job: job(), jobs)
     finally:
         for fd in fds:
             os.close(fd)

@@ -120,6 +120,7 @@ class CheckpointManager:
         self.pending_signal: int | None = None
         self._newest_step: int | None = None  # the run's newest committed step, once known
         self._newest_known = False
+        self._cleaned = False  # the run checked for uncommitted step-* folders
         self._branch: _Branch | None = None
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in save_on_signal}
         self._locked = False
@@ -223,6 +224,8 @@ class CheckpointManager:
             if self._locked:
                 self._locked = False
                 release(self.directory)
+                # another process may write the run now: look at it afresh next time
+                self._newest_known = self._cleaned = False
 
     def _lock(self) -> None:
         """Become the run's one writer (once per manager; see ckpts._lock)."""
@@ -290,7 +293,10 @@ class CheckpointManager:
         """
         staging: Path | None = None
         try:
-            remove_leftovers(self.directory)
+            # a stat per checkpoint finds step-* folders without a manifest: once is
+            # enough, as this process is the run's only writer from then on
+            remove_leftovers(self.directory, check_manifests=not self._cleaned)
+            self._cleaned = True
             staging = new_staging_dir(self.directory, step)
             manifest = write_checkpoint(staging, step=step, snapshots=snapshots,
                                         metrics=clean_metrics, epoch=epoch,
@@ -378,6 +384,7 @@ class CheckpointManager:
             )
         self._settle()
         self._lock()
+        self._cleaned = False  # the next save looks for damage anew
         available = committed_dirs(self.directory)
         if not available:
             self._nothing_to_restore(missing_ok)
@@ -557,6 +564,8 @@ class CheckpointManager:
                          ) -> list[Checkpoint]:
         """Delete what the policies do not keep. With ``if_unlocked``, skip quietly when
         another process is the run's writer: it applies retention on its next save."""
+        if self.keep is None:
+            return []  # keeps everything: no need to read the run's manifests
         removed = self._retention_plan(self.checkpoints())
         if removed and not dry_run:
             try:
