@@ -27,7 +27,9 @@ from ckpts.errors import (
     InvalidArgumentError,
     LockedError,
     NotACheckpointError,
+    ResumeCheckError,
     UnserializableStateError,
+    WriteError,
 )
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from ckpts._data import ResumableLoader
     from ckpts._manager import CheckpointManager
     from ckpts._policy import Every, KeepBest, KeepEvery, KeepLast, KeepSince, OnImprovement
+    from ckpts._resume_check import ResumeCheck, check_resume
     from ckpts._state import Stateful, TrainState
     from ckpts._verify import verify
     from ckpts._weights import load_weights
@@ -49,8 +52,10 @@ _LAZY = {
     "KeepSince": "ckpts._policy",
     "OnImprovement": "ckpts._policy",
     "ResumableLoader": "ckpts._data",
+    "ResumeCheck": "ckpts._resume_check",
     "Stateful": "ckpts._state",
     "TrainState": "ckpts._state",
+    "check_resume": "ckpts._resume_check",
     "load_weights": "ckpts._weights",
     "verify": "ckpts._verify",
 }
@@ -73,10 +78,14 @@ __all__ = [
     "NotACheckpointError",
     "OnImprovement",
     "ResumableLoader",
+    "ResumeCheck",
+    "ResumeCheckError",
     "Stateful",
     "TrainState",
     "UnserializableStateError",
+    "WriteError",
     "__version__",
+    "check_resume",
     "load_weights",
     "verify",
 ]

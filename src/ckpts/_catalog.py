@@ -1,21 +1,25 @@
 """The committed checkpoints of a run, read from their manifests alone (no torch).
 
 Listing a run (``CheckpointManager.checkpoints()``, ``ckpts ls``) reads only the
-small ``manifest.json`` of each checkpoint, so it stays fast for thousands of
-checkpoints and never imports torch.
+small ``manifest.json`` of each checkpoint and one directory scan, so it stays
+fast for thousands of checkpoints and never imports torch. The scan that sums a
+checkpoint's size also checks each file's size against the manifest, at no extra
+cost: a checkpoint whose files were truncated, overwritten or removed is marked
+``damaged`` (a full check of the contents is ``ckpts verify``).
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckpts._codec import decode
 from ckpts._manifest import read_manifest
-from ckpts._storage import committed_dirs, directory_size, parse_step
+from ckpts._storage import committed_dirs, parse_step
 from ckpts.errors import CheckpointError, CorruptCheckpointError
 
 log = logging.getLogger("ckpts")
@@ -33,6 +37,8 @@ class Checkpoint:
         nbytes: bytes on disk, manifest included.
         epoch: the epoch passed to ``save``, if any.
         tags: pin tags.
+        damaged: None when every file has the size its manifest records; otherwise
+            what is wrong with the first file that does not (missing, resized).
     """
 
     step: int
@@ -42,6 +48,7 @@ class Checkpoint:
     nbytes: int = 0
     epoch: int | None = None
     tags: tuple[str, ...] = ()
+    damaged: str | None = None
 
     @classmethod
     def from_directory(cls, path: Path) -> Checkpoint:
@@ -54,15 +61,17 @@ class Checkpoint:
         if parse_step(path.name) not in (None, manifest["step"]):
             raise CorruptCheckpointError(
                 f"{path}: the manifest says step {manifest['step']}, the directory name another")
+        sizes = _file_sizes(path)
         try:
             return cls(
                 step=manifest["step"],
                 path=path,
                 metrics=decode(manifest.get("metrics", {}), _no_tensors),
                 created=datetime.datetime.fromisoformat(manifest["created"]),
-                nbytes=directory_size(path),
+                nbytes=sum(sizes.values()),
                 epoch=manifest.get("epoch"),
                 tags=tuple(manifest.get("tags", ())),
+                damaged=_size_mismatch(manifest["files"], sizes),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptCheckpointError(f"{path}: malformed manifest field ({e})") from e
@@ -79,6 +88,22 @@ def list_checkpoints(run: Path) -> list[Checkpoint]:
         except (CheckpointError, OSError) as e:
             log.warning("ignoring %s: %s", path, e)
     return found
+
+
+def _file_sizes(path: Path) -> dict[str, int]:
+    """Name -> size of the regular files directly inside ``path`` (one stat each)."""
+    with os.scandir(path) as entries:
+        return {e.name: e.stat().st_size for e in entries if e.is_file(follow_symlinks=False)}
+
+
+def _size_mismatch(files: dict[str, Any], sizes: dict[str, int]) -> str | None:
+    """The first file of the manifest that is missing or not its recorded size, described."""
+    for name, record in files.items():
+        if name not in sizes:
+            return f"{name} is missing (or not a regular file)"
+        if sizes[name] != record["nbytes"]:
+            return f"{name} has {sizes[name]} bytes, the manifest says {record['nbytes']}"
+    return None
 
 
 def _no_tensors(key: str) -> Any:

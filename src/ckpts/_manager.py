@@ -458,10 +458,18 @@ class CheckpointManager:
     def best(self, metric: str, mode: Mode = "min") -> Checkpoint | None:
         """The checkpoint with the best ``metric``; None if no checkpoint has it.
 
-        NaN ranks last; among equal values the earlier step wins.
+        NaN ranks last; among equal values the earlier step wins. A damaged
+        checkpoint (a file missing or of the wrong size) is skipped with a warning.
         """
         check_mode(mode)
-        ranked = rank_by(self.checkpoints(), metric, mode)
+        intact = []
+        for checkpoint in self.checkpoints():
+            if checkpoint.damaged is None:
+                intact.append(checkpoint)
+            else:
+                log.warning("best(): skipping damaged %s: %s", checkpoint.path,
+                            checkpoint.damaged)
+        ranked = rank_by(intact, metric, mode)
         return ranked[0] if ranked else None
 
     def add_metrics(self, step: int, metrics: Mapping[str, float]) -> Checkpoint:

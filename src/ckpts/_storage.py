@@ -198,12 +198,6 @@ def foreign_checkpoints(directory: Path) -> list[str]:
             or (n.startswith("checkpoint-") and (directory / n).is_dir())]
 
 
-def directory_size(path: Path) -> int:
-    """Total bytes of the regular files directly inside ``path``."""
-    with os.scandir(path) as entries:
-        return sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
-
-
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (creations, renames) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -14,7 +14,8 @@ Hierarchy::
     ├── IncompatibleStateError    the checkpoint does not fit the live objects
     ├── InsufficientSpaceError    the disk cannot hold the checkpoint (before or while writing)
     ├── WriteError                an I/O error while writing, committing or cleaning up a save
-    └── LockedError               another process is writing to the run
+    ├── LockedError               another process is writing to the run
+    └── ResumeCheckError          check_resume could not run the command to a verdict
 """
 
 from __future__ import annotations
@@ -98,3 +99,9 @@ class WriteError(CheckpointError):
 
 class LockedError(CheckpointError):
     """Another process holds the run's writer lock (its host and pid are in the message)."""
+
+
+class ResumeCheckError(CheckpointError):
+    """``check_resume`` could not reach a verdict: the command failed, timed out, or
+    saved too few checkpoints to compare (its log's path and last lines are in the
+    message)."""

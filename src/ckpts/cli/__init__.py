@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import typer
 
-from ckpts.cli import compare, demo, inspection, listing, maintenance
+from ckpts.cli import (
+    check_resume,
+    compare,
+    demo,
+    inspection,
+    listing,
+    maintenance,
+)
 
 app = typer.Typer(
     name="ckpts",
@@ -31,6 +38,7 @@ app.command("best")(listing.best)
 app.command("show")(inspection.show)
 app.command("du")(inspection.du)
 app.command("diff")(compare.diff)
+app.command("check-resume")(check_resume.check_resume)
 app.command("verify")(maintenance.verify)
 app.command("prune")(maintenance.prune)
 app.command("pin")(maintenance.pin)

@@ -2,6 +2,8 @@
 
 Both read only the manifests (through :func:`ckpts._catalog.list_checkpoints`), so
 they start in a fraction of a second and list thousands of checkpoints quickly.
+A checkpoint whose files no longer have the sizes its manifest records is marked
+``damaged`` by ``ls``, never marked best, and skipped by ``best`` with a note.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def ls(
     mode: ModeOption = "min",
     as_json: JsonOption = False,
 ) -> None:
-    """List a run's checkpoints: step, time, size, epoch, metrics, and latest/best/pinned markers.
+    """List a run's checkpoints: step, time, size, epoch, metrics; latest/best/pinned/damaged.
 
     Given a directory of runs (no checkpoints of its own), list each run in turn.
     """
@@ -77,11 +79,20 @@ def best(
 ) -> None:
     """Print the path of the checkpoint with the best metric (and nothing else).
 
-    Ties go to the earlier step; NaN values rank last.
+    Ties go to the earlier step; NaN values rank last. A damaged checkpoint (a file
+    missing or not the size its manifest records) is skipped, with a note on stderr.
     """
     checkpoints = list_checkpoints(run_dir(run))
     check_metric(metric, checkpoints)
-    winner = rank_by(checkpoints, metric, mode)[0]
+    for checkpoint in checkpoints:
+        if checkpoint.damaged is not None and metric in checkpoint.metrics:
+            stderr.print(f"note: skipping step {checkpoint.step}, which is damaged "
+                         f"({checkpoint.damaged}); `ckpts verify {run}` checks every file")
+    ranked = rank_by([c for c in checkpoints if c.damaged is None], metric, mode)
+    if not ranked:
+        fail(f"every checkpoint with the metric {metric!r} in {run} is damaged; "
+             f"run `ckpts verify {run}` for details")
+    winner = ranked[0]
     if math.isnan(winner.metrics[metric]):
         fail(f"every checkpoint's {metric!r} in {run} is NaN; there is no best one")
     typer.echo(str(winner.path))
@@ -104,20 +115,24 @@ def find_runs(directory: Path) -> dict[str, list[Checkpoint]]:
 def mark(
     checkpoints: Sequence[Checkpoint], metric: str | None, mode: Mode
 ) -> list[tuple[Checkpoint, list[str]]]:
-    """Pair each checkpoint with its markers: ``latest``, ``best(<metric>)``, ``pinned[:tag]``.
+    """Pair each checkpoint with its markers: ``latest``, ``best(<metric>)``, ``pinned[:tag]``,
+    ``damaged``.
 
-    ``best`` goes to the best checkpoint of ``metric``, or of every metric when it
-    is None, ranked by ``mode``; a metric that is NaN everywhere has no best.
+    ``best`` goes to the best intact checkpoint of ``metric``, or of every metric
+    when it is None, ranked by ``mode``; a metric that is NaN everywhere has no best.
     """
     markers: dict[int, list[str]] = {c.step: [] for c in checkpoints}
     if checkpoints:
         markers[checkpoints[-1].step].append("latest")
+    intact = [c for c in checkpoints if c.damaged is None]
     for name in [metric] if metric is not None else metric_names(checkpoints):
-        ranked = rank_by(checkpoints, name, mode)
+        ranked = rank_by(intact, name, mode)
         if ranked and not math.isnan(ranked[0].metrics[name]):
             markers[ranked[0].step].append(f"best({name})")
     for c in checkpoints:
         markers[c.step] += ["pinned" if t == DEFAULT_TAG else f"pinned:{t}" for t in c.tags]
+        if c.damaged is not None:
+            markers[c.step].append("damaged")
     return [(c, markers[c.step]) for c in checkpoints]
 
 
@@ -150,4 +165,5 @@ def _json_row(checkpoint: Checkpoint, markers: list[str]) -> dict[str, Any]:
         "metrics": json_metrics(checkpoint.metrics),
         "tags": list(checkpoint.tags),
         "markers": markers,
+        "damaged": checkpoint.damaged,
     }
