@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: demo test test-long bench clean
+.PHONY: demo test test-long screenshots bench clean
 
 .venv/.installed: pyproject.toml
 	test -d .venv || python3 -m venv .venv
@@ -16,14 +16,24 @@ PIP := .venv/bin/pip
 demo: .venv/.installed
 	.venv/bin/ckpts demo
 
+# The report test renders HTML in headless Chromium (CI runs as root on Debian).
 test: .venv/.installed
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 	.venv/bin/ruff check src tests benchmarks examples
 	.venv/bin/mypy
 	.venv/bin/pytest -q
 
-# Opt-in long mode: 200 SIGKILL trials (sync + async) and 2,000 fuzz examples per target.
+# Opt-in long mode: 200 SIGKILL trials (sync + async), 2,000 fuzz examples per target and
+# 2,000 codec round-trip examples per property.
 test-long: .venv/.installed
-	CKPTS_LONG=1 .venv/bin/pytest -q -p no:cacheprovider tests/test_kill_harness.py tests/test_fuzz.py
+	CKPTS_LONG=1 .venv/bin/pytest -q -p no:cacheprovider tests/test_kill_harness.py tests/test_fuzz.py \
+		tests/test_codec_property.py
+
+# The README's pictures: trains the demo model (seconds), then `ckpts plot` and a
+# Chromium screenshot of `ckpts report`.
+screenshots: .venv/.installed
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+	$(PY) docs/screenshots.py docs/img
 
 bench: .venv/.installed
 	$(PY) -m benchmarks.run

@@ -76,11 +76,14 @@ class FuzzNet(torch.nn.Module):
 
 
 class Extra:
-    """A Stateful object whose tree uses every codec tag (tuple, int keys, nan, tensor)."""
+    """A Stateful object whose tree uses every codec tag (tuple, int keys, nan, tensor,
+    and composite tensors: sparse and complex128)."""
 
     def __init__(self) -> None:
         self.state: dict[Any, Any] = {"count": 3, "pair": (1, 2.5), "by_id": {1: "a"},
-                                      "nan": float("nan"), "table": torch.arange(4)}
+                                      "nan": float("nan"), "table": torch.arange(4),
+                                      "sparse": torch.tensor([[0.0, 1.0], [2.0, 0.0]]).to_sparse(),
+                                      "phase": torch.tensor([1 + 1j, -2j], dtype=torch.complex128)}
 
     def state_dict(self) -> dict[Any, Any]:
         return self.state

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ckpts._codec import decode, encode
-from ckpts._format import DTYPES
+from ckpts._codec import decode, encode, live_tensors
+from ckpts._format import DTYPES, copy_tensors
 from ckpts._io import ReadRequest, read_files_into, write_files
 from ckpts._manifest import (
     FORMAT_NAME,
@@ -33,10 +33,14 @@ from ckpts._manifest import (
 )
 from ckpts._state import ObjectSnapshot, Stateful, TrainState
 from ckpts._version import __version__
-from ckpts.errors import CorruptCheckpointError, IncompatibleStateError, InvalidArgumentError
+from ckpts.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompatibleStateError,
+    InvalidArgumentError,
+)
 
-# What a load_state_dict given a damaged or foreign state may raise (CheckpointErrors pass).
-LOAD_ERRORS = (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError)
+MAX_LISTED = 20  # keys listed per kind of mismatch in an IncompatibleStateError
 
 
 def write_checkpoint(
@@ -66,7 +70,7 @@ def write_checkpoint(
             total = sum(t.numel() * t.element_size() for t in snap.tensors.values())
             files[index_name] = write_json(
                 directory / index_name,
-                {"metadata": {"total_size": total}, "weight_map": weight_map},
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, durable=False,
             )
         objects[name] = {
             "kind": snap.kind,
@@ -79,6 +83,8 @@ def write_checkpoint(
             },
             "aliases": snap.aliases,
         }
+        if snap.hf_config is not None:
+            objects[name]["hf_config"] = snap.hf_config
     now = datetime.datetime.now(datetime.timezone.utc)
     manifest = {
         "format": FORMAT_NAME,
@@ -95,19 +101,35 @@ def write_checkpoint(
         "files": {n: {"nbytes": r.nbytes, "hash": r.hash} for n, r in files.items()},
         "objects": objects,
     }
-    write_json(directory / MANIFEST, manifest)
+    write_json(directory / MANIFEST, manifest, durable=False)  # the commit fsyncs every file
     return manifest
 
 
 def restore_into(directory: Path, manifest: Mapping[str, Any], state: TrainState) -> None:
     """Check the checkpoint fits ``state``, then load every object in place.
 
-    Every file is read once, straight into the live tensors where dtype and shape
-    fit (no second copy of the state in memory), and hashed on the way in.
+    Every object's ``state_dict()`` is called first: it tells whether the live
+    object fits the checkpoint (a module's keys, dtypes and shapes; an optimizer's
+    parameter groups) and which live tensors can take the saved bytes. Every file
+    is then read once, hashed on the way in, straight into those live tensors (no
+    second copy of the state in memory); finally each object's
+    ``load_state_dict()`` gets the saved state.
+
+    Which live tensor is *filled* and which is *replaced*: a live tensor is filled
+    in place when it is a dense tensor of the saved dtype and shape whose elements
+    each have their own memory, and shares no memory with another live tensor
+    being filled (tied weights count once). Anything else (an expanded or
+    overlapping view, another dtype or shape, a composite kind such as a sparse or
+    quantized tensor) is left as it is, and ``load_state_dict()`` receives a new
+    tensor: a module copies it in (refused up front for an expanded or meta
+    parameter, with IncompatibleStateError naming the key), another object
+    decides for itself.
 
     Raises:
-        IncompatibleStateError: objects, keys, shapes or dtypes do not match;
-            checked from the manifest before anything is read or changed.
+        IncompatibleStateError: objects, keys, shapes or dtypes do not match, or
+            an object's ``state_dict()`` or ``load_state_dict()`` raised; the
+            mismatch is checked from the manifest before anything is read or
+            changed.
         CorruptCheckpointError: a file's hash does not match. Its bytes may already
             be in live tensors, but no ``load_state_dict`` has run; restoring
             another checkpoint overwrites them all.
@@ -123,11 +145,13 @@ def restore_into(directory: Path, manifest: Mapping[str, Any], state: TrainState
             missing=missing, unexpected=unexpected,
         )
     for name, obj in state.objects.items():
-        check_compatible(directory, name, saved[name], obj, strict=True)
+        check_compatible(directory, name, saved[name], obj, strict=True, for_restore=True)
+    targets = {name: live_tensors(_live_state(directory, name, obj))[0]
+               for name, obj in state.objects.items()}
+    _drop_overlapping(targets)
     owners, requests = [], []
-    for name, obj in state.objects.items():
-        live: dict[str, torch.Tensor] = {}
-        encode(obj.state_dict(), live)
+    for name in state.objects:
+        live = targets[name]
         by_file: dict[str, dict[str, TensorEntry]] = defaultdict(dict)
         for key, entry in manifest_tensor_entries(saved[name]).items():
             by_file[entry.file][key] = entry
@@ -143,15 +167,18 @@ def restore_into(directory: Path, manifest: Mapping[str, Any], state: TrainState
 
 
 def check_compatible(
-    directory: Path, name: str, saved: Mapping[str, Any], obj: Stateful, *, strict: bool
+    directory: Path, name: str, saved: Mapping[str, Any], obj: Stateful, *, strict: bool,
+    for_restore: bool = False,
 ) -> None:
     """Compare a saved object with a live one before anything is overwritten.
 
-    Modules are compared key by key (missing, unexpected, dtype and shape);
-    optimizers by the number and size of their parameter groups.
+    Modules are compared key by key (missing, unexpected, dtype and shape, and
+    live tensors that cannot take data: meta, expanded); optimizers by the number
+    and size of their parameter groups. ``for_restore`` words the advice for
+    ``restore()`` (which has no ``strict``) rather than ``load_weights()``.
     """
     if isinstance(obj, torch.nn.Module):
-        _check_module(directory, name, saved, obj, strict=strict)
+        _check_module(directory, name, saved, obj, strict=strict, for_restore=for_restore)
     elif isinstance(obj, torch.optim.Optimizer):
         try:
             groups = decode(saved["tree"], lambda key: None)["param_groups"]
@@ -185,42 +212,156 @@ def _load_object(directory: Path, name: str, saved: Mapping[str, Any], obj: Stat
     state_dict = decode(saved["tree"], tensor)
     try:
         obj.load_state_dict(state_dict)
-    except LOAD_ERRORS as e:
+    except CheckpointError:
+        raise
+    except Exception as e:  # a user's load_state_dict may raise anything
         raise IncompatibleStateError(
             f"{directory}: {type(obj).__qualname__}.load_state_dict rejected object "
-            f"{name!r}: {e}. Objects restored before it were already loaded; restore "
-            "again once the live object matches the one that was saved"
+            f"{name!r} ({type(e).__name__}: {e}). Objects restored before it were already "
+            "loaded; restore again once the live object matches the one that was saved"
         ) from e
 
 
+def load_module_weights(directory: Path, name: str, saved: Mapping[str, Any],
+                        module: torch.nn.Module) -> None:
+    """Copy a saved module's tensors into ``module`` (after :func:`check_compatible`).
+
+    Dense tensors are copied straight from the memory-mapped files into the
+    module's own; composite ones (complex128, sparse, quantized) are rebuilt
+    from their parts and handed to ``module.load_state_dict(..., strict=False)``.
+    Saved keys the module lacks are not read.
+    """
+    fillable, other = live_tensors(_live_state(directory, name, module))
+    aliases: dict[str, str] = saved.get("aliases", {})
+    targets = dict(fillable)
+    wanted = fillable.keys() | other.keys()
+    for alias, key in aliases.items():
+        if alias in wanted:
+            wanted |= {key}
+            if alias in fillable and key not in targets:
+                targets[key] = fillable[alias]
+    entries = manifest_tensor_entries(saved)
+    loaded = copy_tensors(directory, {k: e for k, e in entries.items() if k in wanted}, targets)
+    for alias, key in aliases.items():
+        if key in loaded:
+            loaded.setdefault(alias, loaded[key])
+    tree = saved["tree"]
+    composites = {
+        key: decode(node, loaded.get)
+        for key, node in (tree.items() if isinstance(tree, dict) else ())
+        if isinstance(node, dict) and isinstance(node.get("__tensor__"), dict)
+    }
+    composites = {key: tensor for key, tensor in composites.items() if tensor is not None}
+    if not composites:
+        return
+    try:
+        module.load_state_dict(composites, strict=False)
+    except Exception as e:  # a module's own _load_from_state_dict may raise anything
+        raise IncompatibleStateError(
+            f"{directory}: {type(module).__qualname__}.load_state_dict rejected the "
+            f"tensors {sorted(composites)} of object {name!r} ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _live_state(directory: Path, name: str, obj: Stateful) -> Any:
+    """The live object's ``state_dict()``, whose failure names the object."""
+    try:
+        return obj.state_dict()
+    except CheckpointError:
+        raise
+    except Exception as e:  # a user's state_dict may raise anything
+        raise IncompatibleStateError(
+            f"{directory}: cannot restore object {name!r} ({type(obj).__qualname__}): its "
+            f"state_dict(), called first to check that it fits the checkpoint, raised "
+            f"{type(e).__name__}: {e}. Nothing was changed; fix the object and restore again"
+        ) from e
+
+
+def _drop_overlapping(targets: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Remove fill targets whose memory overlaps another target's (not merely tied).
+
+    Reading two files into overlapping memory would let one file's bytes land in
+    the other's before its hash is taken; such tensors get new memory instead.
+    Spans are byte extents, so interleaved views (columns of one matrix) count as
+    overlapping too: they are replaced, which is slower but still exact.
+    """
+    by_storage: dict[tuple[Any, int], list[tuple[str, str, torch.Tensor]]] = defaultdict(list)
+    for name, tensors in targets.items():
+        for key, t in tensors.items():
+            if t.numel():
+                by_storage[(t.device, t.untyped_storage().data_ptr())].append((name, key, t))
+    # storage -> view identity -> (first byte, end byte, [(object name, key), ...])
+    views: dict[tuple[Any, int], dict[tuple[Any, ...], tuple[int, int, list[tuple[str, str]]]]] \
+        = defaultdict(dict)
+    for storage, shared in by_storage.items():
+        if len(shared) < 2:
+            continue
+        for name, key, t in shared:
+            size = t.element_size()
+            start = int(t.storage_offset()) * size
+            end = start + size * (1 + sum(int(n - 1) * s for n, s in zip(t.shape, t.stride(),
+                                                                           strict=True)))
+            identity = (start, tuple(t.shape), t.stride(), t.dtype, t.is_conj(), t.is_neg())
+            views[storage].setdefault(identity, (start, end, []))[2].append((name, key))
+    for spans in views.values():
+        ordered = sorted(spans.values(), key=lambda span: (span[0], span[1]))
+        reach = -1  # the furthest end byte of the spans before this one
+        for i, (start, end, keys) in enumerate(ordered):
+            overlaps = start < reach or (i + 1 < len(ordered) and ordered[i + 1][0] < end)
+            reach = max(reach, end)
+            if overlaps:
+                for name, key in keys:
+                    targets[name].pop(key, None)
+
+
 def _check_module(
-    directory: Path, name: str, saved: Mapping[str, Any], module: torch.nn.Module, *, strict: bool
+    directory: Path, name: str, saved: Mapping[str, Any], module: torch.nn.Module, *,
+    strict: bool, for_restore: bool,
 ) -> None:
-    live: dict[str, torch.Tensor] = {}
-    encode(module.state_dict(), live)
+    fillable, other = live_tensors(_live_state(directory, name, module))
     entries = manifest_tensor_entries(saved)
     for alias, key in saved.get("aliases", {}).items():
         entries[alias] = entries[key]
-    missing = sorted(set(live) - set(entries)) if strict else []
-    unexpected = sorted(set(entries) - set(live)) if strict else []
+    keys = fillable.keys() | other.keys()
+    missing = sorted(keys - set(entries)) if strict else []
+    unexpected = sorted(set(entries) - keys) if strict else []
     mismatched = [
         (key, f"{entries[key].dtype}{list(entries[key].shape)}",
          f"{DTYPES.get(t.dtype, str(t.dtype))}{list(t.shape)}")
-        for key, t in live.items()
+        for key, t in fillable.items()
         if key in entries and (tuple(t.shape) != entries[key].shape
                                or DTYPES.get(t.dtype) != entries[key].dtype)
     ]
-    if missing or unexpected or mismatched:
-        lines = [f"{directory}: module {name!r} does not match the checkpoint"]
-        lines += [f"  missing in checkpoint: {k}" for k in missing[:20]]
-        lines += [f"  unexpected in checkpoint: {k}" for k in unexpected[:20]]
-        lines += [f"  {k}: checkpoint {a}, model {b}" for k, a, b in mismatched[:20]]
-        lines.append("Build the model with the same configuration as the saved one"
-                     + (", or pass strict=False to skip missing/unexpected keys." if strict
-                        else "."))
-        raise IncompatibleStateError(
-            "\n".join(lines), missing=missing, unexpected=unexpected, mismatched=mismatched
-        )
+    # a module copies into its tensors: one that cannot hold the data is an error
+    unfillable = sorted((key, why) for key, why in other.items()
+                        if key in entries and not why.startswith("is part of"))
+    if not (missing or unexpected or mismatched or unfillable):
+        return
+    lines = [f"{directory}: module {name!r} does not match the checkpoint"]
+    lines += _listed([f"  missing in checkpoint: {k}" for k in missing])
+    lines += _listed([f"  unexpected in checkpoint: {k}" for k in unexpected])
+    lines += _listed([f"  {k}: checkpoint {a}, model {b}" for k, a, b in mismatched])
+    lines += _listed([f"  {k}: the model's tensor {why}" for k, why in unfillable])
+    advice = "Build the model with the same configuration as the saved one"
+    if unfillable:
+        advice += ", with real tensors of its own (to_empty() a meta model, clone() an " \
+                  "expanded parameter)"
+    if (missing or unexpected) and for_restore:
+        advice += ("; restore() needs every key, but ckpts.load_weights(checkpoint, model, "
+                   "strict=False) loads just a model's matching weights")
+    elif (missing or unexpected) and strict:
+        advice += ", or pass strict=False to ckpts.load_weights to skip missing/unexpected keys"
+    lines.append(advice + ".")
+    raise IncompatibleStateError(
+        "\n".join(lines), missing=missing, unexpected=unexpected, mismatched=mismatched
+    )
+
+
+def _listed(lines: list[str]) -> list[str]:
+    """The first MAX_LISTED lines, and how many more there are."""
+    if len(lines) <= MAX_LISTED:
+        return lines
+    return [*lines[:MAX_LISTED], f"  … and {len(lines) - MAX_LISTED} more"]
 
 
 def _plan_shards(name: str, tensors: Mapping[str, torch.Tensor], max_shard_size: int

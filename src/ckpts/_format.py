@@ -22,11 +22,19 @@ from ckpts.errors import CorruptCheckpointError, UnserializableStateError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
+# Every dtype safetensors 0.8 stores. Names torch added late (uint16/32/64 in 2.3, the
+# fnuz float8s) are looked up, so an older torch simply stores fewer dtypes.
+_DTYPE_NAMES_BY_ATTRIBUTE = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "complex64": "C64",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2": "F8_E5M2", "float8_e5m2fnuz": "F8_E5M2FNUZ",
+}
 DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    getattr(torch, attribute): name for attribute, name in _DTYPE_NAMES_BY_ATTRIBUTE.items()
+    if isinstance(getattr(torch, attribute, None), torch.dtype)
 }
 DTYPE_NAMES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPES.items()}
 
@@ -50,18 +58,20 @@ def encode_header(items: Sequence[tuple[str, torch.Tensor]]) -> bytes:
 
 
 def tensor_bytes(tensor: torch.Tensor, *, key: str) -> memoryview:
-    """The raw little-endian bytes of a tensor, copied to CPU only when needed."""
-    if tensor.dtype not in DTYPES:
+    """The raw little-endian bytes of a tensor, copied to CPU only when needed.
+
+    Other kinds never get here: ckpts._codec splits or refuses them when the state
+    is captured; this check only guards the file format.
+    """
+    if tensor.dtype not in DTYPES or tensor.layout is not torch.strided \
+            or tensor.is_quantized or tensor.device.type == "meta":
         raise UnserializableStateError(
-            f"tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store; "
-            f"cast it to one of {sorted(str(d) for d in DTYPES)} in its state_dict()."
+            f"tensor {key!r} ({tensor.dtype}, {tensor.layout}, on {tensor.device}) is not a "
+            f"dense tensor of a dtype safetensors stores ({sorted(DTYPES.values())}); "
+            "cast or convert it in its state_dict()."
         )
-    if tensor.layout is not torch.strided or tensor.is_quantized:
-        raise UnserializableStateError(
-            f"tensor {key!r} is {tensor.layout} (quantized={tensor.is_quantized}); only dense "
-            "tensors can be saved. Convert it with .to_dense() or .dequantize()."
-        )
-    return byte_view(tensor.detach().cpu().contiguous())
+    # a conjugate or negative view (z.conj(), z.conj().imag) holds its bytes unresolved
+    return byte_view(tensor.detach().cpu().resolve_conj().resolve_neg().contiguous())
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], int]:
@@ -126,8 +136,10 @@ def _header_entry(path: Path, key: str, info: Any, data_start: int, size: int) -
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """A byte view of a contiguous CPU tensor's memory (writable: readinto fills it)."""
-    flat = tensor.detach().reshape(-1).view(torch.uint8).numpy()
-    return memoryview(flat).cast("B")  # type: ignore[arg-type]
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() <= 1:  # contiguous, yet its one stride may be anything (x[::4] of 4)
+        flat = flat.as_strided((flat.numel(),), (1,))
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def copy_tensors(

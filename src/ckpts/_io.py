@@ -227,9 +227,11 @@ def _read_plan(fd: int, request: ReadRequest) -> tuple[list[_Region], dict[str, 
     for key, expected in request.entries.items():
         found = stored_entry(request.path, header, key, expected)
         target = request.targets.get(key)
+        # a conjugate or negative view's memory holds other values than it shows
         direct = target is not None and target.device.type == "cpu" \
             and target.is_contiguous() and target.dtype == DTYPE_NAMES[found.dtype] \
-            and tuple(target.shape) == found.shape
+            and tuple(target.shape) == found.shape \
+            and not target.is_conj() and not target.is_neg()
         tensor = target if direct and target is not None else \
             torch.empty(found.shape, dtype=DTYPE_NAMES[found.dtype])
         tensors[key] = tensor

@@ -8,6 +8,7 @@ under the reserved name ``rng``.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 
 from ckpts._codec import encode
 from ckpts._rng import RNGState
-from ckpts.errors import InvalidArgumentError
+from ckpts.errors import CheckpointError, InvalidArgumentError, UnserializableStateError
 
 RNG_NAME = "rng"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -38,7 +39,8 @@ class ObjectSnapshot:
 
     ``aliases`` maps a key whose tensor is the very same tensor as another key's
     (tied weights such as GPT-2's ``lm_head.weight``) to that other key, so the
-    data is stored once and restored tied.
+    data is stored once and restored tied. ``hf_config`` is a Hugging Face model's
+    ``config`` as transformers writes it to ``config.json`` (None for other objects).
     """
 
     kind: str
@@ -46,6 +48,7 @@ class ObjectSnapshot:
     tree: Any
     tensors: dict[str, torch.Tensor]
     aliases: dict[str, str] = field(default_factory=dict)
+    hf_config: dict[str, Any] | None = None
 
 
 class TrainState:
@@ -55,6 +58,12 @@ class TrainState:
         **objects: name -> Stateful object. Names become file names
             (``model`` -> ``model.safetensors``), so they are identifiers;
             ``rng`` is reserved for the random generators, captured automatically.
+
+    Saving calls each object's ``state_dict()``; restoring calls it too, first,
+    to check that the live object fits the checkpoint and to find the live
+    tensors the saved data goes into (docs/format.md, "Restoring in place"),
+    then ``load_state_dict()``. An exception raised inside either is re-raised
+    as a CheckpointError naming the object.
 
     Raises:
         InvalidArgumentError: an object lacks state_dict/load_state_dict, or a
@@ -96,13 +105,31 @@ class TrainState:
 
     def snapshot(self) -> dict[str, ObjectSnapshot]:
         """Capture every object's current state (tensors are referenced, not copied)."""
-        return {name: snapshot_object(obj) for name, obj in self.objects.items()}
+        return {name: snapshot_object(name, obj) for name, obj in self.objects.items()}
 
 
-def snapshot_object(obj: Stateful) -> ObjectSnapshot:
-    """Split one object's state_dict into a JSON tree and its distinct tensors."""
+def snapshot_object(name: str, obj: Stateful) -> ObjectSnapshot:
+    """Split one object's state_dict into a JSON tree and its distinct tensors.
+
+    Raises:
+        UnserializableStateError: ``state_dict()`` raised, or returned a value with
+            no pickle-free encoding; the message names the object and the key.
+    """
+    what = f"object {name!r} ({type(obj).__qualname__})"
+    try:
+        state_dict = obj.state_dict()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise UnserializableStateError(
+            f"cannot save {what}: its state_dict() raised {type(e).__name__}: {e}. "
+            "Fix the object (or leave it out of the TrainState); nothing was written."
+        ) from e
     tensors: dict[str, torch.Tensor] = {}
-    tree = encode(obj.state_dict(), tensors)
+    try:
+        tree = encode(state_dict, tensors)
+    except UnserializableStateError as e:
+        raise UnserializableStateError(f"{what}: {e}") from e
     distinct, aliases = _dedupe_tied(tensors)
     return ObjectSnapshot(
         kind=object_kind(obj),
@@ -110,7 +137,37 @@ def snapshot_object(obj: Stateful) -> ObjectSnapshot:
         tree=tree,
         tensors=distinct,
         aliases=aliases,
+        hf_config=hf_config(what, obj),
     )
+
+
+def hf_config(what: str, obj: object) -> dict[str, Any] | None:
+    """A Hugging Face model's config as transformers writes it to ``config.json``.
+
+    Recorded so that an export can write ``config.json`` without the model class.
+    Only a :class:`torch.nn.Module` whose ``config`` has ``to_dict()`` has one; the
+    config's own ``to_json_string()`` (which turns dtypes into names) is used when
+    it exists. A config that is still not strict JSON (NaN, objects) is refused.
+    """
+    config = getattr(obj, "config", None) if isinstance(obj, torch.nn.Module) else None
+    if not callable(getattr(config, "to_dict", None)):
+        return None
+    try:
+        if callable(getattr(config, "to_json_string", None)):
+            data = json.loads(config.to_json_string(use_diff=False))  # type: ignore[union-attr]
+        else:
+            data = config.to_dict()  # type: ignore[union-attr]
+        json.dumps(data, allow_nan=False)
+    except Exception as e:  # a config is user code: whatever it raises, say which object
+        raise UnserializableStateError(
+            f"cannot save {what}: its config ({type(config).__qualname__}) is not plain "
+            f"JSON ({e}); make every config value a str, number, bool, None, list or dict"
+        ) from e
+    if not isinstance(data, dict):
+        raise UnserializableStateError(
+            f"cannot save {what}: its config.to_dict() returned {type(data).__qualname__}, "
+            "not a dict")
+    return data
 
 
 def object_kind(obj: object) -> str:
@@ -134,12 +191,11 @@ def _dedupe_tied(
     distinct: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     for key, tensor in tensors.items():
-        if tensor.numel() == 0:
-            distinct[key] = tensor
-            continue
-        identity = (
+        # empty tensors have no memory to compare: only the same object is tied
+        identity: tuple[Any, ...] = ("empty", id(tensor)) if tensor.numel() == 0 else (
             tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-            tuple(tensor.shape), tensor.stride(), tensor.dtype,
+            tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.is_conj(),
+            tensor.is_neg(),
         )
         if identity in first_key:
             aliases[key] = first_key[identity]

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ckpts._checkpoint import check_compatible
+from ckpts._checkpoint import check_compatible, load_module_weights
 from ckpts._format import copy_tensors
-from ckpts._manifest import MANIFEST, manifest_tensor_entries, read_manifest
+from ckpts._manifest import MANIFEST, TensorEntry, manifest_tensor_entries, read_manifest
 from ckpts._verify import check_file
 from ckpts.errors import CorruptCheckpointError, NotACheckpointError
 
@@ -48,26 +48,69 @@ def load_weights(
         >>> model = build_model()                                   # doctest: +SKIP
         >>> ckpts.load_weights("runs/exp1/step-00000500", model)    # doctest: +SKIP
     """
+    directory, manifest = _open(checkpoint)
+    obj_name, saved = _pick_module(directory, manifest, name)
+    entries = manifest_tensor_entries(saved)
+    check_compatible(directory, obj_name, saved, model, strict=strict)  # from the manifest alone
+    _check_files(directory, manifest, entries)
+    load_module_weights(directory, obj_name, saved, model)
+
+
+def read_module_tensors(
+    checkpoint: Checkpoint | str | os.PathLike[str], *, name: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Read one saved module's tensors into a dict, with no live module and no optimizer bytes.
+
+    The module's files are hash-checked first. Tied weights (saved once, with an
+    alias) come back as the very same tensor under both keys, as ``state_dict()``
+    gives them; :func:`module_record` tells which keys are aliases.
+
+    Args:
+        checkpoint: a :class:`Checkpoint` or the path of a checkpoint directory.
+        name: which saved object to read (default as in :func:`load_weights`).
+
+    Returns:
+        ``state_dict`` key -> CPU tensor, in the saved dtype.
+
+    Raises:
+        NotACheckpointError: the path holds no committed checkpoint, or no such module.
+        CorruptCheckpointError: the module's files fail their size or hash check.
+    """
+    directory, manifest = _open(checkpoint)
+    _, saved = _pick_module(directory, manifest, name)
+    entries = manifest_tensor_entries(saved)
+    _check_files(directory, manifest, entries)
+    tensors = copy_tensors(directory, entries, {})
+    for alias, key in saved.get("aliases", {}).items():
+        tensors[alias] = tensors[key]
+    return tensors
+
+
+def module_record(
+    checkpoint: Checkpoint | str | os.PathLike[str], *, name: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The name and manifest entry of a saved module (class, aliases, ``hf_config``...)."""
+    directory, manifest = _open(checkpoint)
+    return _pick_module(directory, manifest, name)
+
+
+def _open(checkpoint: Checkpoint | str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     directory = Path(getattr(checkpoint, "path", checkpoint))  # type: ignore[arg-type]
     if not (directory / MANIFEST).is_file():
         raise NotACheckpointError(
             f"{directory} is not a checkpoint (no {MANIFEST}); pass a step-* directory "
             "of a run, e.g. manager.latest().path"
         )
-    manifest = read_manifest(directory)
-    obj_name, saved = _pick_module(directory, manifest, name)
-    entries = manifest_tensor_entries(saved)
-    check_compatible(directory, obj_name, saved, model, strict=strict)  # from the manifest alone
+    return directory, read_manifest(directory)
+
+
+def _check_files(directory: Path, manifest: dict[str, Any],
+                 entries: dict[str, TensorEntry]) -> None:
     for file_name in sorted({e.file for e in entries.values()}):
         record = manifest["files"][file_name]
         problem = check_file(directory / file_name, record["nbytes"], record["hash"])
         if problem:
             raise CorruptCheckpointError(f"cannot load weights: {problem}")
-    live = model.state_dict()
-    for alias, key in saved.get("aliases", {}).items():
-        if alias in live and key not in live:
-            live[key] = live[alias]
-    copy_tensors(directory, {k: e for k, e in entries.items() if k in live}, live)
 
 
 def _pick_module(directory: Path, manifest: dict[str, Any], name: str | None
