@@ -25,8 +25,10 @@ class TinyNet(torch.nn.Module):
 
 
 def run_contents(run: Path) -> list[str]:
-    """Names in a run directory, without the writer's lock file (small metadata)."""
-    return sorted(p.name for p in run.iterdir() if p.name != ".ckpts.lock")
+    """Names in a run directory, without the writer's lock file and the metrics history
+    (small metadata)."""
+    return sorted(p.name for p in run.iterdir()
+                  if p.name not in (".ckpts.lock", ".ckpts-history.jsonl"))
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:

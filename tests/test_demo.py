@@ -124,7 +124,9 @@ def test_demo_resumes_bit_exact_keeps_the_best_and_finds_an_earlier_best_checkpo
     assert best.metrics["val_loss"] < checkpoints[-1].metrics["val_loss"]  # overfitting
     assert float(reported[2]) < float(reported[4])
     assert re.search(rf"^ *{best.step} .* best\(val_loss\)$", listed.stdout, re.M)
-    assert f'ckpts.load_weights("{best.path}", model)' in out
+    # the closing hint uses public names only
+    assert f"ckpts export {best.path} demo-model.safetensors --format safetensors" in out
+    assert "ckpts._demo" not in out
 
 
 def test_kill_plan_interrupts_after_an_every_save_and_before_the_next_evaluation() -> None:

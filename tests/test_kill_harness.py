@@ -53,6 +53,8 @@ MIN_DELAY, MAX_DELAY = 0.05, 1.2  # seconds between the worker's "ready" and the
 READY_TIMEOUT = 120.0
 PARALLEL_WORKERS = 2
 SMALL_METADATA = 4096
+# the metrics history grows by one short line a save (a trial makes at most a few hundred)
+METADATA_LIMITS = {".ckpts-history.jsonl": 256 * 1024}
 STEP_DIR = re.compile(r"^step-\d{8}$")
 INTERRUPTED = (".tmp-", ".trash-", ".replaced-")
 
@@ -143,7 +145,7 @@ def leftovers(run: Path) -> list[str]:
             extra = {p.name for p in entry.iterdir()} - recorded - {"manifest.json"}
             found += [f"{entry.name}/{name}" for name in sorted(extra)]
         elif not (entry.is_file() and entry.name.startswith(".ckpts")
-                  and entry.stat().st_size < SMALL_METADATA):
+                  and entry.stat().st_size < METADATA_LIMITS.get(entry.name, SMALL_METADATA)):
             found.append(entry.name)
     return found
 

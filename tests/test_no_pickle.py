@@ -92,6 +92,9 @@ def not_a_pickle(path: Path) -> None:
         assert isinstance(header, dict), path
         ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
         assert 8 + length + max(ends, default=0) == len(data), path
+    elif path.suffix == ".jsonl":  # the run's metrics history: one JSON object a line
+        for line in data.splitlines():
+            json.loads(line)
     else:
         assert not data.startswith(b"\x80"), f"{path} starts like a pickle"
         json.loads(data)

@@ -132,3 +132,19 @@ def test_the_step_just_saved_is_never_ranked_out_at_once(
         record = manager.save(2, state(), metrics={"val_loss": 9.0})  # worse, and not recent
         assert record is not None and record.step == 2
         assert 2 in steps(tmp_path)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_run_restored_past_a_corrupt_newest_checkpoint_goes_on_from_there(
+        tmp_path: Path, async_save: bool) -> None:
+    with ckpts.CheckpointManager(tmp_path) as first:
+        for step in (10, 20, 30):
+            first.save(step, state())
+    damaged = tmp_path / "step-00000030" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"!")  # same size, wrong hash
+    manager = ckpts.CheckpointManager(tmp_path, keep=[ckpts.KeepLast(1)], async_save=async_save)
+    assert manager.restore(state()) == 20
+    assert steps(tmp_path) == [10, 20, 30]  # nothing deleted before a new commit
+    manager.save(21, state())
+    manager.close()
+    assert steps(tmp_path) == [21]

@@ -9,11 +9,11 @@ import os
 import shutil
 import signal
 import types
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ckpts import _history
 from ckpts._async import BackgroundWriter, Stager
 from ckpts._catalog import Checkpoint, list_checkpoints
 from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
@@ -23,6 +23,7 @@ from ckpts._manifest import MANIFEST, read_manifest, update_manifest
 from ckpts._policy import Mode, RetentionPolicy, SaveTrigger, check_mode, rank_by
 from ckpts._space import free_bytes, human_bytes, needed_bytes, write_error
 from ckpts._state import ObjectSnapshot, TrainState
+from ckpts._steps import StepOrder
 from ckpts._storage import (
     checkpoint_name,
     commit,
@@ -41,6 +42,11 @@ from ckpts.errors import (
     NotACheckpointError,
     WriteError,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from ckpts._evaluate import EvaluationProgress
 
 log = logging.getLogger("ckpts")
 
@@ -118,10 +124,8 @@ class CheckpointManager:
         self.max_shard_size = parse_size(max_shard_size)
         self.restored_from: int | None = None
         self.pending_signal: int | None = None
-        self._newest_step: int | None = None  # the run's newest committed step, once known
-        self._newest_known = False
+        self._steps = StepOrder(self.directory)
         self._cleaned = False  # the run checked for uncommitted step-* folders
-        self._branch: _Branch | None = None
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in save_on_signal}
         self._locked = False
         self._stager = Stager() if async_save else None
@@ -180,7 +184,7 @@ class CheckpointManager:
             return None
         snapshots = state.snapshot()  # refuses unserializable values before any write
         self._lock()
-        self._check_step_order(step)
+        self._steps.check(step)
         self._check_space(step, snapshots, clean_metrics)
         if self._stager is not None and self._writer is not None:
             staged = self._stager.stage(snapshots)
@@ -225,7 +229,8 @@ class CheckpointManager:
                 self._locked = False
                 release(self.directory)
                 # another process may write the run now: look at it afresh next time
-                self._newest_known = self._cleaned = False
+                self._steps.forget()
+                self._cleaned = False
 
     def _lock(self) -> None:
         """Become the run's one writer (once per manager; see ckpts._lock)."""
@@ -256,32 +261,6 @@ class CheckpointManager:
         log.warning("received signal %d: the next save() call will save and exit", signum)
         self.pending_signal = signum
 
-    def _check_step_order(self, step: int) -> None:
-        """Refuse a step older than the run's newest (or than the branch point), before
-        any byte is written: retention would delete it at once as stale."""
-        if not self._newest_known:
-            found = committed_dirs(self.directory)
-            self._newest_step = found[-1][0] if found else None
-            self._newest_known = True
-        floor = self._branch.step if self._branch is not None else self._newest_step
-        if floor is None or step >= floor:
-            return
-        if self._branch is not None:
-            raise InvalidArgumentError(
-                f"cannot save step {step} into {self.directory}: this run was branched from "
-                f"step {floor} (restore(..., discard_newer=True)), so new steps must be "
-                f">= {floor}"
-            )
-        raise InvalidArgumentError(
-            f"cannot save step {step} into {self.directory}: the run already holds step "
-            f"{floor}, and an older step would be deleted at once as stale. Nothing was "
-            "written. To continue that run, call manager.restore(state) first and count on "
-            "from the step it returns; to start over, use a new directory; to branch from an "
-            "older checkpoint on purpose, restore it with manager.restore(state, step=K, "
-            "discard_newer=True), which deletes the newer checkpoints once the first new one "
-            "is committed"
-        )
-
     def _commit(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
                 clean_metrics: dict[str, float], epoch: int | None) -> Checkpoint:
         """Write, commit atomically, then apply retention (on the writer thread if async).
@@ -309,10 +288,13 @@ class CheckpointManager:
                 raise write_error(e, step, self.directory) from e
             raise
         log.info("saved step %d to %s", step, final)
-        self._newest_step = max(step, self._newest_step or 0)
+        _history.append(self.directory, step, clean_metrics)
         try:
             checkpoint = Checkpoint.from_manifest(final, manifest)
-            self._after_commit(step)
+            self._steps.committed(step)  # ends a branch: deletes its newer steps
+            if self.restored_from is not None and step > self.restored_from:
+                self.restored_from = None  # a newer checkpoint of this process now exists
+            self._apply_retention()
         except OSError as e:
             raise WriteError(
                 f"step {step} was committed to {final}, but the clean-up after the commit "
@@ -321,35 +303,22 @@ class CheckpointManager:
             ) from e
         return checkpoint
 
-    def _after_commit(self, step: int) -> None:
-        """End a branch's newer checkpoints, end the restored-from protection, apply
-        retention: all only once the new checkpoint is durable."""
-        if self._branch is not None and step > self._branch.step:
-            branch, self._branch = self._branch, None
-            discarded = [s for s in branch.newer_steps if s != step]
-            for path in [p for s, p in committed_dirs(self.directory) if s in discarded]:
-                delete(path)
-            if discarded:
-                log.warning("branched from step %d: deleted the newer steps %s of %s",
-                            branch.step, discarded, self.directory)
-            self._newest_step = step  # every other step above the branch point is gone
-        if self.restored_from is not None and step > self.restored_from:
-            self.restored_from = None  # a newer checkpoint of this process now exists
-        # the step just saved is now the newest, which retention always keeps
-        self._apply_retention()
-
     def restore(self, state: TrainState, *, step: int | None = None,
                 missing_ok: bool = True, discard_newer: bool = False) -> int | None:
         """Load the newest intact checkpoint (or ``step``) into ``state``, in place.
 
         A checkpoint that fails verification is skipped with a warning naming it,
-        and the next newest is tried. Restoring means this process will write the
+        and the next newest is tried; the run then goes on from the one restored,
+        and the newer, corrupt ones are deleted once its next checkpoint is
+        committed (pinned ones are kept). Restoring means this process will write the
         run, so it takes the run's writer lock first: a second launch of the same
         job fails here, before it trains. (An evaluation job that only reads uses
         :func:`ckpts.load_weights` and :meth:`add_metrics`, which need no lock.)
 
-        Each object's ``state_dict()`` is called first, to check that the
-        checkpoint fits it, before anything is loaded.
+        Each object's ``state_dict()`` is called first, to check that it fits the
+        checkpoint and to find the live tensors to fill, before anything is
+        loaded; an exception there or in ``load_state_dict()`` is an
+        ``IncompatibleStateError`` naming the object.
 
         Args:
             state: the live objects to load into.
@@ -400,6 +369,7 @@ class CheckpointManager:
             available = chosen
         if discard_newer:
             self._check_unpinned(newer)
+        corrupt: list[int] = []
         for candidate_step, path in reversed(available):
             try:
                 manifest = read_manifest(path)
@@ -409,12 +379,15 @@ class CheckpointManager:
                 if step is not None:
                     raise CorruptCheckpointError(f"{path} fails verification: {e}") from e
                 log.warning("skipping corrupt checkpoint %s: %s", path, e)
+                corrupt.append(candidate_step)
                 continue
             self.restored_from = candidate_step
             if discard_newer and newer:
-                self._branch = _Branch(step=candidate_step, newer_steps=tuple(newer))
+                self._steps.branch_from(candidate_step, tuple(newer))
                 log.info("branching from step %d: steps %s go once a new step is committed",
                          candidate_step, newer)
+            elif corrupt:
+                self._branch_past_corrupt(candidate_step, corrupt)
             log.info("restored step %d from %s", candidate_step, path)
             return candidate_step
         raise CorruptCheckpointError(
@@ -437,6 +410,18 @@ class CheckpointManager:
         if foreign:
             log.warning("restore(): %s has no ckpts checkpoint, starting from scratch%s",
                         self.directory, hint)
+
+    def _branch_past_corrupt(self, step: int, corrupt: list[int]) -> None:
+        """The run goes on from ``step``; the newer, corrupt checkpoints (unless pinned)
+        are deleted once its next checkpoint is committed."""
+        pinned = {c.step for c in self.checkpoints() if c.tags}
+        doomed = tuple(sorted(s for s in corrupt if s not in pinned))
+        self._steps.branch_from(step, doomed)
+        log.warning(
+            "restored step %d of %s: the newer steps %s fail verification; the run goes on "
+            "from step %d, and they are deleted once its next checkpoint is committed%s",
+            step, self.directory, sorted(corrupt), step,
+            " (pinned ones are kept)" if len(doomed) < len(corrupt) else "")
 
     def _check_unpinned(self, steps: list[int]) -> None:
         pinned = [c.step for c in self.checkpoints() if c.step in steps and c.tags]
@@ -484,11 +469,31 @@ class CheckpointManager:
         """
         self._settle()
         checkpoint = self._committed(step)
-        merged = {**checkpoint.metrics, **_check_metrics(metrics)}
-        update_manifest(checkpoint.path, metrics=encode(merged, {}))
+        added = _check_metrics(metrics)
+        update_manifest(checkpoint.path, metrics=encode({**checkpoint.metrics, **added}, {}))
+        _history.append(self.directory, step, added)
         updated = Checkpoint.from_directory(checkpoint.path)
         self._apply_retention(if_unlocked=True)
         return updated
+
+    def evaluate(self, fn: Callable[[Any], Mapping[str, float]], *, metrics: Sequence[str],
+                 steps: Iterable[int] | None = None, model: torch.nn.Module | None = None,
+                 progress: EvaluationProgress | None = None) -> dict[int, dict[str, float]]:
+        """Evaluate committed checkpoints after the fact and attach what ``fn`` returns.
+
+        With ``model``, each checkpoint's weights (only) are loaded into it and
+        ``fn(model)`` is called; without it, ``fn(checkpoint)`` is. The returned
+        metrics are recorded with :meth:`add_metrics`, one checkpoint at a time, so
+        an interrupted evaluation resumes: a checkpoint that already has every name
+        in ``metrics`` is skipped. See :func:`ckpts._evaluate.evaluate`.
+
+        Example:
+            >>> manager.evaluate(lambda m: {"val_acc": accuracy(m)}, metrics=["val_acc"],
+            ...                  model=build_model())                      # doctest: +SKIP
+        """
+        from ckpts._evaluate import evaluate
+
+        return evaluate(self, fn, metrics=metrics, steps=steps, model=model, progress=progress)
 
     def pin(self, step: int, tag: str = "pinned") -> Checkpoint:
         """Protect a checkpoint from retention until :meth:`unpin`, under a tag.
@@ -548,7 +553,7 @@ class CheckpointManager:
         upcoming = Checkpoint(step=step, path=self.directory / checkpoint_name(step),
                               metrics=metrics)
         plan = sorted([*existing, upcoming], key=lambda c: c.step)
-        reclaimable = sum(c.nbytes for c in self._retention_plan(plan))
+        reclaimable = sum(c.nbytes for c in self._retention_plan(plan, last_saved=step))
         raise InsufficientSpaceError(
             f"not enough space in {self.directory} for step {step}: it needs about "
             f"{human_bytes(needed)}, {human_bytes(free)} is free. Retention would free "
@@ -557,13 +562,14 @@ class CheckpointManager:
             needed=needed, free=free, reclaimable=reclaimable,
         )
 
-    def _retention_plan(self, checkpoints: list[Checkpoint]) -> list[Checkpoint]:
-        """The checkpoints the policies would delete (newest, restored-from, pinned kept)."""
+    def _retention_plan(self, checkpoints: list[Checkpoint], *, last_saved: int | None
+                        ) -> list[Checkpoint]:
+        """The checkpoints the policies would delete (kept whatever they say: the newest,
+        the one restored from, the one this process saved last, pinned ones)."""
         if self.keep is None or not checkpoints:
             return []
         kept = {checkpoints[-1].step} | {c.step for c in checkpoints if c.tags}
-        if self.restored_from is not None:
-            kept.add(self.restored_from)
+        kept |= {s for s in (self.restored_from, last_saved) if s is not None}
         for policy in self.keep:
             kept |= policy.keeps(checkpoints)
         return [c for c in checkpoints if c.step not in kept]
@@ -574,7 +580,7 @@ class CheckpointManager:
         another process is the run's writer: it applies retention on its next save."""
         if self.keep is None:
             return []  # keeps everything: no need to read the run's manifests
-        removed = self._retention_plan(self.checkpoints())
+        removed = self._retention_plan(self.checkpoints(), last_saved=self._steps.last_saved)
         if removed and not dry_run:
             try:
                 self._lock()
@@ -587,14 +593,6 @@ class CheckpointManager:
                 delete(checkpoint.path)
                 log.info("retention removed step %d (%s)", checkpoint.step, checkpoint.path)
         return removed
-
-
-@dataclass(frozen=True)
-class _Branch:
-    """A restore(step=k, discard_newer=True): the newer steps to delete after a commit."""
-
-    step: int
-    newer_steps: tuple[int, ...]
 
 
 def _check_step(step: Any) -> None:

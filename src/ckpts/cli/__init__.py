@@ -13,9 +13,11 @@ from ckpts.cli import (
     check_resume,
     compare,
     demo,
+    export,
     inspection,
     listing,
     maintenance,
+    selection,
 )
 
 app = typer.Typer(
@@ -43,6 +45,10 @@ app.command("verify")(maintenance.verify)
 app.command("prune")(maintenance.prune)
 app.command("pin")(maintenance.pin)
 app.command("unpin")(maintenance.unpin)
+app.command("plot")(selection.plot)
+app.command("report")(selection.report)
+app.command("export")(export.export)
+app.command("evaluate")(export.evaluate)
 
 
 def main() -> None:

@@ -441,11 +441,17 @@ def _show_best(console: Console, *, best: ckpts.Checkpoint, last: ckpts.Checkpoi
         )
     console.print(f"  It continues {SAMPLE_PROMPT!r} as: [italic]{sample!r}[/italic]",
                   highlight=False)
-    console.print("\nLoad it for inference (reads the weights only, no optimizer state):")
+    run = best.path.parent
+    console.print("\nShip it: export its weights (never the optimizer's), or see the run:")
+    shell = (
+        f"ckpts export {best.path} demo-model.safetensors --format safetensors\n"
+        f"ckpts report {run} -o report.html   # curves, table, the recommendation and why\n"
+    )
+    console.print(Syntax(shell, "bash", theme="ansi_dark"))
+    console.print("Or load it into your model in Python (reads the model's file only):")
     code = (
-        "import ckpts\n"
-        "from ckpts._demo import build_model\n\n"
-        "model = build_model()\n"
-        f'ckpts.load_weights("{best.path}", model)\n'
+        "import ckpts\n\n"
+        f'best = ckpts.CheckpointManager("{run}").best("val_loss")\n'
+        "ckpts.load_weights(best, model)  # model: a module of the same architecture\n"
     )
     console.print(Syntax(code, "python", theme="ansi_dark"))
