@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: demo test test-long screenshots bench clean
+.PHONY: demo test test-oldest test-long screenshots bench clean
 
 .venv/.installed: pyproject.toml
 	test -d .venv || python3 -m venv .venv
@@ -23,6 +23,20 @@ test: .venv/.installed
 	.venv/bin/mypy
 	.venv/bin/pytest -q
 
+# The oldest framework releases the extras allow, in a venv of their own: CI runs the
+# integration tests on them too (`make test` has the newest).
+OLDEST := "transformers==4.57.6" "pytorch-lightning==2.6.0"
+.venv-oldest/.installed: pyproject.toml
+	test -d .venv-oldest || python3 -m venv .venv-oldest
+	.venv-oldest/bin/pip install -q --upgrade pip
+	.venv-oldest/bin/pip install -q torch==2.13.0
+	.venv-oldest/bin/pip install -q -e ".[hf,lightning]" $(OLDEST) "pytest>=8" "pytest-timeout>=2.3"
+	touch $@
+
+test-oldest: .venv-oldest/.installed
+	.venv-oldest/bin/pytest -q -p no:cacheprovider tests/test_hf_trainer.py \
+		tests/test_lightning.py tests/test_import.py tests/test_examples.py
+
 # Opt-in long mode: 200 SIGKILL trials (sync + async), 2,000 fuzz examples per target and
 # 2,000 codec round-trip examples per property.
 test-long: .venv/.installed
@@ -39,4 +53,4 @@ bench: .venv/.installed
 	$(PY) -m benchmarks.run
 
 clean:
-	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info
+	rm -rf .venv .venv-oldest .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -17,3 +19,15 @@ def test_train_resume_example_runs_and_resumes(tmp_path: Path) -> None:
     assert second.stdout.startswith("starting at step 300")
     assert "best: step" in first.stdout
     assert first.stdout.splitlines()[-1] == second.stdout.splitlines()[-1]
+
+
+def test_hf_trainer_example_runs_and_resumes(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    command = [sys.executable, str(EXAMPLES / "train_hf.py"), str(tmp_path / "run")]
+    first = subprocess.run(command, capture_output=True, text=True, check=True, timeout=180)
+    second = subprocess.run(command, capture_output=True, text=True, check=True, timeout=180)
+    assert "starting at step 0" in first.stdout
+    assert "starting at step 24" in second.stdout
+    assert first.stdout.splitlines()[-1] == second.stdout.splitlines()[-1]
+    assert first.stdout.splitlines()[-1].startswith("best: step")

@@ -35,8 +35,19 @@ from ckpts.errors import (
 if TYPE_CHECKING:
     from ckpts._catalog import Checkpoint
     from ckpts._data import ResumableLoader
+    from ckpts._importing import import_checkpoints
+    from ckpts._load_state import load_state
     from ckpts._manager import CheckpointManager
-    from ckpts._policy import Every, KeepBest, KeepEvery, KeepLast, KeepSince, OnImprovement
+    from ckpts._policy import (
+        Every,
+        KeepBest,
+        KeepEvery,
+        KeepLast,
+        KeepSince,
+        OnImprovement,
+        RetentionPolicy,
+        SaveTrigger,
+    )
     from ckpts._resume_check import ResumeCheck, check_resume
     from ckpts._state import Stateful, TrainState
     from ckpts._verify import verify
@@ -52,10 +63,14 @@ _LAZY = {
     "KeepSince": "ckpts._policy",
     "OnImprovement": "ckpts._policy",
     "ResumableLoader": "ckpts._data",
+    "RetentionPolicy": "ckpts._policy",
+    "SaveTrigger": "ckpts._policy",
     "ResumeCheck": "ckpts._resume_check",
     "Stateful": "ckpts._state",
     "TrainState": "ckpts._state",
     "check_resume": "ckpts._resume_check",
+    "import_checkpoints": "ckpts._importing",
+    "load_state": "ckpts._load_state",
     "load_weights": "ckpts._weights",
     "verify": "ckpts._verify",
 }
@@ -80,12 +95,16 @@ __all__ = [
     "ResumableLoader",
     "ResumeCheck",
     "ResumeCheckError",
+    "RetentionPolicy",
+    "SaveTrigger",
     "Stateful",
     "TrainState",
     "UnserializableStateError",
     "WriteError",
     "__version__",
     "check_resume",
+    "import_checkpoints",
+    "load_state",
     "load_weights",
     "verify",
 ]

@@ -14,6 +14,7 @@ from ckpts.cli import (
     compare,
     demo,
     export,
+    importing,
     inspection,
     listing,
     maintenance,
@@ -49,6 +50,7 @@ app.command("plot")(selection.plot)
 app.command("report")(selection.report)
 app.command("export")(export.export)
 app.command("evaluate")(export.evaluate)
+app.command("import")(importing.import_)
 
 
 def main() -> None:

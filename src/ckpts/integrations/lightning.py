@@ -1,0 +1,298 @@
+"""The Lightning CheckpointIO plugin: Lightning's checkpoints written as atomic ckpts runs.
+
+Usage (one line changes)::
+
+    trainer = L.Trainer(
+        plugins=[CkptsCheckpointIO()],
+        callbacks=[ModelCheckpoint(dirpath="runs/exp", monitor="val_loss",
+                                   save_top_k=2, save_last=True)],
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path="last")
+
+Mapping. Every ``.ckpt`` path Lightning asks for becomes a ckpts *run directory* of
+that name holding one committed checkpoint::
+
+    runs/exp/epoch=1-step=20.ckpt/step-00000020/{manifest.json, model.safetensors, ...}
+    runs/exp/last.ckpt/step-00000020/...
+
+A save commits the new step atomically (manifest last, renamed into place) and only
+then deletes the older step inside, so a ``.ckpt`` path always holds one whole
+checkpoint, whatever instant the process dies. Everything ModelCheckpoint does by
+path keeps working: its top-k and ``last`` bookkeeping, ``remove_checkpoint`` (the
+directory is renamed aside, then deleted, so it never appears half-removed),
+``file_exists`` and ``ckpt_path="last"`` (both look the path up on disk; a
+directory answers like a file), and ``save_last="link"`` (a symlink to the
+directory). ``ckpts ls runs/exp/last.ckpt`` and ``ckpts.load_weights`` read it.
+
+Contents. Lightning's checkpoint dict is stored as three objects:
+``model`` (its ``state_dict``; ``ckpts.load_weights(path, lightning_module)``
+reads it), ``optimizer`` (``optimizer_states``) and ``lightning`` (loops,
+callbacks, hyper-parameters, schedulers, epoch, versions...). Tensors go to
+safetensors files and the rest to the manifest's JSON; a value with no
+pickle-free encoding is refused with an error that names its key. Each
+checkpoint also holds every RNG (python, numpy, torch, CUDA), which Lightning
+does not save. The value ModelCheckpoint ranked a top-k checkpoint by is
+recorded as its metric (``ckpts best runs/exp/*.ckpt``-style tools can read it);
+``last.ckpt`` carries none, since Lightning does not say which score it has.
+
+Exact resume. ``load_checkpoint`` puts the RNGs back as they were when the
+checkpoint was saved. Lightning loads the checkpoint before the sanity check,
+which it runs under ``isolate_rng``, and nothing else draws random numbers
+before the fit loop resumes, so a fit killed after a checkpoint and resumed with
+``ckpt_path="last"`` continues bit-exactly (with ``seed_everything`` and
+``deterministic=True``, as Lightning needs for any reproducibility). Loading a
+checkpoint for ``validate``/``test`` restores the RNGs too.
+
+One process. Lightning saves from rank 0 only, so under DDP the checkpoint holds
+rank 0's RNGs, and every rank gets them back on load: training resumes, but not
+bit-exactly. Exact resume is for single-process fits.
+
+Adoption. ``load_checkpoint`` also reads a plain ``.ckpt`` file written by
+Lightning's own ``TorchCheckpointIO``, with ``torch.load(weights_only=True)``
+only, so a run that switches to this plugin resumes from its old ``last.ckpt``.
+
+Versions: ``pytorch-lightning`` 2.6.x (the ``lightning`` extra; 2.6.0 and 2.6.6 tested).
+Earlier releases re-run validation when resuming from an end-of-epoch checkpoint,
+which draws random numbers again, so their resume cannot be exact. The unified
+``lightning`` package has its own CheckpointIO class and is not supported yet.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ckpts._catalog import Checkpoint
+from ckpts._importing import (
+    PlainState,
+    is_lightning_checkpoint,
+    join_lightning_checkpoint,
+    read_torch_file,
+    split_lightning_checkpoint,
+)
+from ckpts._load_state import load_state
+from ckpts._manager import CheckpointManager
+from ckpts._manifest import MANIFEST
+from ckpts._policy import KeepLast
+from ckpts._rng import RNGState
+from ckpts._state import RNG_NAME, TrainState
+from ckpts.errors import (
+    InvalidArgumentError,
+    NotACheckpointError,
+    UnserializableStateError,
+)
+
+try:
+    from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "ckpts.integrations.lightning needs PyTorch Lightning: pip install 'ckpts[lightning]'"
+    ) from e
+
+log = logging.getLogger("ckpts")
+
+_REMOVING = ".ckpts-removing-"
+
+
+class CkptsCheckpointIO(CheckpointIO):
+    """Lightning CheckpointIO that writes atomic, hash-checked, pickle-free ckpts checkpoints,
+    with every RNG, for bit-exact resume.
+
+    Args:
+        async_save: return from a save once the state is copied to host memory and
+            write it on a background thread while training goes on. One save is
+            in flight at a time; the next save, a load, a removal or the end of
+            ``fit`` waits for it, and raises its error if it failed.
+        max_shard_size: split tensor files above this size (see
+            :class:`ckpts.CheckpointManager`).
+
+    Example:
+        >>> from ckpts.integrations.lightning import CkptsCheckpointIO  # doctest: +SKIP
+        >>> trainer = L.Trainer(plugins=[CkptsCheckpointIO()])         # doctest: +SKIP
+    """
+
+    def __init__(self, *, async_save: bool = False, max_shard_size: int | str = "512MB") -> None:
+        super().__init__()
+        installed = importlib.metadata.version("pytorch-lightning")
+        if _release(installed) < (2, 6):
+            log.warning("pytorch-lightning %s re-runs validation when it resumes from an "
+                        "end-of-epoch checkpoint, so resume will not be exact; install 2.6 "
+                        "(pip install 'ckpts[lightning]')", installed)
+        self.async_save = async_save
+        self.max_shard_size = max_shard_size
+        self._in_flight: CheckpointManager | None = None
+
+    def __repr__(self) -> str:
+        return f"CkptsCheckpointIO(async_save={self.async_save})"
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str],
+                        storage_options: Any | None = None) -> None:
+        """Commit Lightning's ``checkpoint`` dict as the one checkpoint of the run ``path``.
+
+        Raises:
+            InvalidArgumentError: ``storage_options`` was given (not supported).
+            UnserializableStateError: a value has no pickle-free encoding; the
+                message names its key (``lightning``'s ``hyper_parameters.x``...).
+        """
+        if storage_options is not None:
+            raise InvalidArgumentError(
+                f"{type(self).__name__} takes no storage_options (got {storage_options!r}); "
+                "call trainer.save_checkpoint(path) without them"
+            )
+        self.wait()
+        run = Path(path)
+        _sweep_removed(run.parent)
+        step = checkpoint.get("global_step", 0)
+        epoch = checkpoint.get("epoch")
+        if run.is_symlink() or run.is_file():
+            run.unlink()  # Lightning overwrites: a "last" link, or a .ckpt file of its own
+        else:
+            newest = CheckpointManager(run).latest() if run.is_dir() else None
+            if newest is not None and newest.step > step:
+                # a fresh fit writing over an older run's file: Lightning overwrites it
+                _remove_run(run)
+        state = TrainState(**{name: PlainState(value) for name, value in
+                              split_lightning_checkpoint(checkpoint).items()})
+        manager = CheckpointManager(run, keep=[KeepLast(1)], async_save=self.async_save,
+                                    max_shard_size=self.max_shard_size)
+        try:
+            manager.save(step, state, metrics=_ranked_score(checkpoint, run),
+                         epoch=epoch if type(epoch) is int and epoch >= 0 else None)
+        except UnserializableStateError as e:
+            manager.close()
+            raise UnserializableStateError(
+                f"cannot save Lightning's checkpoint to {run}: {e}") from e
+        except BaseException:
+            manager.close()
+            raise
+        if self.async_save:
+            self._in_flight = manager
+        else:
+            manager.close()
+
+    def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Read the checkpoint at ``path`` back into Lightning's dict, and put every RNG back
+        where it was when it was saved.
+
+        ``path`` is a ``.ckpt`` run written by this plugin, one of its ``step-*``
+        checkpoints, or a ``.ckpt`` file written by Lightning itself (read with
+        ``torch.load(weights_only=True)``). Tensors are returned on the CPU;
+        Lightning copies them onto the module's and optimizer's devices
+        (``map_location`` is not needed and ignored).
+
+        Raises:
+            NotACheckpointError: nothing committed at ``path``.
+            CorruptCheckpointError: a file fails its hash check.
+        """
+        self.wait()
+        target = Path(path)
+        if target.is_file():
+            data = read_torch_file(target)
+            if not is_lightning_checkpoint(data):
+                raise NotACheckpointError(f"{target} is not a Lightning checkpoint")
+            return data  # type: ignore[no-any-return]
+        checkpoint = _committed(target)
+        names = _object_names(checkpoint)
+        loaded = join_lightning_checkpoint(
+            {name: load_state(checkpoint, name) for name in names if name != RNG_NAME})
+        if RNG_NAME in names:
+            RNGState().load_state_dict(load_state(checkpoint, RNG_NAME))
+        log.info("loaded Lightning checkpoint step %d from %s", checkpoint.step, checkpoint.path)
+        return loaded
+
+    def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Remove the ``.ckpt`` at ``path``: it leaves the directory listing at once
+        (renamed aside), then its files are deleted. A symlink is removed, not its target."""
+        self.wait()
+        target = Path(path)
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        elif target.is_dir():
+            _remove_run(target)
+        else:
+            log.debug("remove_checkpoint: %s does not exist", target)
+
+    def wait(self) -> None:
+        """Block until the save in flight (with ``async_save``) is committed; raise its error."""
+        manager, self._in_flight = self._in_flight, None
+        if manager is not None:
+            manager.close()
+
+    def teardown(self) -> None:
+        """Called by Lightning at the end of ``fit``: wait for the save in flight."""
+        self.wait()
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"2.6.0.post1"`` -> ``(2, 6, 0)``: the leading numeric parts."""
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def _committed(target: Path) -> Checkpoint:
+    """The checkpoint at ``target``: a step directory itself, or a run's newest."""
+    if (target / MANIFEST).is_file():
+        return Checkpoint.from_directory(target)
+    newest = CheckpointManager(target).latest() if target.is_dir() else None
+    if newest is None:
+        raise NotACheckpointError(
+            f"{target} holds no committed checkpoint; pass a .ckpt path written by "
+            "CkptsCheckpointIO (a run directory), or a Lightning .ckpt file"
+        )
+    return newest
+
+
+def _object_names(checkpoint: Checkpoint) -> list[str]:
+    from ckpts._manifest import read_manifest
+
+    return list(read_manifest(checkpoint.path)["objects"])
+
+
+def _ranked_score(checkpoint: dict[str, Any], run: Path) -> dict[str, float]:
+    """The score a ModelCheckpoint ranked this path by, as ``{monitor: value}``."""
+    metrics: dict[str, float] = {}
+    callbacks = checkpoint.get("callbacks")
+    if not isinstance(callbacks, dict):
+        return metrics
+    here = os.path.abspath(run)
+    for callback_state in callbacks.values():
+        if not isinstance(callback_state, dict):
+            continue
+        monitor, ranked = callback_state.get("monitor"), callback_state.get("best_k_models")
+        if not isinstance(monitor, str) or not isinstance(ranked, dict):
+            continue
+        for ranked_path, score in ranked.items():
+            if os.path.abspath(str(ranked_path)) == here:
+                try:
+                    metrics[monitor] = float(score)
+                except (TypeError, ValueError, RuntimeError):
+                    log.debug("score of %s for %r is not a number: %r", run, monitor, score)
+    return metrics
+
+
+def _remove_run(run: Path) -> None:
+    """Rename a .ckpt run aside (out of every listing at once), then delete it."""
+    aside = run.parent / f"{_REMOVING}{run.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(run, aside)
+    shutil.rmtree(aside)
+
+
+def _sweep_removed(directory: Path) -> None:
+    """Finish removals a killed process left half done."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.name.startswith(_REMOVING) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
