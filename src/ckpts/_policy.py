@@ -32,7 +32,16 @@ Mode = Literal["min", "max"]
 
 
 class RetentionPolicy(Protocol):
-    """Anything that picks the steps to keep among committed checkpoints."""
+    """Anything that picks the steps to keep among committed checkpoints.
+
+    Implement ``keeps`` to write your own policy; a checkpoint survives if any
+    policy of ``CheckpointManager(keep=[...])`` keeps it.
+
+    Example:
+        >>> class KeepOdd:
+        ...     def keeps(self, checkpoints):
+        ...         return {c.step for c in checkpoints if c.step % 2}
+    """
 
     def keeps(self, checkpoints: Sequence[Checkpoint]) -> set[int]: ...
 
