@@ -3,7 +3,6 @@ import sys
 
 import ckpts
 
-
 PUBLIC = [
     "Checkpoint",
     "CheckpointError",

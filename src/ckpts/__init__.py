@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from ckpts._catalog import Checkpoint
     from ckpts._data import ResumableLoader
     from ckpts._importing import import_checkpoints
-    from ckpts._load_state import load_state
     from ckpts._manager import CheckpointManager
     from ckpts._policy import (
         Every,
@@ -51,7 +50,7 @@ if TYPE_CHECKING:
     from ckpts._resume_check import ResumeCheck, check_resume
     from ckpts._state import Stateful, TrainState
     from ckpts._verify import verify
-    from ckpts._weights import load_weights
+    from ckpts._weights import load_state, load_weights
 
 _LAZY = {
     "Checkpoint": "ckpts._catalog",
@@ -70,7 +69,7 @@ _LAZY = {
     "TrainState": "ckpts._state",
     "check_resume": "ckpts._resume_check",
     "import_checkpoints": "ckpts._importing",
-    "load_state": "ckpts._load_state",
+    "load_state": "ckpts._weights",
     "load_weights": "ckpts._weights",
     "verify": "ckpts._verify",
 }

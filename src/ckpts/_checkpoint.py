@@ -197,19 +197,26 @@ def check_compatible(
             )
 
 
+def decode_object(directory: Path, name: str, saved: Mapping[str, Any],
+                  tensors: dict[str, torch.Tensor]) -> Any:
+    """One saved object's state: its JSON tree with the tensors (already read) put back,
+    tied aliases included."""
+    for alias, key in saved.get("aliases", {}).items():
+        tensors[alias] = tensors[key]
+
+    def tensor(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise CorruptCheckpointError(
+                f"{directory}: object {name!r} refers to tensor {key!r}, which it does not list")
+        return tensors[key]
+
+    return decode(saved["tree"], tensor)
+
+
 def _load_object(directory: Path, name: str, saved: Mapping[str, Any], obj: Stateful,
                  loaded: dict[str, torch.Tensor]) -> None:
     """Hand an object its state: the tree, with the tensors already read."""
-    for alias, key in saved.get("aliases", {}).items():
-        loaded[alias] = loaded[key]
-
-    def tensor(key: str) -> torch.Tensor:
-        if key not in loaded:
-            raise CorruptCheckpointError(
-                f"{directory}: object {name!r} refers to tensor {key!r}, which it does not list")
-        return loaded[key]
-
-    state_dict = decode(saved["tree"], tensor)
+    state_dict = decode_object(directory, name, saved, loaded)
     try:
         obj.load_state_dict(state_dict)
     except CheckpointError:

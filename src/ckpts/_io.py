@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 import xxhash
@@ -41,6 +40,7 @@ from ckpts._format import (
     tensor_bytes,
 )
 from ckpts._manifest import HASH_PREFIX, FileRecord, TensorEntry
+from ckpts._parallel import run_parallel
 from ckpts.errors import CorruptCheckpointError
 
 CHUNK = 32 * 1024 * 1024
@@ -48,43 +48,6 @@ CHUNK = 32 * 1024 * 1024
 # 1.27 GB in three files with early writeback (below) took 0.64-0.83 s (medians of two
 # runs) with 2 threads and 0.64-1.03 s with 4: more threads than cores gain nothing.
 IO_THREADS = min(8, max(2, os.cpu_count() or 1))
-
-_Item = TypeVar("_Item")
-_Result = TypeVar("_Result")
-
-
-def run_parallel(work: Callable[[_Item], _Result], items: Sequence[_Item]) -> list[_Result]:
-    """``[work(x) for x in items]`` on up to IO_THREADS threads; the first failure is raised.
-
-    Plain threads rather than concurrent.futures: an async save still in flight at
-    interpreter exit must be able to finish, and executors refuse work by then.
-    """
-    results: list[_Result | None] = [None] * len(items)
-    failures: list[BaseException] = []
-    queue = iter(enumerate(items))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        while not failures:
-            with lock:
-                index, item = next(queue, (-1, None))
-            if index < 0:
-                return
-            try:
-                results[index] = work(item)  # type: ignore[arg-type]
-            except BaseException as e:  # re-raised below, on the caller's thread
-                failures.append(e)
-
-    threads = [threading.Thread(target=worker, name="ckpts-io")
-               for _ in range(min(IO_THREADS, len(items)))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise failures[0]
-    return results  # type: ignore[return-value]
-
 
 @dataclass(frozen=True)
 class _Region:
@@ -120,7 +83,7 @@ def write_files(files: Sequence[tuple[Path, Sequence[tuple[str, torch.Tensor]]]]
         if sum(len(r.view) for regions in layouts for r in regions) <= CHUNK:
             results = [job() for job in jobs]  # a small save: threads cost more than they gain
         else:
-            results = run_parallel(lambda job: job(), jobs)
+            results = run_parallel(lambda job: job(), jobs, threads=IO_THREADS)
     finally:
         for fd in fds:
             os.close(fd)
@@ -194,8 +157,9 @@ def read_files_into(requests: Sequence[ReadRequest]) -> list[dict[str, torch.Ten
         for request in requests:
             fds.append(os.open(request.path, os.O_RDONLY | os.O_CLOEXEC))
             plans.append(_read_plan(fds[-1], request))
-        run_parallel(_pread, [job for regions, _ in plans for job in _chunks(regions)])
-        digests = run_parallel(lambda plan: _hash(plan[0]), plans)
+        run_parallel(_pread, [job for regions, _ in plans for job in _chunks(regions)],
+                     threads=IO_THREADS)
+        digests = run_parallel(lambda plan: _hash(plan[0]), plans, threads=IO_THREADS)
     finally:
         for fd in fds:
             os.close(fd)

@@ -20,11 +20,11 @@ import logging
 import os
 import re
 import shutil
-import threading
 import uuid
 from pathlib import Path
 
 from ckpts._manifest import MANIFEST
+from ckpts._parallel import run_parallel
 
 log = logging.getLogger("ckpts")
 
@@ -101,29 +101,7 @@ def _make_durable(directory: Path) -> None:
     try:
         fds += [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
         fds.append(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-        pending = iter(fds)
-        lock = threading.Lock()
-        failures: list[OSError] = []
-
-        def sync_until_done() -> None:
-            while not failures:
-                with lock:
-                    fd = next(pending, None)
-                if fd is None:
-                    return
-                try:
-                    os.fsync(fd)
-                except OSError as e:  # raised below, on the caller's thread
-                    failures.append(e)
-
-        threads = [threading.Thread(target=sync_until_done, name="ckpts-fsync")
-                   for _ in range(min(len(fds), _FSYNC_THREADS))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if failures:
-            raise failures[0]
+        run_parallel(os.fsync, fds, threads=_FSYNC_THREADS)
     finally:
         for fd in fds:
             os.close(fd)

@@ -1,4 +1,9 @@
-"""Weights-only loading for inference: one module's tensors, no optimizer bytes."""
+"""Reading one saved object without a TrainState: a module's weights, or any object's state.
+
+``load_weights`` fills a live module for inference and reads no optimizer bytes;
+``load_state`` hands back one object's ``state_dict`` as plain data. Both check
+the files they read against the manifest's sizes and hashes first.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ckpts._checkpoint import check_compatible, load_module_weights
-from ckpts._format import copy_tensors
+from ckpts._checkpoint import check_compatible, decode_object, load_module_weights
+from ckpts._format import DTYPE_NAMES, copy_tensors
 from ckpts._manifest import MANIFEST, TensorEntry, manifest_tensor_entries, read_manifest
 from ckpts._verify import check_file
 from ckpts.errors import CorruptCheckpointError, NotACheckpointError
@@ -54,6 +59,57 @@ def load_weights(
     check_compatible(directory, obj_name, saved, model, strict=strict)  # from the manifest alone
     _check_files(directory, manifest, entries)
     load_module_weights(directory, obj_name, saved, model)
+
+
+def load_state(
+    checkpoint: Checkpoint | str | os.PathLike[str],
+    name: str,
+    *,
+    tensors: bool = True,
+) -> Any:
+    """Read one saved object's ``state_dict`` as plain data, building nothing.
+
+    Tuples, int dict keys, ``None`` and nan/inf come back as they were saved.
+
+    Args:
+        checkpoint: a :class:`Checkpoint` (e.g. ``manager.latest()``) or the path
+            of a checkpoint directory.
+        name: the object's name in the :class:`TrainState` it was saved from
+            (``"model"``, ``"optimizer"``, ``"rng"``...).
+        tensors: if True, tensors are read (hash-checked) as CPU tensors. If False,
+            no tensor file is opened and each tensor is a ``meta`` tensor of the
+            saved dtype and shape (``t.device.type == "meta"``), a placeholder
+            that holds no data.
+
+    Returns:
+        The object's state, as its ``state_dict()`` returned it when saved.
+
+    Raises:
+        NotACheckpointError: the path holds no committed checkpoint, or it has no
+            object called ``name`` (the message lists the objects it has).
+        CorruptCheckpointError: a tensor file of the object fails its size or
+            hash check.
+
+    Example:
+        >>> config = ckpts.load_state("runs/exp1/step-00000500", "config")  # doctest: +SKIP
+        >>> model = GPT(**config["model_args"])                              # doctest: +SKIP
+    """
+    directory, manifest = _open(checkpoint)
+    objects = manifest["objects"]
+    if name not in objects:
+        raise NotACheckpointError(
+            f"{directory} has no object named {name!r}; it holds {sorted(objects)}. "
+            "Pass one of those names"
+        )
+    saved = objects[name]
+    entries = manifest_tensor_entries(saved)
+    if tensors:
+        _check_files(directory, manifest, entries)
+        values = copy_tensors(directory, entries, {})
+    else:  # placeholders: no tensor file is opened
+        values = {key: torch.empty(entry.shape, dtype=DTYPE_NAMES[entry.dtype], device="meta")
+                  for key, entry in entries.items()}
+    return decode_object(directory, name, saved, values)
 
 
 def read_module_tensors(
@@ -110,7 +166,7 @@ def _check_files(directory: Path, manifest: dict[str, Any],
         record = manifest["files"][file_name]
         problem = check_file(directory / file_name, record["nbytes"], record["hash"])
         if problem:
-            raise CorruptCheckpointError(f"cannot load weights: {problem}")
+            raise CorruptCheckpointError(f"cannot read {directory}: {problem}")
 
 
 def _pick_module(directory: Path, manifest: dict[str, Any], name: str | None

@@ -76,12 +76,12 @@ from ckpts._importing import (
     read_torch_file,
     split_lightning_checkpoint,
 )
-from ckpts._load_state import load_state
 from ckpts._manager import CheckpointManager
 from ckpts._manifest import MANIFEST
 from ckpts._policy import KeepLast
 from ckpts._rng import RNGState
 from ckpts._state import RNG_NAME, TrainState
+from ckpts._weights import load_state
 from ckpts.errors import (
     InvalidArgumentError,
     NotACheckpointError,
