@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     import torch
 
 _FLOAT_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+# values that encode as themselves (floats are not: nan and inf need a tag)
+_SCALARS = frozenset({int, str, bool, type(None)})
 
 # composite kind -> the names of its parts, in order
 _PARTS: dict[str, tuple[str, ...]] = {
@@ -113,10 +115,12 @@ class _Encoder:
             return {"__float__": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
         if _is_tensor(value):
             return self._tensor(value, path)
-        if kind is tuple:
-            return {"__tuple__": [self.encode(v, _join(path, i)) for i, v in enumerate(value)]}
-        if kind is list:
-            return [self.encode(v, _join(path, i)) for i, v in enumerate(value)]
+        if kind is tuple or kind is list:
+            if all(type(v) in _SCALARS for v in value):  # e.g. python's RNG state: 625 ints
+                items = list(value)
+            else:
+                items = [self.encode(v, _join(path, i)) for i, v in enumerate(value)]
+            return {"__tuple__": items} if kind is tuple else items
         if isinstance(value, Mapping):
             items = [(k, self.encode(v, _join(path, k))) for k, v in value.items()]
             if all(type(k) is str and not k.startswith("__") for k, _ in items):
