@@ -54,3 +54,12 @@ def test_restore_with_missing_ok_false_on_an_empty_run(
         assert caplog.text == ""
         with pytest.raises(ckpts.NotACheckpointError, match="missing_ok=True"):
             manager.restore(state(), missing_ok=False)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/run", "memory://run", "file:///tmp/run"])
+def test_a_url_is_refused_instead_of_becoming_a_local_folder(
+        tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ckpts.InvalidArgumentError, match="is a URL"):
+        ckpts.CheckpointManager(url)
+    assert list(tmp_path.iterdir()) == []  # no folder named 's3:' or 'memory:'

@@ -6,6 +6,7 @@ import datetime
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import types
@@ -96,6 +97,12 @@ class CheckpointManager:
         async_save: bool = False,
         max_shard_size: int | str = "512MB",
     ) -> None:
+        if isinstance(directory, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", directory):
+            raise InvalidArgumentError(
+                f"{directory!r} is a URL, and this version of ckpts writes only to local "
+                "(or mounted) directories; nothing was written. Use a local path, or mount the "
+                "store (e.g. with s3fs-fuse) and pass the mount point"
+            )
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
