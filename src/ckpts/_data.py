@@ -122,10 +122,17 @@ class ResumableLoader:
             has ``in_order=False``.
 
     Example:
-        >>> loader = ResumableLoader(DataLoader(dataset, batch_size=32, shuffle=True))
-        >>> for batch in loader:
-        ...     state = loader.state_dict()  # save it with the model and torch.get_rng_state()
-        >>> loader.load_state_dict(state)  # in a new process: continues after that batch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> dataset = TensorDataset(torch.arange(64.0))
+        >>> loader = ResumableLoader(DataLoader(dataset, batch_size=8, shuffle=True))
+        >>> for step, batch in enumerate(loader):
+        ...     if step == 2:
+        ...         state = loader.state_dict()  # saved with the model and the RNGs
+        ...         break
+        >>> resumed = ResumableLoader(DataLoader(dataset, batch_size=8, shuffle=True))
+        >>> resumed.load_state_dict(state)  # in a new process: continues after that batch
+        >>> len(list(resumed))
+        5
     """
 
     def __init__(self, dataloader: DataLoader[Any]) -> None:
@@ -211,9 +218,13 @@ class ResumableLoader:
         Values are ints, None and uint8 tensors. Call it any time, also inside the loop.
 
         Example:
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> loader = ResumableLoader(DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2))
+            >>> batches = iter(loader)
+            >>> _ = next(batches), next(batches)
             >>> state = loader.state_dict()
             >>> state["epoch"], state["batches_yielded"]
-            (0, 17)
+            (0, 2)
         """
         epoch, batches, started = self._position()
         # between epochs, the generators' current states are where the next epoch starts
@@ -235,10 +246,15 @@ class ResumableLoader:
                 more batches than it has); nothing is changed.
 
         Example:
-            >>> loader.load_state_dict(state)
-            >>> torch.set_rng_state(saved_global_rng)
-            >>> for batch in loader:  # the batches after the saved one
-            ...     pass
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> data = DataLoader(TensorDataset(torch.arange(8.0)), batch_size=2)
+            >>> first = ResumableLoader(data)
+            >>> batches = iter(first)
+            >>> _ = next(batches), next(batches), next(batches)
+            >>> loader = ResumableLoader(data)
+            >>> loader.load_state_dict(first.state_dict())  # 3 batches were seen
+            >>> [batch[0].tolist() for batch in loader]  # the batches after them
+            [[6.0, 7.0]]
         """
         if not isinstance(state, Mapping):
             raise InvalidArgumentError(
