@@ -195,14 +195,15 @@ class CheckpointManager:
         self._check_space(step, snapshots, clean_metrics)
         if self._stager is not None and self._writer is not None:
             staged = self._stager.stage(snapshots)
-            self._writer.submit(lambda: self._commit(step, staged, clean_metrics, epoch),
-                                name=f"ckpts-save-{step}")
             checkpoint = Checkpoint(
                 step=step, path=self.directory / checkpoint_name(step), metrics=clean_metrics,
                 created=datetime.datetime.now(datetime.timezone.utc), epoch=epoch,
                 nbytes=sum(t.numel() * t.element_size() for s in staged.values()
                            for t in s.tensors.values()),
             )
+            # last: once the writer thread runs, it competes with this one for the GIL
+            self._writer.submit(lambda: self._commit(step, staged, clean_metrics, epoch),
+                                name=f"ckpts-save-{step}")
         else:
             checkpoint = self._commit(step, snapshots, clean_metrics, epoch)
         for trigger in self.triggers:
