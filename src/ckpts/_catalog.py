@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 from ckpts._codec import decode
 from ckpts._manifest import read_manifest
 from ckpts._storage import committed_dirs, parse_step
-from ckpts.errors import CheckpointError, CorruptCheckpointError
+from ckpts.errors import CheckpointError, CorruptCheckpointError, InvalidArgumentError
 
 log = logging.getLogger("ckpts")
 
@@ -108,3 +110,23 @@ def _size_mismatch(files: dict[str, Any], sizes: dict[str, int]) -> str | None:
 
 def _no_tensors(key: str) -> Any:
     raise CorruptCheckpointError(f"metrics reference a tensor ({key!r}); the manifest is damaged")
+
+
+def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """Metrics as given to save() or add_metrics(), as a dict of str -> float (NaN kept)."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise InvalidArgumentError(f"metrics must be a dict of name -> number, got {metrics!r}")
+    clean = {}
+    for name, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InvalidArgumentError(
+                f"metric {name!r} = {value!r} is not a number; pass e.g. loss.item()"
+            ) from e
+        if type(name) is not str:
+            raise InvalidArgumentError(f"metric names must be str, got {name!r}")
+        clean[name] = number if not math.isnan(number) else math.nan
+    return clean

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import os
 import re
 import shutil
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckpts import _history
 from ckpts._async import BackgroundWriter, Stager
-from ckpts._catalog import Checkpoint, list_checkpoints
+from ckpts._catalog import Checkpoint, check_metrics, list_checkpoints
 from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
 from ckpts._codec import encode
 from ckpts._lock import acquire, release
@@ -24,7 +23,7 @@ from ckpts._manifest import MANIFEST, read_manifest, update_manifest
 from ckpts._policy import Mode, RetentionPolicy, SaveTrigger, check_mode, rank_by
 from ckpts._space import free_bytes, human_bytes, needed_bytes, write_error
 from ckpts._state import ObjectSnapshot, TrainState
-from ckpts._steps import StepOrder
+from ckpts._steps import StepOrder, check_step
 from ckpts._storage import (
     checkpoint_name,
     commit,
@@ -175,13 +174,13 @@ class CheckpointManager:
                 ``save()``, ``wait()`` or ``close()``, with the same message.
             LockedError: another process writes to the run.
         """
-        _check_step(step)
+        check_step(step)
         if not isinstance(state, TrainState):
             raise InvalidArgumentError(
                 f"save() needs a ckpts.TrainState, got {type(state).__qualname__}; "
                 "wrap your objects: TrainState(model=model, optimizer=optimizer)"
             )
-        clean_metrics = _check_metrics(metrics)
+        clean_metrics = check_metrics(metrics)
         if epoch is not None and (type(epoch) is not int or epoch < 0):
             raise InvalidArgumentError(f"epoch must be an int >= 0 or None, got {epoch!r}")
         if self._writer is not None:
@@ -354,7 +353,7 @@ class CheckpointManager:
                 f"restore() needs a ckpts.TrainState, got {type(state).__qualname__}"
             )
         if step is not None:
-            _check_step(step)
+            check_step(step)
         if discard_newer and step is None:
             raise InvalidArgumentError(
                 "restore(discard_newer=True) needs step=K: the older checkpoint to branch from"
@@ -477,7 +476,7 @@ class CheckpointManager:
         """
         self._settle()
         checkpoint = self._committed(step)
-        added = _check_metrics(metrics)
+        added = check_metrics(metrics)
         update_manifest(checkpoint.path, metrics=encode({**checkpoint.metrics, **added}, {}))
         _history.append(self.directory, step, added)
         updated = Checkpoint.from_directory(checkpoint.path)
@@ -541,7 +540,7 @@ class CheckpointManager:
             self._writer.join()
 
     def _committed(self, step: int) -> Checkpoint:
-        _check_step(step)
+        check_step(step)
         for checkpoint in self.checkpoints():
             if checkpoint.step == step:
                 return checkpoint
@@ -601,27 +600,3 @@ class CheckpointManager:
                 delete(checkpoint.path)
                 log.info("retention removed step %d (%s)", checkpoint.step, checkpoint.path)
         return removed
-
-
-def _check_step(step: Any) -> None:
-    if type(step) is not int or step < 0:
-        raise InvalidArgumentError(f"step must be an int >= 0, got {step!r}")
-
-
-def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise InvalidArgumentError(f"metrics must be a dict of name -> number, got {metrics!r}")
-    clean = {}
-    for name, value in metrics.items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise InvalidArgumentError(
-                f"metric {name!r} = {value!r} is not a number; pass e.g. loss.item()"
-            ) from e
-        if type(name) is not str:
-            raise InvalidArgumentError(f"metric names must be str, got {name!r}")
-        clean[name] = number if not math.isnan(number) else math.nan
-    return clean

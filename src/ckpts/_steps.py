@@ -95,3 +95,9 @@ class StepOrder:
         """The writer lock was released: another process may change the run."""
         self._known = False
         self.last_saved = None
+
+
+def check_step(step: object) -> None:
+    """Refuse anything but an int >= 0 as a step."""
+    if type(step) is not int or step < 0:
+        raise InvalidArgumentError(f"step must be an int >= 0, got {step!r}")
