@@ -56,7 +56,7 @@ def write_checkpoint(
     (last). Returns the manifest."""
     files: dict[str, FileRecord] = {}
     objects: dict[str, Any] = {}
-    placements = {name: _plan_shards(name, snap.tensors, max_shard_size)
+    placements = {name: plan_shards(name, snap.tensors, max_shard_size)
                   for name, snap in snapshots.items()}
     jobs = [(f, [(k, snapshots[name].tensors[k]) for k in keys])
             for name, placement in placements.items() for f, keys in placement.items()]
@@ -371,7 +371,7 @@ def _listed(lines: list[str]) -> list[str]:
     return [*lines[:MAX_LISTED], f"  … and {len(lines) - MAX_LISTED} more"]
 
 
-def _plan_shards(name: str, tensors: Mapping[str, torch.Tensor], max_shard_size: int
+def plan_shards(name: str, tensors: Mapping[str, torch.Tensor], max_shard_size: int
                  ) -> dict[str, list[str]]:
     """Group keys into files of at most ``max_shard_size`` bytes and of about equal size
     (a bigger tensor gets its own file), so threads write them side by side. Within a

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.filesize import decimal
+
 from ckpts import _history
 from ckpts._async import BackgroundWriter, Stager
 from ckpts._catalog import Checkpoint, check_metrics, list_checkpoints
@@ -21,7 +23,7 @@ from ckpts._codec import encode
 from ckpts._lock import acquire, release
 from ckpts._manifest import MANIFEST, read_manifest, update_manifest
 from ckpts._policy import Mode, RetentionPolicy, SaveTrigger, check_mode, rank_by
-from ckpts._space import free_bytes, human_bytes, needed_bytes, write_error
+from ckpts._space import free_bytes, needed_bytes, write_error
 from ckpts._state import ObjectSnapshot, TrainState
 from ckpts._steps import StepOrder, check_step
 from ckpts._storage import (
@@ -563,8 +565,8 @@ class CheckpointManager:
         reclaimable = sum(c.nbytes for c in self._retention_plan(plan, last_saved=step))
         raise InsufficientSpaceError(
             f"not enough space in {self.directory} for step {step}: it needs about "
-            f"{human_bytes(needed)}, {human_bytes(free)} is free. Retention would free "
-            f"{human_bytes(reclaimable)} once a new checkpoint is committed; free space first "
+            f"{decimal(needed)}, {decimal(free)} is free. Retention would free "
+            f"{decimal(reclaimable)} once a new checkpoint is committed; free space first "
             f"(e.g. `ckpts prune {self.directory} --keep-last N`) or keep fewer checkpoints",
             needed=needed, free=free, reclaimable=reclaimable,
         )

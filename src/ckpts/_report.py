@@ -17,6 +17,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from rich.filesize import decimal
+
 from ckpts._catalog import Checkpoint, list_checkpoints
 from ckpts._curves import Curve, Point, Recommendation, metric_curve, recommend
 from ckpts._policy import Mode
@@ -204,7 +206,7 @@ def _table(checkpoints: Sequence[Checkpoint], curves: Sequence[Curve], *,
         css = "kept recommended" if c.step == recommended else "kept"
         rows.append(f'<tr class="{css}" data-step="{c.step}"><td>{c.step}</td>'
                     f'<td class="left">{c.created.strftime("%Y-%m-%d %H:%M:%S")}</td>'
-                    f"<td>{_age(now - c.created)}</td><td>{_bytes(c.nbytes)}</td>"
+                    f"<td>{_age(now - c.created)}</td><td>{decimal(c.nbytes)}</td>"
                     f"<td>{'' if c.epoch is None else c.epoch}</td>{cells}"
                     f'<td class="left">{badges}</td></tr>')
     rows.append("</tbody></table>")
@@ -230,12 +232,12 @@ def _disk(run: Path, checkpoints: Sequence[Checkpoint], curves: Sequence[Curve])
     deleted = {p.step for curve in curves for p in curve.points if not p.kept}
     pinned = [c.step for c in checkpoints if c.tags]
     try:
-        free = _bytes(shutil.disk_usage(run).free)
+        free = decimal(shutil.disk_usage(run).free)
     except OSError:
         free = "unknown"
     items = [
         f"{len(checkpoints)} checkpoint{'s' if len(checkpoints) != 1 else ''} kept, "
-        f"{_bytes(total)} in all (largest: step {largest.step}, {_bytes(largest.nbytes)})",
+        f"{decimal(total)} in all (largest: step {largest.step}, {decimal(largest.nbytes)})",
         f"{len(deleted)} deleted step{'s' if len(deleted) != 1 else ''} known from the "
         "metrics history" if deleted else "no deleted steps recorded in the metrics history",
         f"always kept: the latest (step {checkpoints[-1].step})"
@@ -278,15 +280,6 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 def _number(value: float | None) -> str:
     return "" if value is None else ("NaN" if math.isnan(value) else f"{value:.4g}")
-
-
-def _bytes(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{nbytes} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"
 
 
 def _age(delta: datetime.timedelta) -> str:

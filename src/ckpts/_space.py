@@ -39,13 +39,3 @@ def write_error(error: OSError, step: int, directory: Path) -> CheckpointError:
         f"writing step {step} to {directory} failed: {error}. The partial checkpoint was "
         "removed and earlier ones are intact; check the disk, then save again"
     )
-
-
-def human_bytes(nbytes: int) -> str:
-    """``1234567`` -> ``"1.2 MB"`` (decimal units, as ``ckpts du`` prints them)."""
-    value = float(nbytes)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000:
-            return f"{value:.1f} {unit}" if unit != "B" else f"{nbytes} B"
-        value /= 1000
-    return f"{value:.1f} TB"

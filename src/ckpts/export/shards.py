@@ -1,10 +1,11 @@
 """Plain safetensors weights for export: one file, or shards plus the Hugging Face index.
 
-Shards are named as ``save_pretrained`` names them (``model-00001-of-00003.safetensors``
-and ``model.safetensors.index.json``), filled in ``state_dict`` order up to the
-shard size. Each file is written tensor by tensor (so the progress callback moves
-and no second copy of the model is built) through the same header encoder the
-checkpoints use, into a temporary name renamed into place when complete.
+Shards are planned as a checkpoint's are (files of about equal size, at most the
+shard size) and named as ``save_pretrained`` names them
+(``model-00001-of-00003.safetensors`` and ``model.safetensors.index.json``). Each
+file is written tensor by tensor (so the progress callback moves and no second
+copy of the model is built) through the same header encoder the checkpoints use,
+into a temporary name renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ckpts._checkpoint import plan_shards
 from ckpts._format import encode_header, tensor_bytes
 
 Progress = Callable[[int], None]  # called with the bytes just written
@@ -25,37 +27,20 @@ def write_weights(tensors: Mapping[str, torch.Tensor], directory: Path, *, stem:
                   max_shard_size: int, progress: Progress | None = None) -> list[Path]:
     """Write ``tensors`` as ``<stem>.safetensors``, or as shards plus
     ``<stem>.safetensors.index.json`` above ``max_shard_size`` bytes. Returns the files."""
-    shards = _plan(tensors, max_shard_size)
-    if len(shards) == 1:
-        names = [f"{stem}.safetensors"]
-    else:
-        names = [f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-                 for i in range(1, len(shards) + 1)]
+    # file name -> keys (an object without tensors still gets its one, empty, file)
+    shards = plan_shards(stem, tensors, max_shard_size) or {f"{stem}.safetensors": []}
     written = []
-    for name, keys in zip(names, shards, strict=True):
+    for name, keys in shards.items():
         written.append(_write_file(directory / name, [(k, tensors[k]) for k in keys], progress))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
-            "weight_map": {k: name for name, keys in zip(names, shards, strict=True)
-                           for k in keys},
+            "weight_map": {k: name for name, keys in shards.items() for k in keys},
         }
         index_path = directory / f"{stem}.safetensors.index.json"
         index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         written.append(index_path)
     return written
-
-
-def _plan(tensors: Mapping[str, torch.Tensor], max_shard_size: int) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, tensor in tensors.items():
-        if shards[-1] and size + _nbytes(tensor) > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += _nbytes(tensor)
-    return shards
 
 
 def _write_file(path: Path, items: list[tuple[str, torch.Tensor]],
