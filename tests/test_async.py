@@ -15,6 +15,7 @@ import torch
 
 import ckpts
 from conftest import TinyNet, run_contents, train_steps
+from faulty_storage import FaultyStorage, raising
 
 
 def test_state_changed_right_after_save_is_not_in_the_checkpoint(tmp_path: Path) -> None:
@@ -31,23 +32,17 @@ def test_state_changed_right_after_save_is_not_in_the_checkpoint(tmp_path: Path)
     assert torch.equal(fresh.weight, torch.ones(256, 256))
 
 
-def test_a_writer_failure_surfaces_on_the_next_call(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import ckpts._manager
-
-    manager = ckpts.CheckpointManager(tmp_path, async_save=True)
+def test_a_writer_failure_surfaces_on_the_next_call(tmp_path: Path) -> None:
+    storage = FaultyStorage(tmp_path)
+    manager = ckpts.CheckpointManager(storage, async_save=True)
     state = ckpts.TrainState(model=torch.nn.Linear(2, 2))
     manager.save(1, state)
     manager.wait()
-
-    def disk_on_fire(*args: object, **kwargs: object) -> None:
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(ckpts._manager, "write_checkpoint", disk_on_fire)
+    storage.hooks["write"] = raising(OSError(5, "Input/output error"))
     manager.save(2, state)  # returns: the failure happens in the background
     with pytest.raises(ckpts.CheckpointError, match="Input/output error"):
         manager.save(3, state)
-    monkeypatch.undo()
+    del storage.hooks["write"]
     manager.wait()  # raised once only
     assert [c.step for c in manager.checkpoints()] == [1]
     assert run_contents(tmp_path) == ["step-00000001"]  # no partial data
@@ -56,13 +51,11 @@ def test_a_writer_failure_surfaces_on_the_next_call(tmp_path: Path,
     assert [c.step for c in manager.checkpoints()] == [1, 4]
 
 
-def test_wait_and_close_raise_the_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ckpts._manager
-
-    monkeypatch.setattr(ckpts._manager, "write_checkpoint",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+def test_wait_and_close_raise_the_failure(tmp_path: Path) -> None:
     for finish in ("wait", "close"):
-        manager = ckpts.CheckpointManager(tmp_path / finish, async_save=True)
+        storage = FaultyStorage(tmp_path / finish)
+        storage.hooks["write"] = raising(OSError(28, "No space left"))
+        manager = ckpts.CheckpointManager(storage, async_save=True)
         manager.save(1, ckpts.TrainState(model=torch.nn.Linear(2, 2)))
         with pytest.raises(ckpts.CheckpointError, match="No space left"):
             getattr(manager, finish)()
@@ -86,19 +79,11 @@ def test_two_quick_saves_both_commit_in_order(tmp_path: Path) -> None:
         assert torch.equal(fresh.weight, torch.full((512, 512), float(checkpoint.step)))
 
 
-def test_latest_moves_only_when_the_checkpoint_is_durable(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import ckpts._manager
-
+def test_latest_moves_only_when_the_checkpoint_is_durable(tmp_path: Path) -> None:
     release = threading.Event()
-    real_commit = ckpts._manager.commit
-
-    def slow_commit(staging: Path, step: int) -> Path:
-        release.wait(timeout=30)
-        return real_commit(staging, step)
-
-    monkeypatch.setattr(ckpts._manager, "commit", slow_commit)
-    manager = ckpts.CheckpointManager(tmp_path, async_save=True)
+    storage = FaultyStorage(tmp_path)
+    storage.hooks["commit"] = lambda: release.wait(timeout=30) and None
+    manager = ckpts.CheckpointManager(storage, async_save=True)
     manager.save(1, ckpts.TrainState(model=torch.nn.Linear(2, 2)))
     time.sleep(0.2)
     assert manager.latest() is None

@@ -533,8 +533,9 @@ def test_load_weights_refuses_a_file_whose_header_disagrees_with_the_manifest(
 ) -> None:
     """The file says fc.weight is [4, 3], the manifest [3, 4]: same bytes, other tensor.
 
-    The manifest records the file's real size and hash (as a writer with another
-    idea of the layout would), so only the header comparison can catch it.
+    The manifest records the file's real size and the hashes of its header and
+    tensors (as a writer with another idea of the layout would), so only the header
+    comparison can catch it.
     """
     run = damaged_copy(base, tmp_path)
     path = run / NAME / "model.safetensors"
@@ -544,7 +545,12 @@ def test_load_weights_refuses_a_file_whose_header_disagrees_with_the_manifest(
     hostile = struct.pack("<Q", len(raw_header)) + raw_header + body
     path.write_bytes(hostile)
     manifest = json.loads((run / NAME / "manifest.json").read_bytes())
-    manifest["files"]["model.safetensors"] = {"nbytes": len(hostile), "hash": hash_of(hostile)}
+    data_start = 8 + len(raw_header)
+    shift = data_start - manifest["files"]["model.safetensors"]["header"]
+    manifest["files"]["model.safetensors"] = {
+        "nbytes": len(hostile), "header": data_start, "hash": hash_of(hostile[:data_start])}
+    for entry in manifest["objects"]["model"]["tensors"].values():
+        entry["offsets"] = [offset + shift for offset in entry["offsets"]]
     (run / NAME / "manifest.json").write_text(json.dumps(manifest))
     assert any("fc.weight" in problem for problem in ckpts.verify(run / NAME))
     _, model = build()

@@ -25,6 +25,7 @@ import ckpts
 from ckpts import _history
 from ckpts._catalog import list_checkpoints
 from ckpts._curves import metric_curve, recommend
+from ckpts._local import LocalStorage
 from ckpts._report import write_report
 from ckpts.cli import app
 
@@ -67,11 +68,11 @@ def test_curve_without_a_history_shows_only_kept_checkpoints(tmp_path: Path) -> 
 
 
 def test_history_skips_a_torn_line_and_keeps_nan(tmp_path: Path) -> None:
-    _history.append(tmp_path, 5, {"loss": 1.0, "acc": math.nan})
+    _history.append(LocalStorage(tmp_path), 5, {"loss": 1.0, "acc": math.nan})
     with open(tmp_path / _history.HISTORY, "a") as f:
         f.write('{"step": 6, "metr')  # a crash mid-append
-    _history.append(tmp_path, 7, {"loss": 0.5})
-    _history.append(tmp_path, 5, {"loss": 0.9})
+    _history.append(LocalStorage(tmp_path), 7, {"loss": 0.5})
+    _history.append(LocalStorage(tmp_path), 5, {"loss": 0.9})
     found = _history.read(tmp_path)
     assert list(found) == [5, 7]
     assert found[5]["loss"] == 0.9 and math.isnan(found[5]["acc"])
@@ -94,7 +95,7 @@ def test_recommendation_says_when_the_best_is_the_latest_or_was_deleted(tmp_path
     assert "it is the latest step, so the metric may still be improving" in advice.reason
     other = tmp_path / "other"
     make_run(other, {10: 1.0, 20: 2.0, 30: 3.0, 40: 4.0})
-    _history.append(other, 5, {"val_loss": 0.5})  # an evaluated step deleted long ago
+    _history.append(LocalStorage(other), 5, {"val_loss": 0.5})  # an evaluated step deleted long ago
     advice = recommend(other, "val_loss", "min", checkpoints=list_checkpoints(other))
     assert advice is not None and advice.checkpoint.step == 10
     assert "deleted step 5 scored better (0.5) but its weights are gone" in advice.reason

@@ -157,10 +157,10 @@ def test_eio_while_writing_raises_and_leaves_earlier_checkpoints(
 READER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from ckpts._storage import committed_dirs
+    from ckpts._local import LocalStorage
     run, deadline, seen, bad = Path(sys.argv[1]), time.monotonic() + float(sys.argv[2]), 0, 0
     while time.monotonic() < deadline:
-        for _, path in committed_dirs(run):
+        for path in [run / entry.name for entry in LocalStorage(run).committed()]:
             try:
                 manifest = json.loads((path / "manifest.json").read_text())
                 present = set(os.listdir(path))

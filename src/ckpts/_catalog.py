@@ -1,11 +1,11 @@
 """The committed checkpoints of a run, read from their manifests alone (no torch).
 
-Listing a run (``CheckpointManager.checkpoints()``, ``ckpts ls``) reads only the
-small ``manifest.json`` of each checkpoint and one directory scan, so it stays
-fast for thousands of checkpoints and never imports torch. The scan that sums a
-checkpoint's size also checks each file's size against the manifest, at no extra
-cost: a checkpoint whose files were truncated, overwritten or removed is marked
-``damaged`` (a full check of the contents is ``ckpts verify``).
+Listing a run (``CheckpointManager.checkpoints()``, ``ckpts ls``) costs the
+storage's listing and one read of each small ``manifest.json``, so it stays fast
+for thousands of checkpoints, on a disk or an object store, and never imports
+torch. The listing also gives each file's size, checked against the manifest at
+no extra cost: a checkpoint whose files were truncated, overwritten or removed is
+marked ``damaged`` (a full check of the contents is ``ckpts verify``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from ckpts._codec import decode
-from ckpts._manifest import read_manifest
-from ckpts._storage import committed_dirs, parse_step
-from ckpts.errors import CheckpointError, CorruptCheckpointError, InvalidArgumentError
+from ckpts._manifest import parse_manifest, read_manifest
+from ckpts._parallel import run_parallel
+from ckpts._storage import MANIFEST, Listed, Storage, open_storage, parse_step, split_checkpoint
+from ckpts.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+)
 
 log = logging.getLogger("ckpts")
 
@@ -33,7 +38,8 @@ class Checkpoint:
 
     Attributes:
         step: the training step it was saved at.
-        path: its directory.
+        path: where it is: a local directory (a ``Path``), or a URL (a ``str``,
+            e.g. ``"s3://bucket/run/step-00000500"``).
         metrics: every metric attached to it (NaN allowed).
         created: when it was committed (UTC).
         nbytes: bytes on disk, manifest included.
@@ -41,33 +47,45 @@ class Checkpoint:
         tags: pin tags.
         damaged: None when every file has the size its manifest records; otherwise
             what is wrong with the first file that does not (missing, resized).
+        storage: the run's storage, which readers such as ``load_weights`` use.
     """
 
     step: int
-    path: Path
+    path: Path | str
     metrics: dict[str, float] = field(default_factory=dict)
     created: datetime.datetime = datetime.datetime.min
     nbytes: int = 0
     epoch: int | None = None
     tags: tuple[str, ...] = ()
     damaged: str | None = None
+    storage: Storage | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        """Its folder name in the run, e.g. ``step-00000500``."""
+        return self.path.name if isinstance(self.path, Path) else self.path.rsplit("/", 1)[-1]
 
     @classmethod
-    def from_directory(cls, path: Path) -> Checkpoint:
-        """Read a committed checkpoint's manifest (and nothing else)."""
-        return cls.from_manifest(path, read_manifest(path))
+    def from_directory(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        """Read a committed checkpoint's manifest (and nothing else); a path or URL."""
+        storage, name = open_checkpoint(path)
+        return cls.from_manifest(storage, name, read_manifest(storage, name))
 
     @classmethod
-    def from_manifest(cls, path: Path, manifest: dict[str, Any]) -> Checkpoint:
-        """The record of the checkpoint at ``path`` whose checked manifest is given."""
-        if parse_step(path.name) not in (None, manifest["step"]):
+    def from_manifest(cls, storage: Storage, name: str, manifest: dict[str, Any],
+                      sizes: Mapping[str, int] | None = None) -> Checkpoint:
+        """The record of checkpoint ``name`` whose checked manifest is given (``sizes``:
+        its files' sizes, when a listing already has them)."""
+        where = storage.where(name)
+        if parse_step(name) not in (None, manifest["step"]):
             raise CorruptCheckpointError(
-                f"{path}: the manifest says step {manifest['step']}, the directory name another")
-        sizes = _file_sizes(path)
+                f"{where}: the manifest says step {manifest['step']}, the folder name another")
+        sizes = storage.sizes(name) if sizes is None else sizes
         try:
             return cls(
                 step=manifest["step"],
-                path=path,
+                path=Path(where) if is_local(storage) else where,
+                storage=storage,
                 metrics=decode(manifest.get("metrics", {}), _no_tensors),
                 created=datetime.datetime.fromisoformat(manifest["created"]),
                 nbytes=sum(sizes.values()),
@@ -76,29 +94,47 @@ class Checkpoint:
                 damaged=_size_mismatch(manifest["files"], sizes),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise CorruptCheckpointError(f"{path}: malformed manifest field ({e})") from e
+            raise CorruptCheckpointError(f"{where}: malformed manifest field ({e})") from e
 
 
-def list_checkpoints(run: Path) -> list[Checkpoint]:
-    """Committed checkpoints of a run, ascending by step; unreadable ones are skipped."""
-    if not run.is_dir():
-        return []
-    found = []
-    for _, path in committed_dirs(run):
+def list_checkpoints(run: Storage | str | os.PathLike[str]) -> list[Checkpoint]:
+    """Committed checkpoints of a run, ascending by step; unreadable ones are skipped
+    with a warning. Costs one listing and one manifest read per checkpoint (the
+    reads run in parallel on an object store)."""
+    storage = open_storage(run)
+    listed = sorted(storage.committed(), key=lambda entry: entry.step)
+    threads = 1 if is_local(storage) else 16
+
+    def record(entry: Listed) -> Checkpoint | None:
+        where = f"{storage.where(entry.name)}/{MANIFEST}"
         try:
-            found.append(Checkpoint.from_directory(path))
+            manifest = parse_manifest(storage.read(entry.name, MANIFEST), where)
+            return Checkpoint.from_manifest(storage, entry.name, manifest, entry.sizes)
         except (CheckpointError, OSError) as e:
-            log.warning("ignoring %s: %s", path, e)
-    return found
+            log.warning("ignoring %s: %s", storage.where(entry.name), e)
+            return None
+
+    return [c for c in run_parallel(record, listed, threads=threads) if c is not None]
 
 
-def _file_sizes(path: Path) -> dict[str, int]:
-    """Name -> size of the regular files directly inside ``path`` (one stat each)."""
-    with os.scandir(path) as entries:
-        return {e.name: e.stat().st_size for e in entries if e.is_file(follow_symlinks=False)}
+def open_checkpoint(checkpoint: Checkpoint | str | os.PathLike[str]) -> tuple[Storage, str]:
+    """The storage and name of a checkpoint given as a record, a path or a URL."""
+    if isinstance(checkpoint, Checkpoint):
+        if checkpoint.storage is not None:
+            return checkpoint.storage, checkpoint.name
+        checkpoint = checkpoint.path
+    run, name = split_checkpoint(checkpoint)
+    return open_storage(run), name
 
 
-def _size_mismatch(files: dict[str, Any], sizes: dict[str, int]) -> str | None:
+def is_local(storage: Storage) -> bool:
+    """Whether the storage is a local directory (its records carry a ``Path``)."""
+    from ckpts._local import LocalStorage
+
+    return isinstance(storage, LocalStorage)
+
+
+def _size_mismatch(files: dict[str, Any], sizes: Mapping[str, int]) -> str | None:
     """The first file of the manifest that is missing or not its recorded size, described."""
     for name, record in files.items():
         if name not in sizes:

@@ -1,10 +1,11 @@
-"""One checkpoint directory: write a TrainState snapshot into it, read it back in place.
+"""One checkpoint: write a TrainState snapshot into a storage, read it back in place.
 
 Each object's distinct tensors go into ``<name>.safetensors`` (or, above the shard
 size, ``<name>-00001-of-0000N.safetensors`` plus ``<name>.safetensors.index.json``,
 the Hugging Face layout), so a model's weights load with ``safe_open`` or
 ``from_pretrained`` as they are. Everything else about the object (its JSON tree,
-tied-tensor aliases, each tensor's file, dtype and shape) is in ``manifest.json``.
+tied-tensor aliases, each tensor's file, dtype, shape, byte range and hash) is in
+``manifest.json``.
 """
 
 from __future__ import annotations
@@ -14,24 +15,23 @@ import math
 import platform
 from collections import defaultdict
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ckpts._codec import decode, encode, live_tensors
-from ckpts._format import DTYPES, copy_tensors
-from ckpts._io import ReadRequest, read_files_into, write_files
+from ckpts._format import DTYPES
 from ckpts._manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    MANIFEST,
-    FileRecord,
     TensorEntry,
+    digest,
+    encode_json,
     manifest_tensor_entries,
-    write_json,
 )
 from ckpts._state import ObjectSnapshot, Stateful, TrainState
+from ckpts._storage import Staged, Storage
+from ckpts._transfer import read_tensors, write_tensor_files
 from ckpts._version import __version__
 from ckpts.errors import (
     CheckpointError,
@@ -44,7 +44,8 @@ MAX_LISTED = 20  # keys listed per kind of mismatch in an IncompatibleStateError
 
 
 def write_checkpoint(
-    directory: Path,
+    storage: Storage,
+    staged: Staged,
     *,
     step: int,
     snapshots: Mapping[str, ObjectSnapshot],
@@ -52,41 +53,47 @@ def write_checkpoint(
     epoch: int | None,
     max_shard_size: int,
 ) -> dict[str, Any]:
-    """Write every object's tensors (all files at once, see ckpts._io), then the manifest
-    (last). Returns the manifest."""
-    files: dict[str, FileRecord] = {}
-    objects: dict[str, Any] = {}
+    """Write every object's tensor files (all at once, see ckpts._transfer) and index
+    files into ``staged``. Returns the manifest, for the caller to commit."""
     placements = {name: plan_shards(name, snap.tensors, max_shard_size)
                   for name, snap in snapshots.items()}
     jobs = [(f, [(k, snapshots[name].tensors[k]) for k in keys])
             for name, placement in placements.items() for f, keys in placement.items()]
-    records = write_files([(directory / f, items) for f, items in jobs])
-    files.update(zip([f for f, _ in jobs], records, strict=True))
-    for name, snap in snapshots.items():
-        placement = placements[name]
+    indexes = {}
+    for name, placement in placements.items():
         if len(placement) > 1:
-            index_name = f"{name}.safetensors.index.json"
-            weight_map = {k: f for f, keys in placement.items() for k in keys}
-            total = sum(t.numel() * t.element_size() for t in snap.tensors.values())
-            files[index_name] = write_json(
-                directory / index_name,
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, durable=False,
-            )
+            tensors = snapshots[name].tensors
+            indexes[f"{name}.safetensors.index.json"] = encode_json({
+                "metadata": {"total_size": sum(t.numel() * t.element_size()
+                                               for t in tensors.values())},
+                "weight_map": {k: f for f, keys in placement.items() for k in keys},
+            })
+    written = dict(zip([f for f, _ in jobs],
+                       write_tensor_files(storage, staged, jobs, list(indexes.items())),
+                       strict=True))
+    files: dict[str, Any] = {
+        f: {"nbytes": w.nbytes, "header": w.header, "hash": w.header_hash}
+        for f, w in written.items()
+    }
+    files.update({f: {"nbytes": len(data), "hash": digest(data)} for f, data in indexes.items()})
+    objects: dict[str, Any] = {}
+    for name, snap in snapshots.items():
         objects[name] = {
             "kind": snap.kind,
             "class": snap.class_name,
             "tree": snap.tree,
             "tensors": {
                 k: {"file": f, "dtype": DTYPES[snap.tensors[k].dtype],
-                    "shape": list(snap.tensors[k].shape)}
-                for f, keys in placement.items() for k in keys
+                    "shape": list(snap.tensors[k].shape),
+                    "offsets": list(written[f].tensors[k][:2]), "hash": written[f].tensors[k][2]}
+                for f, keys in placements[name].items() for k in keys
             },
             "aliases": snap.aliases,
         }
         if snap.hf_config is not None:
             objects[name]["hf_config"] = snap.hf_config
     now = datetime.datetime.now(datetime.timezone.utc)
-    manifest = {
+    return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -98,14 +105,13 @@ def write_checkpoint(
             "ckpts": __version__, "torch": torch.__version__, "python": platform.python_version(),
         },
         "world_size": 1,
-        "files": {n: {"nbytes": r.nbytes, "hash": r.hash} for n, r in files.items()},
+        "files": files,
         "objects": objects,
     }
-    write_json(directory / MANIFEST, manifest, durable=False)  # the commit fsyncs every file
-    return manifest
 
 
-def restore_into(directory: Path, manifest: Mapping[str, Any], state: TrainState) -> None:
+def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
+                 state: TrainState) -> None:
     """Check the checkpoint fits ``state``, then load every object in place.
 
     Every object's ``state_dict()`` is called first: it tells whether the live
@@ -134,6 +140,7 @@ def restore_into(directory: Path, manifest: Mapping[str, Any], state: TrainState
             be in live tensors, but no ``load_state_dict`` has run; restoring
             another checkpoint overwrites them all.
     """
+    directory = storage.where(name)
     saved = manifest["objects"]
     missing = sorted(set(state.objects) - set(saved))
     unexpected = sorted(set(saved) - set(state.objects))
@@ -144,30 +151,30 @@ def restore_into(directory: Path, manifest: Mapping[str, Any], state: TrainState
             "restore with a TrainState of the same names",
             missing=missing, unexpected=unexpected,
         )
-    for name, obj in state.objects.items():
-        check_compatible(directory, name, saved[name], obj, strict=True, for_restore=True)
-    targets = {name: live_tensors(_live_state(directory, name, obj))[0]
-               for name, obj in state.objects.items()}
+    for obj_name, obj in state.objects.items():
+        check_compatible(directory, obj_name, saved[obj_name], obj, strict=True,
+                         for_restore=True)
+    targets = {obj_name: live_tensors(_live_state(directory, obj_name, obj))[0]
+               for obj_name, obj in state.objects.items()}
     _drop_overlapping(targets)
-    owners, requests = [], []
-    for name in state.objects:
-        live = targets[name]
-        by_file: dict[str, dict[str, TensorEntry]] = defaultdict(dict)
-        for key, entry in manifest_tensor_entries(saved[name]).items():
-            by_file[entry.file][key] = entry
-        for file_name, entries in by_file.items():
-            owners.append(name)
-            requests.append(ReadRequest(directory / file_name,
-                                        manifest["files"][file_name]["hash"], entries, live))
+    # one read of every object's tensors at once (keys are unique per object only)
+    entries: dict[tuple[str, str], TensorEntry] = {}
+    live: dict[tuple[str, str], torch.Tensor] = {}
+    for obj_name in state.objects:
+        for key, entry in manifest_tensor_entries(saved[obj_name]).items():
+            entries[(obj_name, key)] = entry
+            if key in targets[obj_name]:
+                live[(obj_name, key)] = targets[obj_name][key]
+    read = read_tensors(storage, name, manifest["files"], entries, live, fill_targets=True)
     loaded: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for name, tensors in zip(owners, read_files_into(requests), strict=True):
-        loaded[name].update(tensors)
-    for name, obj in state.objects.items():
-        _load_object(directory, name, saved[name], obj, loaded[name])
+    for (obj_name, key), tensor in read.items():
+        loaded[obj_name][key] = tensor
+    for obj_name, obj in state.objects.items():
+        _load_object(directory, obj_name, saved[obj_name], obj, loaded[obj_name])
 
 
 def check_compatible(
-    directory: Path, name: str, saved: Mapping[str, Any], obj: Stateful, *, strict: bool,
+    directory: str, name: str, saved: Mapping[str, Any], obj: Stateful, *, strict: bool,
     for_restore: bool = False,
 ) -> None:
     """Compare a saved object with a live one before anything is overwritten.
@@ -197,7 +204,7 @@ def check_compatible(
             )
 
 
-def decode_object(directory: Path, name: str, saved: Mapping[str, Any],
+def decode_object(directory: str, name: str, saved: Mapping[str, Any],
                   tensors: dict[str, torch.Tensor]) -> Any:
     """One saved object's state: its JSON tree with the tensors (already read) put back,
     tied aliases included."""
@@ -213,7 +220,7 @@ def decode_object(directory: Path, name: str, saved: Mapping[str, Any],
     return decode(saved["tree"], tensor)
 
 
-def _load_object(directory: Path, name: str, saved: Mapping[str, Any], obj: Stateful,
+def _load_object(directory: str, name: str, saved: Mapping[str, Any], obj: Stateful,
                  loaded: dict[str, torch.Tensor]) -> None:
     """Hand an object its state: the tree, with the tensors already read."""
     state_dict = decode_object(directory, name, saved, loaded)
@@ -229,15 +236,18 @@ def _load_object(directory: Path, name: str, saved: Mapping[str, Any], obj: Stat
         ) from e
 
 
-def load_module_weights(directory: Path, name: str, saved: Mapping[str, Any],
-                        module: torch.nn.Module) -> None:
-    """Copy a saved module's tensors into ``module`` (after :func:`check_compatible`).
+def load_module_weights(storage: Storage, checkpoint: str, manifest: Mapping[str, Any],
+                        name: str, module: torch.nn.Module) -> None:
+    """Copy saved module ``name``'s tensors into ``module`` (after :func:`check_compatible`).
 
-    Dense tensors are copied straight from the memory-mapped files into the
-    module's own; composite ones (complex128, sparse, quantized) are rebuilt
-    from their parts and handed to ``module.load_state_dict(..., strict=False)``.
-    Saved keys the module lacks are not read.
+    Dense tensors are read and verified, then copied into the module's own; nothing
+    in the module changes when a hash fails. Composite ones (complex128, sparse,
+    quantized) are rebuilt from their parts and handed to
+    ``module.load_state_dict(..., strict=False)``. Saved keys the module lacks are
+    not read.
     """
+    directory = storage.where(checkpoint)
+    saved = manifest["objects"][name]
     fillable, other = live_tensors(_live_state(directory, name, module))
     aliases: dict[str, str] = saved.get("aliases", {})
     targets = dict(fillable)
@@ -248,7 +258,10 @@ def load_module_weights(directory: Path, name: str, saved: Mapping[str, Any],
             if alias in fillable and key not in targets:
                 targets[key] = fillable[alias]
     entries = manifest_tensor_entries(saved)
-    loaded = copy_tensors(directory, {k: e for k, e in entries.items() if k in wanted}, targets)
+    read = read_tensors(storage, checkpoint, manifest["files"],
+                        {(name, k): e for k, e in entries.items() if k in wanted},
+                        {(name, k): t for k, t in targets.items()}, fill_targets=False)
+    loaded = {key: tensor for (_, key), tensor in read.items()}
     for alias, key in aliases.items():
         if key in loaded:
             loaded.setdefault(alias, loaded[key])
@@ -270,7 +283,7 @@ def load_module_weights(directory: Path, name: str, saved: Mapping[str, Any],
         ) from e
 
 
-def _live_state(directory: Path, name: str, obj: Stateful) -> Any:
+def _live_state(directory: str, name: str, obj: Stateful) -> Any:
     """The live object's ``state_dict()``, whose failure names the object."""
     try:
         return obj.state_dict()
@@ -322,7 +335,7 @@ def _drop_overlapping(targets: dict[str, dict[str, torch.Tensor]]) -> None:
 
 
 def _check_module(
-    directory: Path, name: str, saved: Mapping[str, Any], module: torch.nn.Module, *,
+    directory: str, name: str, saved: Mapping[str, Any], module: torch.nn.Module, *,
     strict: bool, for_restore: bool,
 ) -> None:
     fillable, other = live_tensors(_live_state(directory, name, module))

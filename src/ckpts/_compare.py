@@ -3,7 +3,9 @@
 ``ckpts diff`` prints what :func:`compare_checkpoints` finds and ``ckpts
 check-resume`` judges a resume by it. Each tensor key of each object is one of:
 equal (the same bytes), changed (with the largest absolute difference, computed
-in float64), dtype or shape changed, only in A, only in B. The non-tensor state
+in float64), dtype or shape changed, only in A, only in B. Two format-v2 tensors
+whose recorded hashes match are equal without reading their data; the others are
+read (and checked) to measure the difference. The non-tensor state
 (the manifest's JSON tree of each object) is walked key by key, and each
 differing leaf is named by its dotted path, object first (``run.config.out_dir``,
 ``optimizer.param_groups.0.lr``). Tensors are loaded one object at a time, so
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ckpts._catalog import Checkpoint, open_checkpoint
 from ckpts._manifest import TensorEntry, manifest_tensor_entries, read_manifest
+from ckpts._storage import Storage
 
 if TYPE_CHECKING:
     import torch
@@ -101,21 +105,25 @@ class CheckpointComparison:
 
 
 def compare_checkpoints(
-    dir_a: Path, dir_b: Path, *, objects: Collection[str] | None = None
+    a: Checkpoint | str | os.PathLike[str], b: Checkpoint | str | os.PathLike[str], *,
+    objects: Collection[str] | None = None
 ) -> CheckpointComparison:
-    """Compare two committed checkpoints object by object (or only ``objects``).
+    """Compare two committed checkpoints (records, paths or URLs) object by object (or
+    only ``objects``).
 
     Raises:
-        CorruptCheckpointError: a manifest or tensor file is unreadable.
+        NotACheckpointError: one is not a committed checkpoint.
+        CorruptCheckpointError: a manifest or tensor is unreadable or fails its hash.
     """
-    objects_a = read_manifest(dir_a)["objects"]
-    objects_b = read_manifest(dir_b)["objects"]
+    side_a, side_b = _Side.open(a), _Side.open(b)
+    objects_a = side_a.manifest["objects"]
+    objects_b = side_b.manifest["objects"]
     comparison = CheckpointComparison()
     for name in sorted(objects_a.keys() | objects_b.keys()):
         if objects is not None and name not in objects:
             continue
         obj_a, obj_b = objects_a.get(name), objects_b.get(name)
-        comparison.tensors += compare_object_tensors(name, dir_a, obj_a, dir_b, obj_b)
+        comparison.tensors += compare_object_tensors(name, side_a, obj_a, side_b, obj_b)
         if obj_a is None or obj_b is None:
             comparison.state.append(StateDifference(
                 name, "-" if obj_a is None else str(obj_a.get("class", "object")),
@@ -127,16 +135,44 @@ def compare_checkpoints(
     return comparison
 
 
+@dataclass(frozen=True)
+class _Side:
+    """One checkpoint being compared: its storage, name and manifest."""
+
+    storage: Storage
+    name: str
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, checkpoint: Checkpoint | str | os.PathLike[str]) -> _Side:
+        storage, name = open_checkpoint(checkpoint)
+        return cls(storage, name, read_manifest(storage, name))
+
+    def load(self, obj: str, entries: dict[str, TensorEntry]) -> dict[str, torch.Tensor]:
+        if not entries:
+            return {}
+        from ckpts._transfer import read_tensors  # imports torch: only when there is work
+
+        read = read_tensors(self.storage, self.name, self.manifest["files"],
+                            {(obj, key): entry for key, entry in entries.items()}, {},
+                            fill_targets=False)
+        return {key: tensor for (_, key), tensor in read.items()}
+
+
 def compare_object_tensors(
-    name: str, dir_a: Path, obj_a: dict[str, Any] | None, dir_b: Path, obj_b: dict[str, Any] | None
+    name: str, side_a: _Side, obj_a: dict[str, Any] | None, side_b: _Side,
+    obj_b: dict[str, Any] | None
 ) -> list[TensorComparison]:
     """One row per tensor key of object ``name`` in either checkpoint, sorted by key."""
     entries_a = manifest_tensor_entries(obj_a) if obj_a is not None else {}
     entries_b = manifest_tensor_entries(obj_b) if obj_b is not None else {}
     comparable = [k for k in entries_a if k in entries_b
                   and _layout(entries_a[k]) == _layout(entries_b[k])]
-    tensors_a = _load(dir_a, {k: entries_a[k] for k in comparable})
-    tensors_b = _load(dir_b, {k: entries_b[k] for k in comparable})
+    same_hash = {k for k in comparable
+                 if entries_a[k].hash is not None and entries_a[k].hash == entries_b[k].hash}
+    to_read = [k for k in comparable if k not in same_hash]
+    tensors_a = side_a.load(name, {k: entries_a[k] for k in to_read})
+    tensors_b = side_b.load(name, {k: entries_b[k] for k in to_read})
     rows = []
     for key in sorted(entries_a.keys() | entries_b.keys()):
         entry_a, entry_b = entries_a.get(key), entries_b.get(key)
@@ -149,6 +185,8 @@ def compare_object_tensors(
             status = "dtype_changed"
         elif entry_a.shape != entry_b.shape:
             status = "shape_changed"
+        elif key in same_hash:
+            status = "equal"
         else:
             found = tensor_difference(tensors_a[key], tensors_b[key])
             status = "equal" if found is None else "changed"
@@ -231,14 +269,6 @@ def _show(value: Any, width: int = 60) -> str:
             return f"<tensor {inner}>"
     text = repr(value) if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _load(directory: Path, entries: dict[str, TensorEntry]) -> dict[str, torch.Tensor]:
-    if not entries:
-        return {}
-    from ckpts._format import copy_tensors  # imports torch: only when there is work
-
-    return copy_tensors(directory, entries, {})
 
 
 def _layout(entry: TensorEntry) -> tuple[str, tuple[int, ...]]:

@@ -11,6 +11,7 @@ overfit by +8% (step 3000: 2.49)``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from ckpts import _history
 from ckpts._catalog import Checkpoint
 from ckpts._policy import Mode, rank_by
+from ckpts._storage import open_storage
 
 # a later value this much worse (relative) than the best counts as overfitting, not noise
 OVERFIT_THRESHOLD = 0.005
@@ -59,7 +61,7 @@ class Recommendation:
     reason: str
 
 
-def metric_curve(run: Path, metric: str, mode: Mode, *,
+def metric_curve(run: str | os.PathLike[str], metric: str, mode: Mode, *,
                  checkpoints: Sequence[Checkpoint], label: str | None = None) -> Curve:
     """The curve of ``metric`` in ``run``: its checkpoints' values, then deleted steps' values.
 
@@ -82,10 +84,11 @@ def metric_curve(run: Path, metric: str, mode: Mode, *,
                                          ("pinned", bool(c.tags))) if on]
         points[c.step] = Point(c.step, c.metrics[metric], True, tuple(markers))
     committed = {c.step for c in checkpoints}
-    for step, metrics in _history.read(run).items():
+    for step, metrics in _history.read(open_storage(run)).items():
         if step not in committed and metric in metrics:
             points[step] = Point(step, metrics[metric], False)
-    return Curve(label if label is not None else run.name, metric,
+    default_label = str(run).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+    return Curve(label if label is not None else default_label, metric,
                  tuple(points[s] for s in sorted(points)))
 
 

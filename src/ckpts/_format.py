@@ -1,4 +1,4 @@
-"""Safetensors shards: write them with the hash computed on the way out, read them back.
+"""Safetensors files: dtypes, headers, and the bytes of tensors.
 
 Files are standard ``.safetensors`` (``safetensors.safe_open`` reads them with no
 ckpts code). Headers are checked against the real file size before any data is
@@ -8,11 +8,8 @@ trusted, so a truncated or hostile file fails with CorruptCheckpointError.
 from __future__ import annotations
 
 import json
-import mmap
 import struct
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,36 +71,33 @@ def tensor_bytes(tensor: torch.Tensor, *, key: str) -> memoryview:
     return byte_view(tensor.detach().cpu().resolve_conj().resolve_neg().contiguous())
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorEntry], int]:
-    """Parse and check a safetensors header. Returns the entries and the data start offset.
+def header_length(prefix: bytes, size: int, where: str) -> int:
+    """The JSON header's length, from a safetensors file's first 8 bytes, checked against
+    the file's size."""
+    if len(prefix) < 8:
+        raise CorruptCheckpointError(f"{where}: shorter than a safetensors header")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_BYTES or 8 + length > size:
+        raise CorruptCheckpointError(
+            f"{where}: header claims {length} bytes but the file has {size}")
+    return int(length)
+
+
+def parse_header(raw: bytes, size: int, *, file: str, where: str) -> dict[str, TensorEntry]:
+    """Parse and check a safetensors JSON header (the bytes after the length prefix).
 
     Offsets are made absolute (from the start of the file) and checked against the
     real file size, so a truncated or hostile file fails here, not in a later read.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CorruptCheckpointError(f"{path}: shorter than a safetensors header")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CorruptCheckpointError(
-                f"{path}: header claims {header_len} bytes but the file has {size}"
-            )
-        raw = f.read(header_len)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(f"{path}: the safetensors header is not valid JSON") from e
+        raise CorruptCheckpointError(f"{where}: the safetensors header is not valid JSON") from e
     if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{path}: the safetensors header is not a JSON object")
-    data_start = 8 + header_len
-    entries: dict[str, TensorEntry] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        entries[key] = _header_entry(path, key, info, data_start, size)
-    return entries, data_start
+        raise CorruptCheckpointError(f"{where}: the safetensors header is not a JSON object")
+    data_start = 8 + len(raw)
+    return {key: _header_entry(where, file, key, info, data_start, size)
+            for key, info in header.items() if key != "__metadata__"}
 
 
 def _dtype_name(tensor: torch.Tensor, key: str) -> str:
@@ -112,8 +106,9 @@ def _dtype_name(tensor: torch.Tensor, key: str) -> str:
     return DTYPES[tensor.dtype]
 
 
-def _header_entry(path: Path, key: str, info: Any, data_start: int, size: int) -> TensorEntry:
-    bad = CorruptCheckpointError(f"{path}: header entry for tensor {key!r} is malformed")
+def _header_entry(where: str, file: str, key: str, info: Any, data_start: int, size: int
+                  ) -> TensorEntry:
+    bad = CorruptCheckpointError(f"{where}: header entry for tensor {key!r} is malformed")
     if not isinstance(info, dict) or info.get("dtype") not in DTYPE_SIZES:
         raise bad
     shape, offsets = info.get("shape"), info.get("data_offsets")
@@ -127,11 +122,10 @@ def _header_entry(path: Path, key: str, info: Any, data_start: int, size: int) -
         numel *= dim
     if end < begin or end - begin != numel * itemsize or end > size:
         raise CorruptCheckpointError(
-            f"{path}: tensor {key!r} spans bytes {begin}..{end} of a {size}-byte file, "
+            f"{where}: tensor {key!r} spans bytes {begin}..{end} of a {size}-byte file, "
             f"which does not fit its shape {shape} and dtype {info['dtype']} (truncated?)"
         )
-    return TensorEntry(file=path.name, dtype=info["dtype"], shape=tuple(shape), begin=begin,
-                       end=end)
+    return TensorEntry(file=file, dtype=info["dtype"], shape=tuple(shape), begin=begin, end=end)
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -142,59 +136,13 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
-def copy_tensors(
-    directory: Path,
-    entries: Mapping[str, TensorEntry],
-    targets: Mapping[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Read tensors from memory-mapped files, copying each straight into its target.
-
-    A target is used when its dtype and shape match the saved tensor; otherwise (or
-    with no target) a new CPU tensor is returned for that key.
-    """
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for key, entry in entries.items():
-        by_file[entry.file].append(key)
-    # every header is read once and checked before any target is written
-    headers = {name: read_header(directory / name)[0] for name in by_file}
-    found = {key: stored_entry(directory / name, headers[name], key, entries[key])
-             for name, keys in by_file.items() for key in keys}
-    loaded: dict[str, torch.Tensor] = {}
-    for file_name, keys in by_file.items():
-        with open(directory / file_name, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        for key in keys:
-            source = _mapped_tensor(mapped, found[key])
-            target = targets.get(key)
-            if target is not None and target.dtype == source.dtype \
-                    and target.shape == source.shape:
-                with torch.no_grad():
-                    target.copy_(source)
-                loaded[key] = target
-            else:
-                loaded[key] = source.clone()
-            del source
-    return loaded
-
-
-def stored_entry(path: Path, header: Mapping[str, TensorEntry], key: str,
-                  expected: TensorEntry) -> TensorEntry:
+def stored_entry(where: str, header: Mapping[str, TensorEntry], key: str,
+                 expected: TensorEntry) -> TensorEntry:
     """The header's entry for ``key``, which must agree with the manifest's."""
     found = header.get(key)
     if found is None or (found.dtype, found.shape) != (expected.dtype, expected.shape):
         raise CorruptCheckpointError(
-            f"{path}: tensor {key!r} is missing from the file or differs from the manifest's "
+            f"{where}: tensor {key!r} is missing from the file or differs from the manifest's "
             f"dtype and shape ({expected.dtype}{list(expected.shape)})"
         )
     return found
-
-
-def _mapped_tensor(mapped: mmap.mmap, entry: TensorEntry) -> torch.Tensor:
-    dtype = DTYPE_NAMES[entry.dtype]
-    if entry.end == entry.begin:
-        return torch.empty(entry.shape, dtype=dtype)
-    raw = torch.frombuffer(mapped, dtype=torch.uint8, count=entry.end - entry.begin,
-                           offset=entry.begin)
-    if entry.begin % raw.new_empty(0, dtype=dtype).element_size():
-        raw = raw.clone()  # a foreign file with unaligned data: realign before the view
-    return raw.view(dtype).reshape(entry.shape)

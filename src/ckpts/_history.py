@@ -6,11 +6,10 @@ reports still want to show those steps (faintly), so every commit and every
 
     {"step": 500, "metrics": {"val_loss": 2.31, "acc": null}, "time": "2026-11-30T16:40:00+00:00"}
 
-NaN is written as ``null`` (strict JSON). Each line is one ``write`` on a file
-opened with ``O_APPEND``, so lines from concurrent writers (a training process and
-an evaluation job) do not interleave. A line torn by a crash is ended by the next
-append, and skipped on read like any other unreadable line. The history is a convenience: a run
-without it (older runs, read-only copies) simply has no deleted steps to show.
+NaN is written as ``null`` (strict JSON). The storage appends each line whole (see
+``append_history`` of ckpts._local and ckpts._fsspec); a line torn by a crash is
+skipped on read like any other unreadable line. The history is a convenience: a
+run without it (older runs, read-only copies) simply has no deleted steps to show.
 No torch here.
 """
 
@@ -22,14 +21,12 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
+
+from ckpts._storage import HISTORY, Storage, open_storage
 
 log = logging.getLogger("ckpts")
 
-HISTORY = ".ckpts-history.jsonl"
-
-
-def append(run: Path, step: int, metrics: Mapping[str, float]) -> None:
+def append(storage: Storage, step: int, metrics: Mapping[str, float]) -> None:
     """Record ``metrics`` for ``step`` in the run's history (nothing when ``metrics`` is empty).
 
     A failure to write is logged, never raised: the history must not break a save.
@@ -43,28 +40,20 @@ def append(run: Path, step: int, metrics: Mapping[str, float]) -> None:
     }
     line = (json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n").encode()
     try:
-        fd = os.open(Path(run) / HISTORY, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line  # end a line torn by a crash, so this one stays whole
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        storage.append_history(line)
     except (OSError, ValueError) as e:
-        log.warning("could not append to the metrics history of %s: %s", run, e)
+        log.warning("could not append to the metrics history of %s: %s", storage.location, e)
 
 
-def read(run: Path) -> dict[int, dict[str, float]]:
+def read(run: Storage | str | os.PathLike[str]) -> dict[int, dict[str, float]]:
     """Every step's metrics as recorded, later records overriding earlier ones by name.
 
     Returns ``{}`` when the run has no history. Unreadable lines are skipped.
     """
-    path = Path(run) / HISTORY
+    storage = open_storage(run)
+    path = f"{storage.location}/{HISTORY}"
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return {}
+        text = storage.read_history().decode("utf-8", errors="replace")
     except OSError as e:
         log.warning("could not read the metrics history %s: %s", path, e)
         return {}

@@ -129,7 +129,6 @@ def import_checkpoints(
         [Checkpoint(step=500, ...)]
     """
     from ckpts._manager import CheckpointManager
-    from ckpts._storage import delete
 
     sources = find_sources(Path(source), step=step)
     manager = CheckpointManager(run)
@@ -149,7 +148,7 @@ def import_checkpoints(
                 on_progress(done, len(sources))
     except BaseException:
         for checkpoint in imported:  # all or nothing: take back what this import committed
-            delete(checkpoint.path)
+            manager.storage.delete(checkpoint.name)
         if imported:
             log.warning("import of %s failed; removed the %d checkpoint(s) it had committed",
                         source, len(imported))

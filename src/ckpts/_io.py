@@ -1,45 +1,29 @@
-"""Parallel file I/O: many safetensors files written and read at once, chunk by chunk.
+"""The local disk's I/O engine: many files written and read at once, chunk by chunk.
 
-All files of a checkpoint are cut into chunks of at most :data:`CHUNK` bytes and
-handed to :data:`IO_THREADS` threads, so the threads stay busy whatever the file
-sizes. ``os.pwritev``/``os.preadv`` release the GIL. Tensor bytes go straight
-between the tensors' memory and the files: no intermediate copy for contiguous
-CPU tensors.
+Used by ckpts._local.LocalStorage. All files are cut into chunks of at most
+:data:`CHUNK` bytes and handed to :data:`IO_THREADS` threads, so the threads stay
+busy whatever the file sizes. ``os.pwritev``/``os.preadv`` release the GIL. Bytes go
+straight between the callers' memory (tensors, buffers) and the files: no
+intermediate copy.
 
 Writes are shaped for the page cache: each thread writes a file no other thread
 is writing (a buffered write holds the file's lock), and each chunk is handed to
 the disk as soon as it is written (:func:`_start_writeback`), so the final fsync
 has little left to do and dirty pages never pile up.
-
-Each file's xxh3-128 hash is computed over its bytes in order from memory (the
-header, then the tensors), at memory speed: while the chunks are written on
-save, after they are read on restore.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
-import torch
-import xxhash
-
-from ckpts._format import (
-    DTYPE_NAMES,
-    byte_view,
-    encode_header,
-    read_header,
-    stored_entry,
-    tensor_bytes,
-)
-from ckpts._manifest import HASH_PREFIX, FileRecord, TensorEntry
 from ckpts._parallel import run_parallel
 from ckpts.errors import CorruptCheckpointError
 
@@ -58,37 +42,28 @@ class _Region:
     view: memoryview
 
 
-def write_files(files: Sequence[tuple[Path, Sequence[tuple[str, torch.Tensor]]]]
-                ) -> list[FileRecord]:
-    """Write standard safetensors files in parallel chunks; return each one's size and hash.
+def write_files(files: Sequence[tuple[Path, Sequence[memoryview]]]) -> None:
+    """Write files (each the concatenation of its parts) in parallel chunks.
 
     The files are not fsynced here: the commit makes every file of the checkpoint
-    durable at once (see ckpts._storage.commit). Tensors must stay unchanged until
-    this returns (the manager either owns them, for a sync save, or staged copies
-    of them, for an async one).
+    durable at once (see ckpts._local.LocalStorage.commit). The parts must stay
+    unchanged until this returns.
     """
     fds: list[int] = []
     try:
         layouts = []
-        for path, items in files:
+        for path, parts in files:
             fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644))
-            parts = [memoryview(encode_header(items))]
-            parts += [tensor_bytes(tensor, key=key) for key, tensor in items]
             layouts.append(_regions(fds[-1], parts))
-        # the hashes (memory speed) run beside the writes, one job a file, queued first;
-        # then every thread writes chunks until none are left
         turns = _WriteTurns([_chunks(regions) for regions in layouts])
-        jobs: list[Callable[[], object]] = [partial(_hash, regions) for regions in layouts]
-        jobs += [turns.write_until_done] * IO_THREADS
         if sum(len(r.view) for regions in layouts for r in regions) <= CHUNK:
-            results = [job() for job in jobs]  # a small save: threads cost more than they gain
+            turns.write_until_done()  # a small save: threads cost more than they gain
         else:
-            results = run_parallel(lambda job: job(), jobs, threads=IO_THREADS)
+            run_parallel(lambda _: turns.write_until_done(), range(IO_THREADS),
+                         threads=IO_THREADS)
     finally:
         for fd in fds:
             os.close(fd)
-    return [FileRecord(nbytes=sum(len(r.view) for r in regions), hash=str(digest))
-            for regions, digest in zip(layouts, results, strict=False)]
 
 
 class _WriteTurns:
@@ -129,88 +104,35 @@ class _WriteTurns:
             return file, self._pending[file].popleft()
 
 
-@dataclass(frozen=True)
-class ReadRequest:
-    """One file to read: its manifest hash, the entries wanted and live targets for them."""
+def read_ranges(files: Sequence[tuple[Path, Sequence[tuple[int, memoryview]]]]) -> None:
+    """Fill every ``(offset, view)`` of each file from that file, in parallel chunks.
 
-    path: Path
-    expected_hash: str
-    entries: Mapping[str, TensorEntry]
-    targets: Mapping[str, torch.Tensor]
-
-
-def read_files_into(requests: Sequence[ReadRequest]) -> list[dict[str, torch.Tensor]]:
-    """Read files in parallel chunks straight into live tensors where they fit; check hashes.
-
-    A target fits when it is a contiguous CPU tensor of the saved dtype and shape:
-    the bytes land in its memory with no intermediate copy. Other keys get a new
-    CPU tensor (copied on into a CUDA or strided target of the same dtype and
-    shape). Every byte of every file is hashed and compared with the manifest.
+    Symbolic links are refused (a checkpoint's files are its own).
 
     Raises:
-        CorruptCheckpointError: a header disagrees with the manifest, a file is
-            short, or a hash differs. Live targets may already hold read bytes.
+        FileNotFoundError: a file is absent.
+        CorruptCheckpointError: a file ends before one of its ranges does.
     """
     fds: list[int] = []
     try:
-        plans = []
-        for request in requests:
-            fds.append(os.open(request.path, os.O_RDONLY | os.O_CLOEXEC))
-            plans.append(_read_plan(fds[-1], request))
-        run_parallel(_pread, [job for regions, _ in plans for job in _chunks(regions)],
-                     threads=IO_THREADS)
-        digests = run_parallel(lambda plan: _hash(plan[0]), plans, threads=IO_THREADS)
+        regions = []
+        for path, ranges in files:
+            fds.append(_open_for_reading(path))
+            regions += [_Region(fds[-1], offset, view) for offset, view in ranges]
+        names = dict(zip(fds, (path for path, _ in files), strict=True))
+        run_parallel(lambda job: _pread(job, names), _chunks(regions), threads=IO_THREADS)
     finally:
         for fd in fds:
             os.close(fd)
-    loaded = []
-    for request, (_, tensors), digest in zip(requests, plans, digests, strict=True):
-        if digest != request.expected_hash:
-            raise CorruptCheckpointError(
-                f"{request.path}: content hash {digest} differs from the manifest's "
-                f"{request.expected_hash}"
-            )
-        for key, tensor in tensors.items():
-            target = request.targets.get(key)
-            if target is not None and target is not tensor and target.dtype == tensor.dtype \
-                    and target.shape == tensor.shape:
-                with torch.no_grad():
-                    target.copy_(tensor)
-                tensors[key] = target
-        loaded.append(tensors)
-    return loaded
 
 
-def _read_plan(fd: int, request: ReadRequest) -> tuple[list[_Region], dict[str, torch.Tensor]]:
-    """Where each byte of the file goes: the header and gaps into buffers, tensors into
-    their destinations (the live target itself when it fits)."""
-    header, data_start = read_header(request.path)
-    size = os.fstat(fd).st_size
-    tensors: dict[str, torch.Tensor] = {}
-    parts: list[tuple[int, memoryview]] = [(0, memoryview(bytearray(data_start)))]
-    for key, expected in request.entries.items():
-        found = stored_entry(request.path, header, key, expected)
-        target = request.targets.get(key)
-        # a conjugate or negative view's memory holds other values than it shows
-        direct = target is not None and target.device.type == "cpu" \
-            and target.is_contiguous() and target.dtype == DTYPE_NAMES[found.dtype] \
-            and tuple(target.shape) == found.shape \
-            and not target.is_conj() and not target.is_neg()
-        tensor = target if direct and target is not None else \
-            torch.empty(found.shape, dtype=DTYPE_NAMES[found.dtype])
-        tensors[key] = tensor
-        parts.append((found.begin, byte_view(tensor)))
-    parts.sort(key=lambda part: part[0])
-    regions: list[_Region] = []
-    position = 0
-    for offset, view in parts:
-        if offset > position:  # bytes no entry covers (another tensor, padding): hash them too
-            regions.append(_Region(fd, position, memoryview(bytearray(offset - position))))
-        regions.append(_Region(fd, offset, view))
-        position = offset + len(view)
-    if size > position:
-        regions.append(_Region(fd, position, memoryview(bytearray(size - position))))
-    return regions, tensors
+def _open_for_reading(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # a symbolic link: treated as absent
+            raise FileNotFoundError(errno.ENOENT, "a symbolic link, not a file", str(path)) from e
+        raise
 
 
 def _regions(fd: int, parts: Sequence[memoryview]) -> list[_Region]:
@@ -282,14 +204,13 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
-def _pread(job: list[_Region]) -> None:
+def _pread(job: list[_Region], names: Mapping[int, Path]) -> None:
     views, offset = [r.view for r in job], job[0].offset
     while views:
         done = os.preadv(job[0].fd, views, offset)
         if done == 0:
             raise CorruptCheckpointError(
-                f"file descriptor {job[0].fd} ends at byte {offset}, before its header says "
-                "(truncated)"
+                f"{names[job[0].fd]} ends at byte {offset}, before the manifest says (truncated)"
             )
         offset += done
         views = _advance(views, done)
@@ -303,10 +224,3 @@ def _advance(views: list[memoryview], done: int) -> list[memoryview]:
     if views and done:
         views = [views[0][done:], *views[1:]]
     return views
-
-
-def _hash(regions: Sequence[_Region]) -> str:
-    digest = xxhash.xxh3_128()
-    for region in regions:
-        digest.update(region.view)
-    return HASH_PREFIX + digest.hexdigest()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import re
-import shutil
 import signal
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,23 +15,21 @@ from rich.filesize import decimal
 
 from ckpts import _history
 from ckpts._async import BackgroundWriter, Stager
-from ckpts._catalog import Checkpoint, check_metrics, list_checkpoints
+from ckpts._catalog import Checkpoint, check_metrics, is_local, list_checkpoints
 from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
 from ckpts._codec import encode
-from ckpts._lock import acquire, release
-from ckpts._manifest import MANIFEST, read_manifest, update_manifest
+from ckpts._manifest import encode_json, read_manifest, update_manifest
 from ckpts._policy import Mode, RetentionPolicy, SaveTrigger, check_mode, rank_by
-from ckpts._space import free_bytes, needed_bytes, write_error
+from ckpts._space import needed_bytes, write_error
 from ckpts._state import ObjectSnapshot, TrainState
 from ckpts._steps import StepOrder, check_step
 from ckpts._storage import (
+    MANIFEST,
+    Staged,
+    Storage,
     checkpoint_name,
-    commit,
-    committed_dirs,
-    delete,
-    foreign_checkpoints,
-    new_staging_dir,
-    remove_leftovers,
+    open_storage,
+    split_checkpoint,
 )
 from ckpts._verify import check_file_sizes
 from ckpts.errors import (
@@ -54,10 +50,13 @@ log = logging.getLogger("ckpts")
 
 
 class CheckpointManager:
-    """Saves and restores the checkpoints of one run directory.
+    """Saves and restores the checkpoints of one run: a local directory or a URL.
 
     Args:
-        directory: the run directory; created on the first save.
+        directory: the run: a local directory (created on the first save), or any
+            fsspec URL such as ``"s3://bucket/run"`` or ``"memory://run"`` (needs
+            ``pip install 'ckpts[s3]'``; see docs/storage.md), or a
+            :class:`ckpts.Storage` object.
         keep: retention policies (e.g. ``[KeepLast(3)]``). A checkpoint survives if
             any policy keeps it; the newest, the one restored from and pinned ones
             are always kept. ``None`` keeps everything.
@@ -79,6 +78,10 @@ class CheckpointManager:
             size and at most this many bytes (int, or a string such as ``"5GB"``).
             Several files are written and read in parallel; the default, 512 MB,
             gives a 100 M-parameter model with AdamW three files.
+        storage_options: options for the URL's fsspec filesystem, e.g. for S3
+            ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}``;
+            by default the usual AWS variables (``AWS_ACCESS_KEY_ID``,
+            ``AWS_ENDPOINT_URL``, ...) apply.
 
     Example:
         >>> state = ckpts.TrainState(model=model, optimizer=optimizer)     # doctest: +SKIP
@@ -90,29 +93,29 @@ class CheckpointManager:
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | Storage,
         *,
         keep: Sequence[RetentionPolicy] | None = None,
         save: SaveTrigger | Sequence[SaveTrigger] | None = None,
         save_on_signal: Sequence[signal.Signals | int] = (),
         async_save: bool = False,
         max_shard_size: int | str = "512MB",
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if isinstance(directory, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", directory):
-            raise InvalidArgumentError(
-                f"{directory!r} is a URL, and this version of ckpts writes only to local "
-                "(or mounted) directories; nothing was written. Use a local path, or mount the "
-                "store (e.g. with s3fs-fuse) and pass the mount point"
-            )
-        self.directory = Path(directory)
-        if self.directory.exists() and not self.directory.is_dir():
+        self.storage = open_storage(directory, storage_options)
+        self.directory: Path | str = Path(self.storage.location) if is_local(self.storage) \
+            else self.storage.location
+        if isinstance(self.directory, Path) and self.directory.exists() \
+                and not self.directory.is_dir():
             raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
-        if (self.directory / MANIFEST).is_file():
-            raise InvalidArgumentError(
-                f"{self.directory} is a checkpoint, not a run: new checkpoints would be nested "
-                f"inside it. Pass the run folder that holds the step-* checkpoints, "
-                f"CheckpointManager({str(self.directory.parent)!r})"
-            )
+        if not isinstance(directory, Storage):
+            parent, name = split_checkpoint(directory)
+            if MANIFEST in open_storage(parent, storage_options).sizes(name):
+                raise InvalidArgumentError(
+                    f"{self.directory} is a checkpoint, not a run: new checkpoints would be "
+                    "nested inside it. Pass the run that holds the step-* checkpoints, "
+                    f"CheckpointManager({str(parent)!r})"
+                )
         if keep is not None:
             for policy in keep:
                 if not callable(getattr(policy, "keeps", None)):
@@ -132,7 +135,7 @@ class CheckpointManager:
         self.max_shard_size = parse_size(max_shard_size)
         self.restored_from: int | None = None
         self.pending_signal: int | None = None
-        self._steps = StepOrder(self.directory)
+        self._steps = StepOrder(self.storage)
         self._cleaned = False  # the run checked for uncommitted step-* folders
         self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in save_on_signal}
         self._locked = False
@@ -197,10 +200,11 @@ class CheckpointManager:
         if self._stager is not None and self._writer is not None:
             staged = self._stager.stage(snapshots)
             checkpoint = Checkpoint(
-                step=step, path=self.directory / checkpoint_name(step), metrics=clean_metrics,
+                step=step, path=self._path_of(checkpoint_name(step)), metrics=clean_metrics,
                 created=datetime.datetime.now(datetime.timezone.utc), epoch=epoch,
                 nbytes=sum(t.numel() * t.element_size() for s in staged.values()
                            for t in s.tensors.values()),
+                storage=self.storage,
             )
             # last: once the writer thread runs, it competes with this one for the GIL
             self._writer.submit(lambda: self._commit(step, staged, clean_metrics, epoch),
@@ -236,16 +240,16 @@ class CheckpointManager:
         finally:
             if self._locked:
                 self._locked = False
-                release(self.directory)
+                self.storage.unlock()
                 # another process may write the run now: look at it afresh next time
                 self._steps.forget()
                 self._cleaned = False
 
     def _lock(self) -> None:
-        """Become the run's one writer (once per manager; see ckpts._lock)."""
+        """Become the run's one writer (once per manager; see Storage.lock)."""
         if not self._locked:
             try:
-                acquire(self.directory)
+                self.storage.lock()
             except OSError as e:
                 raise WriteError(
                     f"cannot take the writer lock of {self.directory}: {e}. Check that the "
@@ -279,27 +283,33 @@ class CheckpointManager:
         escapes: what fails before the commit and what fails after it each become a
         CheckpointError that says which.
         """
-        staging: Path | None = None
+        staged: Staged | None = None
+        name = checkpoint_name(step)
         try:
-            # a stat per checkpoint finds step-* folders without a manifest: once is
-            # enough, as this process is the run's only writer from then on
-            remove_leftovers(self.directory, check_manifests=not self._cleaned)
+            # finding step-* folders without a manifest costs a stat per checkpoint: once
+            # is enough, as this process is the run's only writer from then on
+            self.storage.clean(check_manifests=not self._cleaned)
             self._cleaned = True
-            staging = new_staging_dir(self.directory, step)
-            manifest = write_checkpoint(staging, step=step, snapshots=snapshots,
+            staged = self.storage.stage(name)
+            manifest = write_checkpoint(self.storage, staged, step=step, snapshots=snapshots,
                                         metrics=clean_metrics, epoch=epoch,
                                         max_shard_size=self.max_shard_size)
-            final = commit(staging, step)
+            encoded = encode_json(manifest)
+            self.storage.commit(staged, encoded)
         except BaseException as e:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
+            if staged is not None:
+                self._abort(staged)
             if isinstance(e, OSError):
-                raise write_error(e, step, self.directory) from e
+                raise write_error(e, step, self.storage.location,
+                                  self.storage.free_space()) from e
             raise
+        final = self.storage.where(name)
         log.info("saved step %d to %s", step, final)
-        _history.append(self.directory, step, clean_metrics)
+        _history.append(self.storage, step, clean_metrics)
         try:
-            checkpoint = Checkpoint.from_manifest(final, manifest)
+            sizes = {file: record["nbytes"] for file, record in manifest["files"].items()}
+            checkpoint = Checkpoint.from_manifest(self.storage, name, manifest,
+                                                  {**sizes, MANIFEST: len(encoded)})
             self._steps.committed(step)  # ends a branch: deletes its newer steps
             if self.restored_from is not None and step > self.restored_from:
                 self.restored_from = None  # a newer checkpoint of this process now exists
@@ -311,6 +321,18 @@ class CheckpointManager:
                 f"the next save; check {self.directory} (did another program remove files?)"
             ) from e
         return checkpoint
+
+    def _abort(self, staged: Staged) -> None:
+        """Remove a failed save's partial data; a failure here is logged (the next
+        writer's clean-up removes what is left), never raised over the first error."""
+        try:
+            self.storage.abort(staged)
+        except OSError as e:
+            log.warning("could not remove the partial checkpoint %s: %s", staged.where, e)
+
+    def _path_of(self, name: str) -> Path | str:
+        where = self.storage.where(name)
+        return Path(where) if isinstance(self.directory, Path) else where
 
     def restore(self, state: TrainState, *, step: int | None = None,
                 missing_ok: bool = True, discard_newer: bool = False) -> int | None:
@@ -363,28 +385,30 @@ class CheckpointManager:
         self._settle()
         self._lock()
         self._cleaned = False  # the next save looks for damage anew
-        available = committed_dirs(self.directory)
+        available = sorted(self.storage.committed(), key=lambda entry: entry.step)
         if not available:
             self._nothing_to_restore(missing_ok)
             return None
-        newer = [s for s, _ in available if step is not None and s > step]
+        newer = [entry.step for entry in available if step is not None and entry.step > step]
         if step is not None:
-            chosen = [(s, p) for s, p in available if s == step]
+            chosen = [entry for entry in available if entry.step == step]
             if not chosen:
                 raise NotACheckpointError(
                     f"{self.directory} has no committed checkpoint for step {step}; "
-                    f"available steps: {[s for s, _ in available]}"
+                    f"available steps: {[entry.step for entry in available]}"
                 )
             available = chosen
         if discard_newer:
             self._check_unpinned(newer)
         corrupt: list[int] = []
-        for candidate_step, path in reversed(available):
+        for entry in reversed(available):
+            candidate_step, path = entry.step, self.storage.where(entry.name)
             try:
-                manifest = read_manifest(path)
-                check_file_sizes(path, manifest)
-                restore_into(path, manifest, state)  # hashes every byte as it reads
-            except (CorruptCheckpointError, OSError) as e:
+                manifest = read_manifest(self.storage, entry.name)
+                check_file_sizes(path, manifest, entry.sizes)
+                # every byte read is checked against its hash
+                restore_into(self.storage, entry.name, manifest, state)
+            except (CorruptCheckpointError, NotACheckpointError, OSError) as e:
                 if step is not None:
                     raise CorruptCheckpointError(f"{path} fails verification: {e}") from e
                 log.warning("skipping corrupt checkpoint %s: %s", path, e)
@@ -407,7 +431,7 @@ class CheckpointManager:
 
     def _nothing_to_restore(self, missing_ok: bool) -> None:
         """A run without checkpoints: say so if it holds other frameworks' checkpoints."""
-        foreign = foreign_checkpoints(self.directory)
+        foreign = self.storage.foreign()
         hint = (f"; it holds checkpoints ckpts did not write ({', '.join(foreign[:5])}"
                 f"{', ...' if len(foreign) > 5 else ''}): bring them in with "
                 f"`ckpts import SRC {self.directory}`") if foreign else ""
@@ -442,7 +466,7 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[Checkpoint]:
         """Committed checkpoints, ascending by step (reads only manifests)."""
-        return list_checkpoints(self.directory)
+        return list_checkpoints(self.storage)
 
     def latest(self) -> Checkpoint | None:
         """The newest committed checkpoint, or None."""
@@ -479,9 +503,10 @@ class CheckpointManager:
         self._settle()
         checkpoint = self._committed(step)
         added = check_metrics(metrics)
-        update_manifest(checkpoint.path, metrics=encode({**checkpoint.metrics, **added}, {}))
-        _history.append(self.directory, step, added)
-        updated = Checkpoint.from_directory(checkpoint.path)
+        manifest = update_manifest(self.storage, checkpoint.name,
+                                   metrics=encode({**checkpoint.metrics, **added}, {}))
+        _history.append(self.storage, step, added)
+        updated = Checkpoint.from_manifest(self.storage, checkpoint.name, manifest)
         self._apply_retention(if_unlocked=True)
         return updated
 
@@ -514,8 +539,8 @@ class CheckpointManager:
         self._settle()
         checkpoint = self._committed(step)
         tags = sorted({*checkpoint.tags, tag})
-        update_manifest(checkpoint.path, tags=tags)
-        return Checkpoint.from_directory(checkpoint.path)
+        manifest = update_manifest(self.storage, checkpoint.name, tags=tags)
+        return Checkpoint.from_manifest(self.storage, checkpoint.name, manifest)
 
     def unpin(self, step: int, tag: str | None = None) -> Checkpoint:
         """Remove one tag (or all with ``tag=None``); retention then applies again.
@@ -525,8 +550,8 @@ class CheckpointManager:
         self._settle()
         checkpoint = self._committed(step)
         tags = [] if tag is None else [t for t in checkpoint.tags if t != tag]
-        update_manifest(checkpoint.path, tags=tags)
-        updated = Checkpoint.from_directory(checkpoint.path)
+        manifest = update_manifest(self.storage, checkpoint.name, tags=tags)
+        updated = Checkpoint.from_manifest(self.storage, checkpoint.name, manifest)
         self._apply_retention(if_unlocked=True)
         return updated
 
@@ -555,11 +580,11 @@ class CheckpointManager:
                      metrics: dict[str, float]) -> None:
         """Refuse a save the filesystem cannot hold, before writing a byte."""
         needed = needed_bytes(snapshots)
-        free = free_bytes(self.directory)
+        free = self.storage.free_space()
         if free is None or needed <= free:
             return
         existing = [c for c in self.checkpoints() if c.step != step]
-        upcoming = Checkpoint(step=step, path=self.directory / checkpoint_name(step),
+        upcoming = Checkpoint(step=step, path=self._path_of(checkpoint_name(step)),
                               metrics=metrics)
         plan = sorted([*existing, upcoming], key=lambda c: c.step)
         reclaimable = sum(c.nbytes for c in self._retention_plan(plan, last_saved=step))
@@ -599,6 +624,6 @@ class CheckpointManager:
                 log.info("%s has another writer; it will apply retention", self.directory)
                 return []
             for checkpoint in removed:
-                delete(checkpoint.path)
+                self.storage.delete(checkpoint.name)
                 log.info("retention removed step %d (%s)", checkpoint.step, checkpoint.path)
         return removed

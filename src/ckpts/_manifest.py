@@ -1,10 +1,16 @@
-"""The manifest: format v1's commit marker and table of contents (no torch needed).
+"""The manifest: the commit marker and table of contents of a checkpoint (no torch needed).
 
-``manifest.json`` is written last into a checkpoint directory. It holds the format
-version, step, epoch, metrics, tags, creation time, library versions, every file
-with its byte size and xxh3-128 content hash, and each saved object's JSON tree
-with references to its tensors. Reading it needs only the standard library and
-xxhash, so listing a run never imports torch.
+``manifest.json`` is written last into a checkpoint. It holds the format version,
+step, epoch, metrics, tags, creation time, library versions, every file with its
+byte size and xxh3-128 hash, and each saved object's JSON tree with references to
+its tensors. Reading it needs only the standard library, so listing a run never
+imports torch.
+
+Format v2 (written now) records each tensor's file, byte range and own hash, and a
+tensor file's hash covers its header only: every byte is still covered by exactly
+one hash, and one tensor can be read and verified alone. Format v1 (still read)
+has no per-tensor records: a file's hash covers the whole file, and the byte
+ranges come from the safetensors headers. docs/format.md has both schemas.
 
 xxh3-128 runs at memory speed (~15 GB/s here, against ~1.5 GB/s for sha256), so
 hashing costs a save almost nothing. It detects corruption, not tampering.
@@ -13,20 +19,20 @@ hashing costs a save almost nothing. It detects corruption, not tampering.
 from __future__ import annotations
 
 import json
-import mmap
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import xxhash
 
+from ckpts._storage import MANIFEST
 from ckpts.errors import CorruptCheckpointError, FormatVersionError, NotACheckpointError
 
+if TYPE_CHECKING:
+    from ckpts._storage import Storage
+
 FORMAT_NAME = "ckpts"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+FORMAT_VERSION = 2
 HASH_PREFIX = "xxh3_128:"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
@@ -40,66 +46,67 @@ DTYPE_SIZES: dict[str, int] = {
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one tensor lives: its file, dtype name, shape and byte range in the data."""
+    """Where one tensor lives: its file, dtype name, shape, byte range in the file and,
+    from format v2, its own hash (v1: ``None``, and the range comes from the header)."""
 
     file: str
     dtype: str
     shape: tuple[int, ...]
     begin: int = 0
     end: int = 0
+    hash: str | None = None
 
 
-@dataclass(frozen=True)
-class FileRecord:
-    """A written file's size and content hash, as recorded in the manifest."""
-
-    nbytes: int
-    hash: str
+def digest(data: Any) -> str:
+    """The xxh3-128 hash of bytes (or a buffer), as the manifest records it."""
+    return HASH_PREFIX + xxhash.xxh3_128(data).hexdigest()
 
 
-def write_json(path: Path, data: Any, *, durable: bool = True) -> FileRecord:
-    """Write a JSON file (strict: no NaN) and return its record; fsync it unless
-    ``durable=False`` (a checkpoint's commit fsyncs all its files at once)."""
-    # compact: a 40,000-tensor manifest encodes 5x faster than indented (C encoder)
-    payload = (json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n").encode()
-    with open(path, "wb") as f:
-        f.write(payload)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    return FileRecord(nbytes=len(payload), hash=HASH_PREFIX + xxhash.xxh3_128(payload).hexdigest())
+def encode_json(data: Any) -> bytes:
+    """Strict (no NaN), compact JSON: a 40,000-tensor manifest encodes 5x faster than
+    indented."""
+    return (json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
-def hash_file(path: Path) -> str:
-    """The content hash of a file, read through a memory map."""
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                digest.update(mapped)
-    return HASH_PREFIX + digest.hexdigest()
+def read_manifest(storage: Storage, name: str) -> dict[str, Any]:
+    """Load and check a checkpoint's manifest.
 
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """Load and check ``manifest.json``; raise CorruptCheckpointError or FormatVersionError."""
-    path = directory / MANIFEST
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise CorruptCheckpointError(
-            f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
+    Raises:
+        NotACheckpointError: the checkpoint has no manifest (not committed, deleted).
+        CorruptCheckpointError: it is not a valid manifest.
+        FormatVersionError: a newer ckpts wrote it.
+        OSError: the storage failed.
+    """
+    where = f"{storage.where(name)}/{MANIFEST}"
     try:
-        manifest = json.loads(path.read_bytes())
+        payload = storage.read(name, MANIFEST)
+    except FileNotFoundError as e:
+        raise NotACheckpointError(
+            f"{storage.where(name)} is not a committed checkpoint (no {MANIFEST}); pass a "
+            "step-* checkpoint of a run, e.g. manager.latest()") from e
+    return parse_manifest(payload, where)
+
+
+def parse_manifest(payload: bytes, where: str) -> dict[str, Any]:
+    """Parse and check manifest bytes (see :func:`check_manifest`)."""
+    if len(payload) > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(
+            f"{where} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
+    try:
+        manifest = json.loads(payload)
     except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd numbers or depth
-        raise CorruptCheckpointError(f"{path} is not a valid JSON manifest: {e}") from e
-    check_manifest(manifest, path)
+        raise CorruptCheckpointError(f"{where} is not a valid JSON manifest: {e}") from e
+    check_manifest(manifest, where)
     return manifest  # type: ignore[no-any-return]
 
 
-def check_manifest(manifest: Any, path: Path) -> None:
-    """Check a manifest against the v1 schema (docs/format.md), strictly.
+def check_manifest(manifest: Any, path: str) -> None:
+    """Check a manifest against its version's schema (docs/format.md), strictly.
 
-    Every field has its type checked, file names cannot leave the checkpoint
-    directory, and every tensor entry names a listed file, a known dtype and a
-    shape; anything else is a CorruptCheckpointError naming the field.
+    Every field has its type checked, file names cannot leave the checkpoint, and
+    every tensor entry names a listed file, a known dtype and a shape (v2: and a
+    byte range inside its file that fits them, and a hash); anything else is a
+    CorruptCheckpointError naming the field.
     """
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(f"{path} is not a ckpts manifest (no \"format\": \"ckpts\")")
@@ -122,14 +129,34 @@ def check_manifest(manifest: Any, path: Path) -> None:
     files = _field(manifest, "files", dict, path)
     for name, record in files.items():
         check_file_name(name, path)
+        header = record.get("header", 0) if isinstance(record, dict) else None
         if not isinstance(record, dict) or type(record.get("nbytes")) is not int \
-                or record["nbytes"] < 0 or not isinstance(record.get("hash"), str):
+                or record["nbytes"] < 0 or not isinstance(record.get("hash"), str) \
+                or type(header) is not int or not 0 <= header <= record["nbytes"]:
             raise CorruptCheckpointError(f"{path}: file record for {name!r} is malformed")
     for name, obj in _field(manifest, "objects", dict, path).items():
         _check_object(name, obj, files, path)
+        if version >= 2:
+            _check_ranges(name, obj, files, path)
 
 
-def _check_object(name: str, obj: Any, files: dict[str, Any], path: Path) -> None:
+def _check_ranges(name: str, obj: dict[str, Any], files: dict[str, Any], path: str) -> None:
+    """Format v2: each tensor's byte range lies in its file's data and fits its shape."""
+    for key, info in obj["tensors"].items():
+        offsets, record = info.get("offsets"), files[info["file"]]
+        numel = 1
+        for dim in info["shape"]:
+            numel *= dim
+        if not isinstance(info.get("hash"), str) or not isinstance(offsets, list) \
+                or len(offsets) != 2 or not all(type(o) is int for o in offsets) \
+                or not record.get("header", 0) <= offsets[0] <= offsets[1] <= record["nbytes"] \
+                or offsets[1] - offsets[0] != numel * DTYPE_SIZES[info["dtype"]]:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {key!r} of object {name!r} has a malformed byte range or hash"
+            )
+
+
+def _check_object(name: str, obj: Any, files: dict[str, Any], path: str) -> None:
     if not isinstance(obj, dict) or "tree" not in obj or not isinstance(obj.get("tensors"), dict) \
             or not isinstance(obj.get("kind", ""), str):
         raise CorruptCheckpointError(f"{path}: object {name!r} is malformed")
@@ -149,7 +176,7 @@ def _check_object(name: str, obj: Any, files: dict[str, Any], path: Path) -> Non
         raise CorruptCheckpointError(f"{path}: object {name!r} has malformed aliases")
 
 
-def _check_metrics(metrics: dict[str, Any], path: Path) -> None:
+def _check_metrics(metrics: dict[str, Any], path: str) -> None:
     for name, value in metrics.items():
         number = type(value) in (int, float) or (
             isinstance(value, dict) and value.get("__float__") in ("nan", "inf", "-inf")
@@ -159,7 +186,7 @@ def _check_metrics(metrics: dict[str, Any], path: Path) -> None:
             raise CorruptCheckpointError(f"{path}: metric {name!r} is not a number")
 
 
-def check_file_name(name: str, manifest_path: Path) -> None:
+def check_file_name(name: str, manifest_path: str) -> None:
     """Refuse a file reference that could escape the checkpoint directory."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name \
             or len(name.encode("utf-8", "replace")) > 255:
@@ -171,7 +198,10 @@ def check_file_name(name: str, manifest_path: Path) -> None:
 def manifest_tensor_entries(obj: Mapping[str, Any]) -> dict[str, TensorEntry]:
     """The tensor entries of one manifest object (dtype, shape and file of each key)."""
     return {
-        key: TensorEntry(file=info["file"], dtype=info["dtype"], shape=tuple(info["shape"]))
+        key: TensorEntry(file=info["file"], dtype=info["dtype"], shape=tuple(info["shape"]),
+                         begin=info["offsets"][0], end=info["offsets"][1], hash=info["hash"])
+        if "hash" in info else
+        TensorEntry(file=info["file"], dtype=info["dtype"], shape=tuple(info["shape"]))
         for key, info in obj["tensors"].items()
     }
 
@@ -181,31 +211,25 @@ def is_shape(value: Any) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(type(d) is int and d >= 0 for d in value)
 
 
-def _field(manifest: dict[str, Any], key: str, kind: type, path: Path) -> Any:
+def _field(manifest: dict[str, Any], key: str, kind: type, path: str) -> Any:
     value = manifest.get(key)
     if type(value) is not kind:
         raise CorruptCheckpointError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
     return value
 
 
+def update_manifest(storage: Storage, name: str, **fields: Any) -> dict[str, Any]:
+    """Replace top-level fields of a committed manifest (metrics, tags), atomically: a
+    reader sees either the old or the new manifest, never a mix.
 
-def update_manifest(directory: Path, **fields: Any) -> dict[str, Any]:
-    """Atomically replace top-level fields of a committed manifest (metrics, tags).
-
-    The new manifest is written beside the old one, fsynced, then renamed over it,
-    so a reader sees either the old or the new one, never a mix.
+    Raises:
+        NotACheckpointError: the checkpoint was deleted (by retention?) meanwhile.
     """
-    try:
-        manifest = read_manifest(directory)
-    except FileNotFoundError as e:
-        raise NotACheckpointError(f"{directory} was deleted (retention?) before the update") from e
+    manifest = read_manifest(storage, name)
     manifest.update(fields)
-    temporary = directory / f".{MANIFEST}.{os.getpid()}.tmp"
-    write_json(temporary, manifest)
-    os.replace(temporary, directory / MANIFEST)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        storage.update(name, encode_json(manifest))
+    except FileNotFoundError as e:
+        raise NotACheckpointError(
+            f"{storage.where(name)} was deleted (retention?) before the update") from e
     return manifest

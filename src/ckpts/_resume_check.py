@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpts._compare import CheckpointComparison, compare_checkpoints
-from ckpts._manifest import MANIFEST, read_manifest
-from ckpts._storage import checkpoint_name, committed_dirs
+from ckpts._local import LocalStorage
+from ckpts._manifest import read_manifest
+from ckpts._storage import MANIFEST, checkpoint_name
 from ckpts.errors import InvalidArgumentError, ResumeCheckError
 
 log = logging.getLogger("ckpts")
@@ -140,7 +141,7 @@ def check_resume(
     live = work / "run"
     runs = _Runner([arg.replace(RUN_PLACEHOLDER, str(live)) for arg in argv], live, timeout)
     runs.to_completion(work / "a.log", "the uninterrupted run (A)")
-    steps_a = [step for step, _ in committed_dirs(live)] if live.is_dir() else []
+    steps_a = [step for step, _ in _committed(live)]
     if not steps_a:
         raise ResumeCheckError(
             f"the command ran to completion without committing a checkpoint in {RUN_PLACEHOLDER} "
@@ -222,8 +223,7 @@ class _Runner:
         seen: set[int] = set()
         try:
             while len(seen) < saves:
-                if self.live.is_dir():
-                    seen.update(step for step, _ in committed_dirs(self.live))
+                seen.update(step for step, _ in _committed(self.live))
                 if len(seen) >= saves:
                     break
                 code = process.poll()
@@ -246,7 +246,7 @@ class _Runner:
                 time.sleep(_POLL_SECONDS)
         finally:
             _kill_group(process)
-        committed = committed_dirs(self.live)
+        committed = _committed(self.live)
         killed_after, newest = committed[-1]
         _hard_link_copy(newest, snapshot)
         log.info("killed the second run after step %d", killed_after)
@@ -293,6 +293,11 @@ def _hard_link_copy(source: Path, target: Path) -> None:
             shutil.copy2(entry, target / entry.name)
 
 
+def _committed(run: Path) -> list[tuple[int, Path]]:
+    """The committed checkpoints of a local run (check-resume runs its command locally)."""
+    return sorted((entry.step, run / entry.name) for entry in LocalStorage(run).committed())
+
+
 def _identity(checkpoint: Path) -> tuple[int, int]:
     """Inode and mtime of a checkpoint's manifest: a save of the same step again changes it."""
     found = (checkpoint / MANIFEST).stat()
@@ -302,7 +307,7 @@ def _identity(checkpoint: Path) -> tuple[int, int]:
 def _judge(work: Path, steps_a: list[int], killed_after: int,
            before_kill: dict[int, tuple[int, int]]) -> ResumeCheck:
     run_a, run_b, at_kill = work / "a", work / "b", work / "b-at-kill"
-    written_after = [step for step, path in committed_dirs(run_b)
+    written_after = [step for step, path in _committed(run_b)
                      if before_kill.get(step) != _identity(path)]
     common = [step for step in written_after if step in steps_a]
     if not common:
@@ -352,7 +357,7 @@ def _judge(work: Path, steps_a: list[int], killed_after: int,
     diagnosed, result.first_difference_step = \
         (newest, step) if earliest.equal else (earliest, first)
     result.likely_cause = _likely_cause(diagnosed, result.first_difference_step,
-                                        read_manifest(run_a / name)["objects"])
+                                        read_manifest(LocalStorage(run_a), name)["objects"])
     return result
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import errno
-import shutil
 from collections.abc import Mapping
-from pathlib import Path
 
 from ckpts._state import ObjectSnapshot
 from ckpts.errors import CheckpointError, InsufficientSpaceError, WriteError
@@ -18,22 +16,14 @@ def needed_bytes(snapshots: Mapping[str, ObjectSnapshot]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors) + 300 * len(tensors) + 65536
 
 
-def free_bytes(directory: Path) -> int | None:
-    """Bytes free on the filesystem of ``directory``; None where that cannot be told."""
-    try:
-        return shutil.disk_usage(directory).free
-    except OSError:
-        return None
-
-
-def write_error(error: OSError, step: int, directory: Path) -> CheckpointError:
+def write_error(error: OSError, step: int, directory: str, free: int | None) -> CheckpointError:
     """The error for an OSError that stopped a save before its commit."""
     if error.errno == errno.ENOSPC:
         return InsufficientSpaceError(
             f"the disk filled up while writing step {step} to {directory}: {error}. The "
             "partial checkpoint was removed and earlier ones are intact; free space (e.g. "
             f"`ckpts prune {directory} --keep-last N`) and save again",
-            free=free_bytes(directory),
+            free=free,
         )
     return WriteError(
         f"writing step {step} to {directory} failed: {error}. The partial checkpoint was "

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
-from ckpts._storage import committed_dirs, delete
+from ckpts._storage import Storage, checkpoint_name
 from ckpts.errors import InvalidArgumentError
 
 log = logging.getLogger("ckpts")
@@ -36,8 +35,9 @@ class StepOrder:
     commits it makes are all that changes it. :meth:`forget` when the lock goes.
     """
 
-    def __init__(self, run: Path) -> None:
-        self.run = run
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.run = storage.location
         self.last_saved: int | None = None  # always kept by retention
         self.branch: Branch | None = None
         self._newest: int | None = None
@@ -50,8 +50,7 @@ class StepOrder:
             InvalidArgumentError: naming both steps and the three ways out.
         """
         if not self._known:
-            found = committed_dirs(self.run)
-            self._newest = found[-1][0] if found else None
+            self._newest = max((entry.step for entry in self.storage.committed()), default=None)
             self._known = True
         floor = self.branch.step if self.branch is not None else self._newest
         if floor is None or step >= floor:
@@ -84,8 +83,9 @@ class StepOrder:
             return
         self.branch = None
         discarded = [s for s in branch.newer_steps if s != step]
-        for path in [p for s, p in committed_dirs(self.run) if s in discarded]:
-            delete(path)
+        existing = {entry.step for entry in self.storage.committed()}
+        for step_to_delete in sorted(existing & set(discarded)):
+            self.storage.delete(checkpoint_name(step_to_delete))
         if discarded:
             log.warning("branched from step %d: deleted the newer steps %s of %s",
                         branch.step, discarded, self.run)

@@ -1,185 +1,234 @@
-"""Where checkpoint bytes go: a local run directory with an atomic, durable commit.
+"""The storage port: everything that touches a run's bytes at rest goes through a Storage.
 
-Layout of a run directory::
+A *run* is a directory or a URL prefix. Each checkpoint in it is a folder (or prefix)
+named after its step, ``step-00000500``, holding the checkpoint's files and
+``manifest.json``, written last: a checkpoint without its manifest does not exist.
 
-    run/
-      step-00000500/            committed: holds manifest.json (written last)
-      .tmp-step-00000600-ab12/  a save in progress (or killed): never listed
-      .trash-step-00000100-cd34/ a checkpoint being deleted: never listed
-      .replaced-step-00000500-ef56/ an older checkpoint of a step being saved again
+Nothing above this port opens, maps, renames or deletes checkpoint files: the
+manager, the catalogue, the readers and the CLI call a :class:`Storage`. Two
+backends implement it:
 
-A save writes into a ``.tmp-`` sibling, fsyncs every file and the directory, then
-renames it into place and fsyncs the parent, so a checkpoint either exists whole
-or not at all. Deletion renames to ``.trash-`` first, then removes, so no reader
-sees a half-deleted checkpoint as valid.
+- :class:`ckpts._local.LocalStorage`: a local (or mounted) directory, with pwritev,
+  early writeback, one fsync pass, atomic rename and flock;
+- :class:`ckpts._fsspec.FsspecStorage`: any fsspec URL (``s3://``, ``memory://``,
+  ``gs://``...), with the manifest as the commit marker, parallel multipart uploads
+  and ranged reads, and a lease object as the writer lock.
+
+:func:`open_storage` picks one for a path or URL. A new backend implements the
+methods of :class:`Storage` (docs/storage.md walks through the fsspec one).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-import shutil
-import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
-from ckpts._manifest import MANIFEST
-from ckpts._parallel import run_parallel
+from ckpts.errors import InvalidArgumentError
 
-log = logging.getLogger("ckpts")
+MANIFEST = "manifest.json"
+HISTORY = ".ckpts-history.jsonl"
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-_TMP_PREFIX = ".tmp-"
-_TRASH_PREFIX = ".trash-"
-_REPLACED_PREFIX = ".replaced-"
-# Enough concurrent fsyncs to share one journal commit, few enough to stay cheap.
-_FSYNC_THREADS = 16
+_STEP_NAME = re.compile(r"^step-(\d+)$")
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def checkpoint_name(step: int) -> str:
-    """Directory name for a step: ``step-00000500``."""
+    """A checkpoint's folder name: ``step-00000500``."""
     return f"step-{step:08d}"
 
 
 def parse_step(name: str) -> int | None:
-    """The step in a checkpoint directory name, or None if it is not one."""
-    match = _STEP_DIR.match(name)
+    """The step in a checkpoint folder name, or None if it is not one."""
+    match = _STEP_NAME.match(name)
     return int(match.group(1)) if match else None
 
 
-def committed_dirs(run: Path) -> list[tuple[int, Path]]:
-    """Committed checkpoint directories (those with a manifest), ascending by step.
+def url_protocol(location: str | os.PathLike[str]) -> str | None:
+    """``"s3"`` for ``"s3://bucket/run"``; None for a plain path."""
+    match = _URL.match(location) if isinstance(location, str) else None
+    return match.group(1).lower() if match else None
 
-    A symlink is never a checkpoint: it could point anywhere.
+
+@dataclass(frozen=True)
+class Listed:
+    """A committed checkpoint as a listing finds it: its name and every file's size
+    (the manifest's included), learned without reading any file."""
+
+    name: str
+    sizes: Mapping[str, int]
+
+    @property
+    def step(self) -> int:
+        step = parse_step(self.name)
+        assert step is not None, self.name  # committed() lists step-* names only
+        return step
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bytes ``offset .. offset + len(view)`` of ``file``, to be read into ``view``."""
+
+    file: str
+    offset: int
+    view: memoryview
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A checkpoint being written and not yet committed: ``where`` is the backend's
+    place for it (a temporary folder, a prefix), opaque to callers."""
+
+    name: str
+    where: str
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Where a run's checkpoints live. See the module docstring and docs/storage.md.
+
+    Names are checkpoint folder names (``step-00000500``); files are plain names
+    inside one checkpoint (``model.safetensors``), never paths.
     """
-    found = []
-    with os.scandir(run) as entries:
-        for entry in entries:
-            step = parse_step(entry.name)
-            if step is not None and not entry.is_symlink() \
-                    and os.path.isfile(os.path.join(entry.path, MANIFEST)):
-                found.append((step, Path(entry.path)))
-    return sorted(found)
+
+    location: str
+    """The run, as users write it (a path or URL): for messages and :meth:`where`."""
+
+    def where(self, name: str) -> str:
+        """The location of one checkpoint of the run, as users would write it."""
+        ...
+
+    # --- reading (no lock needed) ---------------------------------------------------------
+
+    def committed(self) -> list[Listed]:
+        """Committed checkpoints (those with a manifest), in any order. A bounded number
+        of requests: the listing alone, never a read per checkpoint. ``[]`` when the run
+        does not exist."""
+        ...
+
+    def sizes(self, name: str) -> dict[str, int]:
+        """Name -> size of every file of one checkpoint; ``{}`` when there is none."""
+        ...
+
+    def read(self, name: str, file: str) -> bytes:
+        """One whole (small) file. Raises FileNotFoundError when it is absent."""
+        ...
+
+    def read_ranges(self, name: str, ranges: Sequence[Range]) -> None:
+        """Fill every range's view from its file, in parallel.
+
+        Raises:
+            FileNotFoundError: a file is absent.
+            CorruptCheckpointError: a file ends before a range does.
+        """
+        ...
+
+    # --- writing (the run's one writer, holding the lock) ----------------------------------
+
+    def stage(self, name: str) -> Staged:
+        """Start writing checkpoint ``name``; nothing is visible until :meth:`commit`."""
+        ...
+
+    def write(self, staged: Staged, files: Sequence[tuple[str, Sequence[memoryview]]]) -> None:
+        """Write every file (the concatenation of its parts) in parallel chunks. The
+        parts must stay unchanged until this returns."""
+        ...
+
+    def commit(self, staged: Staged, manifest: bytes) -> None:
+        """Make the staged files durable, then publish the manifest: from then on the
+        checkpoint is listed whole, never before. An older checkpoint of the same name
+        is replaced, never mixed with the new one."""
+        ...
+
+    def abort(self, staged: Staged) -> None:
+        """Remove what a failed save staged; never raises for what is already gone."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove a committed checkpoint, manifest first, so no reader sees it half
+        deleted. A checkpoint already gone counts as deleted."""
+        ...
+
+    def update(self, name: str, manifest: bytes) -> None:
+        """Replace a committed checkpoint's manifest atomically (metrics, tags).
+
+        Raises:
+            FileNotFoundError: the checkpoint is not (or no longer) committed.
+        """
+        ...
+
+    def clean(self, *, check_manifests: bool) -> list[str]:
+        """Remove what killed saves and deletions left behind; return what was removed.
+        With ``check_manifests=False`` skip looking for step folders that have no
+        manifest (a cost per checkpoint on some backends)."""
+        ...
+
+    def lock(self) -> None:
+        """Become the run's one writer (creating the run if needed).
+
+        Raises:
+            LockedError: another process is the writer; names it.
+        """
+        ...
+
+    def unlock(self) -> None:
+        """Give up being the writer."""
+        ...
+
+    def free_space(self) -> int | None:
+        """Bytes that can still be written, or None when there is no such limit."""
+        ...
+
+    # --- the run's small files ---------------------------------------------------------
+
+    def append_history(self, line: bytes) -> None:
+        """Append one line to the run's metrics history (see ckpts._history)."""
+        ...
+
+    def read_history(self) -> bytes:
+        """The run's metrics history; ``b""`` when there is none."""
+        ...
+
+    def foreign(self) -> list[str]:
+        """Names in the run that look like another framework's checkpoints (a hint)."""
+        ...
 
 
-def new_staging_dir(run: Path, step: int) -> Path:
-    """Create an empty temporary sibling to write a checkpoint into."""
-    run.mkdir(parents=True, exist_ok=True)
-    staging = run / f"{_TMP_PREFIX}{checkpoint_name(step)}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    return staging
+def open_storage(location: str | os.PathLike[str] | Storage,
+                 storage_options: Mapping[str, Any] | None = None) -> Storage:
+    """The storage of a run: a Storage as it is, a path (or ``file://``) on the local
+    disk, any other URL through fsspec.
 
-
-def commit(staging: Path, step: int) -> Path:
-    """Make a fully written staging directory durable, then atomically move it into place.
-
-    Every file in it and the directory itself are fsynced together first (see
-    :func:`_make_durable`), so the rename can only publish complete data. An
-    existing checkpoint of the same step is replaced: it is set aside first and
-    removed only after the new one is in place, so a crash in between leaves one
-    of the two committed (see :func:`remove_leftovers`).
+    Raises:
+        InvalidArgumentError: ``storage_options`` given for a local path, or an
+            unusable location.
+        CheckpointError: the URL's backend is not installed or refuses the URL
+            (see :class:`ckpts._fsspec.FsspecStorage`).
     """
-    _make_durable(staging)
-    final = staging.parent / checkpoint_name(step)
-    replaced = _rename_aside(final, _REPLACED_PREFIX) if final.exists() else None
-    os.rename(staging, final)
-    fsync_dir(final.parent)
-    if replaced is not None:
-        shutil.rmtree(replaced)
-    return final
+    if isinstance(location, Storage):
+        return location
+    protocol = url_protocol(location)
+    if protocol is None or (protocol == "file" and not storage_options):
+        from ckpts._local import LocalStorage
+
+        if storage_options:
+            raise InvalidArgumentError(
+                f"storage_options only apply to URLs; {str(location)!r} is a local path")
+        path = str(location)[len("file://"):] if protocol == "file" else location
+        return LocalStorage(Path(path))
+    from ckpts._fsspec import FsspecStorage
+
+    return FsspecStorage(str(location), storage_options or {})
 
 
-def _make_durable(directory: Path) -> None:
-    """fsync every file of ``directory`` and the directory itself, concurrently.
-
-    Concurrent fsyncs share one journal commit (ext4, xfs), where one after another
-    each pays for its own: for a small checkpoint this is most of the save's time.
-    """
-    with os.scandir(directory) as entries:
-        paths = [e.path for e in entries if e.is_file(follow_symlinks=False)]
-    fds: list[int] = []
-    try:
-        fds += [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
-        fds.append(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-        run_parallel(os.fsync, fds, threads=_FSYNC_THREADS)
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def delete(path: Path) -> None:
-    """Delete a committed checkpoint: first out of the listing, then from disk.
-
-    A checkpoint that is already gone (removed by another program) counts as deleted.
-    """
-    try:
-        aside = _rename_aside(path, _TRASH_PREFIX)
-    except FileNotFoundError:
-        log.info("%s was already gone when retention came to delete it", path)
-        return
-    shutil.rmtree(aside)
-
-
-def _rename_aside(path: Path, prefix: str) -> Path:
-    aside = path.parent / f"{prefix}{path.name}-{uuid.uuid4().hex[:8]}"
-    os.rename(path, aside)
-    fsync_dir(path.parent)
-    return aside
-
-
-def remove_leftovers(run: Path, *, check_manifests: bool = True) -> list[Path]:
-    """Remove what killed saves and deletions left behind. Returns what was removed.
-
-    Staging and trash directories go, and so do ``step-*`` directories that have no
-    manifest (never committed; finding those costs a stat per checkpoint, skipped
-    with ``check_manifests=False``). If a crash hit between setting aside an older
-    checkpoint of the same step and renaming its replacement in, the older one is
-    put back instead of being deleted.
-    """
-    removed: list[Path] = []
-    if not run.is_dir():
-        return removed
-    with os.scandir(run) as scan:  # names and types only: no stat per entry
-        entries = sorted((e for e in scan if e.is_dir(follow_symlinks=False)),
-                         key=lambda e: e.name)
-    for entry in entries:
-        name, path = entry.name, Path(entry.path)
-        if name.startswith(_REPLACED_PREFIX):
-            original = run / name[len(_REPLACED_PREFIX) :].rsplit("-", 1)[0]
-            if not original.exists():
-                os.rename(path, original)
-                log.warning("restored %s after an interrupted replace", original)
-                continue
-        elif not name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and (
-            not check_manifests or parse_step(name) is None or (path / MANIFEST).is_file()
-        ):
-            continue
-        shutil.rmtree(path)
-        removed.append(path)
-    if removed:
-        fsync_dir(run)
-        log.info("removed %d leftover(s) of interrupted saves in %s", len(removed), run)
-    return removed
-
-
-# What other frameworks leave in a folder: torch.save, Lightning, Hugging Face Trainer.
-_FOREIGN_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-
-
-def foreign_checkpoints(directory: Path) -> list[str]:
-    """Names in ``directory`` that look like another framework's checkpoints."""
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return []
-    return [n for n in names if n.endswith(_FOREIGN_SUFFIXES)
-            or (n.startswith("checkpoint-") and (directory / n).is_dir())]
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (creations, renames) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def split_checkpoint(location: str | os.PathLike[str]) -> tuple[str | os.PathLike[str], str]:
+    """``("s3://b/run", "step-00000500")`` for ``"s3://b/run/step-00000500"``; paths alike."""
+    if url_protocol(location) is not None:
+        text = str(location).rstrip("/")
+        run, _, name = text.rpartition("/")
+        return run, name
+    path = Path(location).absolute()
+    return path.parent, path.name

@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from ckpts._format import read_header
-from ckpts._manifest import MANIFEST, hash_file, manifest_tensor_entries, read_manifest
-from ckpts._storage import committed_dirs
+from ckpts._catalog import open_checkpoint
+from ckpts._manifest import manifest_tensor_entries, read_manifest
+from ckpts._storage import MANIFEST, Storage, open_storage
+from ckpts._transfer import check_files, read_header
 from ckpts.errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
 
 
 def verify(path: str | os.PathLike[str]) -> list[str]:
     """Check a checkpoint (or every checkpoint of a run) against its manifest.
 
-    Reads every file once and compares its size and xxh3-128 hash with the
-    manifest, then checks each tensor's dtype, shape and byte range in its file.
+    Reads every file once and compares its size and xxh3-128 hashes with the
+    manifest (format v2: the header and each tensor have their own), then checks
+    each tensor's dtype, shape and byte range in its file's header.
 
     Args:
-        path: a checkpoint directory (``run/step-00000500``) or a run directory.
+        path: a checkpoint (``run/step-00000500``) or a run: a directory or a URL
+            (``s3://bucket/run``).
 
     Returns:
-        The problems found, one line each (prefixed with the checkpoint directory
-        for a run); an empty list means intact.
+        The problems found, one line each (prefixed with the checkpoint's name for
+        a run); an empty list means intact.
 
     Raises:
         NotACheckpointError: ``path`` is neither a committed checkpoint nor a run
@@ -33,30 +36,29 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
         >>> problems = ckpts.verify("runs/exp1/step-00000500")  # doctest: +SKIP
         >>> assert not problems, "\\n".join(problems)           # doctest: +SKIP
     """
-    directory = Path(path)
-    if (directory / MANIFEST).is_file():
-        return verify_checkpoint(directory)
-    checkpoints = committed_dirs(directory) if directory.is_dir() else []
+    storage, name = open_checkpoint(path)
+    if MANIFEST in storage.sizes(name):
+        return verify_checkpoint(storage, name)
+    run = open_storage(path)
+    checkpoints = sorted(run.committed(), key=lambda entry: entry.step)
     if not checkpoints:
         raise NotACheckpointError(
-            f"{directory} is not a checkpoint (no {MANIFEST}) nor a run holding any; "
-            "pass a run directory or one of its step-* checkpoints"
+            f"{path} is not a checkpoint (no {MANIFEST}) nor a run holding any; "
+            "pass a run or one of its step-* checkpoints"
         )
-    return [f"{ckpt.name}: {problem}" for _, ckpt in checkpoints
-            for problem in verify_checkpoint(ckpt)]
+    return [f"{entry.name}: {problem}" for entry in checkpoints
+            for problem in verify_checkpoint(run, entry.name)]
 
 
-def verify_checkpoint(directory: Path) -> list[str]:
-    """The problems of one checkpoint directory; empty when intact."""
+def verify_checkpoint(storage: Storage, name: str) -> list[str]:
+    """The problems of one checkpoint; empty when intact."""
+    where = storage.where(name)
     try:
-        manifest = read_manifest(directory)
+        manifest = read_manifest(storage, name)
+        check_file_sizes(where, manifest, storage.sizes(name))
+        problems = check_files(storage, name, manifest)
     except (CheckpointError, OSError) as e:
         return [str(e)]
-    problems = []
-    for name, record in manifest["files"].items():
-        problem = check_file(directory / name, record["nbytes"], record["hash"])
-        if problem:
-            problems.append(problem)
     if problems:
         return problems
     for obj_name, obj in manifest["objects"].items():
@@ -64,47 +66,35 @@ def verify_checkpoint(directory: Path) -> list[str]:
         for key, entry in manifest_tensor_entries(obj).items():
             try:
                 if entry.file not in headers:
-                    headers[entry.file] = read_header(directory / entry.file)[0]
+                    nbytes = manifest["files"][entry.file]["nbytes"]
+                    headers[entry.file] = read_header(storage, name, entry.file, nbytes)
             except (CheckpointError, OSError) as e:
                 problems.append(str(e))
                 break
             found = headers[entry.file].get(key)
-            if found is None or (found.dtype, found.shape) != (entry.dtype, entry.shape):
+            expected = (entry.dtype, entry.shape) + ((entry.begin, entry.end) if entry.hash else ())
+            actual = found and (found.dtype, found.shape) + (
+                (found.begin, found.end) if entry.hash else ())
+            if actual != expected:
                 problems.append(
-                    f"{directory / entry.file}: tensor {key!r} of {obj_name!r} is "
-                    f"{'absent' if found is None else f'{found.dtype}{list(found.shape)}'}, "
-                    f"manifest says {entry.dtype}{list(entry.shape)}"
+                    f"{where}/{entry.file}: tensor {key!r} of {obj_name!r} is "
+                    f"{'absent' if found is None else f'{found.dtype}{list(found.shape)}'} "
+                    f"in the file's header, the manifest says {entry.dtype}{list(entry.shape)}"
+                    + (f" at bytes {entry.begin}..{entry.end}" if entry.hash else "")
                 )
     return problems
 
 
-def check_file(path: Path, nbytes: int, expected_hash: str) -> str | None:
-    """The problem with one file (missing, resized, other hash), or None."""
-    problem = _size_problem(path, nbytes)
-    if problem:
-        return problem
-    actual = hash_file(path)
-    if actual != expected_hash:
-        return f"{path}: content hash {actual} differs from the manifest's {expected_hash}"
-    return None
-
-
-def check_file_sizes(directory: Path, manifest: dict[str, Any]) -> None:
+def check_file_sizes(where: str, manifest: dict[str, Any], sizes: Mapping[str, int]) -> None:
     """Cheap check before reading: every file exists with its recorded size.
 
     Raises:
         CorruptCheckpointError: naming the first file that is missing or resized.
     """
-    for name, record in manifest["files"].items():
-        problem = _size_problem(directory / name, record["nbytes"])
-        if problem:
-            raise CorruptCheckpointError(problem)
-
-
-def _size_problem(path: Path, nbytes: int) -> str | None:
-    if path.is_symlink() or not path.is_file():
-        return f"{path}: missing (or not a regular file)"
-    size = path.stat().st_size
-    if size != nbytes:
-        return f"{path}: {size} bytes, manifest says {nbytes} (truncated or overwritten)"
-    return None
+    for file, record in manifest["files"].items():
+        if file not in sizes:
+            raise CorruptCheckpointError(f"{where}/{file}: missing (or not a regular file)")
+        if sizes[file] != record["nbytes"]:
+            raise CorruptCheckpointError(
+                f"{where}/{file}: {sizes[file]} bytes, manifest says {record['nbytes']} "
+                "(truncated or overwritten)")

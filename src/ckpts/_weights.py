@@ -1,26 +1,26 @@
 """Reading one saved object without a TrainState: a module's weights, or any object's state.
 
 ``load_weights`` fills a live module for inference and reads no optimizer bytes;
-``load_state`` hands back one object's ``state_dict`` as plain data. Both check
-the files they read against the manifest's sizes and hashes first.
+``load_state`` hands back one object's ``state_dict`` as plain data. Both read
+through the one read path of ckpts._transfer, which checks every tensor's hash
+before handing it back. A checkpoint is given as a record, a path or a URL.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ckpts._catalog import Checkpoint, open_checkpoint
 from ckpts._checkpoint import check_compatible, decode_object, load_module_weights
-from ckpts._format import DTYPE_NAMES, copy_tensors
-from ckpts._manifest import MANIFEST, TensorEntry, manifest_tensor_entries, read_manifest
-from ckpts._verify import check_file
-from ckpts.errors import CorruptCheckpointError, NotACheckpointError
-
-if TYPE_CHECKING:
-    from ckpts._catalog import Checkpoint
+from ckpts._format import DTYPE_NAMES
+from ckpts._manifest import manifest_tensor_entries, read_manifest
+from ckpts._storage import Storage
+from ckpts._transfer import read_tensors
+from ckpts._verify import check_file_sizes
+from ckpts.errors import NotACheckpointError
 
 
 def load_weights(
@@ -32,12 +32,14 @@ def load_weights(
 ) -> None:
     """Load a module's weights from a checkpoint, reading none of the optimizer state.
 
-    The module's files are hash-checked, then memory-mapped and copied straight into
-    the parameters and buffers. Tied weights stay tied.
+    Only the module's tensors are read (by byte range), each checked against its
+    hash, then copied into the parameters and buffers: a failed check changes
+    nothing in the model. Tied weights stay tied.
 
     Args:
-        checkpoint: a :class:`Checkpoint` (e.g. ``manager.latest()``) or the path of
-            a checkpoint directory.
+        checkpoint: a :class:`Checkpoint` (e.g. ``manager.latest()``), or the path
+            or URL of a checkpoint (``runs/exp1/step-00000500``,
+            ``s3://bucket/run/step-00000500``).
         model: the module to load into; it must have the saved architecture.
         strict: if False, keys missing on either side are skipped (shapes must
             still match).
@@ -53,12 +55,12 @@ def load_weights(
         >>> model = build_model()                                   # doctest: +SKIP
         >>> ckpts.load_weights("runs/exp1/step-00000500", model)    # doctest: +SKIP
     """
-    directory, manifest = _open(checkpoint)
-    obj_name, saved = _pick_module(directory, manifest, name)
-    entries = manifest_tensor_entries(saved)
-    check_compatible(directory, obj_name, saved, model, strict=strict)  # from the manifest alone
-    _check_files(directory, manifest, entries)
-    load_module_weights(directory, obj_name, saved, model)
+    storage, checkpoint_name, manifest = _open(checkpoint)
+    where = storage.where(checkpoint_name)
+    obj_name, saved = _pick_module(where, manifest, name)
+    check_compatible(where, obj_name, saved, model, strict=strict)  # from the manifest alone
+    _check_sizes(storage, checkpoint_name, manifest, obj_name)
+    load_module_weights(storage, checkpoint_name, manifest, obj_name, model)
 
 
 def load_state(
@@ -72,8 +74,8 @@ def load_state(
     Tuples, int dict keys, ``None`` and nan/inf come back as they were saved.
 
     Args:
-        checkpoint: a :class:`Checkpoint` (e.g. ``manager.latest()``) or the path
-            of a checkpoint directory.
+        checkpoint: a :class:`Checkpoint` (e.g. ``manager.latest()``), or the path
+            or URL of a checkpoint.
         name: the object's name in the :class:`TrainState` it was saved from
             (``"model"``, ``"optimizer"``, ``"rng"``...).
         tensors: if True, tensors are read (hash-checked) as CPU tensors. If False,
@@ -94,22 +96,21 @@ def load_state(
         >>> config = ckpts.load_state("runs/exp1/step-00000500", "config")  # doctest: +SKIP
         >>> model = GPT(**config["model_args"])                              # doctest: +SKIP
     """
-    directory, manifest = _open(checkpoint)
+    storage, checkpoint_name, manifest = _open(checkpoint)
+    where = storage.where(checkpoint_name)
     objects = manifest["objects"]
     if name not in objects:
         raise NotACheckpointError(
-            f"{directory} has no object named {name!r}; it holds {sorted(objects)}. "
+            f"{where} has no object named {name!r}; it holds {sorted(objects)}. "
             "Pass one of those names"
         )
     saved = objects[name]
-    entries = manifest_tensor_entries(saved)
     if tensors:
-        _check_files(directory, manifest, entries)
-        values = copy_tensors(directory, entries, {})
+        values = _read_object(storage, checkpoint_name, manifest, name)
     else:  # placeholders: no tensor file is opened
         values = {key: torch.empty(entry.shape, dtype=DTYPE_NAMES[entry.dtype], device="meta")
-                  for key, entry in entries.items()}
-    return decode_object(directory, name, saved, values)
+                  for key, entry in manifest_tensor_entries(saved).items()}
+    return decode_object(where, name, saved, values)
 
 
 def read_module_tensors(
@@ -117,12 +118,12 @@ def read_module_tensors(
 ) -> dict[str, torch.Tensor]:
     """Read one saved module's tensors into a dict, with no live module and no optimizer bytes.
 
-    The module's files are hash-checked first. Tied weights (saved once, with an
+    Every tensor is checked against its hash. Tied weights (saved once, with an
     alias) come back as the very same tensor under both keys, as ``state_dict()``
     gives them; :func:`module_record` tells which keys are aliases.
 
     Args:
-        checkpoint: a :class:`Checkpoint` or the path of a checkpoint directory.
+        checkpoint: a :class:`Checkpoint`, or the path or URL of a checkpoint.
         name: which saved object to read (default as in :func:`load_weights`).
 
     Returns:
@@ -132,11 +133,9 @@ def read_module_tensors(
         NotACheckpointError: the path holds no committed checkpoint, or no such module.
         CorruptCheckpointError: the module's files fail their size or hash check.
     """
-    directory, manifest = _open(checkpoint)
-    _, saved = _pick_module(directory, manifest, name)
-    entries = manifest_tensor_entries(saved)
-    _check_files(directory, manifest, entries)
-    tensors = copy_tensors(directory, entries, {})
+    storage, checkpoint_name, manifest = _open(checkpoint)
+    obj_name, saved = _pick_module(storage.where(checkpoint_name), manifest, name)
+    tensors = _read_object(storage, checkpoint_name, manifest, obj_name)
     for alias, key in saved.get("aliases", {}).items():
         tensors[alias] = tensors[key]
     return tensors
@@ -146,30 +145,38 @@ def module_record(
     checkpoint: Checkpoint | str | os.PathLike[str], *, name: str | None = None
 ) -> tuple[str, dict[str, Any]]:
     """The name and manifest entry of a saved module (class, aliases, ``hf_config``...)."""
-    directory, manifest = _open(checkpoint)
-    return _pick_module(directory, manifest, name)
+    storage, checkpoint_name, manifest = _open(checkpoint)
+    return _pick_module(storage.where(checkpoint_name), manifest, name)
 
 
-def _open(checkpoint: Checkpoint | str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    directory = Path(getattr(checkpoint, "path", checkpoint))  # type: ignore[arg-type]
-    if not (directory / MANIFEST).is_file():
-        raise NotACheckpointError(
-            f"{directory} is not a checkpoint (no {MANIFEST}); pass a step-* directory "
-            "of a run, e.g. manager.latest().path"
-        )
-    return directory, read_manifest(directory)
+def _open(checkpoint: Checkpoint | str | os.PathLike[str]
+          ) -> tuple[Storage, str, dict[str, Any]]:
+    """The storage, name and checked manifest of a checkpoint."""
+    storage, name = open_checkpoint(checkpoint)
+    return storage, name, read_manifest(storage, name)
 
 
-def _check_files(directory: Path, manifest: dict[str, Any],
-                 entries: dict[str, TensorEntry]) -> None:
-    for file_name in sorted({e.file for e in entries.values()}):
-        record = manifest["files"][file_name]
-        problem = check_file(directory / file_name, record["nbytes"], record["hash"])
-        if problem:
-            raise CorruptCheckpointError(f"cannot read {directory}: {problem}")
+def _check_sizes(storage: Storage, checkpoint: str, manifest: dict[str, Any], name: str
+                 ) -> None:
+    """Before reading: the files of object ``name`` exist with their recorded sizes."""
+    files = {entry.file for entry in manifest_tensor_entries(manifest["objects"][name]).values()}
+    check_file_sizes(storage.where(checkpoint),
+                     {"files": {f: manifest["files"][f] for f in sorted(files)}},
+                     storage.sizes(checkpoint))
 
 
-def _pick_module(directory: Path, manifest: dict[str, Any], name: str | None
+def _read_object(storage: Storage, checkpoint: str, manifest: dict[str, Any], name: str
+                 ) -> dict[str, torch.Tensor]:
+    """Every tensor of one saved object, read and checked, as new CPU tensors."""
+    _check_sizes(storage, checkpoint, manifest, name)
+    entries = manifest_tensor_entries(manifest["objects"][name])
+    read = read_tensors(storage, checkpoint, manifest["files"],
+                        {(name, key): entry for key, entry in entries.items()}, {},
+                        fill_targets=False)
+    return {key: tensor for (_, key), tensor in read.items()}
+
+
+def _pick_module(directory: str, manifest: dict[str, Any], name: str | None
                  ) -> tuple[str, dict[str, Any]]:
     objects = manifest["objects"]
     modules = [n for n, o in objects.items() if o.get("kind") == "module"]

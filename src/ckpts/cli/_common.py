@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.text import Text
 
 from ckpts._catalog import Checkpoint
-from ckpts._manifest import MANIFEST
 from ckpts._policy import Mode
+from ckpts._storage import MANIFEST
 from ckpts.errors import CheckpointError
 
 EXIT_CHECK_FAILED = 1

@@ -441,7 +441,7 @@ def _show_best(console: Console, *, best: ckpts.Checkpoint, last: ckpts.Checkpoi
         )
     console.print(f"  It continues {SAMPLE_PROMPT!r} as: [italic]{sample!r}[/italic]",
                   highlight=False)
-    run = best.path.parent
+    run = str(best.path).rsplit("/", 1)[0]
     console.print("\nShip it: export its weights (never the optimizer's), or see the run:")
     shell = (
         f"ckpts export {best.path} demo-model.safetensors --format safetensors\n"

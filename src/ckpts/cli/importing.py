@@ -44,7 +44,7 @@ def import_(
         imported = import_checkpoints(source, run, step=step, on_progress=advance)
     stdout.print(f"imported {len(imported)} checkpoint(s) from {source} into {run}")
     print_table(
-        [[str(c.step), c.path.name,
+        [[str(c.step), c.name,
           ", ".join(f"{k}={format_number(v)}" for k, v in c.metrics.items())]
          for c in imported],
         header=["step", "checkpoint", "metrics"], right={0},

@@ -15,8 +15,9 @@ import typer
 from rich.filesize import decimal
 
 from ckpts._catalog import Checkpoint
-from ckpts._manifest import DTYPE_SIZES, MANIFEST, read_manifest
-from ckpts._storage import committed_dirs
+from ckpts._local import LocalStorage
+from ckpts._manifest import DTYPE_SIZES, read_manifest
+from ckpts._storage import MANIFEST
 from ckpts.cli._common import (
     JsonOption,
     checkpoint_dir,
@@ -42,8 +43,9 @@ def show(
 ) -> None:
     """Describe a checkpoint: step, epoch, metrics, tags, versions, objects and files."""
     directory = checkpoint_dir(checkpoint)
-    manifest = read_manifest(directory)
-    summary = Checkpoint.from_directory(directory)
+    storage = LocalStorage(directory.parent)
+    manifest = read_manifest(storage, directory.name)
+    summary = Checkpoint.from_manifest(storage, directory.name, manifest)
     objects = {name: object_summary(obj, with_tensors=tensors)
                for name, obj in manifest["objects"].items()}
     files = {name: record["nbytes"] for name, record in manifest["files"].items()}
@@ -101,22 +103,23 @@ def du(
 
     Sizes are the file sizes the manifests record, plus each manifest itself.
     """
-    directory = run_dir(run)
+    storage = LocalStorage(run_dir(run))
     checkpoints: list[dict[str, Any]] = []
-    for step, path in committed_dirs(directory):
+    for entry in sorted(storage.committed(), key=lambda e: e.step):
+        path = storage.where(entry.name)
         try:
-            by_kind = bytes_by_kind(read_manifest(path), (path / MANIFEST).stat().st_size)
+            by_kind = bytes_by_kind(read_manifest(storage, entry.name), entry.sizes[MANIFEST])
         except (CheckpointError, OSError) as e:
             stderr.print(f"warning: skipping {path}: {e}")
             continue
-        checkpoints.append({"step": step, "path": str(path), "nbytes": sum(by_kind.values()),
+        checkpoints.append({"step": entry.step, "path": path, "nbytes": sum(by_kind.values()),
                             "by_kind": by_kind})
     totals: Counter[str] = Counter()
     for checkpoint in checkpoints:
         totals.update(checkpoint["by_kind"])
     kinds = [kind for kind, _ in totals.most_common()]
     if as_json:
-        print_json({"path": str(directory), "nbytes": totals.total(),
+        print_json({"path": storage.location, "nbytes": totals.total(),
                     "by_kind": {k: totals[k] for k in kinds}, "checkpoints": checkpoints})
         return
     if not checkpoints:

@@ -14,9 +14,10 @@ from rich.filesize import decimal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ckpts._catalog import Checkpoint, list_checkpoints
-from ckpts._manifest import MANIFEST, read_manifest
+from ckpts._local import LocalStorage
+from ckpts._manifest import read_manifest
 from ckpts._policy import KeepBest, KeepEvery, KeepLast, Mode
-from ckpts._storage import committed_dirs
+from ckpts._storage import MANIFEST, Storage
 from ckpts.cli._common import (
     EXIT_CHECK_FAILED,
     check_metric,
@@ -47,10 +48,11 @@ def verify(
     """
     directory = existing_dir(path)
     if (directory / MANIFEST).is_file():
-        targets = [directory]
+        storage, names = LocalStorage(directory.parent), [directory.name]
     else:
-        targets = [checkpoint for _, checkpoint in committed_dirs(directory)]
-    if not targets:
+        storage = LocalStorage(directory)
+        names = [entry.name for entry in sorted(storage.committed(), key=lambda e: e.step)]
+    if not names:
         fail(f"{path} is not a checkpoint (no {MANIFEST}) nor a run holding any")
     from ckpts._verify import verify_checkpoint  # imports torch: only once there is work
 
@@ -58,24 +60,24 @@ def verify(
     columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True,
                   disable=not stderr.is_terminal) as progress:
-        for target in progress.track(targets):
-            problems = verify_checkpoint(target)
+        for name in progress.track(names):
+            problems = verify_checkpoint(storage, name)
             failed += bool(problems)
-            stdout.print(f"{target.name}  {'FAILED' if problems else 'OK'}")
-            _report_files(target, problems)
-    stdout.print(f"{len(targets)} checkpoint(s) verified, {failed} with problems")
+            stdout.print(f"{name}  {'FAILED' if problems else 'OK'}")
+            _report_files(storage, name, problems)
+    stdout.print(f"{len(names)} checkpoint(s) verified, {failed} with problems")
     if failed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-def _report_files(checkpoint: Path, problems: list[str]) -> None:
+def _report_files(storage: Storage, checkpoint: str, problems: list[str]) -> None:
     """One line per file of the manifest (size, OK or FAILED), then each problem."""
     try:
-        files = read_manifest(checkpoint)["files"]
+        files = read_manifest(storage, checkpoint)["files"]
     except (CheckpointError, OSError):
         files = {}  # the manifest itself is the problem; it is printed below
     for name, record in sorted(files.items()):
-        bad = any(p.startswith(f"{checkpoint / name}:") for p in problems)
+        bad = any(p.startswith(f"{storage.where(checkpoint)}/{name}:") for p in problems)
         stdout.print(f"  {name}  {decimal(record['nbytes'])}  {'FAILED' if bad else 'OK'}")
     for problem in problems:
         stdout.print(f"  {problem}")
@@ -128,7 +130,7 @@ def prune(
         removed = manager.prune(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for checkpoint in removed:
-        stdout.print(f"{verb} {checkpoint.path.name} ({decimal(checkpoint.nbytes)})")
+        stdout.print(f"{verb} {checkpoint.name} ({decimal(checkpoint.nbytes)})")
     freed = decimal(sum(c.nbytes for c in removed))
     stdout.print(f"{verb} {len(removed)} of {total} checkpoint(s) ({freed}); "
                  f"{total - len(removed)} kept")
@@ -145,7 +147,7 @@ def pin(
     _checkpoint_at(directory, step)
     with _manager(directory) as manager:
         checkpoint = manager.pin(step, tag)
-    stdout.print(f"pinned {checkpoint.path.name} (tags: {', '.join(checkpoint.tags)})")
+    stdout.print(f"pinned {checkpoint.name} (tags: {', '.join(checkpoint.tags)})")
 
 
 @reports_errors
@@ -163,7 +165,7 @@ def unpin(
         fail(f"step {step} has no tag {tag!r}; its tags: {', '.join(current.tags) or 'none'}")
     with _manager(directory) as manager:
         checkpoint = manager.unpin(step, tag)
-    stdout.print(f"unpinned {checkpoint.path.name} (tags left: "
+    stdout.print(f"unpinned {checkpoint.name} (tags left: "
                  f"{', '.join(checkpoint.tags) or 'none'})")
 
 

@@ -77,10 +77,10 @@ from ckpts._importing import (
     split_lightning_checkpoint,
 )
 from ckpts._manager import CheckpointManager
-from ckpts._manifest import MANIFEST
 from ckpts._policy import KeepLast
 from ckpts._rng import RNGState
 from ckpts._state import RNG_NAME, TrainState
+from ckpts._storage import MANIFEST
 from ckpts._weights import load_state
 from ckpts.errors import (
     InvalidArgumentError,
@@ -255,9 +255,10 @@ def _committed(target: Path) -> Checkpoint:
 
 
 def _object_names(checkpoint: Checkpoint) -> list[str]:
+    from ckpts._catalog import open_checkpoint
     from ckpts._manifest import read_manifest
 
-    return list(read_manifest(checkpoint.path)["objects"])
+    return list(read_manifest(*open_checkpoint(checkpoint))["objects"])
 
 
 def _ranked_score(checkpoint: dict[str, Any], run: Path) -> dict[str, float]:

@@ -101,7 +101,7 @@ from ckpts._manifest import read_manifest
 from ckpts._policy import Mode, RetentionPolicy, rank_by
 from ckpts._rng import RNGState
 from ckpts._state import Stateful, TrainState
-from ckpts._storage import checkpoint_name
+from ckpts._storage import checkpoint_name, url_protocol
 from ckpts._verify import verify_checkpoint
 from ckpts._weights import load_weights
 from ckpts.errors import (
@@ -157,6 +157,12 @@ class CkptsCallback(TrainerCallback):
         async_save: bool = False,
         max_shard_size: int | str = "512MB",
     ) -> None:
+        if url_protocol(directory) is not None:
+            raise InvalidArgumentError(
+                f"CkptsCallback needs a local run directory, got {directory!r}: Trainer resumes "
+                "from a local folder. Save to a local directory (and copy it to the store), or "
+                "use ckpts.CheckpointManager with the URL in a plain training loop"
+            )
         self.manager = CheckpointManager(directory, keep=keep, async_save=async_save,
                                          max_shard_size=max_shard_size)
         self._keep_given = keep is not None
@@ -188,7 +194,7 @@ class CkptsCallback(TrainerCallback):
         self.manager.wait()
         checkpoints = self.manager.checkpoints()
         for checkpoint in reversed(checkpoints):
-            problems = verify_checkpoint(checkpoint.path)
+            problems = verify_checkpoint(self.manager.storage, checkpoint.name)
             if problems:
                 log.warning("not resuming from %s, it fails verification: %s", checkpoint.path,
                             "; ".join(problems))
@@ -203,7 +209,7 @@ class CkptsCallback(TrainerCallback):
         return None
 
     def _write_resume_view(self, checkpoint: Checkpoint) -> Path:
-        manifest = read_manifest(checkpoint.path)
+        manifest = read_manifest(self.manager.storage, checkpoint.name)
         saved = manifest["objects"].get(TRAINER_STATE)
         if saved is None:
             raise IncompatibleStateError(
@@ -211,8 +217,8 @@ class CkptsCallback(TrainerCallback):
                 "CkptsCallback and Trainer cannot resume from it; load its weights with "
                 "ckpts.load_weights() and start a new run in another directory"
             )
-        trainer_state = decode(saved["tree"], _no_tensor(checkpoint.path))
-        view = self.manager.directory / RESUME_VIEW
+        trainer_state = decode(saved["tree"], _no_tensor(Path(checkpoint.path)))
+        view = Path(self.manager.directory) / RESUME_VIEW
         shutil.rmtree(view, ignore_errors=True)
         view.mkdir(parents=True)
         (view / TRAINER_STATE_FILE).write_text(
@@ -220,7 +226,7 @@ class CkptsCallback(TrainerCallback):
         for name in manifest["files"]:
             if name == "model.safetensors.index.json" or (
                     name.startswith("model") and name.endswith(".safetensors")):
-                _link(checkpoint.path / name, view / name)
+                _link(Path(checkpoint.path) / name, view / name)
         log.info("resume view of step %d written to %s", checkpoint.step, view)
         return view
 
@@ -264,7 +270,7 @@ class CkptsCallback(TrainerCallback):
                 f"checkpoint of that step; pass resume_from_checkpoint=callback.resume_path() "
                 "to train()"
             )
-        manifest = read_manifest(self.manager.directory / checkpoint_name(step))
+        manifest = read_manifest(self.manager.storage, checkpoint_name(step))
         saved_objects = set(manifest["objects"])
         objects = self._objects(args, kwargs, _RestoredTrainerState(state))
         if "optimizer" in objects and "optimizer" not in saved_objects:
@@ -330,7 +336,7 @@ class CkptsCallback(TrainerCallback):
         """Make the last save durable; load the best checkpoint if asked."""
         self._save_if_pending(args, state, control, kwargs, None)
         self.manager.close()
-        shutil.rmtree(self.manager.directory / RESUME_VIEW, ignore_errors=True)
+        shutil.rmtree(Path(self.manager.directory) / RESUME_VIEW, ignore_errors=True)
         if args.load_best_model_at_end and args.metric_for_best_model:
             metric, mode = best_metric(args)
             best = self.manager.best(metric, mode)

@@ -1,14 +1,15 @@
-"""Write the format-v1 fixture ``tests/data/v1-small/`` that test_format_stability.py pins.
+"""Write the fixture of the current format, ``tests/data/v2-small/``, that
+test_format_stability.py pins (``v1-small/`` was written by this script under format v1).
 
-Usage: python tests/data/make_v1_small.py [--force]
+Usage: python tests/data/make_small.py [--force]
 
 The fixture is a run directory holding one checkpoint, ``step-00000003``: a
 Linear(3, 2) with weights from ``torch.arange``, a bfloat16 parameter, an int64
 buffer, an SGD-with-momentum optimizer after one step, and the RNGs seeded with 0.
 Every value is exact in binary, so the test can state them.
 
-The fixture records what format v1 looks like on disk; it is written once and
-committed. Regenerating it would hide exactly the change it exists to catch, so
+A fixture records what one format version looks like on disk; it is written once
+and committed. Regenerating it would hide exactly the change it exists to catch, so
 the script refuses to overwrite it unless given ``--force`` (do that only for a
 new format version, with a new fixture name).
 """
@@ -26,7 +27,7 @@ import torch
 
 import ckpts
 
-FIXTURE = Path(__file__).with_name("v1-small")
+FIXTURE = Path(__file__).with_name("v2-small")
 STEP = 3
 CHECKPOINT = f"step-{STEP:08d}"
 METRICS = {"loss": 0.125, "accuracy": 0.75}
@@ -67,7 +68,7 @@ def write(run: Path) -> Path:
     with ckpts.CheckpointManager(run) as manager:
         checkpoint = manager.save(STEP, build_state(), metrics=METRICS, epoch=EPOCH)
     assert checkpoint is not None
-    return checkpoint.path
+    return Path(checkpoint.path)
 
 
 def main(argv: list[str]) -> int:

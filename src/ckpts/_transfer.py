@@ -1,0 +1,284 @@
+"""Tensors to and from a Storage: safetensors files written with their hashes computed
+from memory, and one read path that checks every byte it hands back.
+
+Saving lays each file out in memory (the header, then each tensor's own bytes),
+hands the parts to the storage to write in parallel, and hashes them meanwhile:
+the header and every tensor get their own xxh3-128 hash (format v2).
+
+Reading (:func:`read_tensors`) asks the storage for byte ranges, in parallel, and
+checks hashes before anything is handed back: per tensor for format v2 (only the
+tensors asked for are read), per whole file for format v1 (whose files are read
+whole, gaps and headers included, since one hash covers them all). The same
+reader serves restore (bytes land straight in the live tensors), ``load_weights``
+(fresh tensors, copied in only once all are verified) and ``load_state``.
+:func:`check_files` streams whole files through the hashes for ``verify``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import xxhash
+
+from ckpts._format import (
+    DTYPE_NAMES,
+    byte_view,
+    encode_header,
+    header_length,
+    parse_header,
+    stored_entry,
+    tensor_bytes,
+)
+from ckpts._manifest import HASH_PREFIX, TensorEntry, digest
+from ckpts._parallel import run_parallel
+from ckpts._storage import Range, Staged, Storage
+from ckpts.errors import CorruptCheckpointError
+
+# a tensor, as the readers name it: (saved object name, tensor key)
+Key = tuple[str, str]
+
+# verify() reads a file this many bytes at a time, several windows in flight
+VERIFY_WINDOW = 16 * 1024 * 1024
+_WINDOWS_IN_FLIGHT = 4
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """What the manifest records of a written tensor file: its size, its header's size
+    and hash, and each tensor's byte range and hash."""
+
+    nbytes: int
+    header: int
+    header_hash: str
+    tensors: dict[str, tuple[int, int, str]]  # key -> (begin, end, hash)
+
+
+def write_tensor_files(
+    storage: Storage,
+    staged: Staged,
+    files: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]],
+    small_files: Sequence[tuple[str, bytes]] = (),
+) -> list[WrittenFile]:
+    """Write safetensors files (and small others, such as an index) into ``staged``;
+    return each tensor file's record. Tensors must stay unchanged until this returns."""
+    layouts = []
+    for _, items in files:
+        parts = [memoryview(encode_header(items))]
+        parts += [tensor_bytes(tensor, key=key) for key, tensor in items]
+        layouts.append(parts)
+    writes = [(name, parts) for (name, _), parts in zip(files, layouts, strict=True)]
+    writes += [(name, [memoryview(data)]) for name, data in small_files]
+
+    def hash_all() -> list[list[str]]:
+        return [[digest(part) for part in parts] for parts in layouts]
+
+    jobs: list[Callable[[], Any]] = [lambda: storage.write(staged, writes), hash_all]
+    _, hashes = run_parallel(lambda job: job(), jobs, threads=2)
+    written = []
+    for (_, items), parts, digests in zip(files, layouts, hashes, strict=True):
+        position, tensors = len(parts[0]), {}
+        for (key, _), part, tensor_hash in zip(items, parts[1:], digests[1:], strict=True):
+            tensors[key] = (position, position + len(part), tensor_hash)
+            position += len(part)
+        written.append(WrittenFile(nbytes=position, header=len(parts[0]),
+                                   header_hash=digests[0], tensors=tensors))
+    return written
+
+
+def read_tensors(
+    storage: Storage,
+    name: str,
+    files: Mapping[str, Mapping[str, Any]],
+    entries: Mapping[Key, TensorEntry],
+    targets: Mapping[Key, torch.Tensor],
+    *,
+    fill_targets: bool,
+) -> dict[Key, torch.Tensor]:
+    """Read the tensors of ``entries`` (of checkpoint ``name``, whose manifest file
+    records are ``files``) and check their hashes. Keys are (object name, tensor key).
+
+    Every file touched has its header read too, checked against its hash and
+    compared with the manifest's entries, so a file that external tools would read
+    differently is refused as well. With ``fill_targets``, a target that is a
+    contiguous CPU tensor of the saved dtype and shape receives the bytes directly
+    (no second copy; on a hash failure it holds unchecked bytes). Otherwise every
+    tensor is read into new memory and, once all are verified, copied into its
+    target where dtype and shape match. Keys without a usable target come back as
+    new CPU tensors.
+
+    Raises:
+        CorruptCheckpointError: a hash differs, a file is short, or a header
+            disagrees with the manifest.
+        FileNotFoundError, OSError: the storage failed.
+    """
+    by_file: dict[str, dict[Key, TensorEntry]] = defaultdict(dict)
+    for key, entry in entries.items():
+        by_file[entry.file][key] = entry
+    plan = _ReadPlan(storage, name)
+    for file, wanted in by_file.items():
+        live = {key: targets[key] for key in wanted if key in targets} if fill_targets else {}
+        if "header" in files[file] and all(e.hash is not None for e in wanted.values()):
+            plan.tensors_by_range(file, files[file], wanted, live)
+        else:  # format v1: the whole file, under one hash
+            plan.whole_file(file, files[file], wanted, live)
+    loaded = plan.run()
+    for key, tensor in loaded.items():
+        target = targets.get(key)
+        if target is not None and target is not tensor and target.dtype == tensor.dtype \
+                and target.shape == tensor.shape:
+            with torch.no_grad():
+                target.copy_(tensor)
+            loaded[key] = target
+    return loaded
+
+
+class _ReadPlan:
+    """The ranges to read from one checkpoint, where each lands, and the hashes to check."""
+
+    def __init__(self, storage: Storage, name: str) -> None:
+        self.storage, self.name = storage, name
+        self.ranges: list[Range] = []
+        self.loaded: dict[Key, torch.Tensor] = {}
+        self.hashes: list[tuple[str, str, list[memoryview]]] = []  # what, expected, bytes
+        self.headers: list[tuple[str, int, memoryview, dict[Key, TensorEntry]]] = []
+
+    def tensors_by_range(self, file: str, record: Mapping[str, Any],
+                         wanted: Mapping[Key, TensorEntry],
+                         live: Mapping[Key, torch.Tensor]) -> None:
+        """Format v2: the header and each wanted tensor, each under its own hash."""
+        where = f"{self.storage.where(self.name)}/{file}"
+        header = memoryview(bytearray(record["header"]))
+        self._add(file, 0, header, f"{where}: its header", record["hash"])
+        self.headers.append((file, record["nbytes"], header, dict(wanted)))
+        for key, entry in wanted.items():
+            self.loaded[key] = _destination(entry, live.get(key))
+            self._add(file, entry.begin, byte_view(self.loaded[key]),
+                      f"{where}: tensor {key[1]!r} of {key[0]!r}", str(entry.hash))
+
+    def whole_file(self, file: str, record: Mapping[str, Any], wanted: Mapping[Key, TensorEntry],
+                   live: Mapping[Key, torch.Tensor]) -> None:
+        """Every byte of the file goes somewhere (tensors into their destinations, the
+        header and gaps into buffers), in order, so its one hash can be checked."""
+        where = f"{self.storage.where(self.name)}/{file}"
+        size = record["nbytes"]
+        header = read_header(self.storage, self.name, file, size)
+        parts: list[tuple[int, memoryview]] = []
+        for key, expected in wanted.items():
+            found = stored_entry(where, header, key[1], expected)
+            self.loaded[key] = _destination(found, live.get(key))
+            parts.append((found.begin, byte_view(self.loaded[key])))
+        parts.sort(key=lambda part: part[0])
+        views, position = [], 0
+        for offset, view in parts:
+            if offset > position:  # bytes no wanted entry covers: read them to hash them
+                views.append((position, memoryview(bytearray(offset - position))))
+            views.append((offset, view))
+            position = offset + len(view)
+        if size > position:
+            views.append((position, memoryview(bytearray(size - position))))
+        self.ranges += [Range(file, offset, view) for offset, view in views]
+        self.hashes.append((where, record["hash"], [view for _, view in views]))
+
+    def _add(self, file: str, offset: int, view: memoryview, what: str, expected: str) -> None:
+        self.ranges.append(Range(file, offset, view))
+        self.hashes.append((what, expected, [view]))
+
+    def run(self) -> dict[Key, torch.Tensor]:
+        """Read every range, check every hash, then compare the v2 headers."""
+        self.storage.read_ranges(self.name, self.ranges)
+        for what, expected, views in self.hashes:
+            hasher = xxhash.xxh3_128()
+            for view in views:
+                hasher.update(view)
+            actual = HASH_PREFIX + hasher.hexdigest()
+            if actual != expected:
+                raise CorruptCheckpointError(
+                    f"{what}: content hash {actual} differs from the manifest's {expected}")
+        for file, size, raw, wanted in self.headers:
+            where = f"{self.storage.where(self.name)}/{file}"
+            length = header_length(bytes(raw[:8]), size, where)
+            if 8 + length != len(raw):
+                raise CorruptCheckpointError(f"{where}: its header is not {len(raw)} bytes long")
+            found = parse_header(bytes(raw[8:]), size, file=file, where=where)
+            for key, saved in wanted.items():
+                entry = stored_entry(where, found, key[1], saved)
+                if (entry.begin, entry.end) != (saved.begin, saved.end):
+                    raise CorruptCheckpointError(
+                        f"{where}: tensor {key[1]!r} is at bytes {entry.begin}..{entry.end} "
+                        f"of the file, the manifest says {saved.begin}..{saved.end}")
+        return self.loaded
+
+
+def _destination(entry: TensorEntry, target: torch.Tensor | None) -> torch.Tensor:
+    """The target itself when the saved bytes can land in its memory, else new memory.
+    (A conjugate or negative view's memory holds other values than it shows.)"""
+    dtype = DTYPE_NAMES[entry.dtype]
+    if target is not None and target.device.type == "cpu" and target.is_contiguous() \
+            and target.dtype == dtype and tuple(target.shape) == entry.shape \
+            and not target.is_conj() and not target.is_neg():
+        return target
+    return torch.empty(entry.shape, dtype=dtype)
+
+
+def read_header(storage: Storage, name: str, file: str, size: int) -> dict[str, TensorEntry]:
+    """A safetensors file's header entries (absolute byte ranges), read by range."""
+    where = f"{storage.where(name)}/{file}"
+    prefix = memoryview(bytearray(8))
+    storage.read_ranges(name, [Range(file, 0, prefix[: min(8, size)])])
+    length = header_length(bytes(prefix[: min(8, size)]), size, where)
+    raw = memoryview(bytearray(length))
+    storage.read_ranges(name, [Range(file, 8, raw)])
+    return parse_header(bytes(raw), size, file=file, where=where)
+
+
+def check_files(storage: Storage, name: str, manifest: Mapping[str, Any]) -> list[str]:
+    """Stream every file of a checkpoint through its hashes; the problems found.
+
+    Each file is read in windows of :data:`VERIFY_WINDOW` bytes (a few in flight),
+    so memory stays small whatever the checkpoint's size. v2 tensor files: the
+    header and each tensor against their own hashes; other files: the whole file.
+    """
+    spans: dict[str, list[tuple[int, int, str, str]]] = defaultdict(list)
+    for file, record in manifest["files"].items():
+        if "header" in record:
+            spans[file].append((0, record["header"], record["hash"], "its header"))
+        else:
+            spans[file].append((0, record["nbytes"], record["hash"], "its content"))
+    for obj in manifest["objects"].values():
+        for key, info in obj["tensors"].items():
+            if "offsets" in info:
+                begin, end = info["offsets"]
+                spans[info["file"]].append((begin, end, info["hash"], f"tensor {key!r}"))
+    problems = []
+    for file, file_spans in spans.items():
+        problem = _stream_hashes(storage, name, file, sorted(file_spans))
+        if problem:
+            problems.append(f"{storage.where(name)}/{file}: {problem}")
+    return problems
+
+
+def _stream_hashes(storage: Storage, name: str, file: str,
+                   spans: list[tuple[int, int, str, str]]) -> str | None:
+    """Read ``file`` once, in order, feeding each span's bytes to its own hasher."""
+    end = max((span[1] for span in spans), default=0)
+    hashers = [xxhash.xxh3_128() for _ in spans]
+    window_span = VERIFY_WINDOW * _WINDOWS_IN_FLIGHT
+    for start in range(0, end, window_span):
+        views = [memoryview(bytearray(min(VERIFY_WINDOW, end - offset)))
+                 for offset in range(start, min(end, start + window_span), VERIFY_WINDOW)]
+        storage.read_ranges(name, [Range(file, start + i * VERIFY_WINDOW, view)
+                                   for i, view in enumerate(views)])
+        data = b"".join(views) if len(views) > 1 else views[0]
+        for (begin, stop, _, _), hasher in zip(spans, hashers, strict=True):
+            low, high = max(begin, start), min(stop, start + len(data))
+            if low < high:
+                hasher.update(memoryview(data)[low - start: high - start])
+    for (_, _, expected, what), hasher in zip(spans, hashers, strict=True):
+        actual = HASH_PREFIX + hasher.hexdigest()
+        if actual != expected:
+            return f"content hash of {what} is {actual}, the manifest says {expected}"
+    return None
