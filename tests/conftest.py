@@ -9,6 +9,8 @@ import torch
 
 import ckpts
 
+pytest_plugins = ["s3_server"]
+
 
 class TinyNet(torch.nn.Module):
     """Two linear layers, a BatchNorm (buffers) and dropout."""

@@ -1,0 +1,300 @@
+"""FsspecStorage: a run on any fsspec URL (``s3://``, ``memory://``, ``gs://``...).
+
+Object stores cannot rename, so files go straight into the checkpoint's prefix and the
+manifest, written last, is the commit marker; it is created with ``If-None-Match: *``, so
+two writers never both commit a step. Large files go up as parallel multipart uploads
+(S3) and reads are parallel ranged GETs; extra memory stays under CONCURRENCY x PART_SIZE.
+The writer lock is a lease object, ``RUN/.ckpts.lock`` (see ckpts._lease): a writer that
+was killed frees the run at most ``lease_seconds`` after its last renewal. Each
+FsspecStorage is its own writer: two on one URL, even in one process, exclude each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from ckpts._lease import Lease
+from ckpts._lock import LOCK_FILE
+from ckpts._parallel import run_parallel
+from ckpts._storage import HISTORY, MANIFEST, Listed, Range, Staged, parse_step, url_protocol
+from ckpts.errors import CheckpointError, CorruptCheckpointError, LockedError
+
+log = logging.getLogger("ckpts")
+
+PART_SIZE = 8 * 2**20  # bytes per multipart part and per ranged GET
+CONCURRENCY = 8  # requests in flight per call
+_MAX_PARTS = 10_000  # S3's limit for one upload
+_S3_TIMEOUTS = {"connect_timeout": 2, "read_timeout": 10, "retries": {"max_attempts": 2}}
+_INSTALL = "pip install 'ckpts[s3]'"
+_FOREIGN_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _store_errors(method: Callable[Concatenate[FsspecStorage, _P], _T],
+                  ) -> Callable[Concatenate[FsspecStorage, _P], _T]:
+    """Let the store's own errors (botocore, aiohttp, fsspec...) out as OSError, for the manager."""
+    def wrapper(self: FsspecStorage, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except (CheckpointError, OSError):
+            raise
+        except Exception as e:
+            raise OSError(f"{self.location}: {type(e).__name__}: {e}") from e
+    functools.update_wrapper(wrapper, method)
+    return wrapper
+
+
+class FsspecStorage:
+    """A run on an fsspec URL: see the module docstring for the commit and the lease.
+
+    Args:
+        url: the run, e.g. ``"s3://bucket/runs/exp1"``.
+        storage_options: for the fsspec filesystem (S3: ``key``, ``secret``,
+            ``client_kwargs={"endpoint_url": ...}``); the usual AWS variables work too.
+        lease_seconds: how long the writer's lease lasts without renewal.
+
+    Raises:
+        CheckpointError: the backend is missing, the protocol unknown, the bucket
+            absent, the credentials refused or the store unreachable.
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any], *,
+                 lease_seconds: float = 60.0) -> None:
+        self.location, self.lease_seconds = url.rstrip("/"), lease_seconds
+        self._s3 = url_protocol(url) in ("s3", "s3a")
+        try:
+            import fsspec
+        except ImportError as e:
+            raise CheckpointError(f"{url}: URLs need fsspec: {_INSTALL}") from e
+        options = dict(storage_options)
+        if self._s3:  # botocore would retry a vanished server for minutes; give up in seconds
+            options["config_kwargs"] = {**_S3_TIMEOUTS, **options.get("config_kwargs", {})}
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.location, **options)
+        except ImportError as e:
+            fix = _INSTALL if self._s3 else "install the package named above"
+            raise CheckpointError(f"{url}: this URL's backend is missing ({e}); {fix}") from e
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(
+                f"{url}: fsspec cannot open this URL ({e}); check the protocol (known ones "
+                f"include s3://, gs://, az://, memory://) and the storage_options") from e
+        self.root: str = root.rstrip("/")
+        self._lease = Lease(self.fs, self._path(LOCK_FILE), location=self.location,
+                            seconds=lease_seconds)
+        if self._s3:  # other stores report a bad location as OSError at first use
+            self._check_bucket()
+
+    def _check_bucket(self) -> None:
+        """One cheap request, so a bad bucket or key fails before anything is written."""
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{self.location}: the bucket {bucket!r} does not exist; "
+                                  f"create the bucket, or fix the URL") from e
+        except PermissionError as e:
+            raise CheckpointError(
+                f"{self.location}: the store refused the credentials ({e}); set "
+                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL off AWS), or pass "
+                f"storage_options={{'key': ..., 'secret': ..., 'client_kwargs': "
+                f"{{'endpoint_url': ...}}}}") from e
+        except Exception as e:
+            raise CheckpointError(f"{self.location}: cannot reach the store ({e!r}); check "
+                                  f"the endpoint URL and the network") from e
+
+    def __repr__(self) -> str:
+        return f"FsspecStorage({self.location!r}, lease_seconds={self.lease_seconds})"
+
+    def where(self, name: str) -> str:
+        return f"{self.location}/{name}"
+
+    def _path(self, *parts: str) -> str:
+        return "/".join((self.root, *parts))
+
+    def _files_below(self, prefix: str) -> dict[str, int]:
+        """Relative path -> size of every object below ``prefix``, from one listing."""
+        self.fs.invalidate_cache(prefix)  # s3fs caches listings, and a stale one lies
+        try:
+            found = self.fs.find(prefix, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {path[len(prefix) + 1:]: int(info["size"]) for path, info in found.items()
+                if info.get("type") != "directory" and path.startswith(prefix + "/")}
+
+    def _step_folders(self) -> dict[str, dict[str, int]]:
+        """Step-folder name -> its direct files' sizes, from one recursive listing."""
+        folders: dict[str, dict[str, int]] = {}
+        for relative, size in self._files_below(self.root).items():
+            name, _, file = relative.partition("/")
+            if parse_step(name) is not None and file and "/" not in file:
+                folders.setdefault(name, {})[file] = size
+        return folders
+
+    @_store_errors
+    def committed(self) -> list[Listed]:
+        return [Listed(name, files) for name, files in self._step_folders().items()
+                if MANIFEST in files]
+
+    @_store_errors
+    def sizes(self, name: str) -> dict[str, int]:
+        return {file: size for file, size in self._files_below(self._path(name)).items()
+                if "/" not in file}
+
+    @_store_errors
+    def read(self, name: str, file: str) -> bytes:
+        return bytes(self.fs.cat_file(self._path(name, file)))
+
+    @_store_errors
+    def read_ranges(self, name: str, ranges: Sequence[Range]) -> None:
+        pieces = [(item.file, item.offset + start, view[start:start + PART_SIZE])
+                  for item in ranges for view in [memoryview(item.view).cast("B")]
+                  for start in range(0, view.nbytes, PART_SIZE)]  # one tensor, many GETs
+        run_parallel(lambda piece: self._read_into(name, *piece), pieces, threads=CONCURRENCY)
+
+    def _read_into(self, name: str, file: str, offset: int, view: memoryview) -> None:
+        path, end = self._path(name, file), offset + view.nbytes
+        try:
+            data = self.fs.cat_file(path, start=offset, end=end)
+        except OSError as e:  # S3 answers a range past the end with 416, not short data
+            if isinstance(e, FileNotFoundError) or self.fs.size(path) >= end:
+                raise
+            data = b""
+        if len(data) != view.nbytes:
+            raise CorruptCheckpointError(f"{self.where(name)}/{file} ends before byte {end}: "
+                                         f"it is truncated; restore another checkpoint")
+        view[:] = data
+
+    @_store_errors
+    def stage(self, name: str) -> Staged:
+        """Start checkpoint ``name`` in its final prefix.
+
+        What the prefix holds (the same step saved before, a killed save's leftovers) is
+        deleted first, manifest first, so no reader sees old and new files mixed. A crash
+        during such a re-save loses that step on an object store (older steps stay
+        intact); a local disk keeps one of the two.
+        """
+        self.delete(name)
+        return Staged(name, self._path(name))
+
+    @_store_errors
+    def write(self, staged: Staged, files: Sequence[tuple[str, Sequence[memoryview]]]) -> None:
+        small: list[tuple[str, list[memoryview], int]] = []
+        large: list[tuple[str, list[memoryview], int]] = []
+        for file, parts in files:
+            views = [memoryview(part).cast("B") for part in parts]
+            size = sum(view.nbytes for view in views)
+            is_large = self._s3 and size > PART_SIZE
+            (large if is_large else small).append((f"{staged.where}/{file}", views, size))
+        run_parallel(lambda file: self.fs.pipe_file(file[0], b"".join(file[1])), small,
+                     threads=CONCURRENCY)
+        for path, views, size in large:  # one file at a time, its parts all in parallel
+            self._upload(path, views, size)
+
+    def _upload(self, path: str, views: Sequence[memoryview], size: int) -> None:
+        """A parallel multipart upload; each part is copied from ``views`` only when sent."""
+        bucket, key, _ = self.fs.split_path(path)
+        upload = {"Bucket": bucket, "Key": key, "UploadId": self.fs.call_s3(
+            "create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]}
+        part_size = max(PART_SIZE, -(-size // _MAX_PARTS))
+        try:
+            etags = run_parallel(lambda part: self._upload_part(upload, views, *part, part_size),
+                                 list(enumerate(range(0, size, part_size), 1)), threads=CONCURRENCY)
+            parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
+            self.fs.call_s3("complete_multipart_upload", **upload,
+                            MultipartUpload={"Parts": parts})
+        except BaseException:
+            try:
+                self.fs.call_s3("abort_multipart_upload", **upload)
+            except Exception as e:  # the store may be gone; a lifecycle rule cleans up
+                log.warning("could not abort the multipart upload of %s: %s", path, e)
+            raise
+
+    def _upload_part(self, upload: dict[str, str], views: Sequence[memoryview], number: int,
+                     start: int, part_size: int) -> str:
+        pieces, offset = [], 0  # copy this part's bytes only, when it is sent
+        for view in views:
+            lo, hi = max(start - offset, 0), min(start + part_size - offset, view.nbytes)
+            pieces += [view[lo:hi]] if lo < hi else []
+            offset += view.nbytes
+        body = b"".join(pieces)
+        return str(self.fs.call_s3("upload_part", **upload, PartNumber=number, Body=body)["ETag"])
+
+    @_store_errors
+    def commit(self, staged: Staged, manifest: bytes) -> None:
+        if self._lease.lost:
+            raise LockedError(f"{self.where(staged.name)}: not committed: another writer "
+                              f"took over this writer's lease on {self.location}")
+        try:
+            self.fs.pipe_file(f"{staged.where}/{MANIFEST}", manifest, mode="create")
+        except FileExistsError as e:
+            raise LockedError(
+                f"{self.where(staged.name)}: another writer committed this step first: two "
+                f"processes are saving to {self.location}; give each run its own URL") from e
+
+    @_store_errors
+    def abort(self, staged: Staged) -> None:
+        self.delete(staged.name)
+
+    @_store_errors
+    def delete(self, name: str) -> None:
+        files = self._files_below(self._path(name))
+        if MANIFEST in files:
+            self.fs.rm_file(self._path(name, MANIFEST))
+        if set(files) - {MANIFEST}:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self._path(name), recursive=True)
+
+    @_store_errors
+    def update(self, name: str, manifest: bytes) -> None:
+        path = self._path(name, MANIFEST)
+        self.fs.invalidate_cache(path)  # a stale listing must not vouch for a deleted one
+        self.fs.info(path)  # FileNotFoundError: not committed
+        self.fs.pipe_file(path, manifest)
+
+    @_store_errors
+    def clean(self, *, check_manifests: bool) -> list[str]:
+        unfinished = sorted(name for name, files in self._step_folders().items()
+                            if MANIFEST not in files) if check_manifests else []
+        for name in unfinished:
+            self.delete(name)
+        return unfinished
+
+    def free_space(self) -> int | None:
+        return None
+
+    @_store_errors
+    def lock(self) -> None:
+        self._lease.acquire()
+
+    @_store_errors
+    def unlock(self) -> None:
+        self._lease.release()
+
+    @_store_errors
+    def append_history(self, line: bytes) -> None:
+        """Append by rewriting the history object (stores cannot append): two processes
+        appending at once can lose a line; the history is a convenience."""
+        self.fs.pipe_file(self._path(HISTORY), self.read_history() + line)
+
+    @_store_errors
+    def read_history(self) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(self._path(HISTORY)))
+        except FileNotFoundError:
+            return b""
+
+    @_store_errors
+    def foreign(self) -> list[str]:
+        self.fs.invalidate_cache(self.root)
+        try:
+            paths = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        names = [path.rstrip("/").rsplit("/", 1)[-1] for path in paths]
+        return sorted(name for name in names
+                      if name.endswith(_FOREIGN_SUFFIXES) or name.startswith("checkpoint-"))

@@ -1,0 +1,233 @@
+"""Every Storage backend keeps the port's promises: one suite, run on each backend.
+
+The backends: LocalStorage on ``tmp_path``, FsspecStorage on ``memory://`` and on S3 (a
+moto server on loopback, see s3_server.py). The tests go through the Storage protocol
+only, so a new backend joins by adding one parameter to ``run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+
+from ckpts._storage import MANIFEST, Range, Storage, checkpoint_name, open_storage
+from ckpts.errors import CorruptCheckpointError, LockedError
+from s3_server import S3Bucket
+
+STEP = checkpoint_name(500)
+
+
+@dataclass(frozen=True)
+class RunAt:
+    """Where one test's run lives; ``open()`` opens it again (each call a new Storage)."""
+
+    location: str
+    storage_options: dict[str, Any] | None = None
+    other_processes_see_it: bool = True  # memory:// lives in one process
+
+    def open(self) -> Storage:
+        return open_storage(self.location, self.storage_options)
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def run_at(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunAt]:
+    if request.param == "local":
+        yield RunAt(str(tmp_path / "run"))
+    elif request.param == "memory":
+        url = f"memory://ckpts-{uuid.uuid4().hex}/run"
+        yield RunAt(url, other_processes_see_it=False)
+        with contextlib.suppress(FileNotFoundError):  # a test may leave nothing
+            fsspec.filesystem("memory").rm(url.rsplit("/", 1)[0], recursive=True)
+    else:
+        bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+        yield RunAt(bucket.url(), bucket.storage_options)
+
+
+@pytest.fixture
+def run(run_at: RunAt) -> Storage:
+    return run_at.open()
+
+
+def save(storage: Storage, name: str, files: dict[str, bytes], manifest: bytes = b"{}") -> None:
+    staged = storage.stage(name)
+    storage.write(staged, [(file, [memoryview(data)]) for file, data in files.items()])
+    storage.commit(staged, manifest)
+
+
+def test_commit_lists_the_checkpoint_with_every_file_size(run: Storage) -> None:
+    save(run, STEP, {"model.safetensors": b"x" * 100, "optim.safetensors": b"y" * 7},
+         manifest=b'{"step": 500}')
+    [listed] = run.committed()
+    assert listed.name == STEP and listed.step == 500
+    expected = {"model.safetensors": 100, "optim.safetensors": 7, MANIFEST: 13}
+    assert dict(listed.sizes) == expected
+    assert run.sizes(STEP) == expected
+    assert run.read(STEP, MANIFEST) == b'{"step": 500}'
+
+
+def test_nothing_is_listed_before_commit(run: Storage) -> None:
+    assert run.committed() == []
+    staged = run.stage(STEP)
+    run.write(staged, [("model.safetensors", [memoryview(b"abc")])])
+    assert run.committed() == []
+    run.commit(staged, b"{}")
+    assert [c.name for c in run.committed()] == [STEP]
+
+
+def test_many_files_and_parts_round_trip_through_read(run: Storage) -> None:
+    files = {f"shard-{i:03d}.safetensors": os.urandom(1000 + i) for i in range(40)}
+    staged = run.stage(STEP)
+    # each file given as several parts, written as their concatenation
+    run.write(staged, [(f, [memoryview(d[:300]), memoryview(d[300:])]) for f, d in files.items()])
+    run.commit(staged, b"{}")
+    assert all(run.read(STEP, file) == data for file, data in files.items())
+
+
+def test_a_file_larger_than_a_part_round_trips_through_read_ranges(run: Storage) -> None:
+    data = os.urandom(20 * 2**20 + 12345)  # over two 8 MiB parts (FsspecStorage.PART_SIZE)
+    views = [memoryview(data)[:5_000_000], memoryview(data)[5_000_000:]]
+    staged = run.stage(STEP)
+    run.write(staged, [("model.safetensors", views), ("small.json", [memoryview(b"{}")])])
+    run.commit(staged, b"{}")
+    assert run.read(STEP, "model.safetensors") == data
+    spans = [(0, 10), (8 * 2**20 - 100, 200), (16 * 2**20 - 5, 4 * 2**20), (0, len(data)),
+             (len(data) - 1, 1)]  # the middle ones cross part boundaries
+    buffers = [bytearray(length) for _, length in spans]
+    run.read_ranges(STEP, [Range("model.safetensors", offset, memoryview(buffer))
+                           for (offset, _), buffer in zip(spans, buffers, strict=True)])
+    for (offset, length), buffer in zip(spans, buffers, strict=True):
+        assert bytes(buffer) == data[offset:offset + length], offset
+
+
+def test_committing_a_name_again_replaces_the_old_checkpoint(run: Storage) -> None:
+    save(run, STEP, {"a.safetensors": b"old", "b.safetensors": b"old"}, manifest=b'{"v": 1}')
+    save(run, STEP, {"c.safetensors": b"new!"}, manifest=b'{"v": 2}')
+    [listed] = run.committed()
+    assert dict(listed.sizes) == {"c.safetensors": 4, MANIFEST: 8}
+    assert run.read(STEP, MANIFEST) == b'{"v": 2}'
+    with pytest.raises(FileNotFoundError):
+        run.read(STEP, "a.safetensors")
+
+
+def test_abort_leaves_nothing(run: Storage) -> None:
+    save(run, checkpoint_name(100), {"model.safetensors": b"kept"})
+    staged = run.stage(STEP)
+    run.write(staged, [("model.safetensors", [memoryview(b"abc")])])
+    run.abort(staged)
+    run.abort(staged)  # what is already gone is fine
+    assert [c.name for c in run.committed()] == [checkpoint_name(100)]
+    assert run.sizes(STEP) == {}
+    assert run.clean(check_manifests=True) == []
+
+
+def test_delete_removes_the_checkpoint_and_again_is_fine(run: Storage) -> None:
+    save(run, STEP, {"model.safetensors": b"abc"})
+    save(run, checkpoint_name(600), {"model.safetensors": b"def"})
+    run.delete(STEP)
+    assert [c.name for c in run.committed()] == [checkpoint_name(600)]
+    assert run.sizes(STEP) == {}
+    run.delete(STEP)
+    run.delete(checkpoint_name(700))  # never existed
+
+
+def test_update_replaces_the_manifest(run: Storage) -> None:
+    save(run, STEP, {"model.safetensors": b"abc"}, manifest=b'{"loss": 1}')
+    run.update(STEP, b'{"loss": 0.5, "tags": ["best"]}')
+    assert run.read(STEP, MANIFEST) == b'{"loss": 0.5, "tags": ["best"]}'
+    assert run.read(STEP, "model.safetensors") == b"abc"
+    with pytest.raises(FileNotFoundError):
+        run.update(checkpoint_name(600), b"{}")
+
+
+def test_clean_removes_an_uncommitted_save_and_names_it(run_at: RunAt) -> None:
+    killed = run_at.open()
+    save(killed, checkpoint_name(100), {"model.safetensors": b"kept"})
+    staged = killed.stage(STEP)
+    killed.write(staged, [("model.safetensors", [memoryview(b"half")])])
+    # the writer dies here; the next writer cleans up
+    removed = run_at.open().clean(check_manifests=True)
+    assert len(removed) == 1 and STEP in removed[0]
+    assert [c.name for c in killed.committed()] == [checkpoint_name(100)]
+    assert killed.read(checkpoint_name(100), "model.safetensors") == b"kept"
+    assert run_at.open().clean(check_manifests=True) == []
+
+
+WRITER = """
+import json, sys
+from ckpts._storage import open_storage
+storage = open_storage(sys.argv[1], json.loads(sys.argv[2]))
+storage.lock()
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes our stdin
+storage.unlock()
+"""
+
+
+def test_a_writer_in_another_process_is_refused_naming_it(run_at: RunAt) -> None:
+    if not run_at.other_processes_see_it:
+        pytest.skip("no other process can reach this run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", WRITER, run_at.location, json.dumps(run_at.storage_options)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        second = run_at.open()
+        with pytest.raises(LockedError) as refused:
+            second.lock()
+        assert str(holder.pid) in str(refused.value)
+        assert socket.gethostname() in str(refused.value)
+        holder.stdin.close()  # the holder unlocks and exits
+        assert holder.wait(timeout=60) == 0
+        second.lock()
+        second.lock()  # twice from one storage is fine
+        second.unlock()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+        holder.stdout.close()
+
+
+def test_history_appends_and_reads_back(run: Storage) -> None:
+    assert run.read_history() == b""
+    save(run, STEP, {"model.safetensors": b"abc"})  # the run exists
+    run.append_history(b'{"step": 1, "loss": 2.0}\n')
+    run.append_history(b'{"step": 2, "loss": 1.5}\n')
+    assert run.read_history() == b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    assert [c.name for c in run.committed()] == [STEP]  # the history is no checkpoint
+
+
+def test_reading_an_absent_file_raises_file_not_found(run: Storage) -> None:
+    save(run, STEP, {"model.safetensors": b"abc"})
+    with pytest.raises(FileNotFoundError):
+        run.read(STEP, "optim.safetensors")
+    with pytest.raises(FileNotFoundError):
+        run.read(checkpoint_name(600), MANIFEST)
+    with pytest.raises(FileNotFoundError):
+        run.read_ranges(STEP, [Range("optim.safetensors", 0, memoryview(bytearray(2)))])
+
+
+@pytest.mark.parametrize("offset", [5, 10, 50])  # past the end: partly, at it, beyond
+def test_a_range_past_the_end_of_a_file_is_corrupt(run: Storage, offset: int) -> None:
+    save(run, STEP, {"model.safetensors": b"0123456789"})
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors"):
+        run.read_ranges(STEP, [Range("model.safetensors", offset, memoryview(bytearray(10)))])
+
+
+def test_free_space_is_a_count_or_unknown(run: Storage) -> None:
+    space = run.free_space()
+    assert space is None or space > 0
+    assert isinstance(run, Storage)
+    assert run.where(STEP).startswith(run.location) and run.where(STEP).endswith(STEP)
