@@ -35,7 +35,9 @@ from ckpts.errors import (
 if TYPE_CHECKING:
     from ckpts._catalog import Checkpoint
     from ckpts._data import ResumableLoader
+    from ckpts._fsspec import FsspecStorage
     from ckpts._importing import import_checkpoints
+    from ckpts._local import LocalStorage
     from ckpts._manager import CheckpointManager
     from ckpts._policy import (
         Every,
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     )
     from ckpts._resume_check import ResumeCheck, check_resume
     from ckpts._state import Stateful, TrainState
+    from ckpts._storage import Storage
     from ckpts._verify import verify
     from ckpts._weights import load_state, load_weights
 
@@ -56,16 +59,19 @@ _LAZY = {
     "Checkpoint": "ckpts._catalog",
     "CheckpointManager": "ckpts._manager",
     "Every": "ckpts._policy",
+    "FsspecStorage": "ckpts._fsspec",
     "KeepBest": "ckpts._policy",
     "KeepEvery": "ckpts._policy",
     "KeepLast": "ckpts._policy",
     "KeepSince": "ckpts._policy",
+    "LocalStorage": "ckpts._local",
     "OnImprovement": "ckpts._policy",
     "ResumableLoader": "ckpts._data",
     "RetentionPolicy": "ckpts._policy",
     "SaveTrigger": "ckpts._policy",
     "ResumeCheck": "ckpts._resume_check",
     "Stateful": "ckpts._state",
+    "Storage": "ckpts._storage",
     "TrainState": "ckpts._state",
     "check_resume": "ckpts._resume_check",
     "import_checkpoints": "ckpts._importing",
@@ -81,6 +87,7 @@ __all__ = [
     "CorruptCheckpointError",
     "Every",
     "FormatVersionError",
+    "FsspecStorage",
     "IncompatibleStateError",
     "InsufficientSpaceError",
     "InvalidArgumentError",
@@ -88,6 +95,7 @@ __all__ = [
     "KeepEvery",
     "KeepLast",
     "KeepSince",
+    "LocalStorage",
     "LockedError",
     "NotACheckpointError",
     "OnImprovement",
@@ -97,6 +105,7 @@ __all__ = [
     "RetentionPolicy",
     "SaveTrigger",
     "Stateful",
+    "Storage",
     "TrainState",
     "UnserializableStateError",
     "WriteError",
