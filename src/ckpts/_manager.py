@@ -110,7 +110,7 @@ class CheckpointManager:
             raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
         if not isinstance(directory, Storage):
             parent, name = split_checkpoint(directory)
-            if MANIFEST in open_storage(parent, storage_options).sizes(name):
+            if name and MANIFEST in open_storage(parent, storage_options).sizes(name):
                 raise InvalidArgumentError(
                     f"{self.directory} is a checkpoint, not a run: new checkpoints would be "
                     "nested inside it. Pass the run that holds the step-* checkpoints, "

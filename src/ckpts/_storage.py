@@ -225,10 +225,11 @@ def open_storage(location: str | os.PathLike[str] | Storage,
 
 
 def split_checkpoint(location: str | os.PathLike[str]) -> tuple[str | os.PathLike[str], str]:
-    """``("s3://b/run", "step-00000500")`` for ``"s3://b/run/step-00000500"``; paths alike."""
+    """``("s3://b/run", "step-00000500")`` for ``"s3://b/run/step-00000500"``; paths alike.
+    A URL with no path (``"s3://bucket"``) is a run: ``(location, "")``."""
     if url_protocol(location) is not None:
         text = str(location).rstrip("/")
         run, _, name = text.rpartition("/")
-        return run, name
+        return (run, name) if not run.endswith(":/") else (text, "")
     path = Path(location).absolute()
     return path.parent, path.name

@@ -41,6 +41,8 @@ from ckpts.errors import CorruptCheckpointError
 # a tensor, as the readers name it: (saved object name, tensor key)
 Key = tuple[str, str]
 
+_INLINE = 32 * 1024 * 1024  # bytes below which a save hashes on the calling thread
+
 # verify() reads a file this many bytes at a time, several windows in flight
 VERIFY_WINDOW = 16 * 1024 * 1024
 _WINDOWS_IN_FLIGHT = 4
@@ -77,7 +79,9 @@ def write_tensor_files(
         return [[digest(part) for part in parts] for parts in layouts]
 
     jobs: list[Callable[[], Any]] = [lambda: storage.write(staged, writes), hash_all]
-    _, hashes = run_parallel(lambda job: job(), jobs, threads=2)
+    # hashing runs beside the writes; a small save is done before a thread would start
+    total = sum(len(part) for parts in layouts for part in parts)
+    _, hashes = run_parallel(lambda job: job(), jobs, threads=1 if total <= _INLINE else 2)
     written = []
     for (_, items), parts, digests in zip(files, layouts, hashes, strict=True):
         position, tensors = len(parts[0]), {}
