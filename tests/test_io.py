@@ -111,3 +111,37 @@ def test_a_failed_write_stops_every_thread_and_is_raised(
     with pytest.raises(OSError, match="No space left"):
         _io.write_files(files)
     assert len(calls) <= 3 + _io.IO_THREADS  # each other thread finishes at most its chunk
+
+
+def test_the_collector_runs_again_after_nested_threaded_and_failed_pauses() -> None:
+    import gc
+    import threading
+
+    from ckpts._gc import paused_gc
+
+    assert gc.isenabled()
+    inside = threading.Event()
+    release = threading.Event()
+
+    def other_thread() -> None:
+        with paused_gc():
+            inside.set()
+            release.wait(timeout=10)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    inside.wait(timeout=10)
+    with pytest.raises(RuntimeError), paused_gc(), paused_gc():
+        assert not gc.isenabled()
+        raise RuntimeError("a failed save")
+    assert not gc.isenabled()  # the other thread's pause still holds
+    release.set()
+    thread.join()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # a program that turned it off keeps it off
+    finally:
+        gc.enable()

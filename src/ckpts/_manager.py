@@ -18,6 +18,7 @@ from ckpts._async import BackgroundWriter, Stager
 from ckpts._catalog import Checkpoint, check_metrics, is_local, list_checkpoints
 from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
 from ckpts._codec import encode
+from ckpts._gc import paused_gc
 from ckpts._manifest import encode_json, read_manifest, update_manifest
 from ckpts._policy import Mode, RetentionPolicy, SaveTrigger, check_mode, rank_by
 from ckpts._space import needed_bytes, write_error
@@ -193,24 +194,25 @@ class CheckpointManager:
         if not (force or self.pending_signal is not None or self._triggered(step, epoch,
                                                                               clean_metrics)):
             return None
-        snapshots = state.snapshot()  # refuses unserializable values before any write
-        self._lock()
-        self._steps.check(step)
-        self._check_space(step, snapshots, clean_metrics)
-        if self._stager is not None and self._writer is not None:
-            staged = self._stager.stage(snapshots)
-            checkpoint = Checkpoint(
-                step=step, path=self._path_of(checkpoint_name(step)), metrics=clean_metrics,
-                created=datetime.datetime.now(datetime.timezone.utc), epoch=epoch,
-                nbytes=sum(t.numel() * t.element_size() for s in staged.values()
-                           for t in s.tensors.values()),
-                storage=self.storage,
-            )
-            # last: once the writer thread runs, it competes with this one for the GIL
-            self._writer.submit(lambda: self._commit(step, staged, clean_metrics, epoch),
-                                name=f"ckpts-save-{step}")
-        else:
-            checkpoint = self._commit(step, snapshots, clean_metrics, epoch)
+        with paused_gc():  # many small objects: see ckpts._gc
+            snapshots = state.snapshot()  # refuses unserializable values before any write
+            self._lock()
+            self._steps.check(step)
+            self._check_space(step, snapshots, clean_metrics)
+            if self._stager is not None and self._writer is not None:
+                staged = self._stager.stage(snapshots)
+                checkpoint = Checkpoint(
+                    step=step, path=self._path_of(checkpoint_name(step)), metrics=clean_metrics,
+                    created=datetime.datetime.now(datetime.timezone.utc), epoch=epoch,
+                    nbytes=sum(t.numel() * t.element_size() for s in staged.values()
+                               for t in s.tensors.values()),
+                    storage=self.storage,
+                )
+                # last: once the writer thread runs, it competes with this one for the GIL
+                self._writer.submit(lambda: self._commit(step, staged, clean_metrics, epoch),
+                                    name=f"ckpts-save-{step}")
+            else:
+                checkpoint = self._commit(step, snapshots, clean_metrics, epoch)
         for trigger in self.triggers:
             trigger.saved(step, epoch, clean_metrics)
         if self.pending_signal is not None:
@@ -334,6 +336,7 @@ class CheckpointManager:
         where = self.storage.where(name)
         return Path(where) if isinstance(self.directory, Path) else where
 
+    @paused_gc()
     def restore(self, state: TrainState, *, step: int | None = None,
                 missing_ok: bool = True, discard_newer: bool = False) -> int | None:
         """Load the newest intact checkpoint (or ``step``) into ``state``, in place.

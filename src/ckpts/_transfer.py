@@ -33,6 +33,7 @@ from ckpts._format import (
     stored_entry,
     tensor_bytes,
 )
+from ckpts._gc import paused_gc
 from ckpts._manifest import HASH_PREFIX, TensorEntry, digest
 from ckpts._parallel import run_parallel
 from ckpts._storage import Range, Staged, Storage
@@ -67,6 +68,16 @@ def write_tensor_files(
 ) -> list[WrittenFile]:
     """Write safetensors files (and small others, such as an index) into ``staged``;
     return each tensor file's record. Tensors must stay unchanged until this returns."""
+    with paused_gc():
+        return _write_tensor_files(storage, staged, files, small_files)
+
+
+def _write_tensor_files(
+    storage: Storage,
+    staged: Staged,
+    files: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]],
+    small_files: Sequence[tuple[str, bytes]],
+) -> list[WrittenFile]:
     layouts = []
     for _, items in files:
         parts = [memoryview(encode_header(items))]
@@ -119,6 +130,19 @@ def read_tensors(
             disagrees with the manifest.
         FileNotFoundError, OSError: the storage failed.
     """
+    with paused_gc():
+        return _read_tensors(storage, name, files, entries, targets, fill_targets=fill_targets)
+
+
+def _read_tensors(
+    storage: Storage,
+    name: str,
+    files: Mapping[str, Mapping[str, Any]],
+    entries: Mapping[Key, TensorEntry],
+    targets: Mapping[Key, torch.Tensor],
+    *,
+    fill_targets: bool,
+) -> dict[Key, torch.Tensor]:
     by_file: dict[str, dict[Key, TensorEntry]] = defaultdict(dict)
     for key, entry in entries.items():
         by_file[entry.file][key] = entry

@@ -16,6 +16,7 @@ import torch
 from ckpts._catalog import Checkpoint, open_checkpoint
 from ckpts._checkpoint import check_compatible, decode_object, load_module_weights
 from ckpts._format import DTYPE_NAMES
+from ckpts._gc import paused_gc
 from ckpts._manifest import manifest_tensor_entries, read_manifest
 from ckpts._storage import Storage
 from ckpts._transfer import read_tensors
@@ -23,6 +24,7 @@ from ckpts._verify import check_file_sizes
 from ckpts.errors import NotACheckpointError
 
 
+@paused_gc()
 def load_weights(
     checkpoint: Checkpoint | str | os.PathLike[str],
     model: torch.nn.Module,
@@ -63,6 +65,7 @@ def load_weights(
     load_module_weights(storage, checkpoint_name, manifest, obj_name, model)
 
 
+@paused_gc()
 def load_state(
     checkpoint: Checkpoint | str | os.PathLike[str],
     name: str,
@@ -113,6 +116,7 @@ def load_state(
     return decode_object(where, name, saved, values)
 
 
+@paused_gc()
 def read_module_tensors(
     checkpoint: Checkpoint | str | os.PathLike[str], *, name: str | None = None
 ) -> dict[str, torch.Tensor]:
