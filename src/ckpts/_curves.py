@@ -14,12 +14,11 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from ckpts import _history
 from ckpts._catalog import Checkpoint
 from ckpts._policy import Mode, rank_by
-from ckpts._storage import open_storage
+from ckpts._storage import Storage, open_storage
 
 # a later value this much worse (relative) than the best counts as overfitting, not noise
 OVERFIT_THRESHOLD = 0.005
@@ -61,12 +60,12 @@ class Recommendation:
     reason: str
 
 
-def metric_curve(run: str | os.PathLike[str], metric: str, mode: Mode, *,
+def metric_curve(run: Storage | str | os.PathLike[str], metric: str, mode: Mode, *,
                  checkpoints: Sequence[Checkpoint], label: str | None = None) -> Curve:
     """The curve of ``metric`` in ``run``: its checkpoints' values, then deleted steps' values.
 
     Args:
-        run: the run directory (its history file is read, if any).
+        run: the run: a directory, a URL or a storage (its history is read, if any).
         metric: the metric name.
         mode: ``min`` or ``max``: which end is best.
         checkpoints: the run's committed checkpoints (``list_checkpoints(run)``).
@@ -84,15 +83,16 @@ def metric_curve(run: str | os.PathLike[str], metric: str, mode: Mode, *,
                                          ("pinned", bool(c.tags))) if on]
         points[c.step] = Point(c.step, c.metrics[metric], True, tuple(markers))
     committed = {c.step for c in checkpoints}
-    for step, metrics in _history.read(open_storage(run)).items():
+    storage = open_storage(run)
+    for step, metrics in _history.read(storage).items():
         if step not in committed and metric in metrics:
             points[step] = Point(step, metrics[metric], False)
-    default_label = str(run).rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]
+    default_label = run_name(storage)
     return Curve(label if label is not None else default_label, metric,
                  tuple(points[s] for s in sorted(points)))
 
 
-def recommend(run: Path, metric: str, mode: Mode, *,
+def recommend(run: Storage | str | os.PathLike[str], metric: str, mode: Mode, *,
               checkpoints: Sequence[Checkpoint]) -> Recommendation | None:
     """The best kept checkpoint by ``metric`` and the reason; None if none has a value."""
     ranked = [c for c in rank_by(checkpoints, metric, mode) if not math.isnan(c.metrics[metric])]
@@ -135,3 +135,8 @@ def _relative_worsening(best: float, later: float, mode: Mode) -> float:
 
 def _percent(fraction: float) -> str:
     return f"+{fraction * 100:.0f}%" if fraction >= 0.01 else f"+{fraction * 100:.1f}%"
+
+
+def run_name(storage: Storage) -> str:
+    """The last part of a run's path or URL (``exp1`` for ``s3://bucket/runs/exp1``)."""
+    return storage.location.rstrip("/").replace("\\", "/").rsplit("/", 1)[-1]

@@ -13,15 +13,16 @@ from __future__ import annotations
 import datetime
 import html
 import math
-import shutil
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.filesize import decimal
 
 from ckpts._catalog import Checkpoint, list_checkpoints
-from ckpts._curves import Curve, Point, Recommendation, metric_curve, recommend
+from ckpts._curves import Curve, Point, Recommendation, metric_curve, recommend, run_name
 from ckpts._policy import Mode
+from ckpts._storage import Storage, open_storage, url_protocol
 from ckpts.errors import InvalidArgumentError
 
 WIDTH, HEIGHT = 460, 250
@@ -43,12 +44,12 @@ font-size:11px;background:#e0e7ff}.tag.best{background:#fde68a}.tag.deleted{back
 """
 
 
-def write_report(run: Path, out: Path, *, metric: str | None = None, mode: Mode = "min",
-                 now: datetime.datetime | None = None) -> Path:
+def write_report(run: Storage | str | os.PathLike[str], out: Path, *, metric: str | None = None,
+                 mode: Mode = "min", now: datetime.datetime | None = None) -> Path:
     """Write the HTML report of ``run`` to ``out``.
 
     Args:
-        run: the run directory.
+        run: the run: a directory, a URL or a storage.
         out: the HTML file to write.
         metric: the metric that picks the recommended checkpoint (default:
             ``val_loss`` if present, else the first metric seen).
@@ -61,15 +62,16 @@ def write_report(run: Path, out: Path, *, metric: str | None = None, mode: Mode 
     Raises:
         InvalidArgumentError: the run has no checkpoints, or none has ``metric``.
     """
+    run = open_storage(run)
     checkpoints = list_checkpoints(run)
     if not checkpoints:
-        raise InvalidArgumentError(f"{run} has no committed checkpoints to report on")
+        raise InvalidArgumentError(f"{run.location} has no committed checkpoints to report on")
     names = _metric_names(checkpoints)
     if metric is None:
         metric = "val_loss" if "val_loss" in names else (names[0] if names else None)
     elif metric not in names:
         raise InvalidArgumentError(
-            f"no checkpoint in {run} has the metric {metric!r}; metrics present: "
+            f"no checkpoint in {run.location} has the metric {metric!r}; metrics present: "
             f"{', '.join(names) or 'none'}")
     curves = [metric_curve(run, name, mode if name == metric else _guess_mode(name),
                            checkpoints=checkpoints) for name in names]
@@ -80,15 +82,16 @@ def write_report(run: Path, out: Path, *, metric: str | None = None, mode: Mode 
     return out
 
 
-def render(run: Path, checkpoints: Sequence[Checkpoint], curves: Sequence[Curve],
+def render(run: Storage, checkpoints: Sequence[Checkpoint], curves: Sequence[Curve],
            advice: Recommendation | None, *, now: datetime.datetime) -> str:
     """The report page as a string (see :func:`write_report`)."""
-    title = html.escape(f"ckpts report: {run.name}")
+    title = html.escape(f"ckpts report: {run_name(run)}")
+    where = run.location if url_protocol(run.location) else str(Path(run.location).resolve())
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{title}</title><style>{_CSS}</style></head><body>",
         f"<h1>{title}</h1>",
-        f'<div class="muted">{html.escape(str(run.resolve()))} &middot; generated '
+        f'<div class="muted">{html.escape(where)} &middot; generated '
         f"{now.strftime('%Y-%m-%d %H:%M UTC')}</div>",
         _recommendation(advice),
         '<h2>Metric curves</h2><div id="curves">',
@@ -226,15 +229,13 @@ def _table(checkpoints: Sequence[Checkpoint], curves: Sequence[Curve], *,
     return "".join(rows)
 
 
-def _disk(run: Path, checkpoints: Sequence[Checkpoint], curves: Sequence[Curve]) -> str:
+def _disk(run: Storage, checkpoints: Sequence[Checkpoint], curves: Sequence[Curve]) -> str:
     total = sum(c.nbytes for c in checkpoints)
     largest = max(checkpoints, key=lambda c: c.nbytes)
     deleted = {p.step for curve in curves for p in curve.points if not p.kept}
     pinned = [c.step for c in checkpoints if c.tags]
-    try:
-        free = decimal(shutil.disk_usage(run).free)
-    except OSError:
-        free = "unknown"
+    space = run.free_space()
+    free = decimal(space) if space is not None else "no limit known (an object store?)"
     items = [
         f"{len(checkpoints)} checkpoint{'s' if len(checkpoints) != 1 else ''} kept, "
         f"{decimal(total)} in all (largest: step {largest.step}, {decimal(largest.nbytes)})",

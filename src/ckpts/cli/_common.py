@@ -4,6 +4,12 @@ Exit codes: 0 ok, 1 a check failed (``verify`` found problems), 2 bad usage or
 input. A :class:`~ckpts.errors.CheckpointError` or ``OSError`` escaping a command
 becomes one line on stderr (``error: ...``) and exit code 2, never a traceback.
 
+Runs and checkpoints are given as text, a local path or an fsspec URL
+(``s3://bucket/run``, ``memory://...``): :func:`open_run`, :func:`open_checkpoint_arg`
+and :func:`open_location` turn the text into a storage (see :mod:`ckpts._storage`);
+credentials for a URL come from the usual variables (``AWS_ACCESS_KEY_ID``,
+``AWS_ENDPOINT_URL``, ...). Output files stay local paths.
+
 Nothing here imports torch: ``ckpts ls`` must start fast.
 """
 
@@ -24,7 +30,7 @@ from rich.text import Text
 
 from ckpts._catalog import Checkpoint
 from ckpts._policy import Mode
-from ckpts._storage import MANIFEST
+from ckpts._storage import MANIFEST, Storage, open_storage, split_checkpoint, url_protocol
 from ckpts.errors import CheckpointError
 
 EXIT_CHECK_FAILED = 1
@@ -63,29 +69,58 @@ def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def existing_dir(path: Path) -> Path:
-    """``path`` if it is a directory; otherwise exit 2 saying what it is."""
-    if not path.exists():
-        fail(f"{path} does not exist")
-    if not path.is_dir():
-        fail(f"{path} is not a directory")
-    return path
+def open_location(text: str) -> Storage:
+    """The storage at ``text``, a local path or an fsspec URL (``s3://bucket/run``).
+
+    A local path must be an existing directory (exit 2 otherwise); a URL is opened
+    as it is, so a bad protocol or a missing bucket raises CheckpointError (which
+    :func:`reports_errors` prints). Nothing is created, locally or remotely.
+    """
+    if url_protocol(text) is None:
+        path = Path(text)
+        if not path.exists():
+            fail(f"{text} does not exist")
+        if not path.is_dir():
+            fail(f"{text} is not a directory")
+    return open_storage(text)
 
 
-def checkpoint_dir(path: Path) -> Path:
-    """``path`` if it is a committed checkpoint (holds a manifest); otherwise exit 2."""
-    if not (existing_dir(path) / MANIFEST).is_file():
-        fail(f"{path} is not a checkpoint (no {MANIFEST}); pass a step-* directory of a run, "
-             f"e.g. the paths `ckpts ls {path}` shows")
-    return path
+def committed_checkpoint(text: str) -> tuple[Storage, str] | None:
+    """``(storage of its run, name)`` if ``text`` is a committed checkpoint, else None.
+
+    The question is one read of ``manifest.json`` (absent: not committed), not a
+    listing: on an object store, listing the parent of a run would list the whole run.
+    """
+    if url_protocol(text) is not None and "/" not in text.split("://", 1)[1].strip("/"):
+        return None  # a bucket (or a store's root) has no run above it
+    run, name = split_checkpoint(text)
+    storage = open_storage(run)
+    try:
+        storage.read(name, MANIFEST)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    return storage, name
 
 
-def run_dir(path: Path) -> Path:
-    """``path`` if it is a run directory (not a checkpoint itself); otherwise exit 2."""
-    if (existing_dir(path) / MANIFEST).is_file():
-        fail(f"{path} is a checkpoint, not a run; pass the run directory that holds it "
-             f"({path.parent})")
-    return path
+def open_run(text: str) -> Storage:
+    """The storage of the run at ``text`` (a path or URL); exit 2 for a missing local
+    path, or for a checkpoint given where a run is expected."""
+    storage = open_location(text)
+    if committed_checkpoint(text) is not None:
+        parent, _ = split_checkpoint(text)
+        fail(f"{text} is a checkpoint, not a run; pass the run that holds it ({parent})")
+    return storage
+
+
+def open_checkpoint_arg(text: str) -> tuple[Storage, str]:
+    """The run's storage and the name of the committed checkpoint at ``text`` (a path or
+    URL); exit 2 when there is no committed checkpoint there."""
+    found = committed_checkpoint(text)
+    if found is None:
+        open_location(text)  # a missing path, a bad URL or bucket: say that instead
+        fail(f"{text} is not a checkpoint (no {MANIFEST}); pass a step-* folder of a run, "
+             f"e.g. the paths `ckpts ls {text}` shows")
+    return found
 
 
 def check_metric(metric: str, checkpoints: Iterable[Checkpoint]) -> None:

@@ -11,7 +11,6 @@ by its dotted path, e.g. ``run.config.out_dir``. The comparison itself lives in
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,7 +18,7 @@ import typer
 from ckpts._compare import TENSOR_STATUSES, StateDifference, TensorComparison, compare_checkpoints
 from ckpts.cli._common import (
     JsonOption,
-    checkpoint_dir,
+    open_checkpoint_arg,
     print_json,
     print_table,
     reports_errors,
@@ -32,17 +31,19 @@ LABELS = dict(zip(TENSOR_STATUSES, (  # status in JSON -> how the table says it
 
 @reports_errors
 def diff(
-    a: Annotated[Path, typer.Argument(help="The first checkpoint directory.")],
-    b: Annotated[Path, typer.Argument(help="The second checkpoint directory.")],
+    a: Annotated[str, typer.Argument(help="The first checkpoint: a directory or a URL.")],
+    b: Annotated[str, typer.Argument(help="The second checkpoint: a directory or a URL.")],
     as_json: JsonOption = False,
 ) -> None:
     """Compare two checkpoints' tensors and non-tensor state key by key; list what differs."""
-    dir_a, dir_b = checkpoint_dir(a), checkpoint_dir(b)
-    comparison = compare_checkpoints(dir_a, dir_b)
+    storage_a, name_a = open_checkpoint_arg(a)
+    storage_b, name_b = open_checkpoint_arg(b)
+    where_a, where_b = storage_a.where(name_a), storage_b.where(name_b)
+    comparison = compare_checkpoints(where_a, where_b)
     counts = Counter(row.status for row in comparison.tensors)
     state_changed = sorted({d.object for d in comparison.state})
     if as_json:
-        print_json({"a": str(dir_a), "b": str(dir_b),
+        print_json({"a": where_a, "b": where_b,
                     "tensors": [tensor_json(row) for row in comparison.tensors],
                     "summary": {s: counts[s] for s in LABELS},
                     "state_changed": state_changed,

@@ -6,7 +6,8 @@ script on every checkpoint of a run and attaches the metrics it prints::
 
     ckpts evaluate runs/exp1 eval.py --metric val_acc
 
-runs ``python eval.py CHECKPOINT_DIR`` for each checkpoint that lacks ``val_acc``
+runs ``python eval.py CHECKPOINT`` (its directory, or its URL in a remote run, which
+:func:`ckpts.load_weights` reads) for each checkpoint that lacks ``val_acc``
 (so a rerun resumes), and reads the metrics from the last line the script prints
 on stdout, a JSON object such as ``{"val_acc": 0.91}``.
 """
@@ -30,7 +31,14 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from ckpts.cli._common import checkpoint_dir, fail, reports_errors, run_dir, stderr, stdout
+from ckpts.cli._common import (
+    fail,
+    open_checkpoint_arg,
+    open_run,
+    reports_errors,
+    stderr,
+    stdout,
+)
 from ckpts.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -39,8 +47,9 @@ if TYPE_CHECKING:
 
 @reports_errors
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint directory (step-*).")],
-    out: Annotated[Path, typer.Argument(help="Where to write (a new folder or file).")],
+    checkpoint: Annotated[str, typer.Argument(
+        help="A checkpoint (run/step-*): a directory or a URL.")],
+    out: Annotated[Path, typer.Argument(help="Where to write (a new local folder or file).")],
     format: Annotated[
         Literal["hf", "safetensors", "gguf"], typer.Option(help="The output format.")],
     dtype: Annotated[
@@ -58,9 +67,9 @@ def export(
         help="Split safetensors output into files of at most this size.")] = "5GB",
 ) -> None:
     """Export a checkpoint's weights for deployment (reads no optimizer bytes)."""
+    storage, folder = open_checkpoint_arg(checkpoint)  # before importing torch: fails fast
     from ckpts.export import export as export_weights
 
-    checkpoint_dir(checkpoint)
     columns = (TextColumn("exporting"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True,
                   disable=not stderr.is_terminal) as progress:
@@ -69,7 +78,7 @@ def export(
         def advance(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        written = export_weights(checkpoint, out, format=format, dtype=dtype, name=name,
+        written = export_weights(storage.where(folder), out, format=format, dtype=dtype, name=name,
                                  config=config, tokenizer=tokenizer,
                                  max_shard_size=max_shard_size, progress=advance)
     stdout.print(str(written))
@@ -77,10 +86,10 @@ def export(
 
 @reports_errors
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    run: Annotated[str, typer.Argument(help="A run: a directory or a URL.")],
     script: Annotated[Path, typer.Argument(
-        help="A Python script run as `python SCRIPT CHECKPOINT_DIR`; its last stdout line "
-             "is a JSON object of metrics.")],
+        help="A Python script run as `python SCRIPT CHECKPOINT` (a directory, or a URL for "
+             "a remote run); its last stdout line is a JSON object of metrics.")],
     metric: Annotated[list[str], typer.Option(
         help="A metric the script prints (repeat for several); checkpoints that have them "
              "all are skipped.")],
@@ -94,11 +103,10 @@ def evaluate(
 
     if not script.is_file():
         fail(f"evaluation script {script} does not exist")
-    manager = CheckpointManager(run_dir(run))
     columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
-    with Progress(*columns, console=stderr, transient=True,
-                  disable=not stderr.is_terminal) as progress:
+    with CheckpointManager(open_run(run)) as manager, Progress(
+            *columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
         task = progress.add_task("", total=None)
 
         def show(checkpoint: Checkpoint, metrics: Mapping[str, float] | None, done: int,

@@ -20,7 +20,8 @@ def import_(
     source: Annotated[Path, typer.Argument(
         help="A Hugging Face checkpoint-N folder, a Trainer output folder of them, a Lightning "
              ".ckpt file or a torch.save file.")],
-    run: Annotated[Path, typer.Argument(help="The ckpts run directory to import into.")],
+    run: Annotated[str, typer.Argument(
+        help="The ckpts run to import into: a directory or a URL (created if needed).")],
     step: Annotated[int | None, typer.Option(
         help="Step for a single file that records none (default: its global_step, else 0).",
         min=0)] = None,

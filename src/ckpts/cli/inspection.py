@@ -8,25 +8,23 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.filesize import decimal
 
 from ckpts._catalog import Checkpoint
-from ckpts._local import LocalStorage
 from ckpts._manifest import DTYPE_SIZES, read_manifest
 from ckpts._storage import MANIFEST
 from ckpts.cli._common import (
     JsonOption,
-    checkpoint_dir,
     format_number,
     json_metrics,
+    open_checkpoint_arg,
+    open_run,
     print_json,
     print_table,
     reports_errors,
-    run_dir,
     stderr,
     stdout,
 )
@@ -35,23 +33,23 @@ from ckpts.errors import CheckpointError
 
 @reports_errors
 def show(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint directory (run/step-*).")],
+    checkpoint: Annotated[str, typer.Argument(
+        help="A checkpoint: run/step-*, as a directory or a URL.")],
     tensors: Annotated[
         bool, typer.Option("--tensors", help="List every tensor: key, dtype and shape.")
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Describe a checkpoint: step, epoch, metrics, tags, versions, objects and files."""
-    directory = checkpoint_dir(checkpoint)
-    storage = LocalStorage(directory.parent)
-    manifest = read_manifest(storage, directory.name)
-    summary = Checkpoint.from_manifest(storage, directory.name, manifest)
+    storage, folder = open_checkpoint_arg(checkpoint)
+    manifest = read_manifest(storage, folder)
+    summary = Checkpoint.from_manifest(storage, folder, manifest)
     objects = {name: object_summary(obj, with_tensors=tensors)
                for name, obj in manifest["objects"].items()}
     files = {name: record["nbytes"] for name, record in manifest["files"].items()}
     if as_json:
         print_json({
-            "path": str(directory),
+            "path": str(summary.path),
             "step": summary.step,
             "epoch": summary.epoch,
             "created": summary.created.isoformat(),
@@ -66,7 +64,7 @@ def show(
         return
     versions = manifest.get("versions", {})
     print_table([
-        ["path", str(directory)],
+        ["path", str(summary.path)],
         ["step", str(summary.step)],
         ["epoch", "" if summary.epoch is None else str(summary.epoch)],
         ["created", summary.created.astimezone().isoformat(sep=" ", timespec="seconds")],
@@ -96,14 +94,14 @@ def show(
 
 @reports_errors
 def du(
-    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    run: Annotated[str, typer.Argument(help="A run: a directory or a URL.")],
     as_json: JsonOption = False,
 ) -> None:
     """Disk usage of a run: in total, per checkpoint, and per object kind (module, optimizer, ...).
 
     Sizes are the file sizes the manifests record, plus each manifest itself.
     """
-    storage = LocalStorage(run_dir(run))
+    storage = open_run(run)
     checkpoints: list[dict[str, Any]] = []
     for entry in sorted(storage.committed(), key=lambda e: e.step):
         path = storage.where(entry.name)

@@ -17,8 +17,9 @@ import typer
 from rich.filesize import decimal
 from rich.text import Text
 
-from ckpts._catalog import Checkpoint, list_checkpoints
+from ckpts._catalog import Checkpoint, is_local, list_checkpoints
 from ckpts._policy import Mode, rank_by
+from ckpts._storage import Storage, open_storage
 from ckpts.cli._common import (
     JsonOption,
     ModeOption,
@@ -27,10 +28,10 @@ from ckpts.cli._common import (
     format_number,
     json_metrics,
     metric_names,
+    open_run,
     print_json,
     print_table,
     reports_errors,
-    run_dir,
     stderr,
     stdout,
 )
@@ -40,7 +41,8 @@ DEFAULT_TAG = "pinned"  # CheckpointManager.pin's default tag, shown as plain "p
 
 @reports_errors
 def ls(
-    run: Annotated[Path, typer.Argument(help="A run directory, or a directory of runs.")],
+    run: Annotated[str, typer.Argument(
+        help="A run (a directory or a URL such as s3://bucket/run), or a folder of runs.")],
     metric: Annotated[
         str | None,
         typer.Option(help="Mark the best checkpoint by this metric only (default: every metric)."),
@@ -52,7 +54,7 @@ def ls(
 
     Given a directory of runs (no checkpoints of its own), list each run in turn.
     """
-    runs = find_runs(run_dir(run))
+    runs = find_runs(open_run(run))
     if metric is not None:
         check_metric(metric, [c for checkpoints in runs.values() for c in checkpoints])
     marked = {name: mark(checkpoints, metric, mode) for name, checkpoints in runs.items()}
@@ -73,7 +75,7 @@ def ls(
 
 @reports_errors
 def best(
-    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    run: Annotated[str, typer.Argument(help="A run: a directory or a URL.")],
     metric: Annotated[str, typer.Option(help="The metric to rank checkpoints by.")],
     mode: ModeOption = "min",
 ) -> None:
@@ -82,7 +84,7 @@ def best(
     Ties go to the earlier step; NaN values rank last. A damaged checkpoint (a file
     missing or not the size its manifest records) is skipped, with a note on stderr.
     """
-    checkpoints = list_checkpoints(run_dir(run))
+    checkpoints = list_checkpoints(open_run(run))
     check_metric(metric, checkpoints)
     for checkpoint in checkpoints:
         if checkpoint.damaged is not None and metric in checkpoint.metrics:
@@ -98,18 +100,39 @@ def best(
     typer.echo(str(winner.path))
 
 
-def find_runs(directory: Path) -> dict[str, list[Checkpoint]]:
+def find_runs(storage: Storage) -> dict[str, list[Checkpoint]]:
     """The runs to list: ``{"": checkpoints}`` for a run, ``{name: checkpoints}`` for each
-    subdirectory holding checkpoints when ``directory`` has none of its own."""
-    checkpoints = list_checkpoints(directory)
+    subfolder holding checkpoints when ``storage`` has none of its own."""
+    checkpoints = list_checkpoints(storage)
     if checkpoints:
         return {"": checkpoints}
     runs = {}
-    for child in sorted(p for p in directory.iterdir() if p.is_dir()):
-        found = list_checkpoints(child)
+    for child in subfolders(storage):
+        found = list_checkpoints(open_storage(storage.where(child)))
         if found:
-            runs[child.name] = found
+            runs[child] = found
     return runs or {"": []}
+
+
+def subfolders(storage: Storage) -> list[str]:
+    """The names of the folders (or prefixes) directly inside a location, sorted.
+
+    The storage port lists checkpoints, not runs, so this asks the backend itself: the
+    local directory, or the fsspec filesystem of a URL; other backends have none.
+    """
+    if is_local(storage):
+        return sorted(p.name for p in Path(storage.location).iterdir() if p.is_dir())
+    from ckpts._fsspec import FsspecStorage  # not at the top: `ckpts ls` of a run skips it
+
+    if isinstance(storage, FsspecStorage):
+        storage.fs.invalidate_cache(storage.root)  # s3fs caches listings; see _fsspec
+        try:
+            found = storage.fs.ls(storage.root, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(info["name"].rstrip("/").rsplit("/", 1)[-1] for info in found
+                      if info.get("type") == "directory")
+    return []
 
 
 def mark(

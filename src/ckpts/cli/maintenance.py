@@ -6,7 +6,6 @@ safetensors reader), so they import it inside the command, never at module level
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -14,17 +13,17 @@ from rich.filesize import decimal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ckpts._catalog import Checkpoint, list_checkpoints
-from ckpts._local import LocalStorage
 from ckpts._manifest import read_manifest
 from ckpts._policy import KeepBest, KeepEvery, KeepLast, Mode
 from ckpts._storage import MANIFEST, Storage
 from ckpts.cli._common import (
     EXIT_CHECK_FAILED,
     check_metric,
-    existing_dir,
+    committed_checkpoint,
     fail,
+    open_location,
+    open_run,
     reports_errors,
-    run_dir,
     stderr,
     stdout,
 )
@@ -34,23 +33,24 @@ if TYPE_CHECKING:
     from ckpts._manager import CheckpointManager
     from ckpts._policy import RetentionPolicy
 
-RunArgument = Annotated[Path, typer.Argument(help="A run directory.")]
+RunArgument = Annotated[str, typer.Argument(help="A run: a directory or a URL.")]
 StepArgument = Annotated[int, typer.Argument(help="The step of the checkpoint.")]
 
 
 @reports_errors
 def verify(
-    path: Annotated[Path, typer.Argument(help="A checkpoint directory, or a run directory.")],
+    path: Annotated[str, typer.Argument(
+        help="A checkpoint or a run: a directory or a URL (s3://bucket/run/step-*).")],
 ) -> None:
     """Check every file of a checkpoint (or of each checkpoint in a run) against its manifest.
 
     Exits with code 1 when any checkpoint has a problem.
     """
-    directory = existing_dir(path)
-    if (directory / MANIFEST).is_file():
-        storage, names = LocalStorage(directory.parent), [directory.name]
+    storage = open_location(path)
+    found = committed_checkpoint(path)
+    if found is not None:
+        storage, names = found[0], [found[1]]
     else:
-        storage = LocalStorage(directory)
         names = [entry.name for entry in sorted(storage.committed(), key=lambda e: e.step)]
     if not names:
         fail(f"{path} is not a checkpoint (no {MANIFEST}) nor a run holding any")
@@ -115,9 +115,10 @@ def prune(
     if keep_last is None and keep_best is None and keep_every is None:
         fail("give at least one of --keep-last N, --keep-best K --metric M, --keep-every S; "
              "prune never deletes with an implicit policy")
-    directory = run_dir(run)
+    storage = open_run(run)
+    checkpoints = list_checkpoints(storage)
     if metric is not None:
-        check_metric(metric, list_checkpoints(directory))
+        check_metric(metric, checkpoints)
     keep: list[RetentionPolicy] = []
     if keep_last is not None:
         keep.append(KeepLast(keep_last))
@@ -125,8 +126,8 @@ def prune(
         keep.append(KeepBest(keep_best, metric, mode or "min"))
     if keep_every is not None:
         keep.append(KeepEvery(keep_every))
-    total = len(list_checkpoints(directory))
-    with _manager(directory, keep=keep) as manager:
+    total = len(checkpoints)
+    with _manager(storage, keep=keep) as manager:
         removed = manager.prune(dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for checkpoint in removed:
@@ -143,9 +144,9 @@ def pin(
     tag: Annotated[str, typer.Option(help="The pin's name.")] = "pinned",
 ) -> None:
     """Protect a checkpoint from pruning, under a tag, until it is unpinned."""
-    directory = run_dir(run)
-    _checkpoint_at(directory, step)
-    with _manager(directory) as manager:
+    storage = open_run(run)
+    _checkpoint_at(storage, step)
+    with _manager(storage) as manager:
         checkpoint = manager.pin(step, tag)
     stdout.print(f"pinned {checkpoint.name} (tags: {', '.join(checkpoint.tags)})")
 
@@ -159,17 +160,17 @@ def unpin(
     ] = None,
 ) -> None:
     """Remove a checkpoint's pin tags; once it has none, pruning treats it like any other."""
-    directory = run_dir(run)
-    current = _checkpoint_at(directory, step)
+    storage = open_run(run)
+    current = _checkpoint_at(storage, step)
     if tag is not None and tag not in current.tags:
         fail(f"step {step} has no tag {tag!r}; its tags: {', '.join(current.tags) or 'none'}")
-    with _manager(directory) as manager:
+    with _manager(storage) as manager:
         checkpoint = manager.unpin(step, tag)
     stdout.print(f"unpinned {checkpoint.name} (tags left: "
                  f"{', '.join(checkpoint.tags) or 'none'})")
 
 
-def _checkpoint_at(run: Path, step: int) -> Checkpoint:
+def _checkpoint_at(run: Storage, step: int) -> Checkpoint:
     """The committed checkpoint of ``step``, or exit 2 listing the steps there are.
 
     Checked here, from the manifests alone, so a wrong step fails fast, before the
@@ -179,11 +180,11 @@ def _checkpoint_at(run: Path, step: int) -> Checkpoint:
     for checkpoint in checkpoints:
         if checkpoint.step == step:
             return checkpoint
-    fail(f"{run} has no committed checkpoint for step {step}; steps: "
+    fail(f"{run.location} has no committed checkpoint for step {step}; steps: "
          f"{', '.join(str(c.step) for c in checkpoints) or 'none'}")
 
 
-def _manager(run: Path, *, keep: list[RetentionPolicy] | None = None) -> CheckpointManager:
+def _manager(run: Storage, *, keep: list[RetentionPolicy] | None = None) -> CheckpointManager:
     """A manager of ``run``, to use in a ``with`` block (closing releases the writer lock).
 
     keep=None for pin/unpin: unpin() applies retention, and with no policy it deletes

@@ -2,7 +2,7 @@
 
 ``plot`` draws one metric for one or several runs with matplotlib (an optional
 extra, imported only when the command runs); ``report`` writes a self-contained
-HTML page (no matplotlib, no torch).
+HTML page (no matplotlib, no torch). Both read local runs and URLs.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from typing import Annotated
 import typer
 
 from ckpts._catalog import list_checkpoints
-from ckpts.cli._common import ModeOption, check_metric, fail, reports_errors, run_dir, stdout
+from ckpts._storage import url_protocol
+from ckpts.cli._common import ModeOption, check_metric, fail, open_run, reports_errors, stdout
 
 
 @reports_errors
 def plot(
-    runs: Annotated[list[Path], typer.Argument(help="One or more run directories.")],
+    runs: Annotated[list[str], typer.Argument(help="One or more runs: directories or URLs.")],
     metric: Annotated[str, typer.Option(help="The metric to draw against the step.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Image file (.png, .svg, .pdf).")
                       ] = Path("curve.png"),
@@ -32,7 +33,7 @@ def plot(
     from ckpts._curves import metric_curve
     from ckpts._plot import plot_curves
 
-    listed = {run: list_checkpoints(run_dir(run)) for run in runs}
+    listed = {run: list_checkpoints(open_run(run)) for run in runs}
     check_metric(metric, [c for found in listed.values() for c in found])
     labels = _labels(runs)
     curves = [metric_curve(run, metric, mode, checkpoints=found, label=labels[run])
@@ -43,7 +44,7 @@ def plot(
 
 @reports_errors
 def report(
-    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    run: Annotated[str, typer.Argument(help="A run: a directory or a URL.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The HTML file to write.")
                       ] = Path("report.html"),
     metric: Annotated[
@@ -56,14 +57,16 @@ def report(
     """Write a self-contained HTML report: curves, checkpoints table, recommendation, disk use."""
     from ckpts._report import write_report
 
-    if not list_checkpoints(run_dir(run)):
+    storage = open_run(run)
+    if not list_checkpoints(storage):
         fail(f"no checkpoints in {run}")
-    write_report(run, output, metric=metric, mode=mode)
+    write_report(storage, output, metric=metric, mode=mode)
     stdout.print(str(output))
 
 
-def _labels(runs: list[Path]) -> dict[Path, str]:
-    """Each run's legend label: its directory name, or its path when names repeat."""
-    names = [run.resolve().name for run in runs]
-    return {run: name if names.count(name) == 1 else str(run)
+def _labels(runs: list[str]) -> dict[str, str]:
+    """Each run's legend label: its folder name, or its path (URL) when names repeat."""
+    names = [run.rstrip("/").rsplit("/", 1)[-1] if url_protocol(run) is not None
+             else Path(run).resolve().name for run in runs]
+    return {run: name if names.count(name) == 1 else run
             for run, name in zip(runs, names, strict=True)}
