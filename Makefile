@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: demo test test-oldest test-long screenshots bench clean
+.PHONY: demo test test-oldest test-long screenshots bench bench-s3 clean
 
 .venv/.installed: pyproject.toml
 	test -d .venv || python3 -m venv .venv
@@ -51,6 +51,10 @@ screenshots: .venv/.installed
 
 bench: .venv/.installed
 	$(PY) -m benchmarks.run
+
+# The S3 path against s3fs, on a moto server it starts on loopback (no network, no AWS).
+bench-s3: .venv/.installed
+	$(PY) -m benchmarks.s3_bench
 
 clean:
 	rm -rf .venv .venv-oldest .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info

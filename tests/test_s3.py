@@ -23,7 +23,7 @@ import fsspec
 import pytest
 
 from ckpts._fsspec import PART_SIZE, FsspecStorage
-from ckpts._storage import MANIFEST, checkpoint_name, open_storage
+from ckpts._storage import MANIFEST, Range, checkpoint_name, open_storage
 from ckpts.errors import CheckpointError, LockedError
 from s3_server import S3Bucket
 
@@ -297,6 +297,22 @@ def test_listing_a_run_of_50_checkpoints_is_one_request(s3_bucket: S3Bucket,
     assert storage.sizes(checkpoint_name(7)) == {"model.safetensors": 7,
                                                  "optim.safetensors": 1, MANIFEST: 2}
     assert len(server_requests(caplog)) == 1
+
+
+def test_reading_many_adjacent_tensors_takes_a_get_per_part_not_per_tensor(
+        s3_bucket: S3Bucket, caplog: pytest.LogCaptureFixture) -> None:
+    storage = FsspecStorage(s3_bucket.url(), s3_bucket.storage_options)
+    data = os.urandom(2 * PART_SIZE + 100)
+    save(storage, 1, {"model.safetensors": data})
+    tensors = [(begin, min(begin + 4096, len(data))) for begin in range(0, len(data), 4096)]
+    buffers = [bytearray(end - begin) for begin, end in tensors]
+    caplog.set_level(logging.INFO, logger="werkzeug")
+    caplog.clear()
+    storage.read_ranges(checkpoint_name(1), [
+        Range("model.safetensors", begin, memoryview(buffer))
+        for (begin, _), buffer in zip(tensors, buffers, strict=True)])
+    assert b"".join(buffers) == data
+    assert len(tensors) > 4000 and len(server_requests(caplog)) == 3  # ceil(size / PART_SIZE)
 
 
 def test_foreign_checkpoints_at_the_run_level_are_named(s3_bucket: S3Bucket) -> None:

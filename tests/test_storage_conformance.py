@@ -111,6 +111,25 @@ def test_a_file_larger_than_a_part_round_trips_through_read_ranges(run: Storage)
         assert bytes(buffer) == data[offset:offset + length], offset
 
 
+def test_many_adjacent_small_ranges_of_two_files_each_get_their_bytes(run: Storage) -> None:
+    first, second = os.urandom(300_000), os.urandom(9 * 2**20)
+    staged = run.stage(STEP)
+    run.write(staged, [("a.safetensors", [memoryview(first)]),
+                       ("b.safetensors", [memoryview(second)])])
+    run.commit(staged, b"{}")
+    # like a restore: a header, then tensors back to back, with a gap in one file
+    cuts = {"a.safetensors": [0, 8, 1000, 1004, 200_000, 300_000],
+            "b.safetensors": [0, 16, 4096, 8 * 2**20 + 3, 9 * 2**20]}
+    wanted = [(file, begin, end) for file, points in cuts.items()
+              for begin, end in zip(points, points[1:], strict=False) if begin != 1000]
+    buffers = [bytearray(end - begin) for _, begin, end in wanted]
+    run.read_ranges(STEP, [Range(file, begin, memoryview(buffer))
+                           for (file, begin, _), buffer in zip(wanted, buffers, strict=True)])
+    data = {"a.safetensors": first, "b.safetensors": second}
+    for (file, begin, end), buffer in zip(wanted, buffers, strict=True):
+        assert bytes(buffer) == data[file][begin:end], (file, begin)
+
+
 def test_committing_a_name_again_replaces_the_old_checkpoint(run: Storage) -> None:
     save(run, STEP, {"a.safetensors": b"old", "b.safetensors": b"old"}, manifest=b'{"v": 1}')
     save(run, STEP, {"c.safetensors": b"new!"}, manifest=b'{"v": 2}')

@@ -127,6 +127,16 @@ def open_checkpoint(checkpoint: Checkpoint | str | os.PathLike[str]) -> tuple[St
     return open_storage(run), name
 
 
+def is_committed(storage: Storage, name: str) -> bool:
+    """Whether ``name`` is a committed checkpoint: one small read, not a listing (on an
+    object store, listing the parent of a run would list the whole run)."""
+    try:
+        storage.read(name, MANIFEST)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return False
+    return True
+
+
 def is_local(storage: Storage) -> bool:
     """Whether the storage is a local directory (its records carry a ``Path``)."""
     from ckpts._local import LocalStorage

@@ -3,7 +3,8 @@
 Object stores cannot rename, so files go straight into the checkpoint's prefix and the
 manifest, written last, is the commit marker; it is created with ``If-None-Match: *``, so
 two writers never both commit a step. Large files go up as parallel multipart uploads
-(S3) and reads are parallel ranged GETs; extra memory stays under CONCURRENCY x PART_SIZE.
+(S3) and reads are parallel ranged GETs (ranges that follow each other in a file merged up
+to PART_SIZE); extra memory stays under CONCURRENCY x PART_SIZE.
 The writer lock is a lease object, ``RUN/.ckpts.lock`` (see ckpts._lease): a writer that
 was killed frees the run at most ``lease_seconds`` after its last renewal. Each
 FsspecStorage is its own writer: two on one URL, even in one process, exclude each other.
@@ -47,6 +48,30 @@ def _store_errors(method: Callable[Concatenate[FsspecStorage, _P], _T],
             raise OSError(f"{self.location}: {type(e).__name__}: {e}") from e
     functools.update_wrapper(wrapper, method)
     return wrapper
+
+
+def _coalesce(ranges: Sequence[Range]) -> list[tuple[str, int, list[memoryview]]]:
+    """The GETs that fill ``ranges``: ``(file, offset, views)``, each of PART_SIZE at most.
+
+    Ranges that follow each other in a file are read as one span, cut into PART_SIZE
+    pieces whatever the tensor boundaries: a file's header and its many tensors take as
+    few GETs as its bytes need, not one per tensor. Each request costs a round trip on a
+    store (and money).
+    """
+    reads: list[tuple[str, int, list[memoryview]]] = []
+    end = size = 0
+    for item in sorted(ranges, key=lambda r: (r.file, r.offset)):
+        view, offset = memoryview(item.view).cast("B"), item.offset
+        while view.nbytes:
+            if not (reads and reads[-1][0] == item.file and offset == end
+                    and size < PART_SIZE):
+                reads.append((item.file, offset, []))
+                size = 0
+            take = min(view.nbytes, PART_SIZE - size)
+            reads[-1][2].append(view[:take])
+            view, offset, size = view[take:], offset + take, size + take
+            end = offset
+    return reads
 
 
 class FsspecStorage:
@@ -151,23 +176,26 @@ class FsspecStorage:
 
     @_store_errors
     def read_ranges(self, name: str, ranges: Sequence[Range]) -> None:
-        pieces = [(item.file, item.offset + start, view[start:start + PART_SIZE])
-                  for item in ranges for view in [memoryview(item.view).cast("B")]
-                  for start in range(0, view.nbytes, PART_SIZE)]  # one tensor, many GETs
-        run_parallel(lambda piece: self._read_into(name, *piece), pieces, threads=CONCURRENCY)
+        run_parallel(lambda piece: self._read_into(name, *piece), _coalesce(ranges),
+                     threads=CONCURRENCY)
 
-    def _read_into(self, name: str, file: str, offset: int, view: memoryview) -> None:
-        path, end = self._path(name, file), offset + view.nbytes
+    def _read_into(self, name: str, file: str, offset: int, views: list[memoryview]) -> None:
+        """One ranged GET of ``views``' bytes (adjacent in ``file`` from ``offset``)."""
+        size = sum(view.nbytes for view in views)
+        path, end = self._path(name, file), offset + size
         try:
             data = self.fs.cat_file(path, start=offset, end=end)
         except OSError as e:  # S3 answers a range past the end with 416, not short data
             if isinstance(e, FileNotFoundError) or self.fs.size(path) >= end:
                 raise
             data = b""
-        if len(data) != view.nbytes:
+        if len(data) != size:
             raise CorruptCheckpointError(f"{self.where(name)}/{file} ends before byte {end}: "
                                          f"it is truncated; restore another checkpoint")
-        view[:] = data
+        received, start = memoryview(data), 0
+        for view in views:
+            view[:] = received[start:start + view.nbytes]
+            start += view.nbytes
 
     @_store_errors
     def stage(self, name: str) -> Staged:

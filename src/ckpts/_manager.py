@@ -15,7 +15,7 @@ from rich.filesize import decimal
 
 from ckpts import _history
 from ckpts._async import BackgroundWriter, Stager
-from ckpts._catalog import Checkpoint, check_metrics, is_local, list_checkpoints
+from ckpts._catalog import Checkpoint, check_metrics, is_committed, is_local, list_checkpoints
 from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
 from ckpts._codec import encode
 from ckpts._gc import paused_gc
@@ -111,7 +111,7 @@ class CheckpointManager:
             raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
         if not isinstance(directory, Storage):
             parent, name = split_checkpoint(directory)
-            if name and MANIFEST in open_storage(parent, storage_options).sizes(name):
+            if name and is_committed(open_storage(parent, storage_options), name):
                 raise InvalidArgumentError(
                     f"{self.directory} is a checkpoint, not a run: new checkpoints would be "
                     "nested inside it. Pass the run that holds the step-* checkpoints, "

@@ -28,7 +28,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
-from ckpts._catalog import Checkpoint
+from ckpts._catalog import Checkpoint, is_committed
 from ckpts._policy import Mode
 from ckpts._storage import MANIFEST, Storage, open_storage, split_checkpoint, url_protocol
 from ckpts.errors import CheckpointError
@@ -88,18 +88,13 @@ def open_location(text: str) -> Storage:
 def committed_checkpoint(text: str) -> tuple[Storage, str] | None:
     """``(storage of its run, name)`` if ``text`` is a committed checkpoint, else None.
 
-    The question is one read of ``manifest.json`` (absent: not committed), not a
-    listing: on an object store, listing the parent of a run would list the whole run.
+    One small read (see :func:`ckpts._catalog.is_committed`), not a listing.
     """
-    if url_protocol(text) is not None and "/" not in text.split("://", 1)[1].strip("/"):
-        return None  # a bucket (or a store's root) has no run above it
     run, name = split_checkpoint(text)
-    storage = open_storage(run)
-    try:
-        storage.read(name, MANIFEST)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    if not name:  # a bucket (or a store's root) has no run above it
         return None
-    return storage, name
+    storage = open_storage(run)
+    return (storage, name) if is_committed(storage, name) else None
 
 
 def open_run(text: str) -> Storage:
