@@ -13,15 +13,25 @@ FsspecStorage is its own writer: two on one URL, even in one process, exclude ea
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ckpts._lease import Lease
 from ckpts._lock import LOCK_FILE
 from ckpts._parallel import run_parallel
-from ckpts._storage import HISTORY, MANIFEST, Listed, Range, Staged, parse_step, url_protocol
+from ckpts._storage import (
+    FOREIGN_SUFFIXES,
+    HISTORY,
+    MANIFEST,
+    Listed,
+    Range,
+    Staged,
+    as_os_errors,
+    coalesce,
+    parse_step,
+    url_protocol,
+)
 from ckpts.errors import CheckpointError, CorruptCheckpointError, LockedError
 
 log = logging.getLogger("ckpts")
@@ -31,47 +41,6 @@ CONCURRENCY = 8  # requests in flight per call
 _MAX_PARTS = 10_000  # S3's limit for one upload
 _S3_TIMEOUTS = {"connect_timeout": 2, "read_timeout": 10, "retries": {"max_attempts": 2}}
 _INSTALL = "pip install 'ckpts[s3]'"
-_FOREIGN_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-
-def _store_errors(method: Callable[Concatenate[FsspecStorage, _P], _T],
-                  ) -> Callable[Concatenate[FsspecStorage, _P], _T]:
-    """Let the store's own errors (botocore, aiohttp, fsspec...) out as OSError, for the manager."""
-    def wrapper(self: FsspecStorage, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        try:
-            return method(self, *args, **kwargs)
-        except (CheckpointError, OSError):
-            raise
-        except Exception as e:
-            raise OSError(f"{self.location}: {type(e).__name__}: {e}") from e
-    functools.update_wrapper(wrapper, method)
-    return wrapper
-
-
-def _coalesce(ranges: Sequence[Range]) -> list[tuple[str, int, list[memoryview]]]:
-    """The GETs that fill ``ranges``: ``(file, offset, views)``, each of PART_SIZE at most.
-
-    Ranges that follow each other in a file are read as one span, cut into PART_SIZE
-    pieces whatever the tensor boundaries: a file's header and its many tensors take as
-    few GETs as its bytes need, not one per tensor. Each request costs a round trip on a
-    store (and money).
-    """
-    reads: list[tuple[str, int, list[memoryview]]] = []
-    end = size = 0
-    for item in sorted(ranges, key=lambda r: (r.file, r.offset)):
-        view, offset = memoryview(item.view).cast("B"), item.offset
-        while view.nbytes:
-            if not (reads and reads[-1][0] == item.file and offset == end
-                    and size < PART_SIZE):
-                reads.append((item.file, offset, []))
-                size = 0
-            take = min(view.nbytes, PART_SIZE - size)
-            reads[-1][2].append(view[:take])
-            view, offset, size = view[take:], offset + take, size + take
-            end = offset
-    return reads
 
 
 class FsspecStorage:
@@ -96,7 +65,8 @@ class FsspecStorage:
             import fsspec
         except ImportError as e:
             raise CheckpointError(f"{url}: URLs need fsspec: {_INSTALL}") from e
-        options = dict(storage_options)
+        # no cached listings: another process (the writer, an evaluator) changes the run
+        options = {"use_listings_cache": False, **storage_options}
         if self._s3:  # botocore would retry a vanished server for minutes; give up in seconds
             options["config_kwargs"] = {**_S3_TIMEOUTS, **options.get("config_kwargs", {})}
         try:
@@ -143,7 +113,6 @@ class FsspecStorage:
 
     def _files_below(self, prefix: str) -> dict[str, int]:
         """Relative path -> size of every object below ``prefix``, from one listing."""
-        self.fs.invalidate_cache(prefix)  # s3fs caches listings, and a stale one lies
         try:
             found = self.fs.find(prefix, detail=True)
         except FileNotFoundError:
@@ -160,23 +129,23 @@ class FsspecStorage:
                 folders.setdefault(name, {})[file] = size
         return folders
 
-    @_store_errors
+    @as_os_errors
     def committed(self) -> list[Listed]:
         return [Listed(name, files) for name, files in self._step_folders().items()
                 if MANIFEST in files]
 
-    @_store_errors
+    @as_os_errors
     def sizes(self, name: str) -> dict[str, int]:
         return {file: size for file, size in self._files_below(self._path(name)).items()
                 if "/" not in file}
 
-    @_store_errors
+    @as_os_errors
     def read(self, name: str, file: str) -> bytes:
         return bytes(self.fs.cat_file(self._path(name, file)))
 
-    @_store_errors
+    @as_os_errors
     def read_ranges(self, name: str, ranges: Sequence[Range]) -> None:
-        run_parallel(lambda piece: self._read_into(name, *piece), _coalesce(ranges),
+        run_parallel(lambda piece: self._read_into(name, *piece), coalesce(ranges, PART_SIZE),
                      threads=CONCURRENCY)
 
     def _read_into(self, name: str, file: str, offset: int, views: list[memoryview]) -> None:
@@ -197,7 +166,7 @@ class FsspecStorage:
             view[:] = received[start:start + view.nbytes]
             start += view.nbytes
 
-    @_store_errors
+    @as_os_errors
     def stage(self, name: str) -> Staged:
         """Start checkpoint ``name`` in its final prefix.
 
@@ -209,7 +178,7 @@ class FsspecStorage:
         self.delete(name)
         return Staged(name, self._path(name))
 
-    @_store_errors
+    @as_os_errors
     def write(self, staged: Staged, files: Sequence[tuple[str, Sequence[memoryview]]]) -> None:
         small: list[tuple[str, list[memoryview], int]] = []
         large: list[tuple[str, list[memoryview], int]] = []
@@ -252,7 +221,7 @@ class FsspecStorage:
         body = b"".join(pieces)
         return str(self.fs.call_s3("upload_part", **upload, PartNumber=number, Body=body)["ETag"])
 
-    @_store_errors
+    @as_os_errors
     def commit(self, staged: Staged, manifest: bytes) -> None:
         if self._lease.lost:
             raise LockedError(f"{self.where(staged.name)}: not committed: another writer "
@@ -264,11 +233,11 @@ class FsspecStorage:
                 f"{self.where(staged.name)}: another writer committed this step first: two "
                 f"processes are saving to {self.location}; give each run its own URL") from e
 
-    @_store_errors
+    @as_os_errors
     def abort(self, staged: Staged) -> None:
         self.delete(staged.name)
 
-    @_store_errors
+    @as_os_errors
     def delete(self, name: str) -> None:
         files = self._files_below(self._path(name))
         if MANIFEST in files:
@@ -277,14 +246,13 @@ class FsspecStorage:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self._path(name), recursive=True)
 
-    @_store_errors
+    @as_os_errors
     def update(self, name: str, manifest: bytes) -> None:
         path = self._path(name, MANIFEST)
-        self.fs.invalidate_cache(path)  # a stale listing must not vouch for a deleted one
         self.fs.info(path)  # FileNotFoundError: not committed
         self.fs.pipe_file(path, manifest)
 
-    @_store_errors
+    @as_os_errors
     def clean(self, *, check_manifests: bool) -> list[str]:
         unfinished = sorted(name for name, files in self._step_folders().items()
                             if MANIFEST not in files) if check_manifests else []
@@ -295,34 +263,33 @@ class FsspecStorage:
     def free_space(self) -> int | None:
         return None
 
-    @_store_errors
+    @as_os_errors
     def lock(self) -> None:
         self._lease.acquire()
 
-    @_store_errors
+    @as_os_errors
     def unlock(self) -> None:
         self._lease.release()
 
-    @_store_errors
+    @as_os_errors
     def append_history(self, line: bytes) -> None:
         """Append by rewriting the history object (stores cannot append): two processes
         appending at once can lose a line; the history is a convenience."""
         self.fs.pipe_file(self._path(HISTORY), self.read_history() + line)
 
-    @_store_errors
+    @as_os_errors
     def read_history(self) -> bytes:
         try:
             return bytes(self.fs.cat_file(self._path(HISTORY)))
         except FileNotFoundError:
             return b""
 
-    @_store_errors
+    @as_os_errors
     def foreign(self) -> list[str]:
-        self.fs.invalidate_cache(self.root)
         try:
             paths = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
             return []
         names = [path.rstrip("/").rsplit("/", 1)[-1] for path in paths]
         return sorted(name for name in names
-                      if name.endswith(_FOREIGN_SUFFIXES) or name.startswith("checkpoint-"))
+                      if name.endswith(FOREIGN_SUFFIXES) or name.startswith("checkpoint-"))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ckpts import _io, _lock
 from ckpts._parallel import run_parallel
-from ckpts._storage import HISTORY, MANIFEST, Listed, Range, Staged, parse_step
+from ckpts._storage import FOREIGN_SUFFIXES, HISTORY, MANIFEST, Listed, Range, Staged, parse_step
 
 log = logging.getLogger("ckpts")
 
@@ -36,8 +36,6 @@ _TRASH_PREFIX = ".trash-"
 _REPLACED_PREFIX = ".replaced-"
 # Enough concurrent fsyncs to share one journal commit, few enough to stay cheap.
 _FSYNC_THREADS = 16
-# What other frameworks leave in a folder: torch.save, Lightning, Hugging Face Trainer.
-_FOREIGN_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
 class LocalStorage:
@@ -209,7 +207,7 @@ class LocalStorage:
             names = sorted(os.listdir(self.run))
         except OSError:
             return []
-        return [n for n in names if n.endswith(_FOREIGN_SUFFIXES)
+        return [n for n in names if n.endswith(FOREIGN_SUFFIXES)
                 or (n.startswith("checkpoint-") and (self.run / n).is_dir())]
 
 

@@ -330,7 +330,9 @@ class CheckpointManager:
         try:
             self.storage.abort(staged)
         except OSError as e:
-            log.warning("could not remove the partial checkpoint %s: %s", staged.where, e)
+            self._cleaned = False  # the next save looks for leftovers again
+            log.warning("could not remove the partial checkpoint %s: %s",
+                        self.storage.where(staged.name), e)
 
     def _path_of(self, name: str) -> Path | str:
         where = self.storage.where(name)

@@ -20,17 +20,20 @@ methods of :class:`Storage` (docs/storage.md walks through the fsspec one).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
 
-from ckpts.errors import InvalidArgumentError
+from ckpts.errors import CheckpointError, InvalidArgumentError
 
 MANIFEST = "manifest.json"
 HISTORY = ".ckpts-history.jsonl"
+# What other frameworks leave in a run: torch.save, Lightning, Hugging Face Trainer.
+FOREIGN_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 _STEP_NAME = re.compile(r"^step-(\d+)$")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -195,6 +198,50 @@ class Storage(Protocol):
     def foreign(self) -> list[str]:
         """Names in the run that look like another framework's checkpoints (a hint)."""
         ...
+
+
+def coalesce(ranges: Sequence[Range], most: int) -> list[tuple[str, int, list[memoryview]]]:
+    """The reads that fill ``ranges``: ``(file, offset, views)``, each of ``most`` bytes at
+    most, for a backend that pays per request (a round trip, and money on a store).
+
+    Ranges that follow each other in a file are read as one span, cut into pieces of
+    ``most`` bytes whatever the tensor boundaries: a file's header and its many tensors
+    take as few requests as its bytes need, not one per tensor.
+    """
+    reads: list[tuple[str, int, list[memoryview]]] = []
+    end = size = 0
+    for item in sorted(ranges, key=lambda r: (r.file, r.offset)):
+        view, offset = memoryview(item.view).cast("B"), item.offset
+        while view.nbytes:
+            if not (reads and reads[-1][0] == item.file and offset == end
+                    and size < most):
+                reads.append((item.file, offset, []))
+                size = 0
+            take = min(view.nbytes, most - size)
+            reads[-1][2].append(view[:take])
+            view, offset, size = view[take:], offset + take, size + take
+            end = offset
+    return reads
+
+
+_Backend = TypeVar("_Backend", bound=Storage)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def as_os_errors(method: Callable[Concatenate[_Backend, _P], _T]
+                 ) -> Callable[Concatenate[_Backend, _P], _T]:
+    """Decorate a backend's method so that its client's own errors (botocore, aiohttp,
+    ...) come out as OSError naming the run: the port's callers catch OSError only."""
+    @functools.wraps(method)
+    def wrapper(self: _Backend, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except (CheckpointError, OSError):
+            raise
+        except Exception as e:
+            raise OSError(f"{self.location}: {type(e).__name__}: {e}") from e
+    return wrapper
 
 
 def open_storage(location: str | os.PathLike[str] | Storage,
