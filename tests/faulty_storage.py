@@ -39,6 +39,11 @@ class FaultyStorage(LocalStorage):
         self.files_read += sorted({piece.file for piece in ranges})
         super().read_ranges(name, ranges)
 
+    def map_file(self, name: str, file: str) -> memoryview:
+        self._before("map_file")
+        self.files_read.append(file)
+        return super().map_file(name, file)
+
     def stage(self, name: str) -> Staged:
         self._before("stage")
         return super().stage(name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import sys
 import threading
@@ -124,6 +125,18 @@ def read_ranges(files: Sequence[tuple[Path, Sequence[tuple[int, memoryview]]]]) 
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def map_file(path: Path) -> memoryview:
+    """A copy-on-write memory map of a whole file (symbolic links refused): reads without
+    a copy, from the page cache; writes through the view stay private to this process."""
+    fd = _open_for_reading(path)
+    try:
+        if os.fstat(fd).st_size == 0:
+            return memoryview(bytearray())
+        return memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY))
+    finally:
+        os.close(fd)
 
 
 def _open_for_reading(path: Path) -> int:

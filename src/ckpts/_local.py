@@ -90,6 +90,11 @@ class LocalStorage:
             by_file.setdefault(piece.file, []).append((piece.offset, piece.view))
         _io.read_ranges([(self.run / name / file, pieces) for file, pieces in by_file.items()])
 
+    def map_file(self, name: str, file: str) -> memoryview:
+        """The whole file, memory-mapped (an optional capability of a backend: readers
+        that copy the bytes elsewhere anyway use it to skip a copy)."""
+        return _io.map_file(self.run / name / file)
+
     def stage(self, name: str) -> Staged:
         self.run.mkdir(parents=True, exist_ok=True)
         staging = self.run / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"

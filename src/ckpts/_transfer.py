@@ -146,7 +146,7 @@ def _read_tensors(
     by_file: dict[str, dict[Key, TensorEntry]] = defaultdict(dict)
     for key, entry in entries.items():
         by_file[entry.file][key] = entry
-    plan = _ReadPlan(storage, name)
+    plan = _ReadPlan(storage, name, map_files=not fill_targets)
     for file, wanted in by_file.items():
         live = {key: targets[key] for key in wanted if key in targets} if fill_targets else {}
         if "header" in files[file] and all(e.hash is not None for e in wanted.values()):
@@ -161,31 +161,59 @@ def _read_tensors(
             with torch.no_grad():
                 target.copy_(tensor)
             loaded[key] = target
+        elif key in plan.mapped:  # handed back: memory of its own, not the file's map
+            loaded[key] = tensor.clone()
     return loaded
 
 
 class _ReadPlan:
-    """The ranges to read from one checkpoint, where each lands, and the hashes to check."""
+    """The ranges to read from one checkpoint, where each lands, and the hashes to check.
 
-    def __init__(self, storage: Storage, name: str) -> None:
+    With ``map_files``, a backend that can memory-map a file (LocalStorage's optional
+    ``map_file``) lends its bytes instead: they are hashed where they lie in the page
+    cache, and tensors are views of the map until the caller copies them out (one
+    copy in all, as from a read into new memory, without its page faults).
+    """
+
+    def __init__(self, storage: Storage, name: str, *, map_files: bool) -> None:
         self.storage, self.name = storage, name
+        self.map_file = getattr(storage, "map_file", None) if map_files else None
         self.ranges: list[Range] = []
         self.loaded: dict[Key, torch.Tensor] = {}
+        self.mapped: dict[Key, tuple[memoryview, TensorEntry]] = {}
         self.hashes: list[tuple[str, str, list[memoryview]]] = []  # what, expected, bytes
         self.headers: list[tuple[str, int, memoryview, dict[Key, TensorEntry]]] = []
+
+    def _map(self, file: str, nbytes: int) -> memoryview | None:
+        """The file's bytes, mapped, when the backend can map it; None otherwise."""
+        if self.map_file is None:
+            return None
+        data: memoryview = self.map_file(self.name, file)
+        if len(data) != nbytes:
+            raise CorruptCheckpointError(
+                f"{self.storage.where(self.name)}/{file}: {len(data)} bytes, the manifest says "
+                f"{nbytes} (truncated or overwritten)")
+        return data
 
     def tensors_by_range(self, file: str, record: Mapping[str, Any],
                          wanted: Mapping[Key, TensorEntry],
                          live: Mapping[Key, torch.Tensor]) -> None:
         """Format v2: the header and each wanted tensor, each under its own hash."""
         where = f"{self.storage.where(self.name)}/{file}"
-        header = memoryview(bytearray(record["header"]))
-        self._add(file, 0, header, f"{where}: its header", record["hash"])
+        data = self._map(file, record["nbytes"])
+        header = data[:record["header"]] if data is not None else \
+            self._read(file, 0, memoryview(bytearray(record["header"])))
+        self.hashes.append((f"{where}: its header", record["hash"], [header]))
         self.headers.append((file, record["nbytes"], header, dict(wanted)))
         for key, entry in wanted.items():
-            self.loaded[key] = _destination(entry, live.get(key))
-            self._add(file, entry.begin, byte_view(self.loaded[key]),
-                      f"{where}: tensor {key[1]!r} of {key[0]!r}", str(entry.hash))
+            if data is not None:
+                self.mapped[key] = (data, entry)
+                view = data[entry.begin:entry.end]
+            else:
+                self.loaded[key] = _destination(entry, live.get(key))
+                view = self._read(file, entry.begin, byte_view(self.loaded[key]))
+            self.hashes.append((f"{where}: tensor {key[1]!r} of {key[0]!r}", str(entry.hash),
+                                [view]))
 
     def whole_file(self, file: str, record: Mapping[str, Any], wanted: Mapping[Key, TensorEntry],
                    live: Mapping[Key, torch.Tensor]) -> None:
@@ -194,6 +222,12 @@ class _ReadPlan:
         where = f"{self.storage.where(self.name)}/{file}"
         size = record["nbytes"]
         header = read_header(self.storage, self.name, file, size)
+        data = self._map(file, size)
+        if data is not None:
+            self.hashes.append((where, record["hash"], [data]))
+            for key, expected in wanted.items():
+                self.mapped[key] = (data, stored_entry(where, header, key[1], expected))
+            return
         parts: list[tuple[int, memoryview]] = []
         for key, expected in wanted.items():
             found = stored_entry(where, header, key[1], expected)
@@ -211,9 +245,10 @@ class _ReadPlan:
         self.ranges += [Range(file, offset, view) for offset, view in views]
         self.hashes.append((where, record["hash"], [view for _, view in views]))
 
-    def _add(self, file: str, offset: int, view: memoryview, what: str, expected: str) -> None:
+    def _read(self, file: str, offset: int, view: memoryview) -> memoryview:
+        """Plan to read ``view``'s bytes from ``offset`` of ``file``; returns ``view``."""
         self.ranges.append(Range(file, offset, view))
-        self.hashes.append((what, expected, [view]))
+        return view
 
     def run(self) -> dict[Key, torch.Tensor]:
         """Read every range, check every hash, then compare the v2 headers."""
@@ -238,7 +273,21 @@ class _ReadPlan:
                     raise CorruptCheckpointError(
                         f"{where}: tensor {key[1]!r} is at bytes {entry.begin}..{entry.end} "
                         f"of the file, the manifest says {saved.begin}..{saved.end}")
+        for key, (data, entry) in self.mapped.items():
+            self.loaded[key] = _view_of(data, entry)
         return self.loaded
+
+
+def _view_of(data: memoryview, entry: TensorEntry) -> torch.Tensor:
+    """The tensor ``entry`` describes, as a view of a mapped file's bytes."""
+    dtype = DTYPE_NAMES[entry.dtype]
+    if entry.end == entry.begin:
+        return torch.empty(entry.shape, dtype=dtype)
+    raw = torch.frombuffer(data, dtype=torch.uint8, count=entry.end - entry.begin,
+                           offset=entry.begin)
+    if entry.begin % raw.new_empty(0, dtype=dtype).element_size():
+        raw = raw.clone()  # a foreign file with unaligned data: realign before the view
+    return raw.view(dtype).reshape(entry.shape)
 
 
 def _destination(entry: TensorEntry, target: torch.Tensor | None) -> torch.Tensor:
