@@ -130,6 +130,12 @@ def test_many_adjacent_small_ranges_of_two_files_each_get_their_bytes(run: Stora
         assert bytes(buffer) == data[file][begin:end], (file, begin)
 
 
+def test_an_empty_file_reads_back_empty(run: Storage) -> None:
+    save(run, STEP, {"empty.json": b"", "model.safetensors": b"x" * 10})
+    assert run.read(STEP, "empty.json") == b""
+    assert run.sizes(STEP)["empty.json"] == 0
+
+
 def test_committing_a_name_again_replaces_the_old_checkpoint(run: Storage) -> None:
     save(run, STEP, {"a.safetensors": b"old", "b.safetensors": b"old"}, manifest=b'{"v": 1}')
     save(run, STEP, {"c.safetensors": b"new!"}, manifest=b'{"v": 2}')

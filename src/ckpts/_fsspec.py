@@ -1,13 +1,11 @@
 """FsspecStorage: a run on any fsspec URL (``s3://``, ``memory://``, ``gs://``...).
 
-Object stores cannot rename, so files go straight into the checkpoint's prefix and the
-manifest, written last, is the commit marker; it is created with ``If-None-Match: *``, so
-two writers never both commit a step. Large files go up as parallel multipart uploads
-(S3) and reads are parallel ranged GETs (ranges that follow each other in a file merged up
-to PART_SIZE); extra memory stays under CONCURRENCY x PART_SIZE.
-The writer lock is a lease object, ``RUN/.ckpts.lock`` (see ckpts._lease): a writer that
-was killed frees the run at most ``lease_seconds`` after its last renewal. Each
-FsspecStorage is its own writer: two on one URL, even in one process, exclude each other.
+No rename on object stores: files go straight into the checkpoint's prefix, then the
+manifest, the commit marker, is created with ``If-None-Match: *`` (two writers never both
+commit a step). Large files go up as parallel multipart uploads (S3), reads are parallel
+ranged GETs of up to PART_SIZE (adjacent ranges merged); extra memory stays under
+CONCURRENCY x PART_SIZE. The writer lock is a lease object (ckpts._lease). docs/storage.md
+has the whole story.
 """
 
 from __future__ import annotations
@@ -141,7 +139,16 @@ class FsspecStorage:
 
     @as_os_errors
     def read(self, name: str, file: str) -> bytes:
-        return bytes(self.fs.cat_file(self._path(name, file)))
+        return self._get(self._path(name, file))
+
+    def _get(self, path: str) -> bytes:
+        """A whole small object in one ranged GET (without a range s3fs HEADs it first)."""
+        try:
+            return bytes(self.fs.cat_file(path, start=0))
+        except OSError as e:  # S3 refuses any range of an empty object (416)
+            if isinstance(e, FileNotFoundError) or self.fs.size(path):
+                raise
+            return b""
 
     @as_os_errors
     def read_ranges(self, name: str, ranges: Sequence[Range]) -> None:
@@ -168,13 +175,9 @@ class FsspecStorage:
 
     @as_os_errors
     def stage(self, name: str) -> Staged:
-        """Start checkpoint ``name`` in its final prefix.
-
-        What the prefix holds (the same step saved before, a killed save's leftovers) is
-        deleted first, manifest first, so no reader sees old and new files mixed. A crash
-        during such a re-save loses that step on an object store (older steps stay
-        intact); a local disk keeps one of the two.
-        """
+        """Start ``name`` in its final prefix, once what it holds (that step saved before,
+        leftovers) is deleted, manifest first: no reader sees old and new files mixed; a
+        crash during a re-save loses that step (a local disk keeps one of the two)."""
         self.delete(name)
         return Staged(name, self._path(name))
 
@@ -280,7 +283,7 @@ class FsspecStorage:
     @as_os_errors
     def read_history(self) -> bytes:
         try:
-            return bytes(self.fs.cat_file(self._path(HISTORY)))
+            return self._get(self._path(HISTORY))
         except FileNotFoundError:
             return b""
 

@@ -86,7 +86,7 @@ class Lease:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            lease = json.loads(self.fs.cat_file(self.path))
+            lease = json.loads(self.fs.cat_file(self.path, start=0))  # one GET, no HEAD
         except FileNotFoundError:
             return None
         except ValueError:  # not a lease (a stray object): treat it as expired
