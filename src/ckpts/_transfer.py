@@ -9,8 +9,10 @@ Reading (:func:`read_tensors`) asks the storage for byte ranges, in parallel, an
 checks hashes before anything is handed back: per tensor for format v2 (only the
 tensors asked for are read), per whole file for format v1 (whose files are read
 whole, gaps and headers included, since one hash covers them all). The same
-reader serves restore (bytes land straight in the live tensors), ``load_weights``
-(fresh tensors, copied in only once all are verified) and ``load_state``.
+reader serves restore (bytes land straight in the live tensors), ``load_weights``,
+``load_state`` and ``diff`` (every tensor checked before any is copied out: in the
+page cache through a memory map where the backend can map files, else read into
+new memory).
 :func:`check_files` streams whole files through the hashes for ``verify``.
 """
 
@@ -60,6 +62,7 @@ class WrittenFile:
     tensors: dict[str, tuple[int, int, str]]  # key -> (begin, end, hash)
 
 
+@paused_gc()
 def write_tensor_files(
     storage: Storage,
     staged: Staged,
@@ -68,16 +71,6 @@ def write_tensor_files(
 ) -> list[WrittenFile]:
     """Write safetensors files (and small others, such as an index) into ``staged``;
     return each tensor file's record. Tensors must stay unchanged until this returns."""
-    with paused_gc():
-        return _write_tensor_files(storage, staged, files, small_files)
-
-
-def _write_tensor_files(
-    storage: Storage,
-    staged: Staged,
-    files: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]],
-    small_files: Sequence[tuple[str, bytes]],
-) -> list[WrittenFile]:
     layouts = []
     for _, items in files:
         parts = [memoryview(encode_header(items))]
@@ -104,6 +97,7 @@ def _write_tensor_files(
     return written
 
 
+@paused_gc()
 def read_tensors(
     storage: Storage,
     name: str,
@@ -130,19 +124,6 @@ def read_tensors(
             disagrees with the manifest.
         FileNotFoundError, OSError: the storage failed.
     """
-    with paused_gc():
-        return _read_tensors(storage, name, files, entries, targets, fill_targets=fill_targets)
-
-
-def _read_tensors(
-    storage: Storage,
-    name: str,
-    files: Mapping[str, Mapping[str, Any]],
-    entries: Mapping[Key, TensorEntry],
-    targets: Mapping[Key, torch.Tensor],
-    *,
-    fill_targets: bool,
-) -> dict[Key, torch.Tensor]:
     by_file: dict[str, dict[Key, TensorEntry]] = defaultdict(dict)
     for key, entry in entries.items():
         by_file[entry.file][key] = entry
