@@ -127,6 +127,28 @@ def open_checkpoint(checkpoint: Checkpoint | str | os.PathLike[str]) -> tuple[St
     return open_storage(run), name
 
 
+def open_run(location: str | os.PathLike[str] | Storage,
+             storage_options: Mapping[str, Any] | None = None) -> Storage:
+    """The storage of a run to write, refusing a file or a checkpoint given as the run.
+
+    Raises:
+        InvalidArgumentError: the location is a file, or a committed checkpoint.
+    """
+    storage = open_storage(location, storage_options)
+    if isinstance(location, Storage):
+        return storage
+    if is_local(storage) and os.path.exists(location) and not os.path.isdir(location):
+        raise InvalidArgumentError(f"{location} exists and is not a directory")
+    parent, name = split_checkpoint(location)
+    if name and is_committed(open_storage(parent, storage_options), name):
+        raise InvalidArgumentError(
+            f"{storage.location} is a checkpoint, not a run: new checkpoints would be nested "
+            "inside it. Pass the run that holds the step-* checkpoints, "
+            f"CheckpointManager({str(parent)!r})"
+        )
+    return storage
+
+
 def is_committed(storage: Storage, name: str) -> bool:
     """Whether ``name`` is a committed checkpoint: one small read, not a listing (on an
     object store, listing the parent of a run would list the whole run)."""

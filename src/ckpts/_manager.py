@@ -15,12 +15,20 @@ from rich.filesize import decimal
 
 from ckpts import _history
 from ckpts._async import BackgroundWriter, Stager
-from ckpts._catalog import Checkpoint, check_metrics, is_committed, is_local, list_checkpoints
+from ckpts._catalog import Checkpoint, check_metrics, is_local, list_checkpoints, open_run
 from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
 from ckpts._codec import encode
 from ckpts._gc import paused_gc
 from ckpts._manifest import encode_json, read_manifest, update_manifest
-from ckpts._policy import Mode, RetentionPolicy, SaveTrigger, check_mode, rank_by
+from ckpts._policy import (
+    Mode,
+    RetentionPolicy,
+    SaveTrigger,
+    check_mode,
+    check_policies,
+    check_triggers,
+    rank_by,
+)
 from ckpts._space import needed_bytes, write_error
 from ckpts._state import ObjectSnapshot, TrainState
 from ckpts._steps import StepOrder, check_step
@@ -29,8 +37,6 @@ from ckpts._storage import (
     Staged,
     Storage,
     checkpoint_name,
-    open_storage,
-    split_checkpoint,
 )
 from ckpts._verify import check_file_sizes
 from ckpts.errors import (
@@ -103,36 +109,11 @@ class CheckpointManager:
         max_shard_size: int | str = "512MB",
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.storage = open_storage(directory, storage_options)
+        self.storage = open_run(directory, storage_options)
         self.directory: Path | str = Path(self.storage.location) if is_local(self.storage) \
             else self.storage.location
-        if isinstance(self.directory, Path) and self.directory.exists() \
-                and not self.directory.is_dir():
-            raise InvalidArgumentError(f"{self.directory} exists and is not a directory")
-        if not isinstance(directory, Storage):
-            parent, name = split_checkpoint(directory)
-            if name and is_committed(open_storage(parent, storage_options), name):
-                raise InvalidArgumentError(
-                    f"{self.directory} is a checkpoint, not a run: new checkpoints would be "
-                    "nested inside it. Pass the run that holds the step-* checkpoints, "
-                    f"CheckpointManager({str(parent)!r})"
-                )
-        if keep is not None:
-            for policy in keep:
-                if not callable(getattr(policy, "keeps", None)):
-                    raise InvalidArgumentError(
-                        f"keep=[...] holds {policy!r}, which is not a retention policy; "
-                        "use e.g. ckpts.KeepLast(3)"
-                    )
-        self.keep = list(keep) if keep is not None else None
-        triggers = [] if save is None else [save] if not isinstance(save, Sequence) else save
-        for trigger in triggers:
-            if not callable(getattr(trigger, "should_save", None)):
-                raise InvalidArgumentError(
-                    f"save={trigger!r} is not a save trigger; use e.g. ckpts.Every(steps=500) "
-                    "or ckpts.OnImprovement('val_loss')"
-                )
-        self.triggers: list[SaveTrigger] = list(triggers)
+        self.keep = check_policies(keep)
+        self.triggers: list[SaveTrigger] = check_triggers(save)
         self.max_shard_size = parse_size(max_shard_size)
         self.restored_from: int | None = None
         self.pending_signal: int | None = None

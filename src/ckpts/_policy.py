@@ -260,3 +260,28 @@ class OnImprovement:
         if value is not None and not math.isnan(value):
             self._best = value if self._best is None else (
                 min(self._best, value) if self.mode == "min" else max(self._best, value))
+
+
+def check_policies(keep: Sequence[RetentionPolicy] | None) -> list[RetentionPolicy] | None:
+    """``keep=`` as CheckpointManager takes it: None (keep everything) or policies."""
+    if keep is None:
+        return None
+    for policy in keep:
+        if not callable(getattr(policy, "keeps", None)):
+            raise InvalidArgumentError(
+                f"keep=[...] holds {policy!r}, which is not a retention policy; "
+                "use e.g. ckpts.KeepLast(3)"
+            )
+    return list(keep)
+
+
+def check_triggers(save: SaveTrigger | Sequence[SaveTrigger] | None) -> list[SaveTrigger]:
+    """``save=`` as CheckpointManager takes it: one trigger, several, or None."""
+    triggers = [] if save is None else [save] if not isinstance(save, Sequence) else save
+    for trigger in triggers:
+        if not callable(getattr(trigger, "should_save", None)):
+            raise InvalidArgumentError(
+                f"save={trigger!r} is not a save trigger; use e.g. ckpts.Every(steps=500) "
+                "or ckpts.OnImprovement('val_loss')"
+            )
+    return list(triggers)
