@@ -131,9 +131,13 @@ def test_the_collector_runs_again_after_nested_threaded_and_failed_pauses() -> N
     thread = threading.Thread(target=other_thread)
     thread.start()
     inside.wait(timeout=10)
-    with pytest.raises(RuntimeError), paused_gc(), paused_gc():
-        assert not gc.isenabled()
-        raise RuntimeError("a failed save")
+    def failed_save() -> None:
+        with paused_gc(), paused_gc():
+            assert not gc.isenabled()
+            raise RuntimeError("a failed save")
+
+    with pytest.raises(RuntimeError):
+        failed_save()
     assert not gc.isenabled()  # the other thread's pause still holds
     release.set()
     thread.join()
