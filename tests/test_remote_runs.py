@@ -236,6 +236,24 @@ def test_load_weights_and_load_state_read_a_record_and_a_url(run: Run) -> None:
     assert_state_dicts_equal(saved_optimizer, optimizer.state_dict())
 
 
+def test_readers_take_storage_options_for_a_url_without_aws_variables(
+        s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    state, model, optimizer = tiny(0)
+    url, options = s3_bucket.url(), s3_bucket.storage_options
+    with ckpts.CheckpointManager(url, storage_options=options) as manager:
+        manager.save(7, state)
+    step = f"{url}/step-00000007"
+    loaded = TinyNet()
+    ckpts.load_weights(step, loaded, storage_options=options)
+    assert_state_dicts_equal(loaded.state_dict(), model.state_dict())
+    assert_state_dicts_equal(ckpts.load_state(step, "optimizer", storage_options=options),
+                             optimizer.state_dict())
+    assert ckpts.verify(url, storage_options=options) == []
+    assert ckpts.verify(step, storage_options=options) == []
+
+
 def test_saving_a_step_again_replaces_it_whole(run: Run) -> None:
     state, model, optimizer = tiny(0)
     with run.manager(max_shard_size=600) as manager:  # many small files

@@ -117,14 +117,16 @@ def list_checkpoints(run: Storage | str | os.PathLike[str]) -> list[Checkpoint]:
     return [c for c in run_parallel(record, listed, threads=threads) if c is not None]
 
 
-def open_checkpoint(checkpoint: Checkpoint | str | os.PathLike[str]) -> tuple[Storage, str]:
-    """The storage and name of a checkpoint given as a record, a path or a URL."""
+def open_checkpoint(checkpoint: Checkpoint | str | os.PathLike[str],
+                    storage_options: Mapping[str, Any] | None = None) -> tuple[Storage, str]:
+    """The storage and name of a checkpoint given as a record (which carries its
+    storage), a path or a URL (opened with ``storage_options``)."""
     if isinstance(checkpoint, Checkpoint):
         if checkpoint.storage is not None:
             return checkpoint.storage, checkpoint.name
         checkpoint = checkpoint.path
     run, name = split_checkpoint(checkpoint)
-    return open_storage(run), name
+    return open_storage(run, storage_options), name
 
 
 def open_run(location: str | os.PathLike[str] | Storage,

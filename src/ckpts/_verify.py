@@ -13,7 +13,8 @@ from ckpts._transfer import check_files, read_header
 from ckpts.errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
 
 
-def verify(path: str | os.PathLike[str]) -> list[str]:
+def verify(path: str | os.PathLike[str], *,
+           storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Check a checkpoint (or every checkpoint of a run) against its manifest.
 
     Reads every file once and compares its size and xxh3-128 hashes with the
@@ -23,6 +24,8 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
     Args:
         path: a checkpoint (``run/step-00000500``) or a run: a directory or a URL
             (``s3://bucket/run``).
+        storage_options: for a URL, the options of its fsspec filesystem
+            (credentials, endpoint); default: the AWS variables.
 
     Returns:
         The problems found, one line each (prefixed with the checkpoint's name for
@@ -36,10 +39,10 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
         >>> problems = ckpts.verify("runs/exp1/step-00000500")  # doctest: +SKIP
         >>> assert not problems, "\\n".join(problems)           # doctest: +SKIP
     """
-    storage, name = open_checkpoint(path)
+    storage, name = open_checkpoint(path, storage_options)
     if MANIFEST in storage.sizes(name):
         return verify_checkpoint(storage, name)
-    run = open_storage(path)
+    run = open_storage(path, storage_options)
     checkpoints = sorted(run.committed(), key=lambda entry: entry.step)
     if not checkpoints:
         raise NotACheckpointError(

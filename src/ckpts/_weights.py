@@ -9,6 +9,7 @@ before handing it back. A checkpoint is given as a record, a path or a URL.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ def load_weights(
     *,
     strict: bool = True,
     name: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Load a module's weights from a checkpoint, reading none of the optimizer state.
 
@@ -47,6 +49,8 @@ def load_weights(
             still match).
         name: which saved object to read. Default: the one named ``model``, or the
             only module in the checkpoint.
+        storage_options: for a URL, the options of its fsspec filesystem (credentials,
+            endpoint), as ``CheckpointManager`` takes them; default: the AWS variables.
 
     Raises:
         NotACheckpointError: the path holds no committed checkpoint.
@@ -57,7 +61,7 @@ def load_weights(
         >>> model = build_model()                                   # doctest: +SKIP
         >>> ckpts.load_weights("runs/exp1/step-00000500", model)    # doctest: +SKIP
     """
-    storage, checkpoint_name, manifest = _open(checkpoint)
+    storage, checkpoint_name, manifest = _open(checkpoint, storage_options)
     where = storage.where(checkpoint_name)
     obj_name, saved = _pick_module(where, manifest, name)
     check_compatible(where, obj_name, saved, model, strict=strict)  # from the manifest alone
@@ -71,6 +75,7 @@ def load_state(
     name: str,
     *,
     tensors: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Read one saved object's ``state_dict`` as plain data, building nothing.
 
@@ -85,6 +90,8 @@ def load_state(
             no tensor file is opened and each tensor is a ``meta`` tensor of the
             saved dtype and shape (``t.device.type == "meta"``), a placeholder
             that holds no data.
+        storage_options: for a URL, the options of its fsspec filesystem (see
+            :func:`load_weights`).
 
     Returns:
         The object's state, as its ``state_dict()`` returned it when saved.
@@ -99,7 +106,7 @@ def load_state(
         >>> config = ckpts.load_state("runs/exp1/step-00000500", "config")  # doctest: +SKIP
         >>> model = GPT(**config["model_args"])                              # doctest: +SKIP
     """
-    storage, checkpoint_name, manifest = _open(checkpoint)
+    storage, checkpoint_name, manifest = _open(checkpoint, storage_options)
     where = storage.where(checkpoint_name)
     objects = manifest["objects"]
     if name not in objects:
@@ -153,10 +160,11 @@ def module_record(
     return _pick_module(storage.where(checkpoint_name), manifest, name)
 
 
-def _open(checkpoint: Checkpoint | str | os.PathLike[str]
+def _open(checkpoint: Checkpoint | str | os.PathLike[str],
+          storage_options: Mapping[str, Any] | None = None
           ) -> tuple[Storage, str, dict[str, Any]]:
     """The storage, name and checked manifest of a checkpoint."""
-    storage, name = open_checkpoint(checkpoint)
+    storage, name = open_checkpoint(checkpoint, storage_options)
     return storage, name, read_manifest(storage, name)
 
 
