@@ -115,7 +115,7 @@ def compare_checkpoints(
         NotACheckpointError: one is not a committed checkpoint.
         CorruptCheckpointError: a manifest or tensor is unreadable or fails its hash.
     """
-    side_a, side_b = _Side.open(a), _Side.open(b)
+    side_a, side_b = _Side.of(a), _Side.of(b)
     objects_a = side_a.manifest["objects"]
     objects_b = side_b.manifest["objects"]
     comparison = CheckpointComparison()
@@ -144,7 +144,7 @@ class _Side:
     manifest: dict[str, Any]
 
     @classmethod
-    def open(cls, checkpoint: Checkpoint | str | os.PathLike[str]) -> _Side:
+    def of(cls, checkpoint: Checkpoint | str | os.PathLike[str]) -> _Side:
         storage, name = open_checkpoint(checkpoint)
         return cls(storage, name, read_manifest(storage, name))
 

@@ -67,7 +67,8 @@ class Listed:
     @property
     def step(self) -> int:
         step = parse_step(self.name)
-        assert step is not None, self.name  # committed() lists step-* names only
+        if step is None:  # a backend's bug: committed() lists step-* names only
+            raise InvalidArgumentError(f"{self.name!r} is not a checkpoint name (step-N)")
         return step
 
 

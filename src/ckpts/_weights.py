@@ -61,7 +61,7 @@ def load_weights(
         >>> model = build_model()                                   # doctest: +SKIP
         >>> ckpts.load_weights("runs/exp1/step-00000500", model)    # doctest: +SKIP
     """
-    storage, checkpoint_name, manifest = _open(checkpoint, storage_options)
+    storage, checkpoint_name, manifest = _resolve(checkpoint, storage_options)
     where = storage.where(checkpoint_name)
     obj_name, saved = _pick_module(where, manifest, name)
     check_compatible(where, obj_name, saved, model, strict=strict)  # from the manifest alone
@@ -106,7 +106,7 @@ def load_state(
         >>> config = ckpts.load_state("runs/exp1/step-00000500", "config")  # doctest: +SKIP
         >>> model = GPT(**config["model_args"])                              # doctest: +SKIP
     """
-    storage, checkpoint_name, manifest = _open(checkpoint, storage_options)
+    storage, checkpoint_name, manifest = _resolve(checkpoint, storage_options)
     where = storage.where(checkpoint_name)
     objects = manifest["objects"]
     if name not in objects:
@@ -144,7 +144,7 @@ def read_module_tensors(
         NotACheckpointError: the path holds no committed checkpoint, or no such module.
         CorruptCheckpointError: the module's files fail their size or hash check.
     """
-    storage, checkpoint_name, manifest = _open(checkpoint)
+    storage, checkpoint_name, manifest = _resolve(checkpoint)
     obj_name, saved = _pick_module(storage.where(checkpoint_name), manifest, name)
     tensors = _read_object(storage, checkpoint_name, manifest, obj_name)
     for alias, key in saved.get("aliases", {}).items():
@@ -156,11 +156,11 @@ def module_record(
     checkpoint: Checkpoint | str | os.PathLike[str], *, name: str | None = None
 ) -> tuple[str, dict[str, Any]]:
     """The name and manifest entry of a saved module (class, aliases, ``hf_config``...)."""
-    storage, checkpoint_name, manifest = _open(checkpoint)
+    storage, checkpoint_name, manifest = _resolve(checkpoint)
     return _pick_module(storage.where(checkpoint_name), manifest, name)
 
 
-def _open(checkpoint: Checkpoint | str | os.PathLike[str],
+def _resolve(checkpoint: Checkpoint | str | os.PathLike[str],
           storage_options: Mapping[str, Any] | None = None
           ) -> tuple[Storage, str, dict[str, Any]]:
     """The storage, name and checked manifest of a checkpoint."""
