@@ -50,15 +50,17 @@ def verify(path: str | os.PathLike[str], *,
             "pass a run or one of its step-* checkpoints"
         )
     return [f"{entry.name}: {problem}" for entry in checkpoints
-            for problem in verify_checkpoint(run, entry.name)]
+            for problem in verify_checkpoint(run, entry.name, entry.sizes)]
 
 
-def verify_checkpoint(storage: Storage, name: str) -> list[str]:
-    """The problems of one checkpoint; empty when intact."""
+def verify_checkpoint(storage: Storage, name: str,
+                      sizes: Mapping[str, int] | None = None) -> list[str]:
+    """The problems of one checkpoint; empty when intact. ``sizes``: its files' sizes,
+    when a listing of the run already has them (else the checkpoint is listed)."""
     where = storage.where(name)
     try:
         manifest = read_manifest(storage, name)
-        check_file_sizes(where, manifest, storage.sizes(name))
+        check_file_sizes(where, manifest, storage.sizes(name) if sizes is None else sizes)
         problems = check_files(storage, name, manifest)
     except (CheckpointError, OSError) as e:
         return [str(e)]

@@ -6,6 +6,7 @@ safetensors reader), so they import it inside the command, never at module level
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -48,10 +49,13 @@ def verify(
     """
     storage = open_location(path)
     found = committed_checkpoint(path)
-    if found is not None:
-        storage, names = found[0], [found[1]]
+    listed: list[tuple[str, Mapping[str, int] | None]]
+    if found is not None:  # sizes None: verify_checkpoint lists the checkpoint itself
+        storage, listed = found[0], [(found[1], None)]
     else:
-        names = [entry.name for entry in sorted(storage.committed(), key=lambda e: e.step)]
+        listed = [(entry.name, entry.sizes)
+                  for entry in sorted(storage.committed(), key=lambda e: e.step)]
+    names = [name for name, _ in listed]
     if not names:
         fail(f"{path} is not a checkpoint (no {MANIFEST}) nor a run holding any")
     from ckpts._verify import verify_checkpoint  # imports torch: only once there is work
@@ -60,8 +64,8 @@ def verify(
     columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True,
                   disable=not stderr.is_terminal) as progress:
-        for name in progress.track(names):
-            problems = verify_checkpoint(storage, name)
+        for name, sizes in progress.track(listed):
+            problems = verify_checkpoint(storage, name, sizes)
             failed += bool(problems)
             stdout.print(f"{name}  {'FAILED' if problems else 'OK'}")
             _report_files(storage, name, problems)
