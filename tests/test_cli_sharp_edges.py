@@ -38,7 +38,9 @@ def ckpts_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def run(tmp_path: Path) -> Path:
     model = torch.nn.Linear(3, 2)
-    with ckpts.CheckpointManager(tmp_path / "run") as manager:
+    # the model does not change: dedup=False gives each checkpoint its own bytes, which
+    # the tests damage in place one checkpoint at a time
+    with ckpts.CheckpointManager(tmp_path / "run", dedup=False) as manager:
         for step, val_loss in VAL_LOSS.items():
             config = RunConfig(out_dir=f"out-{step}", lr=0.1, sizes=(3, step), seeds={0: 1})
             manager.save(step, ckpts.TrainState(model=model, run=config),

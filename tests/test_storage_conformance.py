@@ -23,6 +23,7 @@ from typing import Any
 import fsspec
 import pytest
 
+from ckpts._local import LocalStorage
 from ckpts._storage import MANIFEST, Range, Storage, checkpoint_name, open_storage
 from ckpts.errors import CorruptCheckpointError, LockedError
 from s3_server import S3Bucket
@@ -257,3 +258,43 @@ def test_free_space_is_a_count_or_unknown(run: Storage) -> None:
     assert space is None or space > 0
     assert isinstance(run, Storage)
     assert run.where(STEP).startswith(run.location) and run.where(STEP).endswith(STEP)
+
+
+def test_reuse_puts_a_committed_file_into_a_new_checkpoint_that_outlives_its_source(
+        run: Storage) -> None:
+    frozen = os.urandom(3000)
+    save(run, STEP, {"base.safetensors": frozen, "adapter.safetensors": b"a" * 10})
+    later = checkpoint_name(600)
+    staged = run.stage(later)
+    assert run.reuse(staged, STEP, "base.safetensors", len(frozen))
+    run.write(staged, [("adapter.safetensors", [memoryview(b"b" * 10)])])
+    run.commit(staged, b"{}")
+    run.delete(STEP)  # the source goes: the new checkpoint holds the file all the same
+    assert [listed.name for listed in run.committed()] == [later]
+    assert run.read(later, "base.safetensors") == frozen
+    assert run.sizes(later)["base.safetensors"] == len(frozen)
+
+
+def test_reuse_declines_a_missing_file_or_another_size_and_stages_nothing(run: Storage) -> None:
+    save(run, STEP, {"base.safetensors": b"x" * 100})
+    staged = run.stage(checkpoint_name(600))
+    assert not run.reuse(staged, STEP, "base.safetensors", 99)
+    assert not run.reuse(staged, STEP, "missing.safetensors", 100)
+    assert not run.reuse(staged, checkpoint_name(1), "base.safetensors", 100)
+    run.commit(staged, b"{}")
+    assert set(run.sizes(checkpoint_name(600))) == {MANIFEST}
+
+
+def test_the_listing_tells_shared_files_apart_from_copies(run: Storage) -> None:
+    """A hard link shows in ``Listed.shared`` (both names, one identity); a copy, as on
+    an object store, is a file of its own and is not listed as shared."""
+    save(run, STEP, {"base.safetensors": b"x" * 100, "own.safetensors": b"y"})
+    staged = run.stage(checkpoint_name(600))
+    assert run.reuse(staged, STEP, "base.safetensors", 100)
+    run.commit(staged, b"{}")
+    first, second = sorted(run.committed(), key=lambda listed: listed.step)
+    assert "own.safetensors" not in first.shared
+    if isinstance(run, LocalStorage):
+        assert first.shared["base.safetensors"] == second.shared["base.safetensors"]
+    else:
+        assert not first.shared and not second.shared

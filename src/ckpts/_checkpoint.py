@@ -29,15 +29,15 @@ from ckpts._manifest import (
     encode_json,
     manifest_tensor_entries,
 )
+from ckpts._space import manifest_allowance
 from ckpts._state import ObjectSnapshot, Stateful, TrainState
 from ckpts._storage import Staged, Storage
-from ckpts._transfer import read_tensors, write_tensor_files
+from ckpts._transfer import BeforeWriting, Reusable, read_tensors, write_tensor_files
 from ckpts._version import __version__
 from ckpts.errors import (
     CheckpointError,
     CorruptCheckpointError,
     IncompatibleStateError,
-    InvalidArgumentError,
 )
 
 MAX_LISTED = 20  # keys listed per kind of mismatch in an IncompatibleStateError
@@ -52,10 +52,16 @@ def write_checkpoint(
     metrics: Mapping[str, float],
     epoch: int | None,
     max_shard_size: int,
-) -> dict[str, Any]:
+    reusable: Reusable | None = None,
+    before_writing: BeforeWriting = lambda nbytes, reused: None,
+) -> tuple[dict[str, Any], list[str]]:
     """Write every object's tensor files (all at once, see ckpts._transfer) and index
-    files into ``staged``. Returns the manifest, for the caller to commit."""
-    placements = {name: plan_shards(name, snap.tensors, max_shard_size)
+    files into ``staged``, reusing ``reusable``'s unchanged files (see
+    :func:`ckpts._transfer.write_tensor_files`, which also explains ``before_writing``).
+    The bytes ``before_writing`` gets include an allowance for the manifest.
+    Returns the manifest, for the caller to commit, and the files reused."""
+    tensor_count = sum(len(snap.tensors) for snap in snapshots.values())
+    placements = {name: plan_shards(name, snap.tensors, max_shard_size, snap.frozen)
                   for name, snap in snapshots.items()}
     jobs = [(f, [(k, snapshots[name].tensors[k]) for k in keys])
             for name, placement in placements.items() for f, keys in placement.items()]
@@ -69,7 +75,10 @@ def write_checkpoint(
                 "weight_map": {k: f for f, keys in placement.items() for k in keys},
             })
     written = dict(zip([f for f, _ in jobs],
-                       write_tensor_files(storage, staged, jobs, list(indexes.items())),
+                       write_tensor_files(storage, staged, jobs, list(indexes.items()),
+                                          reusable=reusable, before_writing=lambda nbytes, reused:
+                                          before_writing(nbytes + manifest_allowance(
+                                              tensor_count), reused)),
                        strict=True))
     files: dict[str, Any] = {
         f: {"nbytes": w.nbytes, "header": w.header, "hash": w.header_hash}
@@ -93,6 +102,7 @@ def write_checkpoint(
         if snap.hf_config is not None:
             objects[name]["hf_config"] = snap.hf_config
     now = datetime.datetime.now(datetime.timezone.utc)
+    reused = [f for f, w in written.items() if w.reused]
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -107,7 +117,7 @@ def write_checkpoint(
         "world_size": 1,
         "files": files,
         "objects": objects,
-    }
+    }, reused
 
 
 def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
@@ -384,14 +394,28 @@ def _listed(lines: list[str]) -> list[str]:
     return [*lines[:MAX_LISTED], f"  … and {len(lines) - MAX_LISTED} more"]
 
 
-def plan_shards(name: str, tensors: Mapping[str, torch.Tensor], max_shard_size: int
-                 ) -> dict[str, list[str]]:
+def plan_shards(name: str, tensors: Mapping[str, torch.Tensor], max_shard_size: int,
+                frozen: frozenset[str] = frozenset()) -> dict[str, list[str]]:
     """Group keys into files of at most ``max_shard_size`` bytes and of about equal size
     (a bigger tensor gets its own file), so threads write them side by side. Within a
-    file, wider dtypes come first so every tensor is aligned."""
-    if not tensors:
-        return {}
-    ordered = sorted(tensors, key=lambda k: -tensors[k].element_size())
+    file, wider dtypes come first so every tensor is aligned.
+
+    Keys in ``frozen`` (parameters that do not require grad) get files of their own,
+    first, so that an unchanged frozen base is whole files a later save can reuse.
+    This is layout only: whether a file is reused is decided by hashes."""
+    groups = [[k for k in tensors if k in frozen], [k for k in tensors if k not in frozen]]
+    shards = [shard for keys in groups if keys
+              for shard in _split(keys, tensors, max_shard_size)]
+    if len(shards) <= 1:
+        return {f"{name}.safetensors": shards[0]} if shards else {}
+    count = len(shards)
+    return {f"{name}-{i:05d}-of-{count:05d}.safetensors": keys
+            for i, keys in enumerate(shards, start=1)}
+
+
+def _split(keys: list[str], tensors: Mapping[str, torch.Tensor], max_shard_size: int
+           ) -> list[list[str]]:
+    ordered = sorted(keys, key=lambda k: -tensors[k].element_size())
     sizes = {k: tensors[k].numel() * tensors[k].element_size() for k in ordered}
     total = sum(sizes.values())
     target = total / max(1, math.ceil(total / max_shard_size))
@@ -405,31 +429,4 @@ def plan_shards(name: str, tensors: Mapping[str, torch.Tensor], max_shard_size: 
             size = 0
         shards[-1].append(key)
         size += sizes[key]
-    if len(shards) == 1:
-        return {f"{name}.safetensors": shards[0]}
-    count = len(shards)
-    return {f"{name}-{i:05d}-of-{count:05d}.safetensors": keys
-            for i, keys in enumerate(shards, start=1)}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as ``"500MB"`` or ``"2GiB"``."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    elif isinstance(size, str):
-        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-        text = size.strip().upper()
-        number = text.rstrip("KMGTIB")
-        unit = text[len(number):].strip()
-        try:
-            value = int(float(number) * units[unit]) if math.isfinite(float(number)) else -1
-        except (ValueError, KeyError):
-            value = -1
-    else:
-        value = -1
-    if value <= 0:
-        raise InvalidArgumentError(
-            f"size {size!r} is not a positive byte count; use an int or e.g. '500MB', '2GiB'"
-        )
-    return value
+    return shards

@@ -62,15 +62,20 @@ class LocalStorage:
         except (FileNotFoundError, NotADirectoryError):
             return []
         for name in names:
-            sizes = self.sizes(name)
-            if MANIFEST in sizes:
-                found.append(Listed(name, sizes))
+            stats = self._stats(name)
+            if MANIFEST in stats:
+                found.append(Listed(name, {file: st.st_size for file, st in stats.items()},
+                                    {file: f"{st.st_dev}:{st.st_ino}"
+                                     for file, st in stats.items() if st.st_nlink > 1}))
         return found
 
     def sizes(self, name: str) -> dict[str, int]:
+        return {file: st.st_size for file, st in self._stats(name).items()}
+
+    def _stats(self, name: str) -> dict[str, os.stat_result]:
         try:
             with os.scandir(self.run / name) as entries:
-                return {e.name: e.stat(follow_symlinks=False).st_size for e in entries
+                return {e.name: e.stat(follow_symlinks=False) for e in entries
                         if e.is_file(follow_symlinks=False)}
         except (FileNotFoundError, NotADirectoryError):
             return {}
@@ -103,6 +108,20 @@ class LocalStorage:
 
     def write(self, staged: Staged, files: Sequence[tuple[str, Sequence[memoryview]]]) -> None:
         _io.write_files([(Path(staged.where) / file, parts) for file, parts in files])
+
+    def reuse(self, staged: Staged, source: str, file: str, nbytes: int) -> bool:
+        """A hard link: both checkpoints name the same bytes, which stay on disk until
+        the last checkpoint holding them is deleted. The file was made durable when
+        ``source`` was committed; :meth:`commit` makes the new name durable."""
+        path = self.run / source / file
+        try:
+            if path.is_symlink() or path.stat().st_size != nbytes:
+                return False
+            os.link(path, Path(staged.where) / file)
+        except OSError as e:  # no hard links here (EXDEV, EPERM), or the file is gone
+            log.info("could not link %s (%s); writing it instead", path, e)
+            return False
+        return True
 
     def commit(self, staged: Staged, manifest: bytes) -> None:
         """fsync every staged file, the manifest and the directory together (see

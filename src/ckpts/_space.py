@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+import math
 
-from ckpts._state import ObjectSnapshot
-from ckpts.errors import CheckpointError, InsufficientSpaceError, WriteError
+from ckpts.errors import (
+    CheckpointError,
+    InsufficientSpaceError,
+    InvalidArgumentError,
+    WriteError,
+)
 
 
-def needed_bytes(snapshots: Mapping[str, ObjectSnapshot]) -> int:
-    """About what a checkpoint of ``snapshots`` takes on disk: the tensor bytes, plus
-    headers and the manifest (~300 bytes a tensor is generous)."""
-    tensors = [t for s in snapshots.values() for t in s.tensors.values()]
-    return sum(t.numel() * t.element_size() for t in tensors) + 300 * len(tensors) + 65536
+def manifest_allowance(tensors: int) -> int:
+    """A generous bound on a manifest's size (and the headers'): ~300 bytes a tensor."""
+    return 300 * tensors + 65536
 
 
 def write_error(error: OSError, step: int, directory: str, free: int | None) -> CheckpointError:
@@ -29,3 +31,26 @@ def write_error(error: OSError, step: int, directory: str, free: int | None) -> 
         f"writing step {step} to {directory} failed: {error}. The partial checkpoint was "
         "removed and earlier ones are intact; check the disk, then save again"
     )
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as ``"500MB"`` or ``"2GiB"``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        text = size.strip().upper()
+        number = text.rstrip("KMGTIB")
+        unit = text[len(number):].strip()
+        try:
+            value = int(float(number) * units[unit]) if math.isfinite(float(number)) else -1
+        except (ValueError, KeyError):
+            value = -1
+    else:
+        value = -1
+    if value <= 0:
+        raise InvalidArgumentError(
+            f"size {size!r} is not a positive byte count; use an int or e.g. '500MB', '2GiB'"
+        )
+    return value

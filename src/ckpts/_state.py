@@ -49,6 +49,9 @@ class ObjectSnapshot:
     tensors: dict[str, torch.Tensor]
     aliases: dict[str, str] = field(default_factory=dict)
     hf_config: dict[str, Any] | None = None
+    frozen: frozenset[str] = frozenset()
+    """Keys of a module's parameters that do not require grad: a layout hint (they get
+    files of their own, see ckpts._checkpoint.plan_shards), never a reason to skip."""
 
 
 class TrainState:
@@ -138,7 +141,15 @@ def snapshot_object(name: str, obj: Stateful) -> ObjectSnapshot:
         tensors=distinct,
         aliases=aliases,
         hf_config=hf_config(what, obj),
+        frozen=_frozen_parameters(obj, distinct),
     )
+
+
+def _frozen_parameters(obj: Stateful, tensors: Mapping[str, torch.Tensor]) -> frozenset[str]:
+    if not isinstance(obj, torch.nn.Module):
+        return frozenset()
+    return frozenset(key for key, parameter in obj.named_parameters(remove_duplicate=False)
+                     if not parameter.requires_grad and key in tensors)
 
 
 def hf_config(what: str, obj: object) -> dict[str, Any] | None:

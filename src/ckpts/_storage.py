@@ -20,6 +20,7 @@ methods of :class:`Storage` (docs/storage.md walks through the fsspec one).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -63,6 +64,10 @@ class Listed:
 
     name: str
     sizes: Mapping[str, int]
+    shared: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """File -> an identity that another file of the run has too exactly when both are
+    the same bytes at rest (a hard link's inode). A file missing here is its own: the
+    default for backends whose copies are full copies."""
 
     @property
     def step(self) -> int:
@@ -139,6 +144,14 @@ class Storage(Protocol):
     def write(self, staged: Staged, files: Sequence[tuple[str, Sequence[memoryview]]]) -> None:
         """Write every file (the concatenation of its parts) in parallel chunks. The
         parts must stay unchanged until this returns."""
+        ...
+
+    def reuse(self, staged: Staged, source: str, file: str, nbytes: int) -> bool:
+        """Put committed checkpoint ``source``'s ``file`` into ``staged`` as it is, without
+        sending its bytes again (a hard link, a server-side copy), so that the new
+        checkpoint holds the file whatever later happens to ``source``. False, with
+        nothing staged, when the backend cannot, or the file is gone or is not
+        ``nbytes`` long: the caller then writes the bytes itself."""
         ...
 
     def commit(self, staged: Staged, manifest: bytes) -> None:

@@ -44,6 +44,9 @@ from ckpts.errors import CorruptCheckpointError
 # a tensor, as the readers name it: (saved object name, tensor key)
 Key = tuple[str, str]
 
+# called with the bytes a save is about to write and the files it is about to reuse
+BeforeWriting = Callable[[int, Mapping[str, int]], None]
+
 _INLINE = 32 * 1024 * 1024  # bytes below which a save hashes on the calling thread
 
 # verify() reads a file this many bytes at a time, several windows in flight
@@ -54,12 +57,39 @@ _WINDOWS_IN_FLIGHT = 4
 @dataclass(frozen=True)
 class WrittenFile:
     """What the manifest records of a written tensor file: its size, its header's size
-    and hash, and each tensor's byte range and hash."""
+    and hash, and each tensor's byte range and hash. ``reused``: the file was taken
+    from the previous checkpoint (see :class:`Reusable`), not written."""
 
     nbytes: int
     header: int
     header_hash: str
     tensors: dict[str, tuple[int, int, str]]  # key -> (begin, end, hash)
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class Reusable:
+    """A committed checkpoint whose tensor files a save may reuse instead of writing:
+    per file, its header's hash and each tensor's hash, as its manifest records them.
+
+    A new file is reused when it has the same name, the same header (so the same
+    keys, dtypes, shapes and byte ranges) and the same hash for every tensor, each
+    hash computed from the bytes being saved: never from a flag.
+    """
+
+    name: str
+    files: Mapping[str, tuple[str, Mapping[str, str]]]  # file -> (header hash, key -> hash)
+
+    @classmethod
+    def of(cls, name: str, manifest: Mapping[str, Any]) -> Reusable:
+        """The reusable files of a checkpoint (format v2 tensor files; none in v1)."""
+        hashes: dict[str, dict[str, str]] = defaultdict(dict)
+        for obj in manifest["objects"].values():
+            for key, info in obj["tensors"].items():
+                if "hash" in info:
+                    hashes[info["file"]][key] = info["hash"]
+        return cls(name, {file: (record["hash"], hashes[file])
+                          for file, record in manifest["files"].items() if "header" in record})
 
 
 @paused_gc()
@@ -68,33 +98,78 @@ def write_tensor_files(
     staged: Staged,
     files: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]],
     small_files: Sequence[tuple[str, bytes]] = (),
+    *,
+    reusable: Reusable | None = None,
+    before_writing: BeforeWriting = lambda nbytes, reused: None,
 ) -> list[WrittenFile]:
     """Write safetensors files (and small others, such as an index) into ``staged``;
-    return each tensor file's record. Tensors must stay unchanged until this returns."""
+    return each tensor file's record. Tensors must stay unchanged until this returns.
+
+    With ``reusable``, a file equal to that checkpoint's file of the same name is
+    reused (:meth:`Storage.reuse`) instead of written. Deciding hashes the file's
+    tensors first, smallest first, and stops at the first that differs: a file that
+    changed costs about one small tensor's hash, and those hashes are not taken again.
+    ``before_writing`` gets the bytes about to be written and the files (with their
+    sizes) about to be reused, once that is decided; it may raise to stop the save
+    before anything is written.
+    """
     layouts = []
     for _, items in files:
         parts = [memoryview(encode_header(items))]
         parts += [tensor_bytes(tensor, key=key) for key, tensor in items]
         layouts.append(parts)
-    writes = [(name, parts) for (name, _), parts in zip(files, layouts, strict=True)]
+    digests: list[list[str | None]] = [[None] * len(parts) for parts in layouts]
+    same = [reusable is not None and _unchanged(reusable.files.get(name), items, parts, found)
+            for (name, items), parts, found in zip(files, layouts, digests, strict=True)]
+    sizes = [sum(len(part) for part in parts) for parts in layouts]
+    before_writing(sum(size for size, reused in zip(sizes, same, strict=True) if not reused)
+                   + sum(len(data) for _, data in small_files),
+                   {name: size for (name, _), size, reused in zip(files, sizes, same, strict=True)
+                    if reused})
+    for i, (name, _) in enumerate(files):
+        if same[i] and reusable is not None:  # else: could not; written below
+            same[i] = storage.reuse(staged, reusable.name, name, sizes[i])
+    writes = [(name, parts) for (name, _), parts, reused in zip(files, layouts, same, strict=True)
+              if not reused]
     writes += [(name, [memoryview(data)]) for name, data in small_files]
 
-    def hash_all() -> list[list[str]]:
-        return [[digest(part) for part in parts] for parts in layouts]
+    def hash_the_rest() -> None:
+        for parts, found in zip(layouts, digests, strict=True):
+            for i, part in enumerate(parts):
+                if found[i] is None:
+                    found[i] = digest(part)
 
-    jobs: list[Callable[[], Any]] = [lambda: storage.write(staged, writes), hash_all]
+    jobs: list[Callable[[], Any]] = [lambda: storage.write(staged, writes), hash_the_rest]
     # hashing runs beside the writes; a small save is done before a thread would start
-    total = sum(len(part) for parts in layouts for part in parts)
-    _, hashes = run_parallel(lambda job: job(), jobs, threads=1 if total <= _INLINE else 2)
+    total = sum(len(part) for _, parts in writes for part in parts)
+    run_parallel(lambda job: job(), jobs, threads=1 if total <= _INLINE else 2)
     written = []
-    for (_, items), parts, digests in zip(files, layouts, hashes, strict=True):
+    for (_, items), parts, found, reused in zip(files, layouts, digests, same, strict=True):
         position, tensors = len(parts[0]), {}
-        for (key, _), part, tensor_hash in zip(items, parts[1:], digests[1:], strict=True):
-            tensors[key] = (position, position + len(part), tensor_hash)
+        for (key, _), part, tensor_hash in zip(items, parts[1:], found[1:], strict=True):
+            tensors[key] = (position, position + len(part), str(tensor_hash))
             position += len(part)
         written.append(WrittenFile(nbytes=position, header=len(parts[0]),
-                                   header_hash=digests[0], tensors=tensors))
+                                   header_hash=str(found[0]), tensors=tensors, reused=reused))
     return written
+
+
+def _unchanged(previous: tuple[str, Mapping[str, str]] | None,
+               items: Sequence[tuple[str, torch.Tensor]], parts: Sequence[memoryview],
+               found: list[str | None]) -> bool:
+    """Whether a file's header and every tensor hash as in ``previous``; each hash taken
+    is kept in ``found``. Smallest tensors first: a changed file is seen early."""
+    if previous is None:
+        return False
+    header_hash, tensor_hashes = previous
+    found[0] = digest(parts[0])
+    if found[0] != header_hash:
+        return False
+    for i in sorted(range(1, len(parts)), key=lambda i: len(parts[i])):
+        found[i] = digest(parts[i])
+        if found[i] != tensor_hashes.get(items[i - 1][0]):
+            return False
+    return True
 
 
 @paused_gc()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ckpts._checkpoint import parse_size
+from ckpts._space import parse_size
 from ckpts._weights import module_record, read_module_tensors
 from ckpts.errors import CheckpointError, InvalidArgumentError
 
