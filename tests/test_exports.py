@@ -18,6 +18,7 @@ PUBLIC = [
     "KeepEvery",
     "KeepLast",
     "KeepSince",
+    "KeepWithinBytes",
     "LocalStorage",
     "LockedError",
     "NotACheckpointError",

@@ -16,28 +16,27 @@ from rich.filesize import decimal
 from ckpts import _history
 from ckpts._async import BackgroundWriter, Stager
 from ckpts._catalog import Checkpoint, check_metrics, is_local, list_checkpoints, open_run
-from ckpts._checkpoint import parse_size, restore_into, write_checkpoint
+from ckpts._checkpoint import restore_into, write_checkpoint
 from ckpts._codec import encode
 from ckpts._gc import paused_gc
 from ckpts._manifest import encode_json, read_manifest, update_manifest
 from ckpts._policy import (
+    KeepWithinBytes,
     Mode,
     RetentionPolicy,
     SaveTrigger,
     check_mode,
     check_policies,
     check_triggers,
+    plan_retention,
     rank_by,
 )
-from ckpts._space import needed_bytes, write_error
+from ckpts._space import parse_size, write_error
 from ckpts._state import ObjectSnapshot, TrainState
 from ckpts._steps import StepOrder, check_step
-from ckpts._storage import (
-    MANIFEST,
-    Staged,
-    Storage,
-    checkpoint_name,
-)
+from ckpts._storage import MANIFEST, Listed, Staged, Storage, checkpoint_name, parse_step
+from ckpts._transfer import Reusable
+from ckpts._usage import identity, physical_bytes
 from ckpts._verify import check_file_sizes
 from ckpts.errors import (
     CorruptCheckpointError,
@@ -85,6 +84,11 @@ class CheckpointManager:
             size and at most this many bytes (int, or a string such as ``"5GB"``).
             Several files are written and read in parallel; the default, 512 MB,
             gives a 100 M-parameter model with AdamW three files.
+        dedup: reuse the previous checkpoint's unchanged tensor files instead of
+            writing them again: a hard link on a local disk, a server-side copy on an
+            object store. A hash of the bytes being saved decides, per file; each
+            checkpoint still holds all its files (see docs/storage.md). The
+            previous checkpoint is the one this manager saved or restored last.
         storage_options: options for the URL's fsspec filesystem, e.g. for S3
             ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}``;
             by default the usual AWS variables (``AWS_ACCESS_KEY_ID``,
@@ -107,6 +111,7 @@ class CheckpointManager:
         save_on_signal: Sequence[signal.Signals | int] = (),
         async_save: bool = False,
         max_shard_size: int | str = "512MB",
+        dedup: bool = True,
         storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.storage = open_run(directory, storage_options)
@@ -115,6 +120,10 @@ class CheckpointManager:
         self.keep = check_policies(keep)
         self.triggers: list[SaveTrigger] = check_triggers(save)
         self.max_shard_size = parse_size(max_shard_size)
+        self.dedup = dedup
+        # files a save may reuse: of the checkpoint this manager saved or restored last
+        # (whose bytes it wrote or checked), while it holds the lock
+        self._reusable: Reusable | None = None
         self.restored_from: int | None = None
         self.pending_signal: int | None = None
         self._steps = StepOrder(self.storage)
@@ -154,8 +163,11 @@ class CheckpointManager:
                 run's newest (nothing is written).
             UnserializableStateError: a value in the state has no pickle-free encoding
                 (nothing is written).
-            InsufficientSpaceError: the disk cannot hold it (checked before writing) or
-                filled up while writing (the partial checkpoint is removed).
+            InsufficientSpaceError: the disk, or a KeepWithinBytes budget once retention
+                has run, cannot hold it (checked before writing, counting only the bytes
+                this save writes: reused files are free), or the disk filled up while
+                writing (the partial checkpoint is removed). With ``async_save``, raised
+                by the next ``save()``, ``wait()`` or ``close()``.
             WriteError: an I/O error while writing, or in the clean-up after the commit;
                 the message says which. With ``async_save`` this is raised by the next
                 ``save()``, ``wait()`` or ``close()``, with the same message.
@@ -179,7 +191,6 @@ class CheckpointManager:
             snapshots = state.snapshot()  # refuses unserializable values before any write
             self._lock()
             self._steps.check(step)
-            self._check_space(step, snapshots, clean_metrics)
             if self._stager is not None and self._writer is not None:
                 staged = self._stager.stage(snapshots)
                 checkpoint = Checkpoint(
@@ -227,6 +238,7 @@ class CheckpointManager:
                 # another process may write the run now: look at it afresh next time
                 self._steps.forget()
                 self._cleaned = False
+                self._reusable = None
 
     def _lock(self) -> None:
         """Become the run's one writer (once per manager; see Storage.lock)."""
@@ -274,9 +286,11 @@ class CheckpointManager:
             self.storage.clean(check_manifests=not self._cleaned)
             self._cleaned = True
             staged = self.storage.stage(name)
-            manifest = write_checkpoint(self.storage, staged, step=step, snapshots=snapshots,
-                                        metrics=clean_metrics, epoch=epoch,
-                                        max_shard_size=self.max_shard_size)
+            manifest, reused = write_checkpoint(
+                self.storage, staged, step=step, snapshots=snapshots, metrics=clean_metrics,
+                epoch=epoch, max_shard_size=self.max_shard_size, reusable=self._reusable,
+                before_writing=lambda nbytes, reusing: self._check_space(
+                    step, nbytes, reusing, clean_metrics))
             encoded = encode_json(manifest)
             self.storage.commit(staged, encoded)
         except BaseException as e:
@@ -287,7 +301,9 @@ class CheckpointManager:
                                   self.storage.free_space()) from e
             raise
         final = self.storage.where(name)
-        log.info("saved step %d to %s", step, final)
+        self._reusable = Reusable.of(name, manifest) if self.dedup else None
+        log.info("saved step %d to %s%s", step, final,
+                 f" (reused {len(reused)} unchanged file(s))" if reused else "")
         _history.append(self.storage, step, clean_metrics)
         try:
             sizes = {file: record["nbytes"] for file, record in manifest["files"].items()}
@@ -401,6 +417,7 @@ class CheckpointManager:
                 corrupt.append(candidate_step)
                 continue
             self.restored_from = candidate_step
+            self._reusable = Reusable.of(entry.name, manifest) if self.dedup else None
             if discard_newer and newer:
                 self._steps.branch_from(candidate_step, tuple(newer))
                 log.info("branching from step %d: steps %s go once a new step is committed",
@@ -562,37 +579,64 @@ class CheckpointManager:
             f"{[c.step for c in self.checkpoints()] or 'none'}"
         )
 
-    def _check_space(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
+    def _check_space(self, step: int, needed: int, reused: Mapping[str, int],
                      metrics: dict[str, float]) -> None:
-        """Refuse a save the filesystem cannot hold, before writing a byte."""
-        needed = needed_bytes(snapshots)
+        """Refuse a save that the disk, or a KeepWithinBytes budget once retention has
+        run, cannot hold, before writing a byte. ``needed``: the bytes it will write;
+        ``reused``: the files (and sizes) it takes from the previous checkpoint."""
         free = self.storage.free_space()
-        if free is None or needed <= free:
+        budget = min((p.nbytes for p in self.keep or () if isinstance(p, KeepWithinBytes)),
+                     default=None)
+        if (free is None or needed <= free) and budget is None:
             return
-        existing = [c for c in self.checkpoints() if c.step != step]
-        upcoming = Checkpoint(step=step, path=self._path_of(checkpoint_name(step)),
-                              metrics=metrics)
-        plan = sorted([*existing, upcoming], key=lambda c: c.step)
-        reclaimable = sum(c.nbytes for c in self._retention_plan(plan, last_saved=step))
-        raise InsufficientSpaceError(
-            f"not enough space in {self.directory} for step {step}: it needs about "
-            f"{decimal(needed)}, {decimal(free)} is free. Retention would free "
-            f"{decimal(reclaimable)} once a new checkpoint is committed; free space first "
-            f"(e.g. `ckpts prune {self.directory} --keep-last N`) or keep fewer checkpoints",
-            needed=needed, free=free, reclaimable=reclaimable,
-        )
+        listing = {entry.step: entry for entry in self.storage.committed() if entry.step != step}
+        source_step = parse_step(self._reusable.name) if self._reusable else None
+        source = listing.get(source_step) if source_step is not None else None
+        upcoming = Listed(checkpoint_name(step), {**reused, "": needed},
+                          {file: identity(source, file) for file in reused} if source else {})
+        plan = sorted([*(c for c in self.checkpoints() if c.step != step),
+                       Checkpoint(step=step, path=self._path_of(upcoming.name), metrics=metrics)],
+                      key=lambda c: c.step)
+        # as _commit will see it: a newer commit ends the restored-from protection
+        restored = self.restored_from if self.restored_from is not None \
+            and step <= self.restored_from else None
+        doomed = {c.step for c in self._retention_plan(plan, last_saved=step,
+                                                       restored_from=restored,
+                                                       listing={**listing, step: upcoming})}
+        survivors = [entry for s, entry in listing.items() if s not in doomed]
+        reclaimable = physical_bytes(listing.values()) - physical_bytes(survivors)
+        if free is not None and needed > free:
+            raise InsufficientSpaceError(
+                f"not enough space in {self.directory} for step {step}: it needs about "
+                f"{decimal(needed)}, {decimal(free)} is free. Retention would free "
+                f"{decimal(reclaimable)} once a new checkpoint is committed; free space first "
+                f"(e.g. `ckpts prune {self.directory} --keep-last N`) or keep fewer checkpoints",
+                needed=needed, free=free, reclaimable=reclaimable,
+            )
+        after = physical_bytes([*survivors, upcoming])
+        if budget is not None and after > budget:
+            raise InsufficientSpaceError(
+                f"step {step} does not fit the budget of {decimal(budget)} for "
+                f"{self.directory}: it adds {decimal(needed)}, and once retention has removed "
+                f"all it may, the run would hold {decimal(after)}. What stays is protected "
+                "(the newest checkpoint, the one restored from, pinned ones, KeepBest picks): "
+                "unpin some, keep fewer best, or raise KeepWithinBytes' budget. Nothing was "
+                "written", needed=needed, free=max(0, budget - (after - needed)),
+                reclaimable=reclaimable,
+            )
 
-    def _retention_plan(self, checkpoints: list[Checkpoint], *, last_saved: int | None
-                        ) -> list[Checkpoint]:
+    def _retention_plan(self, checkpoints: list[Checkpoint], *, last_saved: int | None,
+                        restored_from: int | None,
+                        listing: Mapping[int, Listed] | None = None) -> list[Checkpoint]:
         """The checkpoints the policies would delete (kept whatever they say: the newest,
-        the one restored from, the one this process saved last, pinned ones)."""
+        the one restored from, the one this process saved last, pinned ones).
+        ``listing``: the run's files by step, for a budget (listed when None)."""
         if self.keep is None or not checkpoints:
             return []
-        kept = {checkpoints[-1].step} | {c.step for c in checkpoints if c.tags}
-        kept |= {s for s in (self.restored_from, last_saved) if s is not None}
-        for policy in self.keep:
-            kept |= policy.keeps(checkpoints)
-        return [c for c in checkpoints if c.step not in kept]
+        protected = {checkpoints[-1].step} | {c.step for c in checkpoints if c.tags}
+        protected |= {s for s in (restored_from, last_saved) if s is not None}
+        return plan_retention(checkpoints, self.keep, protected, lambda: listing or {
+            entry.step: entry for entry in self.storage.committed()})
 
     def _apply_retention(self, *, dry_run: bool = False, if_unlocked: bool = False
                          ) -> list[Checkpoint]:
@@ -600,7 +644,8 @@ class CheckpointManager:
         another process is the run's writer: it applies retention on its next save."""
         if self.keep is None:
             return []  # keeps everything: no need to read the run's manifests
-        removed = self._retention_plan(self.checkpoints(), last_saved=self._steps.last_saved)
+        removed = self._retention_plan(self.checkpoints(), last_saved=self._steps.last_saved,
+                                       restored_from=self.restored_from)
         if removed and not dry_run:
             try:
                 self._lock()

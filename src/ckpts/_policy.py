@@ -10,6 +10,11 @@ return the steps they keep: :class:`KeepLast`, :class:`KeepBest`,
 survives if any policy keeps it. The manager always protects the newest
 checkpoint, the one it restored from, and pinned ones, whatever the policies say.
 
+:class:`KeepWithinBytes` is a cap, not a pick: of what the other policies keep
+(everything, when it is alone) it removes the oldest checkpoints until the run's
+physical size fits the budget, never a protected one nor a :class:`KeepBest` pick
+(see :func:`plan_retention`).
+
 Ranking by a metric: a checkpoint without the metric is never a candidate; NaN
 ranks last; among equal values the earlier step ranks first.
 """
@@ -19,14 +24,17 @@ from __future__ import annotations
 import datetime
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from ckpts._space import parse_size
+from ckpts._usage import physical_bytes
 from ckpts.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from ckpts._catalog import Checkpoint
+    from ckpts._storage import Listed
 
 Mode = Literal["min", "max"]
 
@@ -161,6 +169,63 @@ class KeepSince:
         now = datetime.datetime.fromtimestamp(self.clock(), tz=datetime.timezone.utc)
         horizon = now - datetime.timedelta(seconds=self.seconds)
         return {c.step for c in checkpoints if c.created >= horizon}
+
+
+@dataclass(frozen=True)
+class KeepWithinBytes:
+    """Keep the run's physical size (shared files counted once) within ``budget``,
+    removing the oldest checkpoints first.
+
+    It caps what the other policies keep (everything, when it is alone); the
+    newest checkpoint, the one restored from, the one saved last, pinned ones and
+    :class:`KeepBest` picks are never removed for it. A save that could not fit
+    even after that is refused before it writes a byte (InsufficientSpaceError).
+    The budget holds between saves: nothing is deleted before a new checkpoint is
+    committed, so during a save the run may exceed it by that save's new bytes.
+
+    Example:
+        >>> keep = [ckpts.KeepBest(1, "val_loss"), ckpts.KeepWithinBytes("200GB")]
+    """
+
+    budget: int | str
+    nbytes: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nbytes", parse_size(self.budget))
+
+    def keeps(self, checkpoints: Sequence[Checkpoint]) -> set[int]:
+        """Every step: the budget removes checkpoints in :func:`plan_retention`, after the
+        other policies have picked."""
+        return {c.step for c in checkpoints}
+
+    def fit(self, kept: set[int], protected: set[int], listing: Mapping[int, Listed]
+            ) -> set[int]:
+        """``kept`` without its oldest unprotected steps, as many as the budget needs."""
+        kept = set(kept)
+        for step in sorted(kept - protected):
+            if physical_bytes(listing[s] for s in kept if s in listing) <= self.nbytes:
+                break
+            kept.discard(step)
+        return kept
+
+
+def plan_retention(checkpoints: Sequence[Checkpoint], policies: Sequence[RetentionPolicy],
+                   protected: set[int], listing: Callable[[], Mapping[int, Listed]]
+                   ) -> list[Checkpoint]:
+    """The checkpoints to delete: those no policy keeps (union), then, with budgets,
+    the oldest ones each budget removes. ``protected`` steps are kept whatever the
+    policies say; ``listing`` (the run's files by step) is asked for only with a budget."""
+    budgets = [p for p in policies if isinstance(p, KeepWithinBytes)]
+    picks = [p for p in policies if not isinstance(p, KeepWithinBytes)]
+    kept = set(protected)
+    for policy in picks or budgets:
+        kept |= policy.keeps(checkpoints)
+    if budgets:
+        files = listing()
+        best = {step for p in picks if isinstance(p, KeepBest) for step in p.keeps(checkpoints)}
+        for budget in budgets:
+            kept = budget.fit(kept, protected | best, files)
+    return [c for c in checkpoints if c.step not in kept]
 
 
 @dataclass
