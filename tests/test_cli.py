@@ -267,7 +267,7 @@ def test_du_sums_manifest_file_sizes_by_object_kind(run: Path) -> None:
         assert entry["by_kind"]["module"] == files["model.safetensors"]["nbytes"]
     assert usage["nbytes"] == sum(c["nbytes"] for c in usage["checkpoints"])
     assert set(usage["by_kind"]) == {"module", "optimizer", "rng", "manifest"}
-    assert table.returncode == 0 and table.stdout.splitlines()[-1].split()[0] == "total"
+    assert table.returncode == 0 and table.stdout.splitlines()[-2].split()[0] == "total"
 
 
 def test_verify_reports_each_checkpoint_and_fails_on_a_corrupt_one(run: Path) -> None:

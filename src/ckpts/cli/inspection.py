@@ -15,7 +15,8 @@ from rich.filesize import decimal
 
 from ckpts._catalog import Checkpoint
 from ckpts._manifest import DTYPE_SIZES, read_manifest
-from ckpts._storage import MANIFEST
+from ckpts._storage import MANIFEST, Listed, url_protocol
+from ckpts._usage import physical_bytes, shared_bytes, usage
 from ckpts.cli._common import (
     JsonOption,
     format_number,
@@ -97,12 +98,19 @@ def du(
     run: Annotated[str, typer.Argument(help="A run: a directory or a URL.")],
     as_json: JsonOption = False,
 ) -> None:
-    """Disk usage of a run: in total, per checkpoint, and per object kind (module, optimizer, ...).
+    """Disk usage of a run, per checkpoint and in total: logical, physical, shared, savings.
 
-    Sizes are the file sizes the manifests record, plus each manifest itself.
+    *logical* is what a checkpoint's files add up to (what copying it takes);
+    *physical* counts a file that checkpoints share (a hard link, see ``dedup``) once,
+    at the oldest checkpoint holding it, as ``du`` does, so the rows add up to the
+    run's size on disk; *shared* is what a checkpoint holds in common with another
+    (in the total row: the bytes held by two or more checkpoints, once); *savings*
+    is logical - physical. The per-kind columns (module, optimizer, ...) are logical.
+    On an object store nothing is shared: physical equals logical.
     """
     storage = open_run(run)
     checkpoints: list[dict[str, Any]] = []
+    listed: list[Listed] = []
     for entry in sorted(storage.committed(), key=lambda e: e.step):
         path = storage.where(entry.name)
         try:
@@ -110,23 +118,53 @@ def du(
         except (CheckpointError, OSError) as e:
             stderr.print(f"warning: skipping {path}: {e}")
             continue
+        listed.append(entry)
         checkpoints.append({"step": entry.step, "path": path, "nbytes": sum(by_kind.values()),
                             "by_kind": by_kind})
+    for checkpoint, sizes in zip(checkpoints, usage(listed), strict=True):
+        checkpoint.update(logical=sizes.logical, physical=sizes.physical, shared=sizes.shared,
+                          savings=sizes.savings)
     totals: Counter[str] = Counter()
     for checkpoint in checkpoints:
         totals.update(checkpoint["by_kind"])
     kinds = [kind for kind, _ in totals.most_common()]
+    logical = sum(c["logical"] for c in checkpoints)
+    physical = physical_bytes(listed)
+    total = {"logical": logical, "physical": physical, "shared": shared_bytes(listed),
+             "savings": logical - physical}
     if as_json:
         print_json({"path": storage.location, "nbytes": totals.total(),
-                    "by_kind": {k: totals[k] for k in kinds}, "checkpoints": checkpoints})
+                    "by_kind": {k: totals[k] for k in kinds}, **total,
+                    "checkpoints": checkpoints})
         return
     if not checkpoints:
         stderr.print(f"no checkpoints in {run}")
         return
-    rows = [[str(row["step"]), decimal(row["nbytes"]),
+    columns = ["logical", "physical", "shared"]
+    rows = [[str(row["step"]), *(decimal(row[c]) for c in columns),
+             _savings(row["savings"], row["logical"]),
              *(decimal(row["by_kind"].get(kind, 0)) for kind in kinds)] for row in checkpoints]
-    rows.append(["total", decimal(totals.total()), *(decimal(totals[kind]) for kind in kinds)])
-    print_table(rows, header=["step", "size", *kinds], right=set(range(2 + len(kinds))))
+    rows.append(["total", *(decimal(total[c]) for c in columns),
+                 _savings(total["savings"], logical), *(decimal(totals[kind]) for kind in kinds)])
+    print_table(rows, header=["step", *columns, "savings", *kinds],
+                right=set(range(1, 5 + len(kinds))))
+    stdout.print(_legend(storage.location))
+
+
+def _savings(saved: int, logical: int) -> str:
+    """A savings cell: bytes and the share of the logical size, ``1.2 GB (75%)``."""
+    return f"{decimal(saved)} ({saved / logical:.0%})" if saved and logical else decimal(saved)
+
+
+def _legend(location: str) -> str:
+    """The line under ``du``'s table that says what its columns count."""
+    protocol = url_protocol(location)
+    if protocol is not None:
+        return (f"physical = logical: on {protocol}:// a reused file is a server-side copy (a "
+                "full object), so checkpoints share no bytes; per-kind columns are logical")
+    return ("physical: on disk, a file shared by checkpoints counted once, at the oldest "
+            "(as du does); shared: bytes another checkpoint also holds (in the total, each "
+            "shared file once); savings = logical - physical; per-kind columns are logical")
 
 
 def object_summary(obj: dict[str, Any], *, with_tensors: bool) -> dict[str, Any]:

@@ -6,7 +6,7 @@ safetensors reader), so they import it inside the command, never at module level
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -15,8 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ckpts._catalog import Checkpoint, list_checkpoints
 from ckpts._manifest import read_manifest
-from ckpts._policy import KeepBest, KeepEvery, KeepLast, Mode
-from ckpts._storage import MANIFEST, Storage
+from ckpts._policy import KeepBest, KeepEvery, KeepLast, KeepWithinBytes, Mode
+from ckpts._storage import MANIFEST, Listed, Storage
+from ckpts._usage import identity, physical_bytes
 from ckpts.cli._common import (
     EXIT_CHECK_FAILED,
     check_metric,
@@ -103,6 +104,10 @@ def prune(
     keep_every: Annotated[
         int | None, typer.Option(min=1, help="Keep every checkpoint whose step is a multiple of S.")
     ] = None,
+    keep_within: Annotated[str | None, typer.Option(
+        metavar="SIZE", help="Cap the run's size on disk (shared files once), e.g. 200GB or "
+        "1.5TiB: of what the other options keep, the oldest checkpoints go first.")
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only print what would be removed.")
     ] = False,
@@ -110,15 +115,22 @@ def prune(
     """Delete the checkpoints that none of the --keep options keeps.
 
     The newest checkpoint and pinned ones are always kept. At least one --keep
-    option is required: prune never falls back to a default policy.
+    option is required: prune never falls back to a default policy. --keep-within
+    caps what the others keep (everything, when alone), never removing a
+    --keep-best pick. The summary says what the deletion freed on disk: files that
+    checkpoints share are freed only with the last checkpoint holding them.
     """
     if keep_best is None and (metric is not None or mode is not None):
         fail("--metric and --mode only apply with --keep-best K")
     if keep_best is not None and metric is None:
         fail("--keep-best needs --metric (the metric to rank checkpoints by)")
-    if keep_last is None and keep_best is None and keep_every is None:
-        fail("give at least one of --keep-last N, --keep-best K --metric M, --keep-every S; "
-             "prune never deletes with an implicit policy")
+    if keep_last is None and keep_best is None and keep_every is None and keep_within is None:
+        fail("give at least one of --keep-last N, --keep-best K --metric M, --keep-every S, "
+             "--keep-within SIZE; prune never deletes with an implicit policy")
+    try:
+        budget = None if keep_within is None else KeepWithinBytes(keep_within)
+    except CheckpointError as e:
+        fail(f"--keep-within {keep_within}: {e}")
     storage = open_run(run)
     checkpoints = list_checkpoints(storage)
     if metric is not None:
@@ -130,15 +142,37 @@ def prune(
         keep.append(KeepBest(keep_best, metric, mode or "min"))
     if keep_every is not None:
         keep.append(KeepEvery(keep_every))
-    total = len(checkpoints)
+    if budget is not None:
+        keep.append(budget)
+    before = storage.committed()
     with _manager(storage, keep=keep) as manager:
         removed = manager.prune(dry_run=dry_run)
-    verb = "would remove" if dry_run else "removed"
+    gone = {checkpoint.name for checkpoint in removed}
+    kept = [entry for entry in before if entry.name not in gone]
+    after = kept if dry_run else storage.committed()
+    freed = physical_bytes(before) - physical_bytes(after)
+    verb, free_verb = ("would remove", "would free") if dry_run else ("removed", "freed")
     for checkpoint in removed:
-        stdout.print(f"{verb} {checkpoint.name} ({decimal(checkpoint.nbytes)})")
-    freed = decimal(sum(c.nbytes for c in removed))
-    stdout.print(f"{verb} {len(removed)} of {total} checkpoint(s) ({freed}); "
-                 f"{total - len(removed)} kept")
+        stdout.print(f"{verb} {checkpoint.name} ({decimal(checkpoint.nbytes)}"
+                     f"{_shared_with(checkpoint.name, before, kept)})")
+    stdout.print(f"{verb} {len(removed)} of {len(before)} checkpoint(s) ({free_verb} "
+                 f"{decimal(freed)} on disk; {len(before) - len(removed)} kept)")
+    if budget is not None and physical_bytes(after) > budget.nbytes:
+        stderr.print(f"warning: {run} {'would still hold' if dry_run else 'still holds'} "
+                     f"{decimal(physical_bytes(after))}, over --keep-within {keep_within}: what "
+                     "is left is protected (the newest checkpoint, pinned ones, --keep-best "
+                     "picks); unpin some or keep fewer best")
+
+
+def _shared_with(name: str, before: Sequence[Listed], kept: Sequence[Listed]) -> str:
+    """``"; 1.2 GB of it shared with kept checkpoints"`` for a removed checkpoint whose
+    files kept ones hold too (deleting it does not free those), else ``""``."""
+    entry = next((e for e in before if e.name == name), None)
+    if entry is None:
+        return ""
+    held = {identity(other, file) for other in kept for file in other.sizes}
+    shared = sum(size for file, size in entry.sizes.items() if identity(entry, file) in held)
+    return f"; {decimal(shared)} of it shared with kept checkpoints" if shared else ""
 
 
 @reports_errors
