@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.filesize import decimal
-
 from ckpts import _history
 from ckpts._async import BackgroundWriter, Stager
 from ckpts._catalog import Checkpoint, check_metrics, is_local, list_checkpoints, open_run
@@ -31,16 +29,15 @@ from ckpts._policy import (
     plan_retention,
     rank_by,
 )
-from ckpts._space import parse_size, write_error
+from ckpts._space import check_fits, parse_size, write_error
 from ckpts._state import ObjectSnapshot, TrainState
 from ckpts._steps import StepOrder, check_step
 from ckpts._storage import MANIFEST, Listed, Staged, Storage, checkpoint_name, parse_step
 from ckpts._transfer import Reusable
-from ckpts._usage import identity, physical_bytes
+from ckpts._usage import identity
 from ckpts._verify import check_file_sizes
 from ckpts.errors import (
     CorruptCheckpointError,
-    InsufficientSpaceError,
     InvalidArgumentError,
     LockedError,
     NotACheckpointError,
@@ -603,27 +600,9 @@ class CheckpointManager:
         doomed = {c.step for c in self._retention_plan(plan, last_saved=step,
                                                        restored_from=restored,
                                                        listing={**listing, step: upcoming})}
-        survivors = [entry for s, entry in listing.items() if s not in doomed]
-        reclaimable = physical_bytes(listing.values()) - physical_bytes(survivors)
-        if free is not None and needed > free:
-            raise InsufficientSpaceError(
-                f"not enough space in {self.directory} for step {step}: it needs about "
-                f"{decimal(needed)}, {decimal(free)} is free. Retention would free "
-                f"{decimal(reclaimable)} once a new checkpoint is committed; free space first "
-                f"(e.g. `ckpts prune {self.directory} --keep-last N`) or keep fewer checkpoints",
-                needed=needed, free=free, reclaimable=reclaimable,
-            )
-        after = physical_bytes([*survivors, upcoming])
-        if budget is not None and after > budget:
-            raise InsufficientSpaceError(
-                f"step {step} does not fit the budget of {decimal(budget)} for "
-                f"{self.directory}: it adds {decimal(needed)}, and once retention has removed "
-                f"all it may, the run would hold {decimal(after)}. What stays is protected "
-                "(the newest checkpoint, the one restored from, pinned ones, KeepBest picks): "
-                "unpin some, keep fewer best, or raise KeepWithinBytes' budget. Nothing was "
-                "written", needed=needed, free=max(0, budget - (after - needed)),
-                reclaimable=reclaimable,
-            )
+        check_fits(str(self.directory), step, needed=needed, free=free, budget=budget,
+                   run=list(listing.values()), upcoming=upcoming,
+                   survivors=[entry for s, entry in listing.items() if s not in doomed])
 
     def _retention_plan(self, checkpoints: list[Checkpoint], *, last_saved: int | None,
                         restored_from: int | None,

@@ -1,10 +1,16 @@
-"""Disk space: what a save needs, what is free, and the errors when a save does not fit."""
+"""Disk space: sizes as users write them, whether a save fits the disk and the run's
+budget, and the errors when it does not."""
 
 from __future__ import annotations
 
 import errno
 import math
+from collections.abc import Sequence
 
+from rich.filesize import decimal
+
+from ckpts._storage import Listed
+from ckpts._usage import physical_bytes
 from ckpts.errors import (
     CheckpointError,
     InsufficientSpaceError,
@@ -16,6 +22,32 @@ from ckpts.errors import (
 def manifest_allowance(tensors: int) -> int:
     """A generous bound on a manifest's size (and the headers'): ~300 bytes a tensor."""
     return 300 * tensors + 65536
+
+
+def check_fits(directory: str, step: int, *, needed: int, free: int | None, budget: int | None,
+               run: Sequence[Listed], survivors: Sequence[Listed], upcoming: Listed) -> None:
+    """Refuse a save of ``needed`` new bytes that the disk cannot hold, or that would
+    leave the run over ``budget`` once retention has left only ``survivors`` of ``run``
+    beside the ``upcoming`` checkpoint (shared files counted once)."""
+    reclaimable = physical_bytes(run) - physical_bytes(survivors)
+    if free is not None and needed > free:
+        raise InsufficientSpaceError(
+            f"not enough space in {directory} for step {step}: it needs about "
+            f"{decimal(needed)}, {decimal(free)} is free. Retention would free "
+            f"{decimal(reclaimable)} once a new checkpoint is committed; free space first "
+            f"(e.g. `ckpts prune {directory} --keep-last N`) or keep fewer checkpoints",
+            needed=needed, free=free, reclaimable=reclaimable,
+        )
+    after = physical_bytes([*survivors, upcoming])
+    if budget is not None and after > budget:
+        raise InsufficientSpaceError(
+            f"step {step} does not fit the budget of {decimal(budget)} for {directory}: it "
+            f"adds {decimal(needed)}, and once retention has removed all it may, the run would "
+            f"hold {decimal(after)}. What stays is protected (the newest checkpoint, the one "
+            "restored from, pinned ones, KeepBest picks): unpin some, keep fewer best, or "
+            "raise KeepWithinBytes' budget. Nothing was written",
+            needed=needed, free=max(0, budget - (after - needed)), reclaimable=reclaimable,
+        )
 
 
 def write_error(error: OSError, step: int, directory: str, free: int | None) -> CheckpointError:
