@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: demo test test-oldest test-long screenshots bench bench-s3 clean
+.PHONY: demo test test-oldest test-long screenshots bench bench-s3 bench-dedup clean
 
 .venv/.installed: pyproject.toml
 	test -d .venv || python3 -m venv .venv
@@ -55,6 +55,11 @@ bench: .venv/.installed
 # The S3 path against s3fs, on a moto server it starts on loopback (no network, no AWS).
 bench-s3: .venv/.installed
 	$(PY) -m benchmarks.s3_bench
+
+# Issue 11: a LoRA run (frozen base) and a full fine-tune, saved with and without reuse of
+# unchanged tensor files, in lockstep; checks the targets (a few minutes, ~5 GB of disk).
+bench-dedup: .venv/.installed
+	$(PY) -m benchmarks.dedup_bench
 
 clean:
 	rm -rf .venv .venv-oldest .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info
