@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import torch
 
+from ckpts._codec import is_dtensor
 from ckpts._state import ObjectSnapshot
 from ckpts.errors import CheckpointError
 
@@ -43,9 +44,12 @@ class Stager:
         buffers: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
         for name, snap in snapshots.items():
-            tensors = {key: self._buffer((name, key), t) for key, t in snap.tensors.items()}
-            buffers += tensors.values()
-            sources += snap.tensors.values()  # copied under no_grad: no detach() needed
+            tensors = {}
+            for key, tensor in snap.tensors.items():
+                source = tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+                buffers.append(self._buffer((name, key), source))
+                sources.append(source)  # copied under no_grad: no detach() needed
+                tensors[key] = _like(tensor, buffers[-1])
             staged[name] = replace(snap, tensors=tensors)
         with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
             if stream is None:
@@ -74,6 +78,17 @@ class Stager:
                                  pin_memory=tensor.is_cuda)
             self._buffers[slot] = buffer
         return buffer
+
+
+def _like(tensor: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``buffer`` standing for ``tensor``: a DTensor's staged shard is wrapped again with
+    the DTensor's mesh, placements and global shape, so a save still knows its place."""
+    if not is_dtensor(tensor):
+        return buffer
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(buffer, tensor.device_mesh, tensor.placements,  # type: ignore[attr-defined]
+                              run_check=False, shape=tensor.shape, stride=tensor.stride())
 
 
 class BackgroundWriter:

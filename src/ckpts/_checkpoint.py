@@ -11,11 +11,12 @@ tied-tensor aliases, each tensor's file, dtype, shape, byte range and hash) is i
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import platform
 from collections import defaultdict
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,13 +25,14 @@ from ckpts._format import DTYPES
 from ckpts._manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    SHARDED_FORMAT_VERSION,
     TensorEntry,
     digest,
     encode_json,
     manifest_tensor_entries,
 )
 from ckpts._space import manifest_allowance
-from ckpts._state import ObjectSnapshot, Stateful, TrainState
+from ckpts._state import PER_RANK_KINDS, ObjectSnapshot, Stateful, TrainState, object_kind
 from ckpts._storage import Staged, Storage
 from ckpts._transfer import BeforeWriting, Reusable, read_tensors, write_tensor_files
 from ckpts._version import __version__
@@ -39,6 +41,11 @@ from ckpts.errors import (
     CorruptCheckpointError,
     IncompatibleStateError,
 )
+
+log = logging.getLogger("ckpts")
+
+if TYPE_CHECKING:
+    from ckpts._distributed import Ranks
 
 MAX_LISTED = 20  # keys listed per kind of mismatch in an IncompatibleStateError
 
@@ -85,27 +92,34 @@ def write_checkpoint(
         for f, w in written.items()
     }
     files.update({f: {"nbytes": len(data), "hash": digest(data)} for f, data in indexes.items()})
-    objects: dict[str, Any] = {}
-    for name, snap in snapshots.items():
-        objects[name] = {
-            "kind": snap.kind,
-            "class": snap.class_name,
-            "tree": snap.tree,
-            "tensors": {
-                k: {"file": f, "dtype": DTYPES[snap.tensors[k].dtype],
-                    "shape": list(snap.tensors[k].shape),
-                    "offsets": list(written[f].tensors[k][:2]), "hash": written[f].tensors[k][2]}
-                for f, keys in placements[name].items() for k in keys
-            },
-            "aliases": snap.aliases,
-        }
-        if snap.hf_config is not None:
-            objects[name]["hf_config"] = snap.hf_config
-    now = datetime.datetime.now(datetime.timezone.utc)
+    objects = {name: describe(snap, {
+        k: {"file": f, "dtype": DTYPES[snap.tensors[k].dtype], "shape": list(snap.tensors[k].shape),
+            "offsets": list(written[f].tensors[k][:2]), "hash": written[f].tensors[k][2]}
+        for f, keys in placements[name].items() for k in keys
+    }) for name, snap in snapshots.items()}
     reused = [f for f, w in written.items() if w.reused]
-    return {
+    return new_manifest(step=step, epoch=epoch, metrics=metrics, files=files,
+                        objects=objects), reused
+
+
+def describe(snap: ObjectSnapshot, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """One object's manifest entry, given its tensors' entries."""
+    described = {"kind": snap.kind, "class": snap.class_name, "tree": snap.tree,
+                 "tensors": dict(tensors), "aliases": snap.aliases}
+    if snap.hf_config is not None:
+        described["hf_config"] = snap.hf_config
+    return described
+
+
+def new_manifest(*, step: int, epoch: int | None, metrics: Mapping[str, float],
+                 files: Mapping[str, Any], objects: Mapping[str, Any], world_size: int = 1,
+                 per_rank: Sequence[str] = ()) -> dict[str, Any]:
+    """A checkpoint's manifest: format v2, or v3 when saved by ranks of a job."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    manifest = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": SHARDED_FORMAT_VERSION if world_size > 1 or per_rank
+        else FORMAT_VERSION,
         "step": step,
         "epoch": epoch,
         "created": now.isoformat(timespec="milliseconds"),
@@ -114,14 +128,17 @@ def write_checkpoint(
         "versions": {
             "ckpts": __version__, "torch": torch.__version__, "python": platform.python_version(),
         },
-        "world_size": 1,
-        "files": files,
-        "objects": objects,
-    }, reused
+        "world_size": world_size,
+        "files": dict(files),
+        "objects": dict(objects),
+    }
+    if per_rank:
+        manifest["per_rank"] = list(per_rank)
+    return manifest
 
 
 def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
-                 state: TrainState) -> None:
+                 state: TrainState, ranks: Ranks | None = None) -> None:
     """Check the checkpoint fits ``state``, then load every object in place.
 
     Every object's ``state_dict()`` is called first: it tells whether the live
@@ -141,6 +158,10 @@ def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
     parameter, with IncompatibleStateError naming the key), another object
     decides for itself.
 
+    With ``ranks`` (a torch.distributed job), every rank calls this and reads just
+    the byte ranges its own tensors need (see ckpts._distributed); per-rank objects
+    come from this rank's copy (see :func:`match_objects`).
+
     Raises:
         IncompatibleStateError: objects, keys, shapes or dtypes do not match, or
             an object's ``state_dict()`` or ``load_state_dict()`` raised; the
@@ -151,9 +172,71 @@ def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
             another checkpoint overwrites them all.
     """
     directory = storage.where(name)
+    chosen = match_objects(directory, manifest, state, rank=ranks.rank if ranks else 0,
+                           size=ranks.size if ranks else 1)
+    saved = {live_name: manifest["objects"][saved_name] for live_name, saved_name in chosen.items()}
+    objects = {live_name: state.objects[live_name] for live_name in chosen}
+    for obj_name, obj in objects.items():
+        check_compatible(directory, obj_name, saved[obj_name], obj, strict=True,
+                         for_restore=True)
+        if ranks is not None and isinstance(obj, torch.optim.Optimizer) \
+                and saved[obj_name]["tensors"]:
+            from ckpts._distributed import materialize_optimizer_state
+
+            materialize_optimizer_state(obj)  # live shards to read into
+    targets = {obj_name: live_tensors(live_state(directory, obj_name, obj))[0]
+               for obj_name, obj in objects.items()}
+    if ranks is None:
+        _drop_overlapping(targets)
+    # one read of every object's tensors at once (keys are unique per object only)
+    entries: dict[tuple[str, str], TensorEntry] = {}
+    live: dict[tuple[str, str], torch.Tensor] = {}
+    for obj_name in objects:
+        for key, entry in manifest_tensor_entries(saved[obj_name]).items():
+            entries[(obj_name, key)] = entry
+            if key in targets[obj_name]:
+                live[(obj_name, key)] = targets[obj_name][key]
+    if ranks is not None:
+        from ckpts._distributed import read_on_ranks
+
+        read = read_on_ranks(storage, name, manifest["files"], ranks, live, {
+            (obj_name, key): info for obj_name in objects
+            for key, info in saved[obj_name]["tensors"].items()})
+    else:
+        read = read_tensors(storage, name, manifest["files"], entries, live,
+                            fill_targets=True)
+    loaded: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for (obj_name, key), tensor in read.items():
+        loaded[obj_name][key] = tensor
+    for obj_name, obj in objects.items():
+        load_object(directory, obj_name, saved[obj_name], obj, loaded[obj_name])
+
+
+def match_objects(directory: str, manifest: Mapping[str, Any], state: TrainState, *,
+                  rank: int, size: int) -> dict[str, str]:
+    """Which saved object each live object restores from: the same name, or for a
+    per-rank object (RNG, loader positions) saved by many ranks, this rank's copy.
+
+    Per-rank objects restore only at the world size they were saved at; at another,
+    they are left as they are, with a warning (another rank's random streams or data
+    positions would be wrong for this rank).
+    """
     saved = manifest["objects"]
-    missing = sorted(set(state.objects) - set(saved))
-    unexpected = sorted(set(saved) - set(state.objects))
+    per_rank = set(manifest.get("per_rank", ()))
+    saved_size = manifest.get("world_size", 1)
+    chosen: dict[str, str] = {}
+    kept: list[str] = []
+    for live_name, obj in state.objects.items():
+        if object_kind(obj) not in PER_RANK_KINDS and live_name not in per_rank:
+            chosen[live_name] = live_name
+        elif saved_size != size:
+            kept.append(live_name)
+        else:
+            chosen[live_name] = f"{live_name}.rank{rank}" if live_name in per_rank else live_name
+    expected = set(chosen.values()) | {f"{n}.rank{r}" for n in per_rank for r in range(saved_size)}
+    expected |= {n for n in kept if n not in per_rank}
+    missing = sorted(n for n in chosen.values() if n not in saved)
+    unexpected = sorted(set(saved) - expected)
     if missing or unexpected:
         raise IncompatibleStateError(
             f"{directory} holds objects {sorted(saved)} but the TrainState has "
@@ -161,26 +244,11 @@ def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
             "restore with a TrainState of the same names",
             missing=missing, unexpected=unexpected,
         )
-    for obj_name, obj in state.objects.items():
-        check_compatible(directory, obj_name, saved[obj_name], obj, strict=True,
-                         for_restore=True)
-    targets = {obj_name: live_tensors(_live_state(directory, obj_name, obj))[0]
-               for obj_name, obj in state.objects.items()}
-    _drop_overlapping(targets)
-    # one read of every object's tensors at once (keys are unique per object only)
-    entries: dict[tuple[str, str], TensorEntry] = {}
-    live: dict[tuple[str, str], torch.Tensor] = {}
-    for obj_name in state.objects:
-        for key, entry in manifest_tensor_entries(saved[obj_name]).items():
-            entries[(obj_name, key)] = entry
-            if key in targets[obj_name]:
-                live[(obj_name, key)] = targets[obj_name][key]
-    read = read_tensors(storage, name, manifest["files"], entries, live, fill_targets=True)
-    loaded: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for (obj_name, key), tensor in read.items():
-        loaded[obj_name][key] = tensor
-    for obj_name, obj in state.objects.items():
-        _load_object(directory, obj_name, saved[obj_name], obj, loaded[obj_name])
+    if kept and rank == 0:
+        log.warning("%s was saved by %d rank(s) and is restored by %d: %s keep their current "
+                    "state (per-rank state restores only at the same world size)",
+                    directory, saved_size, size, ", ".join(sorted(kept)))
+    return chosen
 
 
 def check_compatible(
@@ -230,7 +298,7 @@ def decode_object(directory: str, name: str, saved: Mapping[str, Any],
     return decode(saved["tree"], tensor)
 
 
-def _load_object(directory: str, name: str, saved: Mapping[str, Any], obj: Stateful,
+def load_object(directory: str, name: str, saved: Mapping[str, Any], obj: Stateful,
                  loaded: dict[str, torch.Tensor]) -> None:
     """Hand an object its state: the tree, with the tensors already read."""
     state_dict = decode_object(directory, name, saved, loaded)
@@ -258,7 +326,7 @@ def load_module_weights(storage: Storage, checkpoint: str, manifest: Mapping[str
     """
     directory = storage.where(checkpoint)
     saved = manifest["objects"][name]
-    fillable, other = live_tensors(_live_state(directory, name, module))
+    fillable, other = live_tensors(live_state(directory, name, module))
     aliases: dict[str, str] = saved.get("aliases", {})
     targets = dict(fillable)
     wanted = fillable.keys() | other.keys()
@@ -293,7 +361,7 @@ def load_module_weights(storage: Storage, checkpoint: str, manifest: Mapping[str
         ) from e
 
 
-def _live_state(directory: str, name: str, obj: Stateful) -> Any:
+def live_state(directory: str, name: str, obj: Stateful) -> Any:
     """The live object's ``state_dict()``, whose failure names the object."""
     try:
         return obj.state_dict()
@@ -348,7 +416,7 @@ def _check_module(
     directory: str, name: str, saved: Mapping[str, Any], module: torch.nn.Module, *,
     strict: bool, for_restore: bool,
 ) -> None:
-    fillable, other = live_tensors(_live_state(directory, name, module))
+    fillable, other = live_tensors(live_state(directory, name, module))
     entries = manifest_tensor_entries(saved)
     for alias, key in saved.get("aliases", {}).items():
         entries[alias] = entries[key]

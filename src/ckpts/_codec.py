@@ -198,9 +198,17 @@ def _is_plain(tensor: torch.Tensor) -> bool:
 
         _STORABLE = frozenset(DTYPES)
     torch = sys.modules["torch"]
+    if is_dtensor(tensor):  # a shard of a tensor spread over ranks (FSDP2): see _distributed
+        tensor = tensor.to_local()  # type: ignore[attr-defined]
     return (type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter) \
         and tensor.layout is torch.strided and tensor.dtype in _STORABLE \
         and not tensor.is_meta and not tensor.is_nested and not tensor.is_quantized
+
+
+def is_dtensor(value: Any) -> bool:
+    """A torch.distributed DTensor (looked up only once torch.distributed is loaded)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
 
 
 def _refusal(tensor: torch.Tensor) -> str | None:
@@ -282,6 +290,8 @@ def _split(tensor: torch.Tensor) -> tuple[str, dict[str, torch.Tensor], dict[str
 
 def _elements_distinct(tensor: torch.Tensor) -> bool:
     """Whether no two elements share memory (false for expanded, stride-0 views)."""
+    if is_dtensor(tensor):
+        tensor = tensor.to_local()  # type: ignore[attr-defined]
     if tensor.is_contiguous():
         return True
     dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride(),

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 from ckpts import _history
 from ckpts._async import BackgroundWriter, Stager
 from ckpts._catalog import Checkpoint, check_metrics, is_local, list_checkpoints, open_run
-from ckpts._checkpoint import restore_into, write_checkpoint
+from ckpts._checkpoint import new_manifest, write_checkpoint
 from ckpts._codec import encode
 from ckpts._gc import paused_gc
-from ckpts._manifest import encode_json, read_manifest, update_manifest
+from ckpts._manifest import encode_json, update_manifest
 from ckpts._policy import (
     KeepWithinBytes,
     Mode,
@@ -29,15 +29,14 @@ from ckpts._policy import (
     plan_retention,
     rank_by,
 )
+from ckpts._restoring import candidates, first_intact
 from ckpts._space import check_fits, parse_size, write_error
 from ckpts._state import ObjectSnapshot, TrainState
 from ckpts._steps import StepOrder, check_step
 from ckpts._storage import MANIFEST, Listed, Staged, Storage, checkpoint_name, parse_step
 from ckpts._transfer import Reusable
 from ckpts._usage import identity
-from ckpts._verify import check_file_sizes
 from ckpts.errors import (
-    CorruptCheckpointError,
     InvalidArgumentError,
     LockedError,
     NotACheckpointError,
@@ -47,6 +46,7 @@ from ckpts.errors import (
 if TYPE_CHECKING:
     import torch
 
+    from ckpts._distributed import Ranks
     from ckpts._evaluate import EvaluationProgress
 
 log = logging.getLogger("ckpts")
@@ -86,6 +86,11 @@ class CheckpointManager:
             object store. A hash of the bytes being saved decides, per file; each
             checkpoint still holds all its files (see docs/storage.md). The
             previous checkpoint is the one this manager saved or restored last.
+        process_group: in a torch.distributed job, the ranks that save together
+            (default: all). Every one of them calls ``save()`` and ``restore()``; see
+            docs/scale.md. Outside a job (torch.distributed not initialized) unused.
+        collective_timeout: seconds a rank waits for the others in a save or restore
+            before raising CheckpointError (a rank that died or hangs).
         storage_options: options for the URL's fsspec filesystem, e.g. for S3
             ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}``;
             by default the usual AWS variables (``AWS_ACCESS_KEY_ID``,
@@ -110,6 +115,8 @@ class CheckpointManager:
         max_shard_size: int | str = "512MB",
         dedup: bool = True,
         storage_options: Mapping[str, Any] | None = None,
+        process_group: Any = None,
+        collective_timeout: float = 600.0,
     ) -> None:
         self.storage = open_run(directory, storage_options)
         self.directory: Path | str = Path(self.storage.location) if is_local(self.storage) \
@@ -129,6 +136,8 @@ class CheckpointManager:
         self._locked = False
         self._stager = Stager() if async_save else None
         self._writer = BackgroundWriter() if async_save else None
+        self._job: tuple[Any, float] | None = (process_group, collective_timeout)
+        self._ranks: Ranks | None = None
 
     def __repr__(self) -> str:
         return f"CheckpointManager({str(self.directory)!r}, keep={self.keep!r})"
@@ -181,13 +190,24 @@ class CheckpointManager:
             raise InvalidArgumentError(f"epoch must be an int >= 0 or None, got {epoch!r}")
         if self._writer is not None:
             self._writer.wait()  # one save in flight; surfaces the previous one's failure
-        if not (force or self.pending_signal is not None or self._triggered(step, epoch,
-                                                                              clean_metrics)):
+        ranks = self._ranks_of_job()
+        due = force or self.pending_signal is not None or self._triggered(step, epoch,
+                                                                            clean_metrics)
+        if ranks is not None and (self.triggers or self._previous_handlers):
+            due = ranks.broadcast_json(due)  # rank 0 decides: every rank saves, or none
+        if not due:
             return None
         with paused_gc():  # many small objects: see ckpts._gc
             snapshots = state.snapshot()  # refuses unserializable values before any write
-            self._lock()
-            self._steps.check(step)
+            if ranks is None:
+                self._lock()
+                self._steps.check(step)
+            else:
+                def take_the_run() -> None:
+                    self._lock()
+                    self._steps.check(step)
+
+                ranks.on_rank0(take_the_run)
             if self._stager is not None and self._writer is not None:
                 staged = self._stager.stage(snapshots)
                 checkpoint = Checkpoint(
@@ -266,6 +286,20 @@ class CheckpointManager:
         log.warning("received signal %d: the next save() call will save and exit", signum)
         self.pending_signal = signum
 
+    def _ranks_of_job(self) -> Ranks | None:
+        """The torch.distributed job's ranks, found at the first save or restore (every
+        rank calls those), or None outside a job."""
+        if self._job is not None:
+            process_group, timeout = self._job
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                from ckpts._distributed import Ranks
+
+                self._ranks = Ranks.of_job(process_group, timeout)
+            self._job = None
+        return self._ranks
+
     def _commit(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
                 clean_metrics: dict[str, float], epoch: int | None) -> Checkpoint:
         """Write, commit atomically, then apply retention (on the writer thread if async).
@@ -275,30 +309,57 @@ class CheckpointManager:
         escapes: what fails before the commit and what fails after it each become a
         CheckpointError that says which.
         """
-        staged: Staged | None = None
         name = checkpoint_name(step)
-        try:
+        staging: list[Staged] = []
+
+        def stage() -> Staged:
             # finding step-* folders without a manifest costs a stat per checkpoint: once
             # is enough, as this process is the run's only writer from then on
             self.storage.clean(check_manifests=not self._cleaned)
             self._cleaned = True
-            staged = self.storage.stage(name)
-            manifest, reused = write_checkpoint(
-                self.storage, staged, step=step, snapshots=snapshots, metrics=clean_metrics,
-                epoch=epoch, max_shard_size=self.max_shard_size, reusable=self._reusable,
-                before_writing=lambda nbytes, reusing: self._check_space(
-                    step, nbytes, reusing, clean_metrics))
+            staging.append(self.storage.stage(name))
+            return staging[0]
+
+        committed: list[tuple[dict[str, Any], bytes]] = []
+
+        def commit(manifest: dict[str, Any]) -> None:
             encoded = encode_json(manifest)
-            self.storage.commit(staged, encoded)
+            self.storage.commit(staging[0], encoded)
+            committed.append((manifest, encoded))
+
+        reused: list[str] = []
+        try:
+            if self._ranks is None:
+                manifest, reused = write_checkpoint(
+                    self.storage, stage(), step=step, snapshots=snapshots,
+                    metrics=clean_metrics, epoch=epoch, max_shard_size=self.max_shard_size,
+                    reusable=self._reusable, before_writing=lambda nbytes, reusing:
+                    self._check_space(step, nbytes, reusing, clean_metrics))
+                commit(manifest)
+                self._reusable = Reusable.of(name, manifest) if self.dedup else None
+            else:
+                from ckpts._distributed import write_on_ranks
+
+                written = write_on_ranks(
+                    self.storage, self._ranks, snapshots, stage=stage,
+                    commit=lambda files, objects, per_rank: commit(new_manifest(
+                        step=step, epoch=epoch, metrics=clean_metrics, files=files,
+                        objects=objects, world_size=self._ranks.size if self._ranks else 1,
+                        per_rank=per_rank)),
+                    reusable=self._reusable)
+                self._reusable = written if self.dedup else None
         except BaseException as e:
-            if staged is not None:
-                self._abort(staged)
+            if staging:
+                self._abort(staging[0])
             if isinstance(e, OSError):
                 raise write_error(e, step, self.storage.location,
                                   self.storage.free_space()) from e
             raise
+        if not committed:  # a rank other than 0: rank 0 committed, and keeps the run's books
+            return Checkpoint(step=step, path=self._path_of(name), metrics=clean_metrics,
+                              epoch=epoch, storage=self.storage)
+        manifest, encoded = committed[0]
         final = self.storage.where(name)
-        self._reusable = Reusable.of(name, manifest) if self.dedup else None
         log.info("saved step %d to %s%s", step, final,
                  f" (reused {len(reused)} unchanged file(s))" if reused else "")
         _history.append(self.storage, step, clean_metrics)
@@ -382,67 +443,40 @@ class CheckpointManager:
                 "restore(discard_newer=True) needs step=K: the older checkpoint to branch from"
             )
         self._settle()
-        self._lock()
-        self._cleaned = False  # the next save looks for damage anew
-        available = sorted(self.storage.committed(), key=lambda entry: entry.step)
-        if not available:
-            self._nothing_to_restore(missing_ok)
-            return None
-        newer = [entry.step for entry in available if step is not None and entry.step > step]
-        if step is not None:
-            chosen = [entry for entry in available if entry.step == step]
-            if not chosen:
-                raise NotACheckpointError(
-                    f"{self.directory} has no committed checkpoint for step {step}; "
-                    f"available steps: {[entry.step for entry in available]}"
-                )
-            available = chosen
-        if discard_newer:
-            self._check_unpinned(newer)
-        corrupt: list[int] = []
-        for entry in reversed(available):
-            candidate_step, path = entry.step, self.storage.where(entry.name)
-            try:
-                manifest = read_manifest(self.storage, entry.name)
-                check_file_sizes(path, manifest, entry.sizes)
-                # every byte read is checked against its hash
-                restore_into(self.storage, entry.name, manifest, state)
-            except (CorruptCheckpointError, NotACheckpointError, OSError) as e:
-                if step is not None:
-                    raise CorruptCheckpointError(f"{path} fails verification: {e}") from e
-                log.warning("skipping corrupt checkpoint %s: %s", path, e)
-                corrupt.append(candidate_step)
-                continue
-            self.restored_from = candidate_step
-            self._reusable = Reusable.of(entry.name, manifest) if self.dedup else None
-            if discard_newer and newer:
-                self._steps.branch_from(candidate_step, tuple(newer))
-                log.info("branching from step %d: steps %s go once a new step is committed",
-                         candidate_step, newer)
-            elif corrupt:
-                self._branch_past_corrupt(candidate_step, corrupt)
-            log.info("restored step %d from %s", candidate_step, path)
-            return candidate_step
-        raise CorruptCheckpointError(
-            f"every checkpoint in {self.directory} fails verification, so nothing was "
-            "restored (model tensors may hold partly read data); run "
-            f"`ckpts verify {self.directory}` for details"
-        )
+        ranks = self._ranks_of_job()
+        choice: dict[str, Any] = {}
 
-    def _nothing_to_restore(self, missing_ok: bool) -> None:
-        """A run without checkpoints: say so if it holds other frameworks' checkpoints."""
-        foreign = self.storage.foreign()
-        hint = (f"; it holds checkpoints ckpts did not write ({', '.join(foreign[:5])}"
-                f"{', ...' if len(foreign) > 5 else ''}): bring them in with "
-                f"`ckpts import SRC {self.directory}`") if foreign else ""
-        if not missing_ok:
-            raise NotACheckpointError(
-                f"{self.directory} has no committed checkpoint to restore{hint}; "
-                "pass missing_ok=True to start a new run instead"
-            )
-        if foreign:
-            log.warning("restore(): %s has no ckpts checkpoint, starting from scratch%s",
-                        self.directory, hint)
+        def choose() -> None:  # on rank 0, or the one process
+            self._lock()
+            self._cleaned = False  # the next save looks for damage anew
+            listed, newer = candidates(self.storage, step, missing_ok=missing_ok)
+            if discard_newer:
+                self._check_unpinned(newer)
+            choice.update(names=[entry.name for entry in listed], newer=newer,
+                          sizes={entry.name: dict(entry.sizes) for entry in listed})
+
+        if ranks is None:
+            choose()
+        else:
+            ranks.on_rank0(choose)
+            choice = ranks.broadcast_json(choice if ranks.rank == 0 else None)
+        if not choice["names"]:
+            return None
+        name, manifest, corrupt = first_intact(self.storage, choice["names"], choice["sizes"],
+                                               state, ranks=ranks, step=step)
+        restored = parse_step(name) or 0
+        self.restored_from = restored
+        self._reusable = Reusable.of(name, manifest) if self.dedup else None
+        if ranks is not None and ranks.rank != 0:
+            return restored  # rank 0 keeps the run's books
+        if discard_newer and choice["newer"]:
+            self._steps.branch_from(restored, tuple(choice["newer"]))
+            log.info("branching from step %d: steps %s go once a new step is committed",
+                     restored, choice["newer"])
+        elif corrupt:
+            self._branch_past_corrupt(restored, corrupt)
+        log.info("restored step %d from %s", restored, self.storage.where(name))
+        return restored
 
     def _branch_past_corrupt(self, step: int, corrupt: list[int]) -> None:
         """The run goes on from ``step``; the newer, corrupt checkpoints (unless pinned)

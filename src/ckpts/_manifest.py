@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from ckpts._storage import Storage
 
 FORMAT_NAME = "ckpts"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # what a save by one process writes
+SHARDED_FORMAT_VERSION = 3  # a save by many ranks: tensor shards and per-rank objects
+READABLE_VERSION = SHARDED_FORMAT_VERSION
 HASH_PREFIX = "xxh3_128:"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
@@ -47,7 +49,8 @@ DTYPE_SIZES: dict[str, int] = {
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor lives: its file, dtype name, shape, byte range in the file and,
-    from format v2, its own hash (v1: ``None``, and the range comes from the header)."""
+    from format v2, its own hash (v1: ``None``, and the range comes from the header).
+    A tensor saved by many ranks (format v3) has ``shards`` instead of a file."""
 
     file: str
     dtype: str
@@ -55,6 +58,20 @@ class TensorEntry:
     begin: int = 0
     end: int = 0
     hash: str | None = None
+    shards: tuple[Shard, ...] = ()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One rank's piece of a tensor (format v3): its bytes in ``file`` (a safetensors
+    tensor of shape ``size`` under the tensor's key) and its place in the whole tensor."""
+
+    file: str
+    begin: int
+    end: int
+    hash: str
+    origin: tuple[int, ...]
+    size: tuple[int, ...]
 
 
 def digest(data: Any) -> str:
@@ -111,10 +128,10 @@ def check_manifest(manifest: Any, path: str) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(f"{path} is not a ckpts manifest (no \"format\": \"ckpts\")")
     version = _field(manifest, "format_version", int, path)
-    if version > FORMAT_VERSION:
+    if version > READABLE_VERSION:
         raise FormatVersionError(
             f"{path} uses format version {version}, but this ckpts reads up to version "
-            f"{FORMAT_VERSION}; upgrade ckpts to read it."
+            f"{READABLE_VERSION}; upgrade ckpts to read it."
         )
     if version < 1 or _field(manifest, "step", int, path) < 0:
         raise CorruptCheckpointError(f"{path}: format_version and step must be positive")
@@ -136,24 +153,47 @@ def check_manifest(manifest: Any, path: str) -> None:
             raise CorruptCheckpointError(f"{path}: file record for {name!r} is malformed")
     for name, obj in _field(manifest, "objects", dict, path).items():
         _check_object(name, obj, files, path)
+        if version < SHARDED_FORMAT_VERSION and any("shards" in info
+                                                    for info in obj["tensors"].values()):
+            raise CorruptCheckpointError(
+                f"{path}: object {name!r} has sharded tensors, which format {version} lacks")
         if version >= 2:
             _check_ranges(name, obj, files, path)
+    per_rank = manifest.get("per_rank", [])
+    if not isinstance(per_rank, list) or not all(isinstance(n, str) for n in per_rank):
+        raise CorruptCheckpointError(f"{path}: per_rank must be a list of object names")
 
 
 def _check_ranges(name: str, obj: dict[str, Any], files: dict[str, Any], path: str) -> None:
-    """Format v2: each tensor's byte range lies in its file's data and fits its shape."""
+    """Format v2: each tensor's byte range lies in its file's data and fits its shape
+    (v3: each shard's, and each shard lies inside the whole tensor)."""
     for key, info in obj["tensors"].items():
-        offsets, record = info.get("offsets"), files[info["file"]]
-        numel = 1
-        for dim in info["shape"]:
-            numel *= dim
-        if not isinstance(info.get("hash"), str) or not isinstance(offsets, list) \
-                or len(offsets) != 2 or not all(type(o) is int for o in offsets) \
-                or not record.get("header", 0) <= offsets[0] <= offsets[1] <= record["nbytes"] \
-                or offsets[1] - offsets[0] != numel * DTYPE_SIZES[info["dtype"]]:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {key!r} of object {name!r} has a malformed byte range or hash"
-            )
+        shape, itemsize = info["shape"], DTYPE_SIZES[info["dtype"]]
+        pieces = info["shards"] if "shards" in info else [{**info, "origin": [0] * len(shape),
+                                                           "size": shape}]
+        for piece in pieces:
+            if not _fits(piece, shape, itemsize, files):
+                raise CorruptCheckpointError(
+                    f"{path}: tensor {key!r} of object {name!r} has a malformed byte range, "
+                    "shard or hash")
+
+
+def _fits(piece: Any, shape: list[int], itemsize: int, files: dict[str, Any]) -> bool:
+    """A tensor's (or shard's) entry: a listed file, a hash, a byte range in the file's
+    data that fits its size, and a box inside the tensor's shape."""
+    if not isinstance(piece, dict) or not isinstance(piece.get("hash"), str) \
+            or piece.get("file") not in files:
+        return False
+    offsets, origin, size = piece.get("offsets"), piece.get("origin"), piece.get("size")
+    if not (is_shape(offsets) and is_shape(origin) and is_shape(size)) or len(offsets) != 2 \
+            or len(origin) != len(shape) or len(size) != len(shape) \
+            or any(o + n > d for o, n, d in zip(origin, size, shape, strict=True)):
+        return False
+    record, numel = files[piece["file"]], 1
+    for dim in size:
+        numel *= dim
+    return bool(record.get("header", 0) <= offsets[0] <= offsets[1] <= record["nbytes"]
+                and offsets[1] - offsets[0] == numel * itemsize)
 
 
 def _check_object(name: str, obj: Any, files: dict[str, Any], path: str) -> None:
@@ -161,8 +201,10 @@ def _check_object(name: str, obj: Any, files: dict[str, Any], path: str) -> None
             or not isinstance(obj.get("kind", ""), str):
         raise CorruptCheckpointError(f"{path}: object {name!r} is malformed")
     for key, info in obj["tensors"].items():
-        if not isinstance(info, dict) or not isinstance(info.get("file"), str) \
-                or info["file"] not in files or not isinstance(info.get("dtype"), str) \
+        located = isinstance(info, dict) and (
+            (isinstance(info.get("shards"), list) and info["shards"] and "file" not in info)
+            or (isinstance(info.get("file"), str) and info["file"] in files))
+        if not located or not isinstance(info.get("dtype"), str) \
                 or info["dtype"] not in DTYPE_SIZES or not is_shape(info.get("shape")):
             raise CorruptCheckpointError(
                 f"{path}: tensor {key!r} of object {name!r} has a malformed entry"
@@ -197,13 +239,20 @@ def check_file_name(name: str, manifest_path: str) -> None:
 
 def manifest_tensor_entries(obj: Mapping[str, Any]) -> dict[str, TensorEntry]:
     """The tensor entries of one manifest object (dtype, shape and file of each key)."""
-    return {
-        key: TensorEntry(file=info["file"], dtype=info["dtype"], shape=tuple(info["shape"]),
-                         begin=info["offsets"][0], end=info["offsets"][1], hash=info["hash"])
-        if "hash" in info else
-        TensorEntry(file=info["file"], dtype=info["dtype"], shape=tuple(info["shape"]))
-        for key, info in obj["tensors"].items()
-    }
+    return {key: tensor_entry(info) for key, info in obj["tensors"].items()}
+
+
+def tensor_entry(info: Mapping[str, Any]) -> TensorEntry:
+    """One manifest tensor entry (checked by :func:`check_manifest`) as a record."""
+    shape = tuple(info["shape"])
+    if "shards" in info:
+        return TensorEntry(file="", dtype=info["dtype"], shape=shape, shards=tuple(
+            Shard(file=s["file"], begin=s["offsets"][0], end=s["offsets"][1], hash=s["hash"],
+                  origin=tuple(s["origin"]), size=tuple(s["size"])) for s in info["shards"]))
+    if "hash" in info:
+        return TensorEntry(file=info["file"], dtype=info["dtype"], shape=shape,
+                           begin=info["offsets"][0], end=info["offsets"][1], hash=info["hash"])
+    return TensorEntry(file=info["file"], dtype=info["dtype"], shape=shape)
 
 
 def is_shape(value: Any) -> TypeGuard[list[int]]:

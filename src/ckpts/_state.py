@@ -16,7 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ckpts._codec import encode
+from ckpts._codec import encode, is_dtensor
+from ckpts._data import ResumableLoader
 from ckpts._rng import RNGState
 from ckpts.errors import CheckpointError, InvalidArgumentError, UnserializableStateError
 
@@ -181,8 +182,12 @@ def hf_config(what: str, obj: object) -> dict[str, Any] | None:
     return data
 
 
+PER_RANK_KINDS = ("rng", "loader")  # each rank of a job saves and restores its own
+
+
 def object_kind(obj: object) -> str:
-    """A coarse kind recorded in the manifest: module, optimizer, scheduler, rng or object."""
+    """A coarse kind recorded in the manifest: module, optimizer, scheduler, rng, loader or
+    object."""
     if isinstance(obj, torch.nn.Module):
         return "module"
     if isinstance(obj, torch.optim.Optimizer):
@@ -191,6 +196,8 @@ def object_kind(obj: object) -> str:
         return "scheduler"
     if isinstance(obj, RNGState):
         return "rng"
+    if isinstance(obj, ResumableLoader):
+        return "loader"
     return "object"
 
 
@@ -201,7 +208,8 @@ def _dedupe_tied(
     first_key: dict[tuple[Any, ...], str] = {}
     distinct: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    for key, tensor in tensors.items():
+    for key, value in tensors.items():
+        tensor = value.to_local() if is_dtensor(value) else value  # type: ignore[attr-defined]
         # empty tensors have no memory to compare: only the same object is tied
         identity: tuple[Any, ...] = ("empty", id(tensor)) if tensor.numel() == 0 else (
             tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
@@ -212,5 +220,5 @@ def _dedupe_tied(
             aliases[key] = first_key[identity]
         else:
             first_key[identity] = key
-            distinct[key] = tensor
+            distinct[key] = value
     return distinct, aliases

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,6 +65,7 @@ class WrittenFile:
     header_hash: str
     tensors: dict[str, tuple[int, int, str]]  # key -> (begin, end, hash)
     reused: bool = False
+    blocks: dict[str, list[str]] = field(default_factory=dict)  # key -> hash of each block
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,9 @@ class Reusable:
         hashes: dict[str, dict[str, str]] = defaultdict(dict)
         for obj in manifest["objects"].values():
             for key, info in obj["tensors"].items():
-                if "hash" in info:
-                    hashes[info["file"]][key] = info["hash"]
+                for piece in info.get("shards", [info]):  # format v3: each rank's piece
+                    if "hash" in piece:
+                        hashes[piece["file"]][key] = piece["hash"]
         return cls(name, {file: (record["hash"], hashes[file])
                           for file, record in manifest["files"].items() if "header" in record})
 
@@ -101,6 +103,7 @@ def write_tensor_files(
     *,
     reusable: Reusable | None = None,
     before_writing: BeforeWriting = lambda nbytes, reused: None,
+    block: int = 0,
 ) -> list[WrittenFile]:
     """Write safetensors files (and small others, such as an index) into ``staged``;
     return each tensor file's record. Tensors must stay unchanged until this returns.
@@ -111,7 +114,8 @@ def write_tensor_files(
     changed costs about one small tensor's hash, and those hashes are not taken again.
     ``before_writing`` gets the bytes about to be written and the files (with their
     sizes) about to be reused, once that is decided; it may raise to stop the save
-    before anything is written.
+    before anything is written. With ``block``, a tensor of more than ``block`` bytes
+    also gets the hash of each ``block`` bytes (for readers of part of it).
     """
     layouts = []
     for _, items in files:
@@ -133,24 +137,31 @@ def write_tensor_files(
               if not reused]
     writes += [(name, [memoryview(data)]) for name, data in small_files]
 
+    blocks: list[dict[str, list[str]]] = [{} for _ in files]
+
     def hash_the_rest() -> None:
-        for parts, found in zip(layouts, digests, strict=True):
+        for (_, items), parts, found, pieces in zip(files, layouts, digests, blocks, strict=True):
             for i, part in enumerate(parts):
                 if found[i] is None:
                     found[i] = digest(part)
+                if block and i and len(part) > block:
+                    pieces[items[i - 1][0]] = [digest(part[start:start + block])
+                                               for start in range(0, len(part), block)]
 
     jobs: list[Callable[[], Any]] = [lambda: storage.write(staged, writes), hash_the_rest]
     # hashing runs beside the writes; a small save is done before a thread would start
     total = sum(len(part) for _, parts in writes for part in parts)
     run_parallel(lambda job: job(), jobs, threads=1 if total <= _INLINE else 2)
     written = []
-    for (_, items), parts, found, reused in zip(files, layouts, digests, same, strict=True):
+    for (_, items), parts, found, reused, pieces in zip(files, layouts, digests, same, blocks,
+                                                        strict=True):
         position, tensors = len(parts[0]), {}
         for (key, _), part, tensor_hash in zip(items, parts[1:], found[1:], strict=True):
             tensors[key] = (position, position + len(part), str(tensor_hash))
             position += len(part)
         written.append(WrittenFile(nbytes=position, header=len(parts[0]),
-                                   header_hash=str(found[0]), tensors=tensors, reused=reused))
+                                   header_hash=str(found[0]), tensors=tensors, reused=reused,
+                                   blocks=pieces))
     return written
 
 
@@ -203,7 +214,12 @@ def read_tensors(
     for key, entry in entries.items():
         by_file[entry.file][key] = entry
     plan = _ReadPlan(storage, name, map_files=not fill_targets)
+    for key, entry in entries.items():
+        if entry.shards:  # format v3: assembled whole from every rank's piece
+            plan.shards(key, entry, files)
     for file, wanted in by_file.items():
+        if not file:
+            continue
         live = {key: targets[key] for key in wanted if key in targets} if fill_targets else {}
         if "header" in files[file] and all(e.hash is not None for e in wanted.values()):
             plan.tensors_by_range(file, files[file], wanted, live)
@@ -239,6 +255,10 @@ class _ReadPlan:
         self.mapped: dict[Key, tuple[memoryview, TensorEntry]] = {}
         self.hashes: list[tuple[str, str, list[memoryview]]] = []  # what, expected, bytes
         self.headers: list[tuple[str, int, memoryview, dict[Key, TensorEntry]]] = []
+        # format v3: tensors assembled from pieces, pieces read aside, and their headers
+        self.assembled: dict[Key, torch.Tensor] = {}
+        self.boxes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (box, piece read aside)
+        self.pieces_by_file: dict[str, dict[Key, TensorEntry]] = {}
 
     def _map(self, file: str, nbytes: int) -> memoryview | None:
         """The file's bytes, mapped, when the backend can map it; None otherwise."""
@@ -301,6 +321,39 @@ class _ReadPlan:
         self.ranges += [Range(file, offset, view) for offset, view in views]
         self.hashes.append((where, record["hash"], [view for _, view in views]))
 
+    def shards(self, key: Key, entry: TensorEntry, files: Mapping[str, Mapping[str, Any]]
+               ) -> None:
+        """Format v3: a tensor saved in pieces by many ranks, assembled whole in new
+        memory: each piece read into its box (through a buffer when the box is not one
+        contiguous span), under its own hash, its file's header checked too."""
+        dtype = DTYPE_NAMES[entry.dtype]
+        whole = torch.empty(entry.shape, dtype=dtype)
+        self.assembled[key] = whole
+        for shard in entry.shards:
+            box = whole
+            for dim, (origin, size) in enumerate(zip(shard.origin, shard.size, strict=True)):
+                box = box.narrow(dim, origin, size)
+            target = box if box.is_contiguous() else torch.empty(shard.size, dtype=dtype)
+            if target is not box:
+                self.boxes.append((box, target))
+            self._header(shard.file, files[shard.file])[key] = TensorEntry(
+                file=shard.file, dtype=entry.dtype, shape=shard.size, begin=shard.begin,
+                end=shard.end, hash=shard.hash)
+            view = self._read(shard.file, shard.begin, byte_view(target))
+            self.hashes.append((f"{self.storage.where(self.name)}/{shard.file}: tensor "
+                                f"{key[1]!r} of {key[0]!r} (its piece at {list(shard.origin)})",
+                                shard.hash, [view]))
+
+    def _header(self, file: str, record: Mapping[str, Any]) -> dict[Key, TensorEntry]:
+        """Plan to read and check ``file``'s header once; the entries to compare it with."""
+        if file not in self.pieces_by_file:
+            header = self._read(file, 0, memoryview(bytearray(record["header"])))
+            where = f"{self.storage.where(self.name)}/{file}"
+            self.hashes.append((f"{where}: its header", record["hash"], [header]))
+            self.pieces_by_file[file] = {}
+            self.headers.append((file, record["nbytes"], header, self.pieces_by_file[file]))
+        return self.pieces_by_file[file]
+
     def _read(self, file: str, offset: int, view: memoryview) -> memoryview:
         """Plan to read ``view``'s bytes from ``offset`` of ``file``; returns ``view``."""
         self.ranges.append(Range(file, offset, view))
@@ -331,6 +384,9 @@ class _ReadPlan:
                         f"of the file, the manifest says {saved.begin}..{saved.end}")
         for key, (data, entry) in self.mapped.items():
             self.loaded[key] = _view_of(data, entry)
+        for box, piece in self.boxes:
+            box.copy_(piece)
+        self.loaded.update(self.assembled)
         return self.loaded
 
 
@@ -383,9 +439,10 @@ def check_files(storage: Storage, name: str, manifest: Mapping[str, Any]) -> lis
             spans[file].append((0, record["nbytes"], record["hash"], "its content"))
     for obj in manifest["objects"].values():
         for key, info in obj["tensors"].items():
-            if "offsets" in info:
-                begin, end = info["offsets"]
-                spans[info["file"]].append((begin, end, info["hash"], f"tensor {key!r}"))
+            for piece in info.get("shards", [info]):  # format v3: each rank's piece
+                if "offsets" in piece:
+                    begin, end = piece["offsets"]
+                    spans[piece["file"]].append((begin, end, piece["hash"], f"tensor {key!r}"))
     problems = []
     for file, file_spans in spans.items():
         problem = _stream_hashes(storage, name, file, sorted(file_spans))

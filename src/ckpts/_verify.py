@@ -66,27 +66,31 @@ def verify_checkpoint(storage: Storage, name: str,
         return [str(e)]
     if problems:
         return problems
+    headers: dict[str, Any] = {}
     for obj_name, obj in manifest["objects"].items():
-        headers = {}
         for key, entry in manifest_tensor_entries(obj).items():
-            try:
-                if entry.file not in headers:
-                    nbytes = manifest["files"][entry.file]["nbytes"]
-                    headers[entry.file] = read_header(storage, name, entry.file, nbytes)
-            except (CheckpointError, OSError) as e:
-                problems.append(str(e))
-                break
-            found = headers[entry.file].get(key)
-            expected = (entry.dtype, entry.shape) + ((entry.begin, entry.end) if entry.hash else ())
-            actual = found and (found.dtype, found.shape) + (
-                (found.begin, found.end) if entry.hash else ())
-            if actual != expected:
-                problems.append(
-                    f"{where}/{entry.file}: tensor {key!r} of {obj_name!r} is "
-                    f"{'absent' if found is None else f'{found.dtype}{list(found.shape)}'} "
-                    f"in the file's header, the manifest says {entry.dtype}{list(entry.shape)}"
-                    + (f" at bytes {entry.begin}..{entry.end}" if entry.hash else "")
-                )
+            # format v3: each rank's shard is a tensor of the shard's size in its own file
+            pieces = [(s.file, s.size, s.begin, s.end) for s in entry.shards] or [
+                (entry.file, entry.shape, entry.begin, entry.end)]
+            for file, shape, begin, end in pieces:
+                try:
+                    if file not in headers:
+                        nbytes = manifest["files"][file]["nbytes"]
+                        headers[file] = read_header(storage, name, file, nbytes)
+                except (CheckpointError, OSError) as e:
+                    problems.append(str(e))
+                    return problems
+                found = headers[file].get(key)
+                ranged = entry.hash is not None or bool(entry.shards)
+                expected = (entry.dtype, shape) + ((begin, end) if ranged else ())
+                actual = found and (found.dtype, found.shape) + (
+                    (found.begin, found.end) if ranged else ())
+                if actual != expected:
+                    problems.append(
+                        f"{where}/{file}: tensor {key!r} of {obj_name!r} is "
+                        f"{'absent' if found is None else f'{found.dtype}{list(found.shape)}'} "
+                        f"in the file's header, the manifest says {entry.dtype}{list(shape)}"
+                        + (f" at bytes {begin}..{end}" if ranged else ""))
     return problems
 
 

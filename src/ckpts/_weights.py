@@ -171,7 +171,8 @@ def _resolve(checkpoint: Checkpoint | str | os.PathLike[str],
 def _check_sizes(storage: Storage, checkpoint: str, manifest: dict[str, Any], name: str
                  ) -> None:
     """Before reading: the files of object ``name`` exist with their recorded sizes."""
-    files = {entry.file for entry in manifest_tensor_entries(manifest["objects"][name]).values()}
+    files = {piece.file for entry in manifest_tensor_entries(manifest["objects"][name]).values()
+             for piece in (entry.shards or [entry])}
     check_file_sizes(storage.where(checkpoint),
                      {"files": {f: manifest["files"][f] for f in sorted(files)}},
                      storage.sizes(checkpoint))
