@@ -7,8 +7,16 @@ same state, and their safetensors files are the same bytes (v2 changed only the
 manifest). These tests check that the current code still reads both exactly, that
 plain ``safetensors`` reads their files, that their bytes are the pinned ones, and
 that saving the same state today writes the v2 bytes (the manifest aside from its
-creation time and library versions). A failure here means the on-disk format
-changed: that needs a new format version and a new fixture, not a regenerated one.
+creation time and library versions).
+
+``tests/data/v3-small/`` (format v3) was written by ``make_small.py v3``: two ranks
+of a gloo job saving an FSDP2 model and its AdamW, each rank its own RNGs. Its tests
+read it in one process (``load_weights`` into a plain module, ``load_state``,
+``restore``, ``verify``, plain ``safetensors``), pin its bytes, and run one 2-process
+job that restores it into FSDP2 objects and saves its state again, to the same bytes.
+
+A failure here means the on-disk format changed: that needs a new format version and
+a new fixture, not a regenerated one.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import random
 import shutil
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +36,7 @@ import torch
 from safetensors import safe_open
 
 import ckpts
+from ckpts._manifest import READABLE_VERSION
 
 DATA = Path(__file__).with_name("data")
 TENSOR_FILES_SHA256 = {
@@ -177,9 +187,9 @@ def test_a_newer_format_version_is_refused_naming_both_versions(tmp_path: Path) 
     shutil.copytree(run_of(CURRENT), run)
     manifest_path = run / "step-00000003" / "manifest.json"
     manifest = json.loads(manifest_path.read_bytes())
-    manifest["format_version"] = CURRENT + 1
+    manifest["format_version"] = READABLE_VERSION + 1
     manifest_path.write_text(json.dumps(manifest, indent=1))
-    both = rf"format version {CURRENT + 1}\b.*\bversion {CURRENT}\b"
+    both = rf"format version {READABLE_VERSION + 1}\b.*\bversion {READABLE_VERSION}\b"
     model, optimizer = fresh_objects()
     with pytest.raises(ckpts.FormatVersionError, match=both):
         ckpts.load_weights(run / "step-00000003", model)
@@ -187,4 +197,170 @@ def test_a_newer_format_version_is_refused_naming_both_versions(tmp_path: Path) 
         ckpts.CheckpointManager(run).restore(ckpts.TrainState(model=model, optimizer=optimizer),
                                              step=3)
     (problem,) = ckpts.verify(run / "step-00000003")
-    assert f"version {CURRENT + 1}" in problem and f"version {CURRENT}" in problem
+    assert f"version {READABLE_VERSION + 1}" in problem and f"version {READABLE_VERSION}" in problem
+
+
+# Format v3: tests/data/v3-small/, saved by 2 ranks (make_small.py v3): each rank's files.
+V3_FILES_SHA256 = {
+    "manifest.json": "028f0cbcd03c443eaa03dd86a10a2d567306f4c839829ea7c42705eda2d4b8c7",
+    "model-rank00000.safetensors":
+        "a16cb0662bbe2111e71f1d5ea52463a787d02b7eba6c069e8c3bfaa8af5c53d6",
+    "model-rank00001.safetensors":
+        "d40b62a854cb1ba0b826c678d67039eaea27f844edfa7cd738c13d0871a0e15b",
+    "optimizer-rank00000.safetensors":
+        "ea3f9abdb4a2e7b8edbcf527ed4b87fc9cb40fd7a496c486c9f0d7e4b7f9dbbc",
+    "optimizer-rank00001.safetensors":
+        "8d9afb180469f32355154085e119f208470abd3f97938834b89596a695b1dc41",
+    "rng.rank0.safetensors": TENSOR_FILES_SHA256["rng.safetensors"],  # seeded 0, as in v2
+    "rng.rank1.safetensors": "25ac199f9f84b5ec8f8d2b2415ff89e3f4e8beb127eed1008ef4b71f199d9e9d",
+}
+V3_RUN = DATA / "v3-small"
+V3_CHECKPOINT = V3_RUN / "step-00000003"
+V3_PARAMETERS = ["first.weight", "first.bias", "second.weight", "second.bias"]  # optimizer order
+
+
+def v3_expected() -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """The v3 fixture's model and AdamW state, by make_small.py's exact arithmetic (its
+    docstring): ``p' = 0.875 p - 0.25 sign(g)``, ``exp_avg = g / 2``, ``exp_avg_sq = g² / 4``."""
+    maker = load_maker()
+    values, gradients = maker.sharded_values(), maker.sharded_gradients()
+    model = {key: value * 0.875 - 0.25 * gradients[key].sign() if key in gradients else value
+             for key, value in values.items()}
+    optimizer = {index: {"step": torch.tensor(1.0), "exp_avg": gradients[key] / 2,
+                         "exp_avg_sq": gradients[key] ** 2 / 4}
+                 for index, key in enumerate(V3_PARAMETERS)}
+    return model, optimizer
+
+
+def assert_v3_values(model: dict[str, torch.Tensor], optimizer: dict[Any, Any]) -> None:
+    """``model`` (a state dict) and ``optimizer`` (its ``state``) hold the v3 fixture's values."""
+    expected_model, expected_optimizer = v3_expected()
+    assert sorted(model) == sorted(expected_model)
+    for key, expected in expected_model.items():
+        assert_exact(model[key], expected, key)
+    assert sorted(optimizer) == sorted(expected_optimizer)
+    for index, tensors in expected_optimizer.items():
+        for name, expected in tensors.items():
+            assert_exact(optimizer[index][name], expected, f"state.{index}.{name}")
+
+
+def test_the_v3_fixture_files_hash_to_the_pinned_values() -> None:
+    assert sorted(p.name for p in V3_RUN.iterdir()) == ["step-00000003"]
+    found = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in V3_CHECKPOINT.iterdir()}
+    assert found == V3_FILES_SHA256
+    manifest = json.loads((V3_CHECKPOINT / "manifest.json").read_bytes())
+    assert (manifest["format_version"], manifest["world_size"], manifest["per_rank"]) == (3, 2,
+                                                                                         ["rng"])
+    assert {name: record["rank"] for name, record in manifest["files"].items()} == {
+        "model-rank00000.safetensors": 0, "optimizer-rank00000.safetensors": 0,
+        "rng.rank0.safetensors": 0, "model-rank00001.safetensors": 1,
+        "optimizer-rank00001.safetensors": 1, "rng.rank1.safetensors": 1}
+
+
+def test_plain_safetensors_reads_each_ranks_shards_of_the_v3_fixture() -> None:
+    """Each rank's file is standard safetensors holding that rank's rows; the rows of
+    both ranks, stacked, are the whole tensor."""
+    expected_model, expected_optimizer = v3_expected()
+    rows: dict[str, list[torch.Tensor]] = {}
+    for rank in range(2):
+        with safe_open(str(V3_CHECKPOINT / f"model-rank{rank:05d}.safetensors"),
+                       framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for key in f.keys():
+                rows.setdefault(key, []).append(f.get_tensor(key))
+        with safe_open(str(V3_CHECKPOINT / f"rng.rank{rank}.safetensors"), framework="pt") as f:
+            assert_exact(f.get_tensor("torch"),
+                         torch.Generator().manual_seed(rank).get_state(), f"rng.rank{rank}")
+    assert [len(rows[key]) for key in V3_PARAMETERS] == [2, 2, 2, 2]  # one shard per rank
+    assert [rows[key][0].shape[0] for key in V3_PARAMETERS] == [2, 2, 1, 1]  # 3 rows: 2 + 1
+    for key, expected in expected_model.items():
+        assert_exact(torch.cat(rows[key]), expected, key)
+    exp_avg: list[torch.Tensor] = []
+    for rank in range(2):
+        with safe_open(str(V3_CHECKPOINT / f"optimizer-rank{rank:05d}.safetensors"),
+                       framework="pt") as f:
+            exp_avg.append(f.get_tensor("state.0.exp_avg"))
+    assert_exact(torch.cat(exp_avg), expected_optimizer[0]["exp_avg"], "state.0.exp_avg")
+
+
+def test_one_process_reads_the_v3_fixture_with_load_weights_load_state_and_verify() -> None:
+    assert ckpts.verify(V3_RUN) == []
+    model = load_maker().ShardedNet()  # a plain module: no FSDP, no process group
+    ckpts.load_weights(V3_CHECKPOINT, model)
+    optimizer = ckpts.load_state(V3_CHECKPOINT, "optimizer")
+    assert_v3_values(model.state_dict(), optimizer["state"])
+    assert optimizer["param_groups"][0]["betas"] == (0.5, 0.75)
+    (checkpoint,) = ckpts.CheckpointManager(V3_RUN).checkpoints()
+    assert (checkpoint.step, checkpoint.epoch) == (3, 1)
+    assert checkpoint.nbytes == sum(p.stat().st_size for p in V3_CHECKPOINT.iterdir())
+
+
+def test_one_process_restores_the_v3_fixture_and_keeps_its_own_rngs(tmp_path: Path) -> None:
+    """At world size 1 the two ranks' RNGs cannot both apply: they keep their state."""
+    maker = load_maker()
+    model = maker.ShardedNet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    run = shutil.copytree(V3_RUN, tmp_path / "run")
+    torch.manual_seed(7)
+    assert ckpts.CheckpointManager(run).restore(ckpts.TrainState(model=model,
+                                                                 optimizer=optimizer)) == 3
+    assert_v3_values(model.state_dict(), optimizer.state_dict()["state"])
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(7)))
+
+
+def _v3_on_two_ranks(rank: int, world: int, port: int, fixture: str, today: str) -> None:
+    """One rank of the 2-rank check: save the fixture's state anew into ``today``, then
+    restore ``fixture`` into FSDP2 objects holding zeros and compare every value."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world,  # a lost rank fails fast
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        maker = load_maker()
+        maker.write_sharded(Path(today))
+        model, optimizer = maker.sharded_objects(
+            {key: torch.zeros_like(value) for key, value in maker.sharded_values().items()})
+        random.seed(99)
+        np.random.seed(99)
+        torch.manual_seed(99)
+        manager = ckpts.CheckpointManager(fixture, collective_timeout=120.0)
+        assert manager.restore(ckpts.TrainState(model=model, optimizer=optimizer)) == 3
+        manager.close()
+
+        def whole(value: Any) -> Any:
+            return value.full_tensor() if isinstance(value, DTensor) else value
+
+        state = optimizer.state_dict()["state"]
+        assert_v3_values({key: whole(value) for key, value in model.state_dict().items()},
+                         {index: {name: whole(value) for name, value in tensors.items()}
+                          for index, tensors in state.items()})
+        assert random.random() == random.Random(rank).random()  # this rank's own RNGs
+        assert np.random.random() == np.random.RandomState(rank).random_sample()
+        assert torch.equal(torch.rand(3),
+                           torch.rand(3, generator=torch.Generator().manual_seed(rank)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_restore_the_v3_fixture_and_save_its_bytes_again(tmp_path: Path) -> None:
+    """One 2-process job (gloo, CPU) restores the fixture exactly, each rank its own
+    RNGs, and saving the fixture's state today writes the pinned tensor files."""
+    maker = load_maker()
+    fixture = shutil.copytree(V3_RUN, tmp_path / "fixture")
+    torch.multiprocessing.spawn(_v3_on_two_ranks, nprocs=2, args=(
+        2, maker.free_port(), str(fixture), str(tmp_path / "today")))
+    written = tmp_path / "today" / "step-00000003"
+    assert sorted(p.name for p in written.iterdir()) == sorted(V3_FILES_SHA256)
+    for name in V3_FILES_SHA256:
+        if name != "manifest.json":
+            assert (written / name).read_bytes() == (V3_CHECKPOINT / name).read_bytes(), name
+    today = json.loads((written / "manifest.json").read_bytes())
+    pinned = json.loads((V3_CHECKPOINT / "manifest.json").read_bytes())
+    for varying in ("created", "versions"):
+        assert type(today.pop(varying)) is type(pinned.pop(varying)), varying
+    assert today == pinned

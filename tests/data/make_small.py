@@ -1,12 +1,24 @@
-"""Write the fixture of the current format, ``tests/data/v2-small/``, that
-test_format_stability.py pins (``v1-small/`` was written by this script under format v1).
+"""Write the fixtures that test_format_stability.py pins: ``tests/data/v2-small/`` (one
+process, format v2; ``v1-small/`` was written by this script under format v1) and
+``tests/data/v3-small/`` (two ranks, format v3).
 
-Usage: python tests/data/make_small.py [--force]
+Usage: python tests/data/make_small.py [v2|v3] [--force]     (default: v2)
 
-The fixture is a run directory holding one checkpoint, ``step-00000003``: a
-Linear(3, 2) with weights from ``torch.arange``, a bfloat16 parameter, an int64
-buffer, an SGD-with-momentum optimizer after one step, and the RNGs seeded with 0.
-Every value is exact in binary, so the test can state them.
+Each fixture is a run directory holding one checkpoint, ``step-00000003``.
+
+v2: a Linear(3, 2) with weights from ``torch.arange``, a bfloat16 parameter, an
+int64 buffer, an SGD-with-momentum optimizer after one step, and the RNGs seeded
+with 0.
+
+v3: a 2-rank gloo job (``torch.multiprocessing.spawn``, CPU) saves a
+:class:`ShardedNet` under FSDP2 (``fully_shard``: each rank holds half of each
+parameter's rows, 2 + 1 of the 3-row layer) and its AdamW after one step, plus
+each rank's RNGs, seeded with the rank. The hyperparameters (betas 0.5/0.75,
+eps 0, lr 0.25, weight decay 0.5) make the step exact: each parameter becomes
+``0.875 * p - 0.25 * sign(grad)``, ``exp_avg`` is ``grad / 2`` and ``exp_avg_sq``
+is ``grad**2 / 4``.
+
+Every value is exact in binary, so the tests can state them.
 
 A fixture records what one format version looks like on disk; it is written once
 and committed. Regenerating it would hide exactly the change it exists to catch, so
@@ -16,18 +28,23 @@ new format version, with a new fixture name).
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import ckpts
 
 FIXTURE = Path(__file__).with_name("v2-small")
+SHARDED_FIXTURE = Path(__file__).with_name("v3-small")
+WORLD_SIZE = 2
 STEP = 3
 CHECKPOINT = f"step-{STEP:08d}"
 METRICS = {"loss": 0.125, "accuracy": 0.75}
@@ -71,22 +88,129 @@ def write(run: Path) -> Path:
     return Path(checkpoint.path)
 
 
+class ShardedNet(torch.nn.Module):
+    """Linear(4, 3) then Linear(3, 2), and an int64 buffer (replicated, not sharded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(4, 3)
+        self.second = torch.nn.Linear(3, 2)
+        self.register_buffer("counts", torch.zeros(4, dtype=torch.int64))
+
+
+def sharded_values() -> dict[str, torch.Tensor]:
+    """ShardedNet's values before the step, exact in binary."""
+    return {
+        "first.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 4 - 1.5,
+        "first.bias": torch.tensor([0.5, -0.25, 1.0]),
+        "second.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3) / 2 - 1.0,
+        "second.bias": torch.tensor([-0.75, 0.125]),
+        "counts": torch.tensor([0, 1, -1, 2**40]),
+    }
+
+
+def sharded_gradients() -> dict[str, torch.Tensor]:
+    """The gradient of each parameter for the one step: no zeros (eps is 0)."""
+    return {
+        "first.weight": torch.tensor([[0.5, -0.25, 1.0, -2.0], [0.25, 0.5, -0.5, 4.0],
+                                      [-1.0, 0.125, 2.0, -0.5]]),
+        "first.bias": torch.tensor([1.0, -1.0, 0.5]),
+        "second.weight": torch.tensor([[-0.5, 0.25, 1.0], [2.0, -0.125, -1.0]]),
+        "second.bias": torch.tensor([0.25, -4.0]),
+    }
+
+
+def sharded_objects(values: dict[str, torch.Tensor] | None = None
+                    ) -> tuple[torch.nn.Module, torch.optim.AdamW]:
+    """A ShardedNet under FSDP2 on this job's ranks (torch.distributed must be
+    initialized) holding ``values`` (default: :func:`sharded_values`), and its AdamW."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = ShardedNet()
+    live = model.state_dict()  # views of the parameters and buffer, before sharding
+    with torch.no_grad():
+        for key, value in (values or sharded_values()).items():
+            live[key].copy_(value)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    fully_shard(model.first, mesh=mesh)
+    fully_shard(model.second, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.25, betas=(0.5, 0.75), eps=0.0,
+                                  weight_decay=0.5)
+    return model, optimizer
+
+
+def build_sharded_state() -> ckpts.TrainState:
+    """On each rank of a job: the v3 fixture's state after its one step; leaves every
+    global RNG of rank r seeded with r."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    model, optimizer = sharded_objects()
+    gradients = sharded_gradients()
+    for key, parameter in model.named_parameters():
+        assert isinstance(parameter, DTensor)
+        parameter.grad = distribute_tensor(gradients[key], parameter.device_mesh,
+                                           parameter.placements)
+    optimizer.step()
+    rank = dist.get_rank()
+    random.seed(rank)
+    np.random.seed(rank)
+    torch.manual_seed(rank)
+    return ckpts.TrainState(model=model, optimizer=optimizer)
+
+
+def write_sharded(run: Path) -> Path:
+    """On every rank of a job: save the v3 fixture's state as step 3 of ``run``;
+    returns the checkpoint directory."""
+    with ckpts.CheckpointManager(run) as manager:
+        checkpoint = manager.save(STEP, build_sharded_state(), metrics=METRICS, epoch=EPOCH)
+    assert checkpoint is not None
+    return Path(checkpoint.path)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for the job's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _write_sharded_on_rank(rank: int, world: int, port: int, run: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        write_sharded(Path(run))
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv: list[str]) -> int:
-    if argv not in ([], ["--force"]):
+    force = "--force" in argv
+    rest = [arg for arg in argv if arg != "--force"]
+    if rest not in ([], ["v2"], ["v3"]):
         print(__doc__, file=sys.stderr)
         return 2
-    if FIXTURE.exists():
-        if argv != ["--force"]:
-            print(f"{FIXTURE} exists: refusing to overwrite the pinned fixture "
+    fixture = SHARDED_FIXTURE if rest == ["v3"] else FIXTURE
+    if fixture.exists():
+        if not force:
+            print(f"{fixture} exists: refusing to overwrite the pinned fixture "
                   "(pass --force only for a deliberate format change)", file=sys.stderr)
             return 1
-        shutil.rmtree(FIXTURE)
+        shutil.rmtree(fixture)
     with tempfile.TemporaryDirectory() as scratch:
-        written = write(Path(scratch) / "run")
-        FIXTURE.mkdir()
-        shutil.copytree(written, FIXTURE / CHECKPOINT)  # the checkpoint only, no lock file
-    for path in sorted(FIXTURE.rglob("*")):
-        print(path.relative_to(FIXTURE.parent), path.stat().st_size if path.is_file() else "")
+        run = Path(scratch) / "run"
+        if fixture == SHARDED_FIXTURE:
+            torch.multiprocessing.spawn(_write_sharded_on_rank,
+                                        args=(WORLD_SIZE, free_port(), str(run)),
+                                        nprocs=WORLD_SIZE)
+            written = run / CHECKPOINT
+        else:
+            written = write(run)
+        fixture.mkdir()
+        shutil.copytree(written, fixture / CHECKPOINT)  # the checkpoint only, no lock file
+    for path in sorted(fixture.rglob("*")):
+        print(path.relative_to(fixture.parent), path.stat().st_size if path.is_file() else "")
     return 0
 
 

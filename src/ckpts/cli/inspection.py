@@ -1,7 +1,10 @@
 """``ckpts show`` and ``ckpts du``: what a checkpoint holds, where a run's bytes go (no torch).
 
 Both read manifests only: tensor sizes come from each entry's dtype and shape,
-file sizes from the byte counts the manifest records.
+file sizes from the byte counts the manifest records. A checkpoint saved by many
+ranks (format v3) also shows its world size, each rank's files (their records carry
+``rank``) and its per-rank objects; a sharded tensor is listed with its global shape
+and its number of shards.
 """
 
 from __future__ import annotations
@@ -41,13 +44,19 @@ def show(
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Describe a checkpoint: step, epoch, metrics, tags, versions, objects and files."""
+    """Describe a checkpoint: step, epoch, metrics, tags, versions, objects and files.
+
+    A checkpoint saved by many ranks also lists its files rank by rank and its
+    per-rank objects (``rng.rank0``, ``rng.rank1``, ...).
+    """
     storage, folder = open_checkpoint_arg(checkpoint)
     manifest = read_manifest(storage, folder)
     summary = Checkpoint.from_manifest(storage, folder, manifest)
     objects = {name: object_summary(obj, with_tensors=tensors)
                for name, obj in manifest["objects"].items()}
     files = {name: record["nbytes"] for name, record in manifest["files"].items()}
+    ranks = files_by_rank(manifest)
+    per_rank = per_rank_objects(manifest)
     if as_json:
         print_json({
             "path": str(summary.path),
@@ -59,6 +68,8 @@ def show(
             "tags": list(summary.tags),
             "versions": manifest.get("versions", {}),
             "world_size": manifest.get("world_size"),
+            "per_rank": per_rank,
+            "ranks": ranks,
             "objects": objects,
             "files": files,
         })
@@ -74,6 +85,9 @@ def show(
         ["tags", ", ".join(summary.tags)],
         ["versions", ", ".join(f"{k} {v}" for k, v in versions.items())],
         ["world size", str(manifest.get("world_size", ""))],
+        *([["per-rank objects",
+            ", ".join(f"{name} ({', '.join(saved)})" for name, saved in per_rank.items())]]
+          if per_rank else []),
     ])
     stdout.print()
     print_table(
@@ -85,12 +99,45 @@ def show(
         for name, obj in objects.items():
             stdout.print()
             print_table(
-                ([k, e["dtype"], str(e["shape"]), e["file"]] for k, e in obj["tensors"].items()),
+                ([k, e["dtype"], str(e["shape"]), _where(e)] for k, e in obj["tensors"].items()),
                 header=["key", "dtype", "shape", "file"], title=f"{name} tensors",
             )
+    if ranks:
+        stdout.print()
+        print_table(([str(row["rank"]), str(len(row["files"])), decimal(row["nbytes"]),
+                      ", ".join(row["files"])] for row in ranks),
+                    header=["rank", "files", "bytes", "names"], right={0, 1, 2},
+                    title="files by rank")
     stdout.print()
     print_table(([name, decimal(nbytes)] for name, nbytes in files.items()),
                 header=["file", "size"], right={1})
+
+
+def _where(tensor: dict[str, Any]) -> str:
+    """The file cell of a tensor row: its file, or ``N shards`` for a sharded tensor."""
+    return tensor["file"] if "file" in tensor else f"{tensor['shards']} shards"
+
+
+def files_by_rank(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each rank's files and their bytes, in rank order, from the file records' ``rank``
+    (format v3); empty for a checkpoint saved by one process."""
+    by_rank: dict[int, list[str]] = {}
+    for name, record in manifest["files"].items():
+        if isinstance(record.get("rank"), int):
+            by_rank.setdefault(record["rank"], []).append(name)
+    return [{"rank": rank, "files": sorted(names),
+             "nbytes": sum(manifest["files"][name]["nbytes"] for name in names)}
+            for rank, names in sorted(by_rank.items())]
+
+
+def per_rank_objects(manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """Each per-rank object (format v3's ``per_rank``: RNGs, loader positions) and the
+    saved copies of it, one per rank: ``{"rng": ["rng.rank0", "rng.rank1"]}``."""
+    saved = manifest["objects"]
+    return {name: sorted((copy for copy in saved if copy.startswith(f"{name}.rank")
+                          and copy[len(name) + 5:].isdigit()),
+                         key=lambda copy: int(copy[len(name) + 5:]))
+            for name in manifest.get("per_rank", [])}
 
 
 @reports_errors
@@ -179,9 +226,18 @@ def object_summary(obj: dict[str, Any], *, with_tensors: bool) -> dict[str, Any]
         "aliases": obj.get("aliases", {}),
     }
     if with_tensors:
-        summary["tensors"] = {key: {"dtype": e["dtype"], "shape": e["shape"], "file": e["file"]}
-                              for key, e in entries.items()}
+        summary["tensors"] = {key: tensor_summary(e) for key, e in entries.items()}
     return summary
+
+
+def tensor_summary(entry: dict[str, Any]) -> dict[str, Any]:
+    """One tensor in brief: dtype, (global) shape, and its file, or for a sharded tensor
+    (format v3) the number of shards and the files holding them."""
+    summary = {"dtype": entry["dtype"], "shape": entry["shape"]}
+    if "shards" not in entry:
+        return {**summary, "file": entry["file"]}
+    return {**summary, "shards": len(entry["shards"]),
+            "files": list(dict.fromkeys(shard["file"] for shard in entry["shards"]))}
 
 
 def tensor_nbytes(dtype: str, shape: list[int]) -> int:
@@ -199,7 +255,8 @@ def bytes_by_kind(manifest: dict[str, Any], manifest_nbytes: int) -> dict[str, i
     for name, obj in manifest["objects"].items():
         kind = obj.get("kind") or "object"
         owner[f"{name}.safetensors.index.json"] = kind
-        owner.update({entry["file"]: kind for entry in obj["tensors"].values()})
+        owner.update({piece["file"]: kind for entry in obj["tensors"].values()
+                      for piece in entry.get("shards", [entry])})
     totals: Counter[str] = Counter({"manifest": manifest_nbytes})
     for name, record in manifest["files"].items():
         totals[owner.get(name, "other")] += record["nbytes"]
