@@ -425,8 +425,8 @@ def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             parameter.grad = None
 
 
-def write_on_ranks(storage: Storage, ranks: Ranks, snapshots: Mapping[str, ObjectSnapshot], *,
-                   stage: Callable[[], Staged],
+def write_on_ranks(storage: Storage, ranks: Ranks, step: int,
+                   snapshots: Mapping[str, ObjectSnapshot], *, stage: Callable[[], Staged],
                    commit: Callable[[dict[str, Any], dict[str, Any], list[str]], None],
                    reusable: Reusable | None) -> Reusable | None:
     """Every rank writes its part of a save (see the module docstring); rank 0 stages
@@ -460,9 +460,11 @@ def write_on_ranks(storage: Storage, ranks: Ranks, snapshots: Mapping[str, Objec
         save(flat_state(snapshots, ranks.rank), storage_writer=writer,
                  process_group=ranks.group)
     except (CheckpointException, dist.DistError, RuntimeError) as e:
-        raise WriteError(f"saving on {ranks.size} ranks to {storage.location} failed, so "
-                         f"nothing was committed: {_failures(e)}. Earlier checkpoints are "
-                         "intact; the next save starts afresh") from e
+        raise WriteError(f"saving step {step} on {ranks.size} ranks to {storage.location} "
+                         f"failed, so nothing was committed: {_failures(e)}. Earlier "
+                         "checkpoints are intact; the next save starts afresh (a rank that "
+                         "died or hung shows as a lost connection or a timeout: "
+                         "CheckpointManager(collective_timeout=...))") from e
     return writer.written
 
 
@@ -492,7 +494,7 @@ def read_on_ranks(storage: Storage, name: str, files: Mapping[str, Mapping[str, 
         load(targets, storage_reader=reader, process_group=ranks.group)
     except (CheckpointException, dist.DistError, RuntimeError) as e:
         failures = getattr(e, "failures", {})
-        if any(isinstance(f, CorruptCheckpointError) for f in failures.values()):
+        if any(isinstance(_unwrapped(f), CorruptCheckpointError) for f in failures.values()):
             raise CorruptCheckpointError(_failures(e)) from e
         raise OSError(f"reading {storage.where(name)} on {ranks.size} ranks failed: "
                       f"{_failures(e)}") from e
@@ -504,5 +506,13 @@ def _failures(error: BaseException) -> str:
     failures = getattr(error, "failures", None)
     if not failures:
         return f"{type(error).__name__}: {error}"
-    return "; ".join(f"rank {rank}: {type(failure).__name__}: {failure}"
+    return "; ".join(f"rank {rank}: {type(_unwrapped(failure)).__name__}: {_unwrapped(failure)}"
                      for rank, failure in sorted(failures.items()))
+
+
+def _unwrapped(failure: object) -> object:
+    """A rank's exception from a DCP ``failures`` value: an (exception, stack summary) pair
+    (torch.distributed.checkpoint.utils._wrap_exception)."""
+    if isinstance(failure, tuple) and failure and isinstance(failure[0], BaseException):
+        return failure[0]
+    return failure

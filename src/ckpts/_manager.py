@@ -194,7 +194,11 @@ class CheckpointManager:
         due = force or self.pending_signal is not None or self._triggered(step, epoch,
                                                                             clean_metrics)
         if ranks is not None and (self.triggers or self._previous_handlers):
-            due = ranks.broadcast_json(due)  # rank 0 decides: every rank saves, or none
+            # every rank saves, or none: rank 0's triggers decide, and a signal any rank
+            # received makes every rank save and then exit with it
+            votes = ranks.gather_json([due, self.pending_signal])
+            self.pending_signal = next((s for _, s in votes if s is not None), None)
+            due = votes[0][0] or self.pending_signal is not None
         if not due:
             return None
         with paused_gc():  # many small objects: see ckpts._gc
@@ -341,7 +345,7 @@ class CheckpointManager:
                 from ckpts._distributed import write_on_ranks
 
                 written = write_on_ranks(
-                    self.storage, self._ranks, snapshots, stage=stage,
+                    self.storage, self._ranks, step, snapshots, stage=stage,
                     commit=lambda files, objects, per_rank: commit(new_manifest(
                         step=step, epoch=epoch, metrics=clean_metrics, files=files,
                         objects=objects, world_size=self._ranks.size if self._ranks else 1,
