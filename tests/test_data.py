@@ -249,3 +249,31 @@ def test_bad_state_raises_naming_the_problem_and_changes_nothing(
             assert torch.equal(after[name], value_before)
         else:
             assert after[name] == value_before
+
+
+def test_a_distributed_sampler_gets_each_epoch_and_a_resumed_epoch_replays_its_order() -> None:
+    """ResumableLoader calls DistributedSampler.set_epoch itself: every epoch shuffles
+    anew (as a loop that forgot set_epoch would not), and a resume mid-epoch 1 yields
+    the rest of epoch 1's own order, then epoch 2's."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = torch.arange(40.0)
+
+    def loader() -> ResumableLoader:
+        sampler = DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3)
+        return ResumableLoader(DataLoader(data, batch_size=4, sampler=sampler))
+
+    uninterrupted = loader()
+    epochs = [[batch.tolist() for batch in uninterrupted] for _ in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]
+    first = loader()
+    seen = [batch.tolist() for batch in first]
+    assert seen == epochs[0]
+    for step, batch in enumerate(first):
+        if step == 1:
+            state = first.state_dict()
+            break
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert [batch.tolist() for batch in resumed] == epochs[1][2:]
+    assert [batch.tolist() for batch in resumed] == epochs[2]

@@ -110,6 +110,10 @@ class ResumableLoader:
     restore it before iterating again. A new ``iter()`` without a loaded state starts the current
     epoch over, like a plain DataLoader. Do not modify the DataLoader after wrapping it.
 
+    A sampler with ``set_epoch`` (``DistributedSampler``) gets the loader's epoch at the
+    start of each pass, so every epoch has its own order and a resumed epoch replays its
+    own; there is no need to call ``set_epoch`` yourself.
+
     With ``num_workers > 0`` the index order is exact, but randomness inside worker processes
     (augmentations) may differ after a resume: workers receive the batches in a different
     round-robin order and their generators start from fresh seeds.
@@ -161,6 +165,7 @@ class ResumableLoader:
         auto_collation = dataloader.batch_sampler is not None
         index_sampler = dataloader.batch_sampler if auto_collation else dataloader.sampler
         data_sampler = getattr(index_sampler, "sampler", None) if auto_collation else index_sampler
+        self._data_sampler = data_sampler
         self._generators: _Generators = (_generator_of(dataloader), _generator_of(data_sampler))
         self._sampler = _ReplaySampler(index_sampler, self._generators)
         self._twin = _twin(dataloader, self._sampler)
@@ -199,6 +204,9 @@ class ResumableLoader:
     def __iter__(self) -> Iterator[Any]:
         replay = self._sampler.replay
         self._batches_yielded = 0 if replay is None else replay[1]
+        set_epoch = getattr(self._data_sampler, "set_epoch", None)
+        if callable(set_epoch):  # DistributedSampler: each epoch its own order, replayed alike
+            set_epoch(self._epoch)
         if replay is None:
             batches = iter(self._twin)
         else:  # creating the iterator may draw a worker seed: keep the caller's RNG untouched
