@@ -48,7 +48,7 @@ from torch.futures import Future
 
 from ckpts import errors
 from ckpts._checkpoint import describe
-from ckpts._format import DTYPE_NAMES, DTYPES
+from ckpts._format import DTYPE_NAMES, DTYPES, byte_view
 from ckpts._manifest import HASH_PREFIX, digest
 from ckpts._state import PER_RANK_KINDS, ObjectSnapshot
 from ckpts._storage import Range, Staged, Storage
@@ -62,7 +62,8 @@ from ckpts.errors import (
 
 Key = tuple[str, str]  # (object name, tensor key)
 
-BLOCK = 8 * 2**20  # bytes per block hash of a large tensor: the granularity of ranged reads
+BLOCK = 2**20  # bytes per block hash of a large tensor: the granularity of ranged reads
+CHUNK = 32 * 2**20  # bytes of buffer a rank's restore holds at once (beyond its live tensors)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,9 @@ class RankWriter(StorageWriter):
                           [(item.index.fqn.split("/", 1)[1], tensor) for item, tensor in items]))
         written = write_tensor_files(self.storage, staged, files, reusable=self.reusable,
                                      block=BLOCK)
+        sync = getattr(self.storage, "sync", None)  # a backend's optional capability
+        if sync is not None:  # durable from this rank's machine, before rank 0 commits
+            sync(staged, [file for file, _ in files])
         self.written = Reusable(staged.name, {
             file: (record.header_hash, {key: entry[2] for key, entry in record.tensors.items()})
             for (file, _), record in zip(files, written, strict=True)})
@@ -315,27 +319,42 @@ class RankReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        reads = []
-        for item in plan.items:
-            piece = self.pieces[item.storage_index]
-            reads.append((item, piece, _Span.of(piece, item.storage_offsets, item.lengths)))
-        ranges = [Range(piece.file, piece.begin + span.start, span.buffer)
-                  for _, piece, span in reads]
-        headers = {piece.file: memoryview(bytearray(self.files[piece.file]["header"]))
-                   for _, piece, _ in reads}
-        ranges += [Range(file, 0, view) for file, view in headers.items()]
-        self.storage.read_ranges(self.name, ranges)
+        """Check every header touched, then read each request: a whole saved chunk that is
+        one contiguous live tensor straight into it; the rest through a buffer of at most
+        :data:`CHUNK` bytes at a time (plus one request larger than that)."""
         where = self.storage.where(self.name)
-        for file, view in headers.items():  # every file touched: its header is as written
+        files = sorted({self.pieces[item.storage_index].file for item in plan.items})
+        headers = [(file, byte_view(torch.empty(self.files[file]["header"], dtype=torch.uint8)))
+                   for file in files]
+        self.storage.read_ranges(self.name, [Range(file, 0, view) for file, view in headers])
+        for file, view in headers:
             if digest(view) != self.files[file]["hash"]:
                 raise CorruptCheckpointError(
                     f"{where}/{file}: its header's hash differs from the manifest's")
-        for item, piece, span in reads:
-            span.check(piece, f"{where}/{piece.file}: tensor {item.storage_index.fqn!r}")
+        in_place, buffered = [], []
+        for item in plan.items:
+            piece = self.pieces[item.storage_index]
+            span = _Span.of(piece, item.storage_offsets, item.lengths)
             target = planner.resolve_tensor(item).detach()
-            with torch.no_grad():
-                target.copy_(span.view(piece, item.storage_offsets, item.lengths))
-            planner.commit_tensor(item, target)
+            whole = span.start == 0 and span.length == piece.end - piece.begin \
+                and tuple(item.lengths) == piece.size
+            if whole and target.device.type == "cpu" and target.is_contiguous() \
+                    and target.dtype == piece.dtype:
+                in_place.append((item, piece, span, target, byte_view(target)))
+            else:
+                buffered.append((item, piece, span, target))
+        batches = [(in_place, True)] + [([(*request, view) for request, view in zip(
+            batch, _views([request[2].length for request in batch]), strict=True)], False)
+            for batch in _batches(buffered)]
+        for batch, landed in batches:  # a batch at a time: its buffer is freed after it
+            self.storage.read_ranges(self.name, [Range(piece.file, piece.begin + span.start, view)
+                                                 for _, piece, span, _, view in batch])
+            for item, piece, span, target, view in batch:
+                span.check(piece, view, f"{where}/{piece.file}: tensor {item.storage_index.fqn!r}")
+                if not landed:
+                    with torch.no_grad():
+                        target.copy_(span.view(piece, view, item.storage_offsets, item.lengths))
+                planner.commit_tensor(item, target)
         future: Future[None] = Future()
         future.set_result(None)
         return future
@@ -345,48 +364,75 @@ class RankReader(StorageReader):
         return True
 
 
-@dataclass
+def _batches(requests: list[Any]) -> list[list[Any]]:
+    """Requests grouped so that each group's spans add up to at most CHUNK bytes."""
+    batches: list[list[Any]] = [[]]
+    size = 0
+    for request in requests:
+        if batches[-1] and size + request[2].length > CHUNK:
+            batches.append([])
+            size = 0
+        batches[-1].append(request)
+        size += request[2].length
+    return [batch for batch in batches if batch]
+
+
+def _views(lengths: Sequence[int]) -> list[memoryview]:
+    """Views of one new buffer (not zeroed: every byte is read into), one per length."""
+    memory = byte_view(torch.empty(sum(lengths), dtype=torch.uint8))
+    views, position = [], 0
+    for length in lengths:
+        views.append(memory[position:position + length])
+        position += length
+    return views
+
+
+@dataclass(frozen=True)
 class _Span:
-    """The bytes of a saved chunk read for one request: ``start .. start+len(buffer)``
-    from the chunk's first byte, whole blocks (or the whole chunk) so they can be checked."""
+    """The bytes of a saved chunk read for one request: ``start .. start + length`` from
+    the chunk's first byte, whole blocks (or the whole chunk) so they can be checked."""
 
     start: int
-    buffer: memoryview
+    length: int
 
     @classmethod
     def of(cls, piece: _Piece, offsets: Sequence[int], lengths: Sequence[int]) -> _Span:
         itemsize = torch.empty(0, dtype=piece.dtype).element_size()
         total = piece.end - piece.begin
+        if not all(lengths):
+            return cls(0, 0)  # an empty box: nothing to read
         if not piece.blocks:
-            return cls(0, memoryview(bytearray(total)))
+            return cls(0, total)  # one hash for the whole chunk: read it all
         strides = _strides(piece.size)
         first = sum(o * s for o, s in zip(offsets, strides, strict=True)) * itemsize
         last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides, strict=True))
         start = first // BLOCK * BLOCK
         stop = min(total, -(-((last + 1) * itemsize) // BLOCK) * BLOCK)
-        return cls(start, memoryview(bytearray(max(0, stop - start))))
+        return cls(start, max(0, stop - start))
 
-    def check(self, piece: _Piece, what: str) -> None:
+    def check(self, piece: _Piece, data: memoryview, what: str) -> None:
+        if not self.length:
+            return  # nothing was read
         if not piece.blocks:
-            expected, pieces = [piece.hash], [self.buffer]
+            expected, pieces = [piece.hash], [data]
         else:
             first = self.start // BLOCK
-            pieces = [self.buffer[i:i + BLOCK] for i in range(0, len(self.buffer), BLOCK)]
+            pieces = [data[i:i + BLOCK] for i in range(0, len(data), BLOCK)]
             expected = list(piece.blocks[first:first + len(pieces)])
-        for number, (data, wanted) in enumerate(zip(pieces, expected, strict=True)):
-            actual = HASH_PREFIX + xxhash.xxh3_128(data).hexdigest()
+        for number, (chunk, wanted) in enumerate(zip(pieces, expected, strict=True)):
+            actual = HASH_PREFIX + xxhash.xxh3_128(chunk).hexdigest()
             if actual != wanted:
                 raise CorruptCheckpointError(
                     f"{what}: content hash {actual} of bytes from {self.start + number * BLOCK} "
                     f"differs from the manifest's {wanted}")
 
-    def view(self, piece: _Piece, offsets: Sequence[int], lengths: Sequence[int]
-             ) -> torch.Tensor:
+    def view(self, piece: _Piece, data: memoryview, offsets: Sequence[int],
+             lengths: Sequence[int]) -> torch.Tensor:
         """The requested box of the chunk, as a view of the bytes read."""
         itemsize = torch.empty(0, dtype=piece.dtype).element_size()
-        if not len(self.buffer):
+        if not len(data):
             return torch.empty(tuple(lengths), dtype=piece.dtype)
-        flat = torch.frombuffer(self.buffer, dtype=torch.uint8).view(piece.dtype)
+        flat = torch.frombuffer(data, dtype=torch.uint8).view(piece.dtype)
         strides = _strides(piece.size)
         first = sum(o * s for o, s in zip(offsets, strides, strict=True)) - self.start // itemsize
         return flat.as_strided(tuple(lengths), strides, first)

@@ -109,6 +109,12 @@ class LocalStorage:
     def write(self, staged: Staged, files: Sequence[tuple[str, Sequence[memoryview]]]) -> None:
         _io.write_files([(Path(staged.where) / file, parts) for file, parts in files])
 
+    def sync(self, staged: Staged, files: Sequence[str]) -> None:
+        """fsync these staged files now (an optional capability of a backend: the ranks of
+        a job, maybe on other machines than the committer's, make their own files durable
+        before rank 0 commits, since rank 0's fsync reaches only its own machine's cache)."""
+        _fsync_files([Path(staged.where) / file for file in files])
+
     def reuse(self, staged: Staged, source: str, file: str, nbytes: int) -> bool:
         """A hard link: both checkpoints name the same bytes, which stay on disk until
         the last checkpoint holding them is deleted. The file was made durable when
@@ -242,11 +248,16 @@ def _make_durable(directory: Path) -> None:
     each pays for its own: for a small checkpoint this is most of the save's time.
     """
     with os.scandir(directory) as entries:
-        paths = [e.path for e in entries if e.is_file(follow_symlinks=False)]
+        paths = [Path(e.path) for e in entries if e.is_file(follow_symlinks=False)]
+    _fsync_files([*paths, directory])
+
+
+def _fsync_files(paths: Sequence[Path]) -> None:
+    """fsync files (and directories) concurrently: they share journal commits."""
     fds: list[int] = []
     try:
-        fds += [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
-        fds.append(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        fds += [os.open(p, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if p.is_dir() else 0))
+                for p in paths]
         run_parallel(os.fsync, fds, threads=_FSYNC_THREADS)
     finally:
         for fd in fds:
