@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -319,41 +320,44 @@ class RankReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Check every header touched, then read each request: a whole saved chunk that is
-        one contiguous live tensor straight into it; the rest through a buffer of at most
-        :data:`CHUNK` bytes at a time (plus one request larger than that)."""
+        """Check every header touched, then read each request. A box that is one
+        contiguous run of bytes in the saved chunk and of the live tensor lands straight
+        in the tensor (the bytes around it that its blocks need for their hashes go to
+        small buffers); any other box goes through buffers of at most :data:`CHUNK`
+        bytes at a time, then is copied in."""
         where = self.storage.where(self.name)
         files = sorted({self.pieces[item.storage_index].file for item in plan.items})
-        headers = [(file, byte_view(torch.empty(self.files[file]["header"], dtype=torch.uint8)))
-                   for file in files]
+        headers = [(file, _buffer(self.files[file]["header"])) for file in files]
         self.storage.read_ranges(self.name, [Range(file, 0, view) for file, view in headers])
         for file, view in headers:
             if digest(view) != self.files[file]["hash"]:
                 raise CorruptCheckpointError(
                     f"{where}/{file}: its header's hash differs from the manifest's")
-        in_place, buffered = [], []
+        landing, buffered = [], []
         for item in plan.items:
             piece = self.pieces[item.storage_index]
             span = _Span.of(piece, item.storage_offsets, item.lengths)
             target = planner.resolve_tensor(item).detach()
-            whole = span.start == 0 and span.length == piece.end - piece.begin \
-                and tuple(item.lengths) == piece.size
-            if whole and target.device.type == "cpu" and target.is_contiguous() \
-                    and target.dtype == piece.dtype:
-                in_place.append((item, piece, span, target, byte_view(target)))
+            segments = span.landing(piece, item.storage_offsets, item.lengths, target)
+            if segments is not None:
+                landing.append((item, piece, span, target, segments))
             else:
                 buffered.append((item, piece, span, target))
-        batches = [(in_place, True)] + [([(*request, view) for request, view in zip(
-            batch, _views([request[2].length for request in batch]), strict=True)], False)
-            for batch in _batches(buffered)]
-        for batch, landed in batches:  # a batch at a time: its buffer is freed after it
-            self.storage.read_ranges(self.name, [Range(piece.file, piece.begin + span.start, view)
-                                                 for _, piece, span, _, view in batch])
-            for item, piece, span, target, view in batch:
-                span.check(piece, view, f"{where}/{piece.file}: tensor {item.storage_index.fqn!r}")
+        batches = itertools.chain(  # made one at a time: a buffer goes before the next
+            [(landing, True)],
+            (([(*request, [(request[2].start, _buffer(request[2].length))])
+               for request in batch], False) for batch in _batches(buffered)))
+        for batch, landed in batches:
+            self.storage.read_ranges(self.name, [
+                Range(piece.file, piece.begin + start, view)
+                for _, piece, _, _, segments in batch for start, view in segments if len(view)])
+            for item, piece, span, target, segments in batch:
+                views = [view for _, view in segments]
+                span.check(piece, views, f"{where}/{piece.file}: tensor {item.storage_index.fqn!r}")
                 if not landed:
                     with torch.no_grad():
-                        target.copy_(span.view(piece, view, item.storage_offsets, item.lengths))
+                        target.copy_(span.view(piece, views[0], item.storage_offsets,
+                                               item.lengths))
                 planner.commit_tensor(item, target)
         future: Future[None] = Future()
         future.set_result(None)
@@ -377,14 +381,9 @@ def _batches(requests: list[Any]) -> list[list[Any]]:
     return [batch for batch in batches if batch]
 
 
-def _views(lengths: Sequence[int]) -> list[memoryview]:
-    """Views of one new buffer (not zeroed: every byte is read into), one per length."""
-    memory = byte_view(torch.empty(sum(lengths), dtype=torch.uint8))
-    views, position = [], 0
-    for length in lengths:
-        views.append(memory[position:position + length])
-        position += length
-    return views
+def _buffer(nbytes: int) -> memoryview:
+    """New memory to read into (not zeroed: every byte of it is read)."""
+    return byte_view(torch.empty(nbytes, dtype=torch.uint8))
 
 
 @dataclass(frozen=True)
@@ -397,34 +396,59 @@ class _Span:
 
     @classmethod
     def of(cls, piece: _Piece, offsets: Sequence[int], lengths: Sequence[int]) -> _Span:
-        itemsize = torch.empty(0, dtype=piece.dtype).element_size()
         total = piece.end - piece.begin
         if not all(lengths):
             return cls(0, 0)  # an empty box: nothing to read
         if not piece.blocks:
             return cls(0, total)  # one hash for the whole chunk: read it all
-        strides = _strides(piece.size)
-        first = sum(o * s for o, s in zip(offsets, strides, strict=True)) * itemsize
-        last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides, strict=True))
+        first, last = _box_bytes(piece, offsets, lengths)
         start = first // BLOCK * BLOCK
-        stop = min(total, -(-((last + 1) * itemsize) // BLOCK) * BLOCK)
-        return cls(start, max(0, stop - start))
+        return cls(start, min(total, -(-last // BLOCK) * BLOCK) - start)
 
-    def check(self, piece: _Piece, data: memoryview, what: str) -> None:
+    def landing(self, piece: _Piece, offsets: Sequence[int], lengths: Sequence[int],
+                target: torch.Tensor) -> list[tuple[int, memoryview]] | None:
+        """Where the span's bytes go when the box lands straight in ``target``: the bytes
+        before it, the target's own memory, the bytes after it (offsets in the chunk).
+        None when the box or the target is not one contiguous run of bytes."""
+        if not self.length:
+            return []
+        first, last = _box_bytes(piece, offsets, lengths)
+        itemsize = torch.empty(0, dtype=piece.dtype).element_size()
+        count = 1
+        for length in lengths:
+            count *= length
+        if last - first != count * itemsize or target.device.type != "cpu" \
+                or not target.is_contiguous() or target.dtype != piece.dtype:
+            return None
+        stop = self.start + self.length
+        return [(self.start, _buffer(first - self.start)), (first, byte_view(target)),
+                (last, _buffer(stop - last))]
+
+    def check(self, piece: _Piece, views: Sequence[memoryview], what: str) -> None:
+        """Hash the span's bytes (``views``, in order) against the chunk's hash, or its
+        blocks' hashes."""
         if not self.length:
             return  # nothing was read
-        if not piece.blocks:
-            expected, pieces = [piece.hash], [data]
-        else:
-            first = self.start // BLOCK
-            pieces = [data[i:i + BLOCK] for i in range(0, len(data), BLOCK)]
-            expected = list(piece.blocks[first:first + len(pieces)])
-        for number, (chunk, wanted) in enumerate(zip(pieces, expected, strict=True)):
-            actual = HASH_PREFIX + xxhash.xxh3_128(chunk).hexdigest()
-            if actual != wanted:
-                raise CorruptCheckpointError(
-                    f"{what}: content hash {actual} of bytes from {self.start + number * BLOCK} "
-                    f"differs from the manifest's {wanted}")
+        expected = list(piece.blocks[self.start // BLOCK:]) if piece.blocks else [piece.hash]
+        size = BLOCK if piece.blocks else self.length
+        hasher, filled, number = xxhash.xxh3_128(), 0, 0
+        for view in views:
+            while len(view):
+                taken = view[:size - filled]
+                hasher.update(taken)
+                view, filled = view[len(taken):], filled + len(taken)
+                if filled == size:
+                    self._compare(hasher, expected[number], number * size, what)
+                    hasher, filled, number = xxhash.xxh3_128(), 0, number + 1
+        if filled:  # a chunk's last block may be short
+            self._compare(hasher, expected[number], number * size, what)
+
+    def _compare(self, hasher: Any, wanted: str, offset: int, what: str) -> None:
+        actual = HASH_PREFIX + hasher.hexdigest()
+        if actual != wanted:
+            raise CorruptCheckpointError(
+                f"{what}: content hash {actual} of bytes from {self.start + offset} differs "
+                f"from the manifest's {wanted}")
 
     def view(self, piece: _Piece, data: memoryview, offsets: Sequence[int],
              lengths: Sequence[int]) -> torch.Tensor:
@@ -436,6 +460,16 @@ class _Span:
         strides = _strides(piece.size)
         first = sum(o * s for o, s in zip(offsets, strides, strict=True)) - self.start // itemsize
         return flat.as_strided(tuple(lengths), strides, first)
+
+
+def _box_bytes(piece: _Piece, offsets: Sequence[int], lengths: Sequence[int]
+               ) -> tuple[int, int]:
+    """The byte range of the chunk from a non-empty box's first element to past its last."""
+    itemsize = torch.empty(0, dtype=piece.dtype).element_size()
+    strides = _strides(piece.size)
+    first = sum(o * s for o, s in zip(offsets, strides, strict=True))
+    last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides, strict=True))
+    return first * itemsize, (last + 1) * itemsize
 
 
 def _strides(size: Sequence[int]) -> tuple[int, ...]:
