@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import socket
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from ckpts import errors
+from ckpts import _io, errors
 from ckpts._checkpoint import describe
 from ckpts._format import DTYPE_NAMES, DTYPES, byte_view
 from ckpts._manifest import HASH_PREFIX, digest
@@ -85,7 +86,10 @@ class Ranks:
         ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
         group = dist.new_group(ranks, backend="gloo",
                                timeout=datetime.timedelta(seconds=timeout))
-        return cls(dist.get_rank(group), dist.get_world_size(group), group)
+        job = cls(dist.get_rank(group), dist.get_world_size(group), group)
+        hosts = job.gather_json(socket.gethostname())
+        _io.share_cores(hosts.count(socket.gethostname()))  # the ranks on this machine
+        return job
 
     def gather_json(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (JSON), on every rank, in rank order."""

@@ -34,6 +34,14 @@ CHUNK = 32 * 1024 * 1024
 # runs) with 2 threads and 0.64-1.03 s with 4: more threads than cores gain nothing.
 IO_THREADS = min(8, max(2, os.cpu_count() or 1))
 
+
+def share_cores(processes: int) -> None:
+    """Size the thread pools for ``processes`` processes of one job on this machine (the
+    ranks of a torch.distributed job): they share its cores, and a save of 4 ranks on 2
+    cores measured 0.98x DCP's time with one I/O thread per rank, 1.33x with two."""
+    global IO_THREADS
+    IO_THREADS = min(8, max(1, (os.cpu_count() or 1) // max(1, processes)))
+
 @dataclass(frozen=True)
 class _Region:
     """Bytes of one file at ``offset``, living in ``view`` (a tensor's memory or a buffer)."""
