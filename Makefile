@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: demo test test-oldest test-long screenshots bench bench-s3 bench-dedup clean
+.PHONY: demo test test-oldest test-long screenshots bench bench-s3 bench-dedup bench-dist clean
 
 .venv/.installed: pyproject.toml
 	test -d .venv || python3 -m venv .venv
@@ -60,6 +60,11 @@ bench-s3: .venv/.installed
 # unchanged tensor files, in lockstep; checks the targets (a few minutes, ~5 GB of disk).
 bench-dedup: .venv/.installed
 	$(PY) -m benchmarks.dedup_bench
+
+# Issue 10: FSDP2 saves at 2 and 4 CPU ranks and resharding restores (2 -> 4, 4 -> 2),
+# ckpts against torch.distributed.checkpoint in interleaved rounds (~4 minutes, ~2 GB disk).
+bench-dist: .venv/.installed
+	$(PY) -m benchmarks.dist_bench
 
 clean:
 	rm -rf .venv .venv-oldest .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info
