@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import random
 import shutil
@@ -83,6 +84,18 @@ class Rows(list[dict[str, Any]]):
 
 def _dump(value: Series | str | None) -> Any:
     return value.summary() if isinstance(value, Series) else value
+
+
+def write_results(out: Path | None, name: str, result: Mapping[str, Any], text: str) -> None:
+    """Write ``out/<name>-<timestamp>.json`` (the result) and ``.md`` (its table), the
+    timestamp from ``result["machine"]["date"]``; nothing when ``out`` is None."""
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = result["machine"]["date"].replace(":", "").replace("+0000", "Z")
+    (out / f"{name}-{stamp}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}-{stamp}.md").write_text(text)
+    log(f"wrote {out}/{name}-{stamp}.json and .md")
 
 
 def log(message: str) -> None:

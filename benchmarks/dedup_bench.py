@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import random
 import shutil
@@ -53,7 +52,7 @@ import torch
 
 import ckpts
 from benchmarks import _workloads as wl
-from benchmarks._measure import log
+from benchmarks._measure import log, write_results
 from ckpts._usage import physical_bytes
 
 TITLE = "ckpts dedup: reuse of unchanged tensor files (issue 11)"
@@ -509,12 +508,7 @@ def main() -> None:
               "total_seconds": round(time.perf_counter() - started, 1)}
     text = markdown(result)
     print(text)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        stamp = machine["date"].replace(":", "").replace("+0000", "Z")
-        (out / f"dedup-{stamp}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / f"dedup-{stamp}.md").write_text(text)
-        log(f"wrote {out}/dedup-{stamp}.json and .md")
+    write_results(out, "dedup", result, text)
     log(f"total {result['total_seconds']:.0f} s")
 
 

@@ -66,7 +66,7 @@ from torch.multiprocessing.spawn import spawn as spawn_ranks
 
 import ckpts
 from benchmarks import _workloads as wl
-from benchmarks._measure import PeakRSS, Series, _settle, log, paired_ratio
+from benchmarks._measure import PeakRSS, Series, _settle, log, paired_ratio, write_results
 from ckpts._io import CHUNK
 
 TITLE = "ckpts vs torch.distributed.checkpoint on many ranks (FSDP2, CPU, gloo)"
@@ -574,12 +574,7 @@ def main() -> None:
               "notes": NOTES, "total_seconds": round(time.perf_counter() - started, 1)}
     text = markdown(result)
     print(text)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        stamp = machine["date"].replace(":", "").replace("+0000", "Z")
-        (out / f"dist-{stamp}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / f"dist-{stamp}.md").write_text(text)
-        log(f"wrote {out}/dist-{stamp}.json and .md")
+    write_results(out, "dist", result, text)
     log(f"total {result['total_seconds']:.0f} s")
 
 

@@ -269,7 +269,7 @@ def test_a_distributed_sampler_gets_each_epoch_and_a_resumed_epoch_replays_its_o
     first = loader()
     seen = [batch.tolist() for batch in first]
     assert seen == epochs[0]
-    for step, batch in enumerate(first):
+    for step, _ in enumerate(first):
         if step == 1:
             state = first.state_dict()
             break

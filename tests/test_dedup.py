@@ -23,11 +23,8 @@ import logging
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,7 +37,7 @@ import torch
 import ckpts
 from dedup_worker import FROZEN_KEYS, KEEP, TRAINABLE_KEYS, AdapterNet, build, train_step
 from s3_server import S3Bucket
-from test_kill_harness import leftovers
+from test_kill_harness import leftovers, start_and_kill
 
 if TYPE_CHECKING:
     from ckpts._storage import Staged
@@ -288,46 +285,6 @@ def test_a_copied_checkpoint_folder_is_whole_after_the_run_is_deleted(tmp_path: 
 # ---------------------------------------------------------------- 4. SIGKILL during reusing saves
 
 
-@dataclass
-class Life:
-    """One worker life: the step it restored, the steps it printed as committed."""
-
-    ready_step: int
-    committed: list[int]
-
-
-def start_and_kill(run: Path, mode: str, delay: float, log: Path) -> Life:
-    """Start the worker, SIGKILL it ``delay`` seconds after it printed ``ready``."""
-    lines: list[str] = []
-    ready = threading.Event()
-    with open(log, "ab") as stderr, subprocess.Popen(
-        [sys.executable, WORKER, str(run), mode, str(SEED)],
-        stdout=subprocess.PIPE, stderr=stderr, text=True,
-    ) as process:
-        assert process.stdout is not None
-        stdout = process.stdout
-
-        def read() -> None:
-            for line in stdout:
-                lines.append(line.strip())
-                if line.startswith("ready"):
-                    ready.set()
-            ready.set()  # EOF: the worker died on its own; the return code says how
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        ready.wait(READY_TIMEOUT)
-        time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-        reader.join(timeout=60)
-    assert process.returncode == -signal.SIGKILL, (
-        f"the worker exited with {process.returncode} before the kill:\n{log.read_text()}")
-    assert lines and lines[0].startswith("ready "), lines
-    return Life(int(lines[0].split()[1]),
-                [int(line.split()[1]) for line in lines if line.startswith("committed ")])
-
-
 def replayed(step: int) -> Tensors:
     """The worker's tensors after ``step`` uninterrupted steps."""
     _, model, optimizer = build(SEED)
@@ -353,7 +310,8 @@ def test_sigkill_during_saves_that_reuse_files_leaves_every_checkpoint_whole(
     rng = random.Random(f"dedup-{mode}")
     durable = 0
     for life in range(SIGKILL_LIVES):
-        killed = start_and_kill(run, mode, rng.uniform(0.05, 1.5), tmp_path / "worker.stderr")
+        killed = start_and_kill(run, mode, SEED, rng.uniform(0.05, 1.5),
+                                tmp_path / "worker.stderr", worker=WORKER)
         assert killed.ready_step >= durable
         durable = max([durable, killed.ready_step, *killed.committed])
         listed = [c.step for c in ckpts.CheckpointManager(run).checkpoints()]

@@ -84,12 +84,14 @@ class Killed:
     committed: list[int]
 
 
-def start_and_kill(run: Path, mode: str, seed: int, delay: float, log: Path) -> Killed:
-    """Start the worker, SIGKILL it ``delay`` seconds after it printed ``ready``."""
+def start_and_kill(run: Path, mode: str, seed: int, delay: float, log: Path, *,
+                   worker: str = WORKER) -> Killed:
+    """Start the worker (``kill_worker.py`` or one that speaks alike), SIGKILL it
+    ``delay`` seconds after it printed ``ready``."""
     lines: list[str] = []
     ready = threading.Event()
     with open(log, "ab") as stderr, subprocess.Popen(
-        [sys.executable, WORKER, str(run), mode, str(seed)],
+        [sys.executable, worker, str(run), mode, str(seed)],
         stdout=subprocess.PIPE, stderr=stderr, text=True,
     ) as process:
         assert process.stdout is not None
