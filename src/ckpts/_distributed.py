@@ -51,7 +51,7 @@ from torch.futures import Future
 from ckpts import _io, errors
 from ckpts._checkpoint import describe
 from ckpts._format import DTYPE_NAMES, DTYPES, byte_view
-from ckpts._manifest import HASH_PREFIX, digest
+from ckpts._manifest import BLOCK, HASH_PREFIX, digest
 from ckpts._state import PER_RANK_KINDS, ObjectSnapshot
 from ckpts._storage import Range, Staged, Storage
 from ckpts._transfer import Reusable, write_tensor_files
@@ -64,7 +64,6 @@ from ckpts.errors import (
 
 Key = tuple[str, str]  # (object name, tensor key)
 
-BLOCK = 2**20  # bytes per block hash of a large tensor: the granularity of ranged reads
 CHUNK = 32 * 2**20  # bytes of buffer a rank's restore holds at once (beyond its live tensors)
 
 

@@ -35,6 +35,7 @@ FORMAT_NAME = "ckpts"
 FORMAT_VERSION = 2  # what a save by one process writes
 SHARDED_FORMAT_VERSION = 3  # a save by many ranks: tensor shards and per-rank objects
 READABLE_VERSION = SHARDED_FORMAT_VERSION
+BLOCK = 2**20  # v3: a tensor or shard above this many bytes has a hash per block of it
 HASH_PREFIX = "xxh3_128:"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
@@ -180,7 +181,8 @@ def _check_ranges(name: str, obj: dict[str, Any], files: dict[str, Any], path: s
 
 def _fits(piece: Any, shape: list[int], itemsize: int, files: dict[str, Any]) -> bool:
     """A tensor's (or shard's) entry: a listed file, a hash, a byte range in the file's
-    data that fits its size, and a box inside the tensor's shape."""
+    data that fits its size, a box inside the tensor's shape, and (v3) either no block
+    hashes or one per BLOCK of its bytes."""
     if not isinstance(piece, dict) or not isinstance(piece.get("hash"), str) \
             or piece.get("file") not in files:
         return False
@@ -192,8 +194,11 @@ def _fits(piece: Any, shape: list[int], itemsize: int, files: dict[str, Any]) ->
     record, numel = files[piece["file"]], 1
     for dim in size:
         numel *= dim
+    blocks = piece.get("blocks", [])
     return bool(record.get("header", 0) <= offsets[0] <= offsets[1] <= record["nbytes"]
-                and offsets[1] - offsets[0] == numel * itemsize)
+                and offsets[1] - offsets[0] == numel * itemsize
+                and isinstance(blocks, list) and all(isinstance(b, str) for b in blocks)
+                and len(blocks) in (0, -(-numel * itemsize // BLOCK)))
 
 
 def _check_object(name: str, obj: Any, files: dict[str, Any], path: str) -> None:
