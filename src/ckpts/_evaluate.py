@@ -24,7 +24,7 @@ from ckpts.errors import InvalidArgumentError, NotACheckpointError
 if TYPE_CHECKING:
     import torch
 
-    from ckpts._manager import CheckpointManager
+    from ckpts._records import RunRecords
 
 log = logging.getLogger("ckpts")
 
@@ -33,7 +33,7 @@ EvaluationProgress = Callable[[Checkpoint, "Mapping[str, float] | None", int, in
 
 
 def evaluate(
-    manager: CheckpointManager,
+    manager: RunRecords,
     fn: Callable[[Any], Mapping[str, float]],
     *,
     metrics: Sequence[str],
@@ -100,7 +100,7 @@ def evaluate(
     return results
 
 
-def _choose(manager: CheckpointManager, steps: Iterable[int] | None) -> list[Checkpoint]:
+def _choose(manager: RunRecords, steps: Iterable[int] | None) -> list[Checkpoint]:
     available = manager.checkpoints()
     if steps is None:
         return available
