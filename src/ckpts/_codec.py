@@ -206,7 +206,11 @@ def _is_plain(tensor: torch.Tensor) -> bool:
 
 
 def is_dtensor(value: Any) -> bool:
-    """A torch.distributed DTensor (looked up only once torch.distributed is loaded)."""
+    """A torch.distributed DTensor (looked up only once torch.distributed is loaded).
+    The class name is checked first: this runs once per tensor, 40,000 times in a save
+    of many small tensors."""
+    if "DTensor" not in type(value).__name__:
+        return False
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(value, module.DTensor)
 
