@@ -211,7 +211,7 @@ def _dedupe_tied(
     for key, value in tensors.items():
         tensor = value.to_local() if is_dtensor(value) else value  # type: ignore[attr-defined]
         # empty tensors have no memory to compare: only the same object is tied
-        identity: tuple[Any, ...] = ("empty", id(tensor)) if tensor.numel() == 0 else (
+        identity: tuple[Any, ...] = ("empty", id(value)) if tensor.numel() == 0 else (
             tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
             tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.is_conj(),
             tensor.is_neg(),
