@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,23 @@ def test_a_tensor_failing_its_hash_leaves_the_model_untouched(tmp_path: Path,
         ckpts.load_weights(checkpoint, fresh)
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_a_failed_hash_names_the_tensor_and_copies_none_of_many(tmp_path: Path) -> None:
+    # many small tensors: the copies into the model happen only after every hash passed
+    torch.manual_seed(0)
+    saved = torch.nn.ParameterDict({f"t{i:03d}": torch.nn.Parameter(torch.randn(7))
+                                    for i in range(300)})
+    checkpoint = ckpts.CheckpointManager(tmp_path).save(1, ckpts.TrainState(model=saved))
+    manifest = json.loads((Path(checkpoint.path) / "manifest.json").read_text())
+    begin, _ = manifest["objects"]["model"]["tensors"]["t150"]["offsets"]
+    path = Path(checkpoint.path) / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[begin] ^= 0x01  # one byte of a tensor in the middle
+    path.write_bytes(bytes(data))
+    fresh = torch.nn.ParameterDict({f"t{i:03d}": torch.nn.Parameter(torch.zeros(7))
+                                    for i in range(300)})
+    with pytest.raises(ckpts.CorruptCheckpointError,
+                       match=r"model\.safetensors: tensor 't150' of 'model': content hash"):
+        ckpts.load_weights(checkpoint, fresh)
+    assert all(torch.equal(value, torch.zeros(7)) for value in fresh.values())

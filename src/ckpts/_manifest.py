@@ -170,35 +170,40 @@ def _check_ranges(name: str, obj: dict[str, Any], files: dict[str, Any], path: s
     (v3: each shard's, and each shard lies inside the whole tensor)."""
     for key, info in obj["tensors"].items():
         shape, itemsize = info["shape"], DTYPE_SIZES[info["dtype"]]
-        pieces = info["shards"] if "shards" in info else [{**info, "origin": [0] * len(shape),
-                                                           "size": shape}]
-        for piece in pieces:
-            if not _fits(piece, shape, itemsize, files):
-                raise CorruptCheckpointError(
-                    f"{path}: tensor {key!r} of object {name!r} has a malformed byte range, "
-                    "shard or hash")
+        if "shards" in info:
+            fits = all(isinstance(piece, dict) and _fits(
+                piece, piece.get("origin"), piece.get("size"), shape, itemsize, files)
+                for piece in info["shards"])
+        else:  # the whole tensor (no box to check): 40,000 of these in a big optimizer
+            fits = _fits(info, None, shape, shape, itemsize, files)
+        if not fits:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {key!r} of object {name!r} has a malformed byte range, "
+                "shard or hash")
 
 
-def _fits(piece: Any, shape: list[int], itemsize: int, files: dict[str, Any]) -> bool:
+def _fits(piece: dict[str, Any], origin: Any, size: Any, shape: list[int], itemsize: int,
+          files: dict[str, Any]) -> bool:
     """A tensor's (or shard's) entry: a listed file, a hash, a byte range in the file's
-    data that fits its size, a box inside the tensor's shape, and (v3) either no block
-    hashes or one per BLOCK of its bytes."""
-    if not isinstance(piece, dict) or not isinstance(piece.get("hash"), str) \
-            or piece.get("file") not in files:
+    data that fits ``size``, the box at ``origin`` inside the tensor's shape (a shard;
+    None for a whole tensor), and (v3) either no block hashes or one per BLOCK."""
+    offsets = piece.get("offsets")
+    if not isinstance(piece.get("hash"), str) or piece.get("file") not in files \
+            or not is_shape(offsets) or len(offsets) != 2:
         return False
-    offsets, origin, size = piece.get("offsets"), piece.get("origin"), piece.get("size")
-    if not (is_shape(offsets) and is_shape(origin) and is_shape(size)) or len(offsets) != 2 \
-            or len(origin) != len(shape) or len(size) != len(shape) \
-            or any(o + n > d for o, n, d in zip(origin, size, shape, strict=True)):
+    if origin is not None and not (
+            is_shape(origin) and is_shape(size) and len(origin) == len(shape) == len(size)
+            and all(o + n <= d for o, n, d in zip(origin, size, shape, strict=True))):
         return False
     record, numel = files[piece["file"]], 1
     for dim in size:
         numel *= dim
-    blocks = piece.get("blocks", [])
+    blocks = piece.get("blocks")
     return bool(record.get("header", 0) <= offsets[0] <= offsets[1] <= record["nbytes"]
                 and offsets[1] - offsets[0] == numel * itemsize
-                and isinstance(blocks, list) and all(isinstance(b, str) for b in blocks)
-                and len(blocks) in (0, -(-numel * itemsize // BLOCK)))
+                and (blocks is None or (isinstance(blocks, list)
+                     and all(isinstance(b, str) for b in blocks)
+                     and len(blocks) in (0, -(-numel * itemsize // BLOCK)))))
 
 
 def _check_object(name: str, obj: Any, files: dict[str, Any], path: str) -> None:

@@ -44,6 +44,11 @@ from ckpts.errors import CorruptCheckpointError
 # a tensor, as the readers name it: (saved object name, tensor key)
 Key = tuple[str, str]
 
+# what a checked hash covers, for its error message: the text, or (file, tensor) for a
+# whole tensor, put into words only when its check fails (formatting 10,000 messages
+# that are never shown cost a tenth of a small-tensor load)
+Subject = str | tuple[str, Key]
+
 # called with the bytes a save is about to write and the files it is about to reuse
 BeforeWriting = Callable[[int, Mapping[str, int]], None]
 
@@ -236,15 +241,15 @@ def read_tensors(
         else:  # format v1: the whole file, under one hash
             plan.whole_file(file, files[file], wanted, live)
     loaded = plan.run()
-    for key, tensor in loaded.items():
-        target = targets.get(key)
-        if target is not None and target is not tensor and target.dtype == tensor.dtype \
-                and target.shape == tensor.shape:
-            with torch.no_grad():
+    with torch.no_grad():  # entered once: per tensor, it cost as much as the copy
+        for key, tensor in loaded.items():
+            target = targets.get(key)
+            if target is not None and target is not tensor and target.dtype == tensor.dtype \
+                    and target.shape == tensor.shape:
                 target.copy_(tensor)
-            loaded[key] = target
-        elif key in plan.mapped:  # handed back: memory of its own, not the file's map
-            loaded[key] = tensor.clone()
+                loaded[key] = target
+            elif key in plan.mapped:  # handed back: memory of its own, not the file's map
+                loaded[key] = tensor.clone()
     return loaded
 
 
@@ -262,16 +267,17 @@ class _ReadPlan:
         self.map_file = getattr(storage, "map_file", None) if map_files else None
         self.ranges: list[Range] = []
         self.loaded: dict[Key, torch.Tensor] = {}
-        self.mapped: dict[Key, tuple[memoryview, TensorEntry]] = {}
-        self.hashes: list[tuple[str, str, list[memoryview]]] = []  # what, expected, bytes
+        self.mapped: dict[Key, tuple[torch.Tensor, TensorEntry]] = {}  # the file's bytes
+        self.hashes: list[tuple[Subject, str, list[memoryview]]] = []  # expected, bytes
         self.headers: list[tuple[str, int, memoryview, dict[Key, TensorEntry]]] = []
         # format v3: tensors assembled from pieces, pieces read aside, and their headers
         self.assembled: dict[Key, torch.Tensor] = {}
         self.boxes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (box, piece read aside)
         self.pieces_by_file: dict[str, dict[Key, TensorEntry]] = {}
 
-    def _map(self, file: str, nbytes: int) -> memoryview | None:
-        """The file's bytes, mapped, when the backend can map it; None otherwise."""
+    def _map(self, file: str, nbytes: int) -> tuple[memoryview, torch.Tensor] | None:
+        """The file's bytes, mapped, when the backend can map it (also as one uint8
+        tensor, which each tensor of the file slices); None otherwise."""
         if self.map_file is None:
             return None
         data: memoryview = self.map_file(self.name, file)
@@ -279,27 +285,29 @@ class _ReadPlan:
             raise CorruptCheckpointError(
                 f"{self.storage.where(self.name)}/{file}: {len(data)} bytes, the manifest says "
                 f"{nbytes} (truncated or overwritten)")
-        return data
+        whole = torch.frombuffer(data, dtype=torch.uint8) if nbytes \
+            else torch.empty(0, dtype=torch.uint8)
+        return data, whole
 
     def tensors_by_range(self, file: str, record: Mapping[str, Any],
                          wanted: Mapping[Key, TensorEntry],
                          live: Mapping[Key, torch.Tensor]) -> None:
         """Format v2: the header and each wanted tensor, each under its own hash."""
         where = f"{self.storage.where(self.name)}/{file}"
-        data = self._map(file, record["nbytes"])
-        header = data[:record["header"]] if data is not None else \
+        mapped = self._map(file, record["nbytes"])
+        header = mapped[0][:record["header"]] if mapped is not None else \
             self._read(file, 0, memoryview(bytearray(record["header"])))
         self.hashes.append((f"{where}: its header", record["hash"], [header]))
         self.headers.append((file, record["nbytes"], header, dict(wanted)))
         for key, entry in wanted.items():
-            if data is not None:
-                self.mapped[key] = (data, entry)
+            if mapped is not None:
+                data, whole = mapped
+                self.mapped[key] = (whole, entry)
                 view = data[entry.begin:entry.end]
             else:
                 self.loaded[key] = _destination(entry, live.get(key))
                 view = self._read(file, entry.begin, byte_view(self.loaded[key]))
-            self.hashes.append((f"{where}: tensor {key[1]!r} of {key[0]!r}", str(entry.hash),
-                                [view]))
+            self.hashes.append(((file, key), str(entry.hash), [view]))
 
     def whole_file(self, file: str, record: Mapping[str, Any], wanted: Mapping[Key, TensorEntry],
                    live: Mapping[Key, torch.Tensor]) -> None:
@@ -308,11 +316,11 @@ class _ReadPlan:
         where = f"{self.storage.where(self.name)}/{file}"
         size = record["nbytes"]
         header = read_header(self.storage, self.name, file, size)
-        data = self._map(file, size)
-        if data is not None:
-            self.hashes.append((where, record["hash"], [data]))
+        mapped = self._map(file, size)
+        if mapped is not None:
+            self.hashes.append((where, record["hash"], [mapped[0]]))
             for key, expected in wanted.items():
-                self.mapped[key] = (data, stored_entry(where, header, key[1], expected))
+                self.mapped[key] = (mapped[1], stored_entry(where, header, key[1], expected))
             return
         parts: list[tuple[int, memoryview]] = []
         for key, expected in wanted.items():
@@ -372,12 +380,12 @@ class _ReadPlan:
     def run(self) -> dict[Key, torch.Tensor]:
         """Read every range, check every hash, then compare the v2 headers."""
         self.storage.read_ranges(self.name, self.ranges)
-        for what, expected, views in self.hashes:
-            hasher = xxhash.xxh3_128()
-            for view in views:
-                hasher.update(view)
-            actual = HASH_PREFIX + hasher.hexdigest()
+        for subject, expected, views in self.hashes:
+            actual = digest(views[0]) if len(views) == 1 else _digest_of_parts(views)
             if actual != expected:
+                what = subject if isinstance(subject, str) else \
+                    f"{self.storage.where(self.name)}/{subject[0]}: tensor {subject[1][1]!r} " \
+                    f"of {subject[1][0]!r}"
                 raise CorruptCheckpointError(
                     f"{what}: content hash {actual} differs from the manifest's {expected}")
         for file, size, raw, wanted in self.headers:
@@ -392,24 +400,31 @@ class _ReadPlan:
                     raise CorruptCheckpointError(
                         f"{where}: tensor {key[1]!r} is at bytes {entry.begin}..{entry.end} "
                         f"of the file, the manifest says {saved.begin}..{saved.end}")
-        for key, (data, entry) in self.mapped.items():
-            self.loaded[key] = _view_of(data, entry)
+        for key, (whole, entry) in self.mapped.items():
+            self.loaded[key] = _view_of(whole, entry)
         for box, piece in self.boxes:
             box.copy_(piece)
         self.loaded.update(self.assembled)
         return self.loaded
 
 
-def _view_of(data: memoryview, entry: TensorEntry) -> torch.Tensor:
-    """The tensor ``entry`` describes, as a view of a mapped file's bytes."""
+def _digest_of_parts(views: Sequence[memoryview]) -> str:
+    """The hash of the bytes of ``views`` one after the other (format v1: a whole file)."""
+    hasher = xxhash.xxh3_128()
+    for view in views:
+        hasher.update(view)
+    return HASH_PREFIX + hasher.hexdigest()
+
+
+def _view_of(whole: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    """The tensor ``entry`` describes, as a view of a mapped file's bytes (``whole``)."""
     dtype = DTYPE_NAMES[entry.dtype]
     if entry.end == entry.begin:
         return torch.empty(entry.shape, dtype=dtype)
-    raw = torch.frombuffer(data, dtype=torch.uint8, count=entry.end - entry.begin,
-                           offset=entry.begin)
-    if entry.begin % raw.new_empty(0, dtype=dtype).element_size():
+    raw = whole[entry.begin:entry.end]
+    if entry.begin % dtype.itemsize:
         raw = raw.clone()  # a foreign file with unaligned data: realign before the view
-    return raw.view(dtype).reshape(entry.shape)
+    return raw.view(dtype).view(entry.shape)
 
 
 def _destination(entry: TensorEntry, target: torch.Tensor | None) -> torch.Tensor:

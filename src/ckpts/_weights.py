@@ -171,8 +171,10 @@ def _resolve(checkpoint: Checkpoint | str | os.PathLike[str],
 def _check_sizes(storage: Storage, checkpoint: str, manifest: dict[str, Any], name: str
                  ) -> None:
     """Before reading: the files of object ``name`` exist with their recorded sizes."""
-    files = {piece.file for entry in manifest_tensor_entries(manifest["objects"][name]).values()
-             for piece in (entry.shards or [entry])}
+    # from the checked manifest's own records: making a TensorEntry of each tensor just
+    # to name its file cost 10 ms on 10,000 tensors
+    files = {piece["file"] for info in manifest["objects"][name]["tensors"].values()
+             for piece in info.get("shards", [info])}
     check_file_sizes(storage.where(checkpoint),
                      {"files": {f: manifest["files"][f] for f in sorted(files)}},
                      storage.sizes(checkpoint))
