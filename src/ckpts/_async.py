@@ -46,10 +46,11 @@ class Stager:
         for name, snap in snapshots.items():
             tensors = {}
             for key, tensor in snap.tensors.items():
-                source = tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+                sharded = is_dtensor(tensor)
+                source = tensor.to_local() if sharded else tensor  # type: ignore[attr-defined]
                 buffers.append(self._buffer((name, key), source))
                 sources.append(source)  # copied under no_grad: no detach() needed
-                tensors[key] = _like(tensor, buffers[-1])
+                tensors[key] = _rewrapped(tensor, buffers[-1]) if sharded else buffers[-1]
             staged[name] = replace(snap, tensors=tensors)
         with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else nullcontext()):
             if stream is None:
@@ -80,11 +81,9 @@ class Stager:
         return buffer
 
 
-def _like(tensor: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """``buffer`` standing for ``tensor``: a DTensor's staged shard is wrapped again with
-    the DTensor's mesh, placements and global shape, so a save still knows its place."""
-    if not is_dtensor(tensor):
-        return buffer
+def _rewrapped(tensor: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """A DTensor's staged shard wrapped again with the DTensor's mesh, placements and
+    global shape, so a save still knows its place."""
     from torch.distributed.tensor import DTensor
 
     return DTensor.from_local(buffer, tensor.device_mesh, tensor.placements,  # type: ignore[attr-defined]
