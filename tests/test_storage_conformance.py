@@ -148,6 +148,35 @@ def test_committing_a_name_again_replaces_the_old_checkpoint(run: Storage) -> No
         run.read(STEP, "a.safetensors")
 
 
+def test_a_file_written_from_a_stream_of_reused_pieces_reads_back_whole(run: Storage) -> None:
+    data = os.urandom(3 * 2**20 + 7)  # a multipart upload on S3 needs 5 MiB parts: sent in one
+    buffer = bytearray(2**20)  # one buffer refilled for every piece, as the chunk pool does
+
+    def pieces() -> Iterator[memoryview]:
+        for start in range(0, len(data), len(buffer)):
+            piece = data[start:start + len(buffer)]
+            buffer[:len(piece)] = piece
+            yield memoryview(buffer)[:len(piece)]
+
+    staged = run.stage(STEP)
+    run.write_stream(staged, "model.safetensors", pieces())
+    run.commit(staged, b"{}")
+    assert run.read(STEP, "model.safetensors") == data
+
+
+def test_a_stream_that_fails_midway_raises_and_abort_leaves_nothing(run: Storage) -> None:
+    def pieces() -> Iterator[memoryview]:
+        yield memoryview(b"x" * 1000)
+        raise OSError(28, "No space left on device (injected)")
+
+    staged = run.stage(STEP)
+    with pytest.raises(OSError, match="injected"):
+        run.write_stream(staged, "model.safetensors", pieces())
+    run.abort(staged)
+    assert run.committed() == [] and run.sizes(STEP) == {}
+    assert run.clean(check_manifests=True) == []
+
+
 def test_abort_leaves_nothing(run: Storage) -> None:
     save(run, checkpoint_name(100), {"model.safetensors": b"kept"})
     staged = run.stage(STEP)

@@ -55,7 +55,13 @@ def encode_header(items: Sequence[tuple[str, torch.Tensor]]) -> bytes:
 
 
 def tensor_bytes(tensor: torch.Tensor, *, key: str) -> memoryview:
-    """The raw little-endian bytes of a tensor, copied to CPU only when needed.
+    """The raw little-endian bytes of a tensor, copied to CPU only when needed."""
+    return byte_view(dense(tensor, key=key).cpu())
+
+
+def dense(tensor: torch.Tensor, *, key: str) -> torch.Tensor:
+    """The tensor as a contiguous tensor where it lives, whose memory holds the values it
+    shows (a conjugate or negative view, ``z.conj().imag``, holds them unresolved).
 
     Other kinds never get here: ckpts._codec splits or refuses them when the state
     is captured; this check only guards the file format.
@@ -67,8 +73,7 @@ def tensor_bytes(tensor: torch.Tensor, *, key: str) -> memoryview:
             f"dense tensor of a dtype safetensors stores ({sorted(DTYPES.values())}); "
             "cast or convert it in its state_dict()."
         )
-    # a conjugate or negative view (z.conj(), z.conj().imag) holds its bytes unresolved
-    return byte_view(tensor.detach().cpu().resolve_conj().resolve_neg().contiguous())
+    return tensor.detach().resolve_conj().resolve_neg().contiguous()
 
 
 def header_length(prefix: bytes, size: int, where: str) -> int:
@@ -102,7 +107,7 @@ def parse_header(raw: bytes, size: int, *, file: str, where: str) -> dict[str, T
 
 def _dtype_name(tensor: torch.Tensor, key: str) -> str:
     if tensor.dtype not in DTYPES:
-        tensor_bytes(tensor, key=key)  # raises the explanatory error
+        dense(tensor, key=key)  # raises the explanatory error
     return DTYPES[tensor.dtype]
 
 
@@ -130,10 +135,15 @@ def _header_entry(where: str, file: str, key: str, info: Any, data_start: int, s
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """A byte view of a contiguous CPU tensor's memory (writable: readinto fills it)."""
+    return memoryview(flat_bytes(tensor).numpy()).cast("B")  # type: ignore[arg-type]
+
+
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes, as a flat uint8 tensor where it lives."""
     flat = tensor.detach().reshape(-1)
     if flat.numel() <= 1:  # contiguous, yet its one stride may be anything (x[::4] of 4)
         flat = flat.as_strided((flat.numel(),), (1,))
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+    return flat.view(torch.uint8)
 
 
 def stored_entry(where: str, header: Mapping[str, TensorEntry], key: str,

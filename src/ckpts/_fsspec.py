@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ckpts._lease import Lease
@@ -194,6 +194,25 @@ class FsspecStorage:
                      threads=CONCURRENCY)
         for path, views, size in large:  # one file at a time, its parts all in parallel
             self._upload(path, views, size)
+
+    @as_os_errors
+    def write_stream(self, staged: Staged, file: str, pieces: Iterable[memoryview]) -> None:
+        """Through the filesystem's own buffered writer (s3fs: a multipart upload, part by
+        part as the pieces come), which copies each piece before taking the next."""
+        from fsspec.spec import AbstractBufferedFile
+
+        stream = self.fs.open(f"{staged.where}/{file}", "wb")
+        try:
+            for piece in pieces:
+                stream.write(piece)
+        except BaseException:
+            if isinstance(stream, AbstractBufferedFile):  # s3fs: abort the multipart upload
+                stream.discard()
+                stream.closed = True  # and finalize nothing
+            else:
+                stream.close()  # what it holds goes with the staged checkpoint, at abort
+            raise
+        stream.close()
 
     def _upload(self, path: str, views: Sequence[memoryview], size: int) -> None:
         """A parallel multipart upload; each part is copied from ``views`` only when sent."""

@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +73,19 @@ def write_files(files: Sequence[tuple[Path, Sequence[memoryview]]]) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def write_stream(path: Path, pieces: Iterable[memoryview]) -> None:
+    """Write a file from its pieces, in order, each written before the next is asked
+    for (not fsynced here either: see :func:`write_files`)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        offset = 0
+        for piece in pieces:
+            _pwrite([_Region(fd, offset, piece)])
+            offset += len(piece)
+    finally:
+        os.close(fd)
 
 
 class _WriteTurns:

@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ckpts import _io, _lock
@@ -108,6 +108,9 @@ class LocalStorage:
 
     def write(self, staged: Staged, files: Sequence[tuple[str, Sequence[memoryview]]]) -> None:
         _io.write_files([(Path(staged.where) / file, parts) for file, parts in files])
+
+    def write_stream(self, staged: Staged, file: str, pieces: Iterable[memoryview]) -> None:
+        _io.write_stream(Path(staged.where) / file, pieces)
 
     def sync(self, staged: Staged, files: Sequence[str]) -> None:
         """fsync these staged files now (an optional capability of a backend: the ranks of

@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
@@ -144,6 +144,14 @@ class Storage(Protocol):
     def write(self, staged: Staged, files: Sequence[tuple[str, Sequence[memoryview]]]) -> None:
         """Write every file (the concatenation of its parts) in parallel chunks. The
         parts must stay unchanged until this returns."""
+        ...
+
+    def write_stream(self, staged: Staged, file: str, pieces: Iterable[memoryview]) -> None:
+        """Write one file from its pieces, in order. Each piece is written (or copied)
+        before the next is asked for, so its memory may then be reused: a file that
+        passes through a few host buffers (device tensors, ckpts._streaming). If the
+        pieces raise, the error propagates and the file is left incomplete, for
+        :meth:`abort` to remove."""
         ...
 
     def reuse(self, staged: Staged, source: str, file: str, nbytes: int) -> bool:

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import xxhash
 
+from ckpts import _io
 from ckpts._format import (
     DTYPE_NAMES,
     byte_view,
+    dense,
     encode_header,
     header_length,
     parse_header,
@@ -39,6 +42,14 @@ from ckpts._gc import paused_gc
 from ckpts._manifest import HASH_PREFIX, TensorEntry, digest
 from ckpts._parallel import run_parallel
 from ckpts._storage import Range, Staged, Storage
+from ckpts._streaming import (
+    Destination,
+    RunningHash,
+    file_pieces,
+    read_into,
+    shared_pool,
+    transfers_for,
+)
 from ckpts.errors import CorruptCheckpointError
 
 # a tensor, as the readers name it: (saved object name, tensor key)
@@ -109,9 +120,14 @@ def write_tensor_files(
     reusable: Reusable | None = None,
     before_writing: BeforeWriting = lambda nbytes, reused: None,
     block: int = 0,
+    through_chunks: bool = False,
 ) -> list[WrittenFile]:
     """Write safetensors files (and small others, such as an index) into ``staged``;
     return each tensor file's record. Tensors must stay unchanged until this returns.
+
+    A file holding a tensor outside host memory (CUDA) is streamed through a few
+    reused host chunks (ckpts._streaming), never copied to the host whole; with
+    ``through_chunks``, every file is (so the device path runs on any machine).
 
     With ``reusable``, a file equal to that checkpoint's file of the same name is
     reused (:meth:`Storage.reuse`) instead of written. Deciding hashes the file's
@@ -122,78 +138,128 @@ def write_tensor_files(
     before anything is written. With ``block``, a tensor of more than ``block`` bytes
     also gets the hash of each ``block`` bytes (for readers of part of it).
     """
-    layouts = []
-    for _, items in files:
-        parts = [memoryview(encode_header(items))]
-        parts += [tensor_bytes(tensor, key=key) for key, tensor in items]
-        layouts.append(parts)
-    digests: list[list[str | None]] = [[None] * len(parts) for parts in layouts]
-    same = [reusable is not None and _unchanged(reusable.files.get(name), items, parts, found)
-            for (name, items), parts, found in zip(files, layouts, digests, strict=True)]
-    sizes = [sum(len(part) for part in parts) for parts in layouts]
-    before_writing(sum(size for size, reused in zip(sizes, same, strict=True) if not reused)
+    outs = [_OutFile(name, items, block, streamed=through_chunks
+                     or any(tensor.device.type != "cpu" for _, tensor in items))
+            for name, items in files]
+    streamed = [out for out in outs if out.streamed]
+    chunks = _Chunks([tensor for out in streamed for tensor in out.tensors])
+    same = [reusable is not None and _unchanged(reusable.files.get(out.name), out, chunks)
+            for out in outs]
+    before_writing(sum(out.nbytes for out, reused in zip(outs, same, strict=True) if not reused)
                    + sum(len(data) for _, data in small_files),
-                   {name: size for (name, _), size, reused in zip(files, sizes, same, strict=True)
+                   {out.name: out.nbytes for out, reused in zip(outs, same, strict=True)
                     if reused})
-    for i, (name, _) in enumerate(files):
+    for i, out in enumerate(outs):
         if same[i] and reusable is not None:  # else: could not; written below
-            same[i] = storage.reuse(staged, reusable.name, name, sizes[i])
-    writes = [(name, parts) for (name, _), parts, reused in zip(files, layouts, same, strict=True)
-              if not reused]
+            same[i] = storage.reuse(staged, reusable.name, out.name, out.nbytes)
+    in_memory = [out for out, reused in zip(outs, same, strict=True)
+                 if not reused and not out.streamed]
+    writes = [(out.name, out.parts) for out in in_memory]
     writes += [(name, [memoryview(data)]) for name, data in small_files]
 
-    blocks: list[dict[str, list[str]]] = [{} for _ in files]
-
     def hash_the_rest() -> None:
-        for (_, items), parts, found, pieces in zip(files, layouts, digests, blocks, strict=True):
-            for i, part in enumerate(parts):
+        for out in outs:
+            for i, part in enumerate(out.parts):
                 if block and i and len(part) > block:  # both hashes in one pass over memory
-                    found[i], pieces[items[i - 1][0]] = _hash_with_blocks(part, block)
-                elif found[i] is None:
-                    found[i] = digest(part)
+                    running = RunningHash(block)
+                    running.update(part)
+                    out.found[i], out.blocks[out.items[i - 1][0]] = running.result()
+                elif out.found[i] is None:
+                    out.found[i] = digest(part)
 
     jobs: list[Callable[[], Any]] = [lambda: storage.write(staged, writes), hash_the_rest]
     # hashing runs beside the writes; a small save is done before a thread would start
     total = sum(len(part) for _, parts in writes for part in parts)
     run_parallel(lambda job: job(), jobs, threads=1 if total <= _INLINE else 2)
-    written = []
-    for (_, items), parts, found, reused, pieces in zip(files, layouts, digests, same, blocks,
-                                                        strict=True):
-        position, tensors = len(parts[0]), {}
-        for (key, _), part, tensor_hash in zip(items, parts[1:], found[1:], strict=True):
-            tensors[key] = (position, position + len(part), str(tensor_hash))
-            position += len(part)
-        written.append(WrittenFile(nbytes=position, header=len(parts[0]),
-                                   header_hash=str(found[0]), tensors=tensors, reused=reused,
-                                   blocks=pieces))
-    return written
+    to_stream = [out for out, reused in zip(outs, same, strict=True) if out.streamed and not reused]
+    run_parallel(lambda out: out.stream_to(storage, staged, chunks), to_stream,
+                 threads=_io.IO_THREADS)
+    return [out.record(reused) for out, reused in zip(outs, same, strict=True)]
 
 
-def _hash_with_blocks(data: memoryview, block: int) -> tuple[str, list[str]]:
-    """The hash of ``data`` and of each ``block`` bytes of it, reading each block once
-    (the second hasher finds it in the CPU cache)."""
-    whole, blocks = xxhash.xxh3_128(), []
-    for start in range(0, len(data), block):
-        piece = data[start:start + block]
-        whole.update(piece)
-        blocks.append(digest(piece))
-    return HASH_PREFIX + whole.hexdigest(), blocks
+class _Chunks:
+    """The host chunks and the copies a save of device tensors goes through."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.transfers = transfers_for(tensors)
+        self.pool = shared_pool(pinned=any(tensor.is_cuda for tensor in tensors))
+        self.transfers.begin()  # on the caller's thread: after the kernels it queued
 
 
-def _unchanged(previous: tuple[str, Mapping[str, str]] | None,
-               items: Sequence[tuple[str, torch.Tensor]], parts: Sequence[memoryview],
-               found: list[str | None]) -> bool:
+class _OutFile:
+    """One tensor file of a save: its header, its tensors' bytes (in host memory, or
+    streamed from where they live), and the hashes taken so far (``found``, the
+    header's first)."""
+
+    def __init__(self, name: str, items: Sequence[tuple[str, torch.Tensor]], block: int, *,
+                 streamed: bool) -> None:
+        self.name, self.items, self.block, self.streamed = name, items, block, streamed
+        self.header = memoryview(encode_header(items))
+        self.tensors = [dense(tensor, key=key) for key, tensor in items] if streamed else []
+        self.parts = [self.header] if streamed else \
+            [self.header, *(tensor_bytes(tensor, key=key) for key, tensor in items)]
+        self.sizes = [len(self.header), *(t.numel() * t.element_size() for t in self.tensors)] \
+            if streamed else [len(part) for part in self.parts]
+        self.found: list[str | None] = [None] * len(self.sizes)
+        self.blocks: dict[str, list[str]] = {}  # key -> hash of each block
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
+
+    def hash_of(self, i: int, chunks: _Chunks) -> str:
+        """Part ``i``'s hash (0: the header; else a tensor), kept in ``found``."""
+        if self.found[i] is None:
+            if i < len(self.parts):
+                self.found[i] = digest(self.parts[i])
+            else:
+                running = self._hash(i)
+                with closing(file_pieces(memoryview(b""), [self.tensors[i - 1]], [running],
+                                         chunks.pool, chunks.transfers)) as pieces:
+                    for _ in pieces:
+                        pass
+                self._keep(i, running)
+        return str(self.found[i])
+
+    def _hash(self, i: int) -> RunningHash:
+        return RunningHash(self.block if self.block and self.sizes[i] > self.block else 0)
+
+    def _keep(self, i: int, running: RunningHash) -> None:
+        self.found[i], blocks = running.result()
+        if blocks:
+            self.blocks[self.items[i - 1][0]] = blocks
+
+    def stream_to(self, storage: Storage, staged: Staged, chunks: _Chunks) -> None:
+        """Write the file through the chunks, hashing every tensor on the way."""
+        hashes = [self._hash(i) for i in range(1, len(self.sizes))]
+        with closing(file_pieces(self.header, self.tensors, hashes, chunks.pool,
+                                 chunks.transfers)) as pieces:
+            storage.write_stream(staged, self.name, pieces)
+        for i, running in enumerate(hashes, 1):
+            self._keep(i, running)
+
+    def record(self, reused: bool) -> WrittenFile:
+        position, tensors = self.sizes[0], {}
+        for (key, _), size, tensor_hash in zip(self.items, self.sizes[1:], self.found[1:],
+                                               strict=True):
+            tensors[key] = (position, position + size, str(tensor_hash))
+            position += size
+        return WrittenFile(nbytes=position, header=self.sizes[0],
+                           header_hash=str(self.found[0]), tensors=tensors, reused=reused,
+                           blocks=self.blocks)
+
+
+def _unchanged(previous: tuple[str, Mapping[str, str]] | None, out: _OutFile,
+               chunks: _Chunks) -> bool:
     """Whether a file's header and every tensor hash as in ``previous``; each hash taken
-    is kept in ``found``. Smallest tensors first: a changed file is seen early."""
+    is kept. Smallest tensors first: a changed file is seen early."""
     if previous is None:
         return False
     header_hash, tensor_hashes = previous
-    found[0] = digest(parts[0])
-    if found[0] != header_hash:
+    if out.hash_of(0, chunks) != header_hash:
         return False
-    for i in sorted(range(1, len(parts)), key=lambda i: len(parts[i])):
-        found[i] = digest(parts[i])
-        if found[i] != tensor_hashes.get(items[i - 1][0]):
+    for i in sorted(range(1, len(out.sizes)), key=lambda i: out.sizes[i]):
+        if out.hash_of(i, chunks) != tensor_hashes.get(out.items[i - 1][0]):
             return False
     return True
 
@@ -207,6 +273,7 @@ def read_tensors(
     targets: Mapping[Key, torch.Tensor],
     *,
     fill_targets: bool,
+    through_chunks: bool = False,
 ) -> dict[Key, torch.Tensor]:
     """Read the tensors of ``entries`` (of checkpoint ``name``, whose manifest file
     records are ``files``) and check their hashes. Keys are (object name, tensor key).
@@ -215,7 +282,9 @@ def read_tensors(
     compared with the manifest's entries, so a file that external tools would read
     differently is refused as well. With ``fill_targets``, a target that is a
     contiguous CPU tensor of the saved dtype and shape receives the bytes directly
-    (no second copy; on a hash failure it holds unchecked bytes). Otherwise every
+    (no second copy; on a hash failure it holds unchecked bytes), and such a tensor
+    outside host memory (CUDA) receives them through a few reused host chunks
+    (ckpts._streaming; with ``through_chunks``, CPU ones too). Otherwise every
     tensor is read into new memory and, once all are verified, copied into its
     target where dtype and shape match. Keys without a usable target come back as
     new CPU tensors.
@@ -228,7 +297,7 @@ def read_tensors(
     by_file: dict[str, dict[Key, TensorEntry]] = defaultdict(dict)
     for key, entry in entries.items():
         by_file[entry.file][key] = entry
-    plan = _ReadPlan(storage, name, map_files=not fill_targets)
+    plan = _ReadPlan(storage, name, map_files=not fill_targets, through_chunks=through_chunks)
     for key, entry in entries.items():
         if entry.shards:  # format v3: assembled whole from every rank's piece
             plan.shards(key, entry, files)
@@ -262,8 +331,9 @@ class _ReadPlan:
     copy in all, as from a read into new memory, without its page faults).
     """
 
-    def __init__(self, storage: Storage, name: str, *, map_files: bool) -> None:
-        self.storage, self.name = storage, name
+    def __init__(self, storage: Storage, name: str, *, map_files: bool,
+                 through_chunks: bool = False) -> None:
+        self.storage, self.name, self.through_chunks = storage, name, through_chunks
         self.map_file = getattr(storage, "map_file", None) if map_files else None
         self.ranges: list[Range] = []
         self.loaded: dict[Key, torch.Tensor] = {}
@@ -274,6 +344,7 @@ class _ReadPlan:
         self.assembled: dict[Key, torch.Tensor] = {}
         self.boxes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (box, piece read aside)
         self.pieces_by_file: dict[str, dict[Key, TensorEntry]] = {}
+        self.streamed: dict[Key, Destination] = {}  # live targets filled through chunks
 
     def _map(self, file: str, nbytes: int) -> tuple[memoryview, torch.Tensor] | None:
         """The file's bytes, mapped, when the backend can map it (also as one uint8
@@ -304,6 +375,10 @@ class _ReadPlan:
                 data, whole = mapped
                 self.mapped[key] = (whole, entry)
                 view = data[entry.begin:entry.end]
+            elif _fits(entry, live.get(key)) and (self.through_chunks
+                                                  or live[key].device.type != "cpu"):
+                self.streamed[key] = Destination(entry, live[key])
+                continue
             else:
                 self.loaded[key] = _destination(entry, live.get(key))
                 view = self._read(file, entry.begin, byte_view(self.loaded[key]))
@@ -380,8 +455,17 @@ class _ReadPlan:
     def run(self) -> dict[Key, torch.Tensor]:
         """Read every range, check every hash, then compare the v2 headers."""
         self.storage.read_ranges(self.name, self.ranges)
-        for subject, expected, views in self.hashes:
-            actual = digest(views[0]) if len(views) == 1 else _digest_of_parts(views)
+        checks = [(subject, expected, digest(views[0]) if len(views) == 1
+                   else _digest_of_parts(views)) for subject, expected, views in self.hashes]
+        if self.streamed:
+            targets = list(self.streamed.values())
+            hashes = read_into(self.storage, self.name, targets,
+                              shared_pool(pinned=any(d.target.is_cuda for d in targets)),
+                              transfers_for([d.target for d in targets]), threads=_io.IO_THREADS)
+            checks += [((d.entry.file, key), str(d.entry.hash), actual)
+                       for (key, d), actual in zip(self.streamed.items(), hashes, strict=True)]
+            self.loaded.update({key: d.target for key, d in self.streamed.items()})
+        for subject, expected, actual in checks:
             if actual != expected:
                 what = subject if isinstance(subject, str) else \
                     f"{self.storage.where(self.name)}/{subject[0]}: tensor {subject[1][1]!r} " \
@@ -428,14 +512,18 @@ def _view_of(whole: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
 
 
 def _destination(entry: TensorEntry, target: torch.Tensor | None) -> torch.Tensor:
-    """The target itself when the saved bytes can land in its memory, else new memory.
-    (A conjugate or negative view's memory holds other values than it shows.)"""
-    dtype = DTYPE_NAMES[entry.dtype]
-    if target is not None and target.device.type == "cpu" and target.is_contiguous() \
-            and target.dtype == dtype and tuple(target.shape) == entry.shape \
-            and not target.is_conj() and not target.is_neg():
+    """The target itself when the saved bytes can land in its memory, else new memory."""
+    if target is not None and target.device.type == "cpu" and _fits(entry, target):
         return target
-    return torch.empty(entry.shape, dtype=dtype)
+    return torch.empty(entry.shape, dtype=DTYPE_NAMES[entry.dtype])
+
+
+def _fits(entry: TensorEntry, target: torch.Tensor | None) -> bool:
+    """Whether the saved bytes can land in ``target``'s memory as they are. (A conjugate
+    or negative view's memory holds other values than it shows.)"""
+    return target is not None and target.is_contiguous() \
+        and target.dtype == DTYPE_NAMES[entry.dtype] and tuple(target.shape) == entry.shape \
+        and not target.is_conj() and not target.is_neg()
 
 
 def read_header(storage: Storage, name: str, file: str, size: int) -> dict[str, TensorEntry]:
