@@ -54,6 +54,7 @@ from benchmarks._measure import Deferred, Op, Series, log, paired_ratio, write_r
 TITLE = "ckpts on CUDA state against torch.save, torch.load and DCP (issue 14)"
 DEFAULT_SIZE = "268M"
 STEPS, EVERY = 40, 10
+LIMIT_S = 120.0  # a memory run still going after this is interrupted
 NOTES = [
     "A time is the median of the rounds [min-max]; every contender runs once per round in "
     "a new seeded shuffled order, after one untimed warm-up round. A ratio is the median "
@@ -439,7 +440,25 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{row['peer']} | {_cell(row['peer_value'])} | {ratio} | {target} | "
                      f"{met} |")
     lines.append("")
+    for name, peak in result.get("host_memory", {}).items():
+        lines.append(f"- Peak extra host memory, {name}: {peak['extra_mb']:,.0f} MB "
+                     f"({peak['of_state']:.1%} of the state; anonymous {peak['anon_mb']:,.0f} MB).")
     return "\n".join(lines + [f"- {note}" for note in NOTES]) + "\n"
+
+
+def peak_host_memory(ops: Mapping[str, Op], failed: Mapping[str, str], kept: Path,
+                     state_bytes: int) -> dict[str, dict[str, float]]:
+    """Peak extra host memory (RSS above the start, sampled every ~1 ms) of one more
+    sync save and one more restore: the chunked path holds a few chunks, not the state."""
+    peaks = {}
+    for name in ("ckpts save", "ckpts restore"):
+        if name in failed:
+            continue
+        peak, _ = ms.measure_memory(ops[name], kept / "memory-run", LIMIT_S)
+        peaks[name] = {"extra_mb": peak.extra / 1e6, "anon_mb": peak.extra_anon / 1e6,
+                       "of_state": peak.extra / state_bytes}
+        log(f"  peak extra host memory, {name}: {peak.extra / 1e6:.0f} MB")
+    return peaks
 
 
 # ---------------------------------------------------------------- the run
@@ -471,6 +490,7 @@ def measure(plan: Plan, workdir: Path) -> dict[str, Any]:
     first, failed = warm_up(ops, w, kept)
     phases["warmed up"] = time.perf_counter()
     failed.update({r: f"its source ({s}) failed" for r, s in RESTORES.items() if s in failed})
+    host_memory = peak_host_memory(ops, failed, kept, state_bytes)
     live = {name: op for name, op in ops.items() if name not in failed}
     times = dict(ms.run_rounds(live, plan.rounds, workdir / "rounds", label="gpu"))
     times["first async save"] = Series([first_async])
@@ -480,7 +500,8 @@ def measure(plan: Plan, workdir: Path) -> dict[str, Any]:
     failed.update(loop_failed)
     for name, overhead in loop["overhead_per_save_s"].items():
         times[f"loop: {name}"] = Series([overhead])
-    return {"state_bytes": state_bytes, "times": {n: s.summary() for n, s in times.items()},
+    return {"state_bytes": state_bytes, "host_memory": host_memory,
+            "times": {n: s.summary() for n, s in times.items()},
             "rows": summarize(times, failed), "first_call_s": first,
             "train_loop": loop, "failed": failed,
             "phase_seconds": {name: round(phases[name] - phases["started"], 1)

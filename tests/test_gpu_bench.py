@@ -39,6 +39,8 @@ def test_cpu_dry_run_measures_every_row_of_the_table(tmp_path: Path) -> None:
         assert "failed" not in row and "not measured" not in row, row
         assert row.split(" | ")[4].endswith("x"), row
     assert "CPU (dry run)" in done.stdout
+    assert "Peak extra host memory, ckpts save:" in done.stdout
+    assert "Peak extra host memory, ckpts restore:" in done.stdout
     written = sorted(p.suffix for p in (tmp_path / "out").iterdir())
     assert written == [".json", ".md"]
     assert list(tmp_path.glob("ckpts-gpu-bench-*")) == []  # its scratch is removed
