@@ -16,6 +16,7 @@ import math
 import platform
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,6 +49,17 @@ if TYPE_CHECKING:
     from ckpts._distributed import Ranks
 
 MAX_LISTED = 20  # keys listed per kind of mismatch in an IncompatibleStateError
+
+
+@dataclass(frozen=True)
+class ModuleFit:
+    """A live module found to fit a saved one (:func:`fit_module`): its tensors as
+    the ``state_dict()`` that was checked gave them, and the saved tensor entries
+    (aliases not included), so that reading into it calls neither again."""
+
+    fillable: dict[str, torch.Tensor]  # see ckpts._codec.live_tensors
+    other: dict[str, str]
+    entries: dict[str, TensorEntry]
 
 
 def write_checkpoint(
@@ -263,7 +275,7 @@ def check_compatible(
     ``restore()`` (which has no ``strict``) rather than ``load_weights()``.
     """
     if isinstance(obj, torch.nn.Module):
-        _check_module(directory, name, saved, obj, strict=strict, for_restore=for_restore)
+        fit_module(directory, name, saved, obj, strict=strict, for_restore=for_restore)
     elif isinstance(obj, torch.optim.Optimizer):
         try:
             groups = decode(saved["tree"], lambda key: None)["param_groups"]
@@ -354,8 +366,9 @@ def _optimizer_filled_in_place(obj: Stateful, state_dict: Any) -> bool:
 
 
 def load_module_weights(storage: Storage, checkpoint: str, manifest: Mapping[str, Any],
-                        name: str, module: torch.nn.Module) -> None:
-    """Copy saved module ``name``'s tensors into ``module`` (after :func:`check_compatible`).
+                        name: str, module: torch.nn.Module, fit: ModuleFit) -> None:
+    """Copy saved module ``name``'s tensors into ``module``, which :func:`fit_module`
+    found to fit (``fit``).
 
     Dense tensors are read and verified, then copied into the module's own; nothing
     in the module changes when a hash fails. Composite ones (complex128, sparse,
@@ -365,7 +378,7 @@ def load_module_weights(storage: Storage, checkpoint: str, manifest: Mapping[str
     """
     directory = storage.where(checkpoint)
     saved = manifest["objects"][name]
-    fillable, other = live_tensors(live_state(directory, name, module))
+    fillable, other, entries = fit.fillable, fit.other, fit.entries
     aliases: dict[str, str] = saved.get("aliases", {})
     targets = dict(fillable)
     wanted = fillable.keys() | other.keys()
@@ -374,7 +387,6 @@ def load_module_weights(storage: Storage, checkpoint: str, manifest: Mapping[str
             wanted |= {key}
             if alias in fillable and key not in targets:
                 targets[key] = fillable[alias]
-    entries = manifest_tensor_entries(saved)
     read = read_tensors(storage, checkpoint, manifest["files"],
                         {(name, k): e for k, e in entries.items() if k in wanted},
                         {(name, k): t for k, t in targets.items()}, fill_targets=False)
@@ -451,29 +463,37 @@ def _drop_overlapping(targets: dict[str, dict[str, torch.Tensor]]) -> None:
                     targets[name].pop(key, None)
 
 
-def _check_module(
+def fit_module(
     directory: str, name: str, saved: Mapping[str, Any], module: torch.nn.Module, *,
-    strict: bool, for_restore: bool,
-) -> None:
+    strict: bool, for_restore: bool = False,
+) -> ModuleFit:
+    """Check a live module against saved module ``name`` (see :func:`check_compatible`),
+    from the manifest alone, calling its ``state_dict()`` once.
+
+    Raises:
+        IncompatibleStateError: keys, shapes or dtypes differ, or a live tensor
+            cannot take data; the message lists them and says what to do.
+    """
     fillable, other = live_tensors(live_state(directory, name, module))
-    entries = manifest_tensor_entries(saved)
-    for alias, key in saved.get("aliases", {}).items():
-        entries[alias] = entries[key]
+    fit = ModuleFit(fillable, other, manifest_tensor_entries(saved))
+    entries = fit.entries
+    if saved.get("aliases"):
+        entries = {**entries, **{alias: entries[key] for alias, key in saved["aliases"].items()}}
     keys = fillable.keys() | other.keys()
-    missing = sorted(keys - set(entries)) if strict else []
-    unexpected = sorted(set(entries) - keys) if strict else []
+    missing = sorted(keys - entries.keys()) if strict else []
+    unexpected = sorted(entries.keys() - keys) if strict else []
     mismatched = [
-        (key, f"{entries[key].dtype}{list(entries[key].shape)}",
+        (key, f"{entry.dtype}{list(entry.shape)}",
          f"{DTYPES.get(t.dtype, str(t.dtype))}{list(t.shape)}")
         for key, t in fillable.items()
-        if key in entries and (tuple(t.shape) != entries[key].shape
-                               or DTYPES.get(t.dtype) != entries[key].dtype)
+        if (entry := entries.get(key)) is not None
+        and (t.shape != entry.shape or DTYPES.get(t.dtype) != entry.dtype)  # Size is a tuple
     ]
     # a module copies into its tensors: one that cannot hold the data is an error
     unfillable = sorted((key, why) for key, why in other.items()
                         if key in entries and not why.startswith("is part of"))
     if not (missing or unexpected or mismatched or unfillable):
-        return
+        return fit
     lines = [f"{directory}: module {name!r} does not match the checkpoint"]
     lines += _listed([f"  missing in checkpoint: {k}" for k in missing])
     lines += _listed([f"  unexpected in checkpoint: {k}" for k in unexpected])

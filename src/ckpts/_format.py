@@ -18,6 +18,7 @@ from ckpts._manifest import DTYPE_SIZES, TensorEntry, is_shape
 from ckpts.errors import CorruptCheckpointError, UnserializableStateError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+_INT = frozenset({int})  # the one type of a header's numbers (bool and float are refused)
 
 # Every dtype safetensors 0.8 stores. Names torch added late (uint16/32/64 in 2.3, the
 # fnuz float8s) are looked up, so an older torch simply stores fewer dtypes.
@@ -88,11 +89,18 @@ def header_length(prefix: bytes, size: int, where: str) -> int:
     return int(length)
 
 
-def parse_header(raw: bytes, size: int, *, file: str, where: str) -> dict[str, TensorEntry]:
+def parse_header(raw: bytes, size: int, *, file: str, where: str,
+                 expected: Mapping[str, TensorEntry] | None = None) -> dict[str, TensorEntry]:
     """Parse and check a safetensors JSON header (the bytes after the length prefix).
 
     Offsets are made absolute (from the start of the file) and checked against the
     real file size, so a truncated or hostile file fails here, not in a later read.
+
+    ``expected``: entries known to be well formed and to fit this file (a checked
+    manifest's, by key). A header entry that says exactly what its expected entry
+    says (the same dtype, shape and byte range, every number a JSON integer, as a
+    safetensors reader requires) comes back as that very object, its checks already
+    done; any other entry is checked in full. A reader compares by identity first.
     """
     try:
         header = json.loads(raw)
@@ -101,8 +109,24 @@ def parse_header(raw: bytes, size: int, *, file: str, where: str) -> dict[str, T
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{where}: the safetensors header is not a JSON object")
     data_start = 8 + len(raw)
-    return {key: _header_entry(where, file, key, info, data_start, size)
-            for key, info in header.items() if key != "__metadata__"}
+    expected = expected or {}
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        known = expected.get(key)
+        if known is not None and type(info) is dict:  # one pass of cheap tests per entry
+            offsets, shape = info.get("data_offsets"), info.get("shape")
+            if type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int \
+                    and type(offsets[1]) is int and offsets[0] >= 0 \
+                    and offsets[0] + data_start == known.begin \
+                    and offsets[1] + data_start == known.end and known.end <= size \
+                    and info.get("dtype") == known.dtype and type(shape) is list \
+                    and tuple(shape) == known.shape and _INT.issuperset(map(type, shape)):
+                entries[key] = known
+                continue
+        entries[key] = _header_entry(where, file, key, info, data_start, size)
+    return entries
 
 
 def _dtype_name(tensor: torch.Tensor, key: str) -> str:
@@ -113,13 +137,13 @@ def _dtype_name(tensor: torch.Tensor, key: str) -> str:
 
 def _header_entry(where: str, file: str, key: str, info: Any, data_start: int, size: int
                   ) -> TensorEntry:
-    bad = CorruptCheckpointError(f"{where}: header entry for tensor {key!r} is malformed")
-    if not isinstance(info, dict) or info.get("dtype") not in DTYPE_SIZES:
-        raise bad
-    shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not is_shape(shape) or not isinstance(offsets, list) \
-            or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
-        raise bad
+    shape = info.get("shape") if isinstance(info, dict) else None
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) \
+            or info["dtype"] not in DTYPE_SIZES or not is_shape(shape) \
+            or not isinstance(offsets, list) or len(offsets) != 2 \
+            or not all(type(o) is int and o >= 0 for o in offsets):
+        raise CorruptCheckpointError(f"{where}: header entry for tensor {key!r} is malformed")
     begin, end = data_start + offsets[0], data_start + offsets[1]
     itemsize = DTYPE_SIZES[info["dtype"]]
     numel = 1

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from ckpts._catalog import Checkpoint, open_checkpoint
-from ckpts._checkpoint import check_compatible, decode_object, load_module_weights
+from ckpts._checkpoint import decode_object, fit_module, load_module_weights
 from ckpts._format import DTYPE_NAMES
 from ckpts._gc import paused_gc
-from ckpts._manifest import manifest_tensor_entries, read_manifest
-from ckpts._storage import Storage
+from ckpts._manifest import check_tensor_entries, manifest_tensor_entries, read_manifest
+from ckpts._storage import MANIFEST, Storage
 from ckpts._transfer import read_tensors
 from ckpts._verify import check_file_sizes
 from ckpts.errors import NotACheckpointError
@@ -64,9 +64,9 @@ def load_weights(
     storage, checkpoint_name, manifest = _resolve(checkpoint, storage_options)
     where = storage.where(checkpoint_name)
     obj_name, saved = _pick_module(where, manifest, name)
-    check_compatible(where, obj_name, saved, model, strict=strict)  # from the manifest alone
+    fit = fit_module(where, obj_name, saved, model, strict=strict)  # from the manifest alone
     _check_sizes(storage, checkpoint_name, manifest, obj_name)
-    load_module_weights(storage, checkpoint_name, manifest, obj_name, model)
+    load_module_weights(storage, checkpoint_name, manifest, obj_name, model, fit)
 
 
 @paused_gc()
@@ -115,6 +115,7 @@ def load_state(
             "Pass one of those names"
         )
     saved = objects[name]
+    check_tensor_entries(manifest, name, f"{where}/{MANIFEST}")
     if tensors:
         values = _read_object(storage, checkpoint_name, manifest, name)
     else:  # placeholders: no tensor file is opened
@@ -163,9 +164,13 @@ def module_record(
 def _resolve(checkpoint: Checkpoint | str | os.PathLike[str],
           storage_options: Mapping[str, Any] | None = None
           ) -> tuple[Storage, str, dict[str, Any]]:
-    """The storage, name and checked manifest of a checkpoint."""
+    """The storage, name and manifest of a checkpoint, checked but for its objects'
+    tensor entries: each reader here reads one object, and checks that object's
+    entries (:func:`check_tensor_entries`) before using them. The other objects'
+    entries (an optimizer's, three times a model's) are never used, so they need no
+    check; ``verify`` and ``restore`` check every entry, as they read every one."""
     storage, name = open_checkpoint(checkpoint, storage_options)
-    return storage, name, read_manifest(storage, name)
+    return storage, name, read_manifest(storage, name, tensor_entries=False)
 
 
 def _check_sizes(storage: Storage, checkpoint: str, manifest: dict[str, Any], name: str
@@ -202,4 +207,5 @@ def _pick_module(directory: str, manifest: dict[str, Any], name: str | None
             f"{directory} has no module named {name or 'model'!r}; its modules are "
             f"{modules}. Pass name=... to choose one"
         )
+    check_tensor_entries(manifest, name, f"{directory}/{MANIFEST}")
     return name, objects[name]

@@ -1,0 +1,185 @@
+"""Weights-only loads check what they read, and only that.
+
+``load_weights`` checks the manifest's own fields, its file records and the loaded
+module's tensor entries; the other objects' tensor entries (an optimizer's) are left
+to the readers of those objects (``restore``, ``verify``, ``load_state``). Each
+header entry of the module's file must say what the manifest says, JSON types
+included, so a file that a safetensors reader would read differently is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import xxhash
+
+import ckpts
+
+
+class Net(torch.nn.Module):
+    """Two same-sized weights (their ranges can be swapped), and a one-element one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(4, 3))
+        self.b = torch.nn.Parameter(torch.randn(4, 3))
+        self.one = torch.nn.Parameter(torch.randn(1))
+        self.state_dict_calls = 0
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.state_dict_calls += 1
+        return super().state_dict(*args, **kwargs)
+
+
+def save(run: Path) -> tuple[Path, Net]:
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    manager = ckpts.CheckpointManager(run)
+    checkpoint = manager.save(1, ckpts.TrainState(model=model, optimizer=optimizer))
+    manager.close()
+    assert checkpoint is not None
+    return Path(checkpoint.path), model
+
+
+def change_manifest(checkpoint: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = checkpoint / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest, separators=(",", ":")))
+
+
+def change_header(checkpoint: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite model.safetensors' JSON header (same length: no metadata, space-padded)
+    and record the new header's hash, as a consistent hostile pair would."""
+    path = checkpoint / "model.safetensors"
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    del header["__metadata__"]
+    change(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length
+    prefix = data[:8] + text + b" " * (length - len(text))
+    path.write_bytes(prefix + data[8 + length:])
+
+    def new_hash(manifest: dict[str, Any]) -> None:
+        manifest["files"]["model.safetensors"]["hash"] = \
+            "xxh3_128:" + xxhash.xxh3_128(prefix).hexdigest()
+    change_manifest(checkpoint, new_hash)
+
+
+def assert_equal_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for key, value in a.state_dict().items():
+        assert torch.equal(b.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("shape", [4, -3]), ("shape", [4.0, 3]), ("dtype", ["F32"]), ("dtype", "F33"),
+    ("offsets", [0, 48]), ("offsets", [True, 1]), ("hash", None), ("file", "../model"),
+    ("blocks", [1]),
+])
+def test_a_malformed_entry_of_the_loaded_module_is_refused_naming_it(
+        tmp_path: Path, field: str, value: Any) -> None:
+    checkpoint, _ = save(tmp_path)
+
+    def damage(manifest: dict[str, Any]) -> None:
+        manifest["objects"]["model"]["tensors"]["b"][field] = value
+    change_manifest(checkpoint, damage)
+    fresh = Net()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ckpts.CorruptCheckpointError,
+                       match=r"manifest\.json: tensor 'b' of object 'model' has a malformed"):
+        ckpts.load_weights(checkpoint, fresh)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(ckpts.CorruptCheckpointError, match=r"tensor 'b' of object 'model'"):
+        ckpts.load_state(checkpoint, "model", tensors=False)
+
+
+def test_an_optimizer_entry_is_checked_by_its_readers_not_by_a_weights_only_load(
+        tmp_path: Path) -> None:
+    checkpoint, model = save(tmp_path)
+
+    def damage(manifest: dict[str, Any]) -> None:
+        entries = manifest["objects"]["optimizer"]["tensors"]
+        entries[next(iter(entries))]["offsets"] = [0, 1]
+    change_manifest(checkpoint, damage)
+
+    fresh = Net()
+    ckpts.load_weights(checkpoint, fresh)  # never touches the optimizer's entries
+    assert_equal_weights(model, fresh)
+    with pytest.raises(ckpts.CorruptCheckpointError, match="of object 'optimizer'"):
+        ckpts.load_state(checkpoint, "optimizer")
+    assert any("of object 'optimizer'" in problem for problem in ckpts.verify(checkpoint))
+    again = Net()
+    state = ckpts.TrainState(model=again, optimizer=torch.optim.AdamW(again.parameters()))
+    with pytest.raises(ckpts.CorruptCheckpointError, match="of object 'optimizer'"):
+        ckpts.CheckpointManager(tmp_path).restore(state, step=1)
+
+
+def swap_ranges(header: dict[str, Any]) -> None:
+    header["a"]["data_offsets"], header["b"]["data_offsets"] = \
+        header["b"]["data_offsets"], header["a"]["data_offsets"]
+
+
+def float_offset(header: dict[str, Any]) -> None:
+    begin, end = header["b"]["data_offsets"]
+    header["b"]["data_offsets"] = [float(begin), end]
+
+
+def bool_shape(header: dict[str, Any]) -> None:
+    header["one"]["shape"] = [True]
+
+
+def half_dtype(header: dict[str, Any]) -> None:  # the same bytes, read as 24 halves
+    header["b"].update(dtype="F16", shape=[4, 6])
+
+
+def unhashable_dtype(header: dict[str, Any]) -> None:
+    header["b"]["dtype"] = []
+
+
+@pytest.mark.parametrize("damage", [swap_ranges, float_offset, bool_shape, half_dtype,
+                                    unhashable_dtype])
+def test_a_header_that_disagrees_with_the_manifest_is_refused_though_its_hash_matches(
+        tmp_path: Path, damage: Callable[[dict[str, Any]], None]) -> None:
+    checkpoint, _ = save(tmp_path)
+    change_header(checkpoint, damage)
+    fresh = Net()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ckpts.CorruptCheckpointError, match=r"model\.safetensors: (tensor|header)"):
+        ckpts.load_weights(checkpoint, fresh)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(ckpts.CorruptCheckpointError, match=r"model\.safetensors"):
+        ckpts.load_state(checkpoint, "model")
+
+
+def test_a_header_laid_out_by_another_writer_loads_when_it_says_the_same(
+        tmp_path: Path) -> None:
+    checkpoint, model = save(tmp_path)
+
+    def reorder(header: dict[str, Any]) -> None:  # other key order, no metadata
+        entries = dict(reversed(list(header.items())))
+        header.clear()
+        header.update(entries)
+    change_header(checkpoint, reorder)
+    fresh = Net()
+    ckpts.load_weights(checkpoint, fresh)
+    assert_equal_weights(model, fresh)
+
+
+def test_a_weights_only_load_calls_state_dict_once(tmp_path: Path) -> None:
+    checkpoint, model = save(tmp_path)
+    fresh = Net()
+    ckpts.load_weights(checkpoint, fresh)
+    assert fresh.state_dict_calls == 1
+    assert_equal_weights(model, fresh)
