@@ -183,3 +183,37 @@ def test_a_weights_only_load_calls_state_dict_once(tmp_path: Path) -> None:
     ckpts.load_weights(checkpoint, fresh)
     assert fresh.state_dict_calls == 1
     assert_equal_weights(model, fresh)
+
+
+class Mixed(torch.nn.Module):
+    """Runs of one dtype end to end in a file, broken by other dtypes, an empty tensor,
+    a scalar and 2-D shapes: the load cuts each run with one split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        for i in range(6):
+            self.register_buffer(f"f{i}", torch.randn(5 + i, 3, generator=gen))
+        self.register_buffer("brain", torch.randn(7, generator=gen).to(torch.bfloat16))
+        self.register_buffer("empty", torch.empty(0, 4))
+        self.register_buffer("scalar", torch.tensor(2.5))
+        self.register_buffer("ints", torch.arange(9, dtype=torch.int64).reshape(3, 3))
+        self.register_buffer("flags", torch.tensor([True, False, True]))
+
+
+def test_tensors_of_mixed_dtypes_and_shapes_load_exactly_with_their_shapes(
+        tmp_path: Path) -> None:
+    saved = Mixed()
+    with ckpts.CheckpointManager(tmp_path / "run") as manager:
+        manager.save(1, ckpts.TrainState(model=saved))
+    live = Mixed()
+    for tensor in live.buffers():
+        tensor.zero_()
+    ckpts.load_weights(tmp_path / "run" / "step-00000001", live)
+    for (key, want), got in zip(saved.state_dict().items(), live.state_dict().values(),
+                                strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype, key
+        assert torch.equal(got, want), key
+    state = ckpts.load_state(tmp_path / "run" / "step-00000001", "model")
+    assert state["f3"].shape == (8, 3) and state["scalar"].shape == ()
+    assert torch.equal(state["ints"], saved.ints) and state["empty"].shape == (0, 4)

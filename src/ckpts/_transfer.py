@@ -310,15 +310,22 @@ def read_tensors(
         else:  # format v1: the whole file, under one hash
             plan.whole_file(file, files[file], wanted, live)
     loaded = plan.run()
+    destinations, sources = [], []
     with torch.no_grad():  # entered once: per tensor, it cost as much as the copy
         for key, tensor in loaded.items():
             target = targets.get(key)
             if target is not None and target is not tensor and target.dtype == tensor.dtype \
                     and target.shape == tensor.shape:
-                target.copy_(tensor)
+                if target.is_conj() or target.is_neg():  # torch's copy resolves those
+                    target.copy_(tensor)
+                else:
+                    destinations.append(target)
+                    sources.append(tensor)
                 loaded[key] = target
             elif key in plan.mapped:  # handed back: memory of its own, not the file's map
                 loaded[key] = tensor.clone()
+        if destinations:  # one call: with 10,000 small tensors, a loop of copy_ cost more
+            torch._foreach_copy_(destinations, sources)
     return loaded
 
 
@@ -487,8 +494,7 @@ class _ReadPlan:
                     raise CorruptCheckpointError(
                         f"{where}: tensor {key[1]!r} is at bytes {entry.begin}..{entry.end} "
                         f"of the file, the manifest says {saved.begin}..{saved.end}")
-        for key, (whole, entry) in self.mapped.items():
-            self.loaded[key] = _view_of(whole, entry)
+        self.loaded.update(_views_of(self.mapped))
         for box, piece in self.boxes:
             box.copy_(piece)
         self.loaded.update(self.assembled)
@@ -501,6 +507,39 @@ def _digest_of_parts(views: Sequence[memoryview]) -> str:
     for view in views:
         hasher.update(view)
     return HASH_PREFIX + hasher.hexdigest()
+
+
+def _views_of(mapped: Mapping[Key, tuple[torch.Tensor, TensorEntry]]
+              ) -> dict[Key, torch.Tensor]:
+    """The tensors of mapped files, as views of the files' bytes. A run of tensors of one
+    dtype lying end to end in a file is cut by one ``split`` (one call for thousands of
+    small tensors, where a view each cost more than their copy)."""
+    views: dict[Key, torch.Tensor] = {}
+    run: list[tuple[Key, TensorEntry]] = []
+    whole = torch.empty(0, dtype=torch.uint8)
+
+    def cut() -> None:
+        if len(run) > 1:
+            dtype, first, last = DTYPE_NAMES[run[0][1].dtype], run[0][1], run[-1][1]
+            pieces = whole[first.begin:last.end].view(dtype).split(
+                [(entry.end - entry.begin) // dtype.itemsize for _, entry in run])
+            for (key, entry), piece in zip(run, pieces, strict=True):
+                views[key] = piece if len(entry.shape) == 1 else piece.view(entry.shape)
+        elif run:
+            views[run[0][0]] = _view_of(whole, run[0][1])
+        run.clear()
+
+    for key, (file_bytes, entry) in sorted(mapped.items(), key=lambda item: (
+            id(item[1][0]), item[1][1].begin)):
+        if run and (file_bytes is not whole or entry.dtype != run[-1][1].dtype
+                    or entry.begin != run[-1][1].end):
+            cut()
+        whole = file_bytes
+        run.append((key, entry))
+        if entry.end == entry.begin or entry.begin % DTYPE_NAMES[entry.dtype].itemsize:
+            cut()  # empty, or (a foreign file) unaligned: a view of its own, or a copy
+    cut()
+    return views
 
 
 def _view_of(whole: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
