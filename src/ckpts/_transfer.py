@@ -521,7 +521,7 @@ def _views_of(mapped: Mapping[Key, tuple[torch.Tensor, TensorEntry]]
     def cut() -> None:
         if len(run) > 1:
             dtype, first, last = DTYPE_NAMES[run[0][1].dtype], run[0][1], run[-1][1]
-            pieces = whole[first.begin:last.end].view(dtype).split(
+            pieces = whole[first.begin:last.end].view(dtype).split_with_sizes(
                 [(entry.end - entry.begin) // dtype.itemsize for _, entry in run])
             for (key, entry), piece in zip(run, pieces, strict=True):
                 views[key] = piece if len(entry.shape) == 1 else piece.view(entry.shape)
