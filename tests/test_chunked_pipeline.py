@@ -169,6 +169,16 @@ def _hash(tensor: torch.Tensor) -> str:
     return digest(tensor.numpy().tobytes())
 
 
+def test_a_reserved_pool_allocates_nothing_later() -> None:
+    pool = ChunkPool(pinned=False, chunk=MIB, count=3)
+    pool.reserve()
+    assert pool.allocated == pool.idle == 3
+    stream([torch.randn(1_000_000)], pool, Transfers(), [])
+    assert pool.allocated == pool.idle == 3
+    pool.reserve()  # again: nothing more
+    assert pool.allocated == pool.idle == 3
+
+
 def test_a_pool_smaller_than_two_buffers_still_streams_without_overlap() -> None:
     tensors = [torch.randn(600_000)]
     pool = ChunkPool(pinned=False, chunk=MIB, count=1)

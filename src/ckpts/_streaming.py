@@ -78,6 +78,14 @@ class ChunkPool:
             fence()
         return buffer
 
+    def reserve(self) -> None:
+        """Allocate every buffer now, so that no later save or restore allocates one
+        (``CheckpointManager.prepare``: pinned memory is slow to allocate)."""
+        with self._changed:
+            missing, self.allocated = self.count - self.allocated, self.count
+        for _ in range(missing):
+            self.give(torch.empty(self.chunk, dtype=torch.uint8, pin_memory=self.pinned))
+
     def give(self, buffer: torch.Tensor, fence: Fence | None = None) -> None:
         """Give a buffer back; ``fence``: copies still using it."""
         with self._changed:
@@ -134,8 +142,11 @@ class CudaTransfers(Transfers):
             stream.wait_stream(self._callers[device])
 
     def copy(self, destination: torch.Tensor, source: torch.Tensor) -> None:
-        device = source.device if source.is_cuda else destination.device
-        with torch.cuda.stream(self._streams[device]):
+        on_device = source if source.is_cuda else destination
+        if not on_device.is_cuda:  # a host tensor in a file with device ones
+            destination.copy_(source)
+            return
+        with torch.cuda.stream(self._streams[on_device.device]):
             destination.copy_(source, non_blocking=True)
 
     def fence(self) -> Fence:
