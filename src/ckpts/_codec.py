@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ckpts.errors import CorruptCheckpointError, UnserializableStateError
@@ -60,18 +61,57 @@ _PARTS: dict[str, tuple[str, ...]] = {
 _QUANTIZED_STORAGE = {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}
 
 
-def encode(value: Any, tensors: dict[str, torch.Tensor], *, path: str = "") -> Any:
+@dataclass
+class TensorNotes:
+    """Facts about each tensor :func:`encode` pulls out, noted in the same walk.
+
+    The lists run parallel to the ``tensors`` dict, in its order; for a DTensor they
+    describe its local shard. Noting them during the walk visits each tensor once: with
+    40,000 small tensors every further pass over them costs milliseconds, and an async
+    save pays them on the training thread.
+    """
+
+    local: list[torch.Tensor] = field(default_factory=list)
+    """Each tensor, or a DTensor's local shard: what staging copies."""
+    addresses: list[int] = field(default_factory=list)
+    """``data_ptr()`` of each: tied tensors start at the same address."""
+    shapes: list[torch.Size] = field(default_factory=list)
+    dtypes: list[torch.dtype] = field(default_factory=list)
+    on_cuda: bool = False
+    """Whether any of them is on a CUDA device (staging then uses pinned memory)."""
+
+    def note(self, tensor: torch.Tensor) -> None:
+        """Note one tensor (a DTensor's local shard, already unwrapped)."""
+        self.local.append(tensor)
+        self.addresses.append(tensor.data_ptr())
+        self.shapes.append(tensor.shape)
+        self.dtypes.append(tensor.dtype)
+        self.on_cuda = self.on_cuda or tensor.is_cuda
+
+    def without(self, positions: set[int]) -> TensorNotes:
+        """The notes with the tensors at ``positions`` left out."""
+        kept = [i for i in range(len(self.local)) if i not in positions]
+        return TensorNotes(local=[self.local[i] for i in kept],
+                           addresses=[self.addresses[i] for i in kept],
+                           shapes=[self.shapes[i] for i in kept],
+                           dtypes=[self.dtypes[i] for i in kept],
+                           on_cuda=any(self.local[i].is_cuda for i in kept))
+
+
+def encode(value: Any, tensors: dict[str, torch.Tensor], *, path: str = "",
+           notes: TensorNotes | None = None) -> Any:
     """Encode ``value`` as JSON-able data; tensors go into ``tensors`` under a unique key.
 
     Tensor keys are the dotted key path (``state.0.exp_avg``), so a module's flat
     state_dict keeps its own names; the parts of a composite tensor add a suffix
     (``w.indices``), except a complex128 tensor's single real view, which keeps it.
+    With ``notes``, each tensor's address, shape, dtype and device are noted too.
 
     Raises:
         UnserializableStateError: a value (or tensor kind) has no pickle-free
             encoding; the message names its key path and the fix.
     """
-    return _Encoder(live=False, plain=tensors).encode(value, path)
+    return _Encoder(live=False, plain=tensors, notes=notes).encode(value, path)
 
 
 def live_tensors(value: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -99,14 +139,29 @@ def live_tensors(value: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 class _Encoder:
     """One walk over a state: the JSON tree, the plain tensors and (live) the rest."""
 
-    def __init__(self, *, live: bool, plain: dict[str, torch.Tensor]) -> None:
+    def __init__(self, *, live: bool, plain: dict[str, torch.Tensor],
+                 notes: TensorNotes | None = None) -> None:
         self.live = live
         self.plain = plain
+        self.notes = notes
         self.other: dict[str, str] = {}
         self._composite: list[str] = []  # kinds of the composite tensors being split
+        torch = sys.modules.get("torch")  # without torch imported, nothing is a tensor
+        # the exact types of a plain tensor; subclasses (DTensor, ...) take the long way
+        self._tensor_types: tuple[type, ...] = () if torch is None \
+            else (torch.Tensor, torch.nn.Parameter)
+        self._strided = None if torch is None else torch.strided
+        if torch is not None:
+            _load_storable()
 
     def encode(self, value: Any, path: str) -> Any:
         kind = type(value)
+        # dicts and plain tensors first: a state of 40,000 small tensors is mostly these,
+        # and each test costs on the training thread during an async save
+        if isinstance(value, dict):
+            return self._mapping(value, path)
+        if kind in self._tensor_types:
+            return self._tensor(value, path)
         if value is None or kind in (bool, int, str):
             return value
         if kind is float:
@@ -122,12 +177,7 @@ class _Encoder:
                 items = [self.encode(v, _join(path, i)) for i, v in enumerate(value)]
             return {"__tuple__": items} if kind is tuple else items
         if isinstance(value, Mapping):
-            items = [(k, self.encode(v, _join(path, k))) for k, v in value.items()]
-            if all(type(k) is str and not k.startswith("__") for k, _ in items):
-                return dict(items)
-            if self.live:  # only the tensors matter; an odd key is the saver's business
-                return None
-            return {"__dict__": [[_encode_key(k, path), v] for k, v in items]}
+            return self._mapping(value, path)
         if self.live:
             return None
         raise UnserializableStateError(
@@ -135,6 +185,44 @@ class _Encoder:
             "tensors, None, bool, int, float, str, list, tuple and dict (never pickle). "
             "Convert it (e.g. int(x), x.tolist(), str(x)) in its state_dict(), or leave it out."
         )
+
+    def _mapping(self, value: Mapping[Any, Any], path: str) -> Any:
+        encoded = {}
+        plain_keys = True
+        # the commonest entry, a plain dense tensor, is checked, kept and noted right here
+        # (what _is_plain, _tensor and TensorNotes.note do, without three calls); names
+        # are bound once per mapping, as this runs for each of 40,000 small tensors
+        tensor_types, strided, plain, other = (self._tensor_types, self._strided, self.plain,
+                                               self.other)
+        fast = not self._composite  # parts of a composite tensor take the long way
+        notes = self.notes
+        if notes is not None:
+            note_local, note_address = notes.local.append, notes.addresses.append
+            note_shape, note_dtype = notes.shapes.append, notes.dtypes.append
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)  # _join, inlined
+            if fast and type(item) in tensor_types and item.layout is strided \
+                    and (dtype := item.dtype) in _STORABLE and not item.is_meta \
+                    and not item.is_nested and where and where not in plain \
+                    and where not in other:
+                plain[where] = item
+                if notes is not None:
+                    note_local(item)
+                    note_address(item.data_ptr())
+                    note_shape(item.shape)
+                    note_dtype(dtype)
+                    if item.is_cuda:
+                        notes.on_cuda = True
+                encoded[key] = {"__tensor__": where}
+            else:
+                encoded[key] = self.encode(item, where)
+            if plain_keys and (type(key) is not str or key.startswith("__")):
+                plain_keys = False
+        if plain_keys:
+            return encoded
+        if self.live:  # only the tensors matter; an odd key is the saver's business
+            return None
+        return {"__dict__": [[_encode_key(k, path), v] for k, v in encoded.items()]}
 
     def _tensor(self, tensor: torch.Tensor, path: str) -> Any:
         split = None
@@ -159,11 +247,16 @@ class _Encoder:
                     "convert it (.to_dense(), .dequantize(), .cpu()) in its state_dict()"
                 ) from e
         if split is None:
-            key = self._key(path)
+            key = path or "tensor"
+            if key in self.plain or key in self.other:
+                key = self._key(path)
             if self._composite and self.live:
                 self.other[key] = f"is part of a {self._composite[-1]} tensor"
             else:
                 self.plain[key] = tensor
+                if self.notes is not None:
+                    self.notes.note(tensor.to_local() if is_dtensor(tensor)  # type: ignore[attr-defined]
+                                    else tensor)
             return {"__tensor__": key}
         kind, parts, params = split
         self._composite.append(kind)
@@ -190,19 +283,28 @@ class _Encoder:
 _STORABLE: frozenset[Any] = frozenset()  # safetensors' dtypes, filled on first use
 
 
-def _is_plain(tensor: torch.Tensor) -> bool:
-    """A dense tensor of a dtype safetensors stores, stored as it is."""
+def _load_storable() -> None:
     global _STORABLE
     if not _STORABLE:
         from ckpts._format import DTYPES
 
         _STORABLE = frozenset(DTYPES)
+
+
+def _is_plain(tensor: torch.Tensor) -> bool:
+    """A dense tensor of a dtype safetensors stores, stored as it is. (Quantized tensors
+    fail the dtype test: no quantized dtype is a safetensors dtype.)"""
+    _load_storable()
     torch = sys.modules["torch"]
-    if is_dtensor(tensor):  # a shard of a tensor spread over ranks (FSDP2): see _distributed
+    if type(tensor) is not torch.Tensor and type(tensor) is not torch.nn.Parameter:
+        if not is_dtensor(tensor):
+            return False
+        # a shard of a tensor spread over ranks (FSDP2): see _distributed
         tensor = tensor.to_local()  # type: ignore[attr-defined]
-    return (type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter) \
-        and tensor.layout is torch.strided and tensor.dtype in _STORABLE \
-        and not tensor.is_meta and not tensor.is_nested and not tensor.is_quantized
+        if type(tensor) is not torch.Tensor and type(tensor) is not torch.nn.Parameter:
+            return False
+    return tensor.layout is torch.strided and tensor.dtype in _STORABLE \
+        and not tensor.is_meta and not tensor.is_nested
 
 
 def is_dtensor(value: Any) -> bool:

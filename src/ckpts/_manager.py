@@ -31,6 +31,7 @@ from ckpts._space import check_fits, parse_size, write_error
 from ckpts._state import ObjectSnapshot, TrainState
 from ckpts._steps import StepOrder, check_step
 from ckpts._storage import MANIFEST, Listed, Staged, Storage, checkpoint_name, parse_step
+from ckpts._streaming import shared_pool
 from ckpts._transfer import Reusable
 from ckpts._usage import identity
 from ckpts.errors import (
@@ -208,11 +209,13 @@ class CheckpointManager(RunRecords):
                 ranks.on_rank0(take_the_run)
             if self._stager is not None and self._writer is not None:
                 staged = self._stager.stage(snapshots)
+                # freed while the collector is paused: else the collection that ends the
+                # pause scans all their objects (a state_dict's detached tensors, ...)
+                del snapshots
                 checkpoint = Checkpoint(
                     step=step, path=self._path_of(checkpoint_name(step)), metrics=clean_metrics,
                     created=datetime.datetime.now(datetime.timezone.utc), epoch=epoch,
-                    nbytes=sum(t.numel() * t.element_size() for s in staged.values()
-                               for t in s.tensors.values()),
+                    nbytes=self._stager.staged_bytes,
                     storage=self.storage,
                 )
                 # last: once the writer thread runs, it competes with this one for the GIL
@@ -228,6 +231,46 @@ class CheckpointManager(RunRecords):
             signal.signal(self.pending_signal, signal.SIG_DFL)
             os.kill(os.getpid(), self.pending_signal)
         return checkpoint
+
+    def prepare(self, state: TrainState) -> None:
+        """Allocate the staging memory of async saves of ``state`` now, not at the first save.
+
+        With ``async_save``, ``save()`` copies the state into host buffers that it keeps
+        and reuses: a few chunks of at most 256 MiB, pinned when any tensor is on CUDA
+        (whose allocation takes about a second per 2 GB). Call this once the state is
+        complete (after a restore, or the first optimizer step, which creates the
+        optimizer's state): the first save then blocks no longer than later ones. A save
+        whose tensors' shapes, dtypes or number differ from the prepared ones carves the
+        buffers again, allocating only what no longer fits. Without ``async_save`` it checks
+        that the state can be saved, as ``save()`` does before writing, and for CUDA
+        state allocates the few pinned chunks a save streams its files through.
+
+        Args:
+            state: the TrainState that ``save()`` will be given.
+
+        Raises:
+            InvalidArgumentError: ``state`` is not a TrainState.
+            UnserializableStateError: a value in the state has no pickle-free encoding.
+
+        Example:
+            >>> manager = ckpts.CheckpointManager("runs/exp1", async_save=True)  # doctest: +SKIP
+            >>> manager.prepare(state)  # before the training loop             # doctest: +SKIP
+        """
+        if not isinstance(state, TrainState):
+            raise InvalidArgumentError(
+                f"prepare() needs the ckpts.TrainState that save() will be given, got "
+                f"{type(state).__qualname__}; wrap your objects: "
+                "TrainState(model=model, optimizer=optimizer)"
+            )
+        with paused_gc():  # many small objects: see ckpts._gc
+            snapshots = state.snapshot()  # refuses unserializable values, as save() does
+            if self._stager is not None:
+                self._stager.prepare(snapshots)
+                log.info("prepared %d bytes of staging memory in %d chunk(s) for %s",
+                         self._stager.allocated_bytes, self._stager.chunk_count, self.directory)
+            elif any(t.is_cuda for snap in snapshots.values() for t in snap.tensors.values()):
+                shared_pool(pinned=True).reserve()
+            del snapshots  # freed while the collector is paused, as in save()
 
     def wait(self) -> None:
         """Block until the save in flight (async mode) is committed.

@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ckpts._codec import encode, is_dtensor
+from ckpts._codec import TensorNotes, encode, is_dtensor
 from ckpts._data import ResumableLoader
 from ckpts._rng import RNGState
 from ckpts.errors import CheckpointError, InvalidArgumentError, UnserializableStateError
@@ -53,6 +53,9 @@ class ObjectSnapshot:
     frozen: frozenset[str] = frozenset()
     """Keys of a module's parameters that do not require grad: a layout hint (they get
     files of their own, see ckpts._checkpoint.plan_shards), never a reason to skip."""
+    notes: TensorNotes | None = None
+    """What was noted of ``tensors`` (in order) while the state was walked: their local
+    data, shapes, dtypes (see ckpts._async.Stager). None: nothing was noted."""
 
 
 class TrainState:
@@ -130,11 +133,16 @@ def snapshot_object(name: str, obj: Stateful) -> ObjectSnapshot:
             "Fix the object (or leave it out of the TrainState); nothing was written."
         ) from e
     tensors: dict[str, torch.Tensor] = {}
+    notes = TensorNotes()
     try:
-        tree = encode(state_dict, tensors)
+        tree = encode(state_dict, tensors, notes=notes)
     except UnserializableStateError as e:
         raise UnserializableStateError(f"{what}: {e}") from e
-    distinct, aliases = _dedupe_tied(tensors)
+    aliases = _tied(tensors, notes.addresses)
+    distinct = tensors
+    if aliases:
+        distinct = {key: t for key, t in tensors.items() if key not in aliases}
+        notes = notes.without({i for i, key in enumerate(tensors) if key in aliases})
     return ObjectSnapshot(
         kind=object_kind(obj),
         class_name=type(obj).__qualname__,
@@ -143,6 +151,7 @@ def snapshot_object(name: str, obj: Stateful) -> ObjectSnapshot:
         aliases=aliases,
         hf_config=hf_config(what, obj),
         frozen=_frozen_parameters(obj, distinct),
+        notes=notes,
     )
 
 
@@ -201,14 +210,27 @@ def object_kind(obj: object) -> str:
     return "object"
 
 
-def _dedupe_tied(
-    tensors: Mapping[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Keep one key per identical view of the same memory; map the others to it."""
+def _tied(tensors: Mapping[str, torch.Tensor], addresses: list[int]) -> dict[str, str]:
+    """Map each key whose tensor is the very same view of the same memory as an earlier
+    key's (tied weights) to that earlier key.
+
+    Two tensors are the same view only if they start at the same address (``addresses``:
+    each tensor's ``data_ptr()``, in order), so the full identity (storage, offset, shape,
+    strides, dtype, ...) is compared only among keys that share one. Without ties that
+    is one set of ints, which matters with tens of thousands of small tensors.
+    """
+    if len(set(addresses)) == len(addresses):
+        return {}
+    first_at: dict[int, str] = {}
+    shared: set[str] = set()  # keys whose address another key has too
+    for key, address in zip(tensors, addresses, strict=True):
+        first = first_at.setdefault(address, key)
+        if first is not key:
+            shared.update((first, key))
     first_key: dict[tuple[Any, ...], str] = {}
-    distinct: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    for key, value in tensors.items():
+    for key in (key for key in tensors if key in shared):
+        value = tensors[key]
         tensor = value.to_local() if is_dtensor(value) else value  # type: ignore[attr-defined]
         # empty tensors have no memory to compare: only the same object is tied
         identity: tuple[Any, ...] = ("empty", id(value)) if tensor.numel() == 0 else (
@@ -220,5 +242,4 @@ def _dedupe_tied(
             aliases[key] = first_key[identity]
         else:
             first_key[identity] = key
-            distinct[key] = value
-    return distinct, aliases
+    return aliases
