@@ -316,8 +316,8 @@ def read_tensors(
             target = targets.get(key)
             if target is not None and target is not tensor and target.dtype == tensor.dtype \
                     and target.shape == tensor.shape:
-                if target.is_conj() or target.is_neg():  # torch's copy resolves those
-                    target.copy_(tensor)
+                if target.is_conj() or target.is_neg() or target.device.type != "cpu":
+                    target.copy_(tensor)  # resolves those views; copies across devices
                 else:
                     destinations.append(target)
                     sources.append(tensor)
