@@ -26,7 +26,8 @@ from ckpts._streaming import (
     file_pieces,
     shared_pool,
 )
-from ckpts._transfer import WrittenFile, read_tensors, write_tensor_files
+from ckpts._transfer import read_tensors
+from ckpts._writing import WrittenFile, write_tensor_files
 from ckpts.errors import CorruptCheckpointError
 from faulty_storage import FaultyStorage, raising
 

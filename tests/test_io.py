@@ -13,7 +13,7 @@ import ckpts
 from ckpts import _io
 from ckpts._local import LocalStorage
 from ckpts._manifest import HASH_PREFIX
-from ckpts._transfer import write_tensor_files
+from ckpts._writing import write_tensor_files
 
 
 def _tensors(seed: int, count: int) -> list[tuple[str, torch.Tensor]]:

@@ -35,8 +35,9 @@ from ckpts._manifest import (
 from ckpts._space import manifest_allowance
 from ckpts._state import PER_RANK_KINDS, ObjectSnapshot, Stateful, TrainState, object_kind
 from ckpts._storage import Staged, Storage
-from ckpts._transfer import BeforeWriting, Reusable, read_tensors, write_tensor_files
+from ckpts._transfer import read_tensors
 from ckpts._version import __version__
+from ckpts._writing import BeforeWriting, Reusable, write_tensor_files
 from ckpts.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -74,9 +75,9 @@ def write_checkpoint(
     reusable: Reusable | None = None,
     before_writing: BeforeWriting = lambda nbytes, reused: None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Write every object's tensor files (all at once, see ckpts._transfer) and index
+    """Write every object's tensor files (all at once, see ckpts._writing) and index
     files into ``staged``, reusing ``reusable``'s unchanged files (see
-    :func:`ckpts._transfer.write_tensor_files`, which also explains ``before_writing``).
+    :func:`ckpts._writing.write_tensor_files`, which also explains ``before_writing``).
     The bytes ``before_writing`` gets include an allowance for the manifest.
     Returns the manifest, for the caller to commit, and the files reused."""
     tensor_count = sum(len(snap.tensors) for snap in snapshots.values())

@@ -54,7 +54,7 @@ from ckpts._format import DTYPE_NAMES, DTYPES, byte_view
 from ckpts._manifest import BLOCK, HASH_PREFIX, digest
 from ckpts._state import PER_RANK_KINDS, ObjectSnapshot
 from ckpts._storage import Range, Staged, Storage
-from ckpts._transfer import Reusable, write_tensor_files
+from ckpts._writing import Reusable, write_tensor_files
 from ckpts.errors import (
     CheckpointError,
     CorruptCheckpointError,

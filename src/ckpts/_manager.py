@@ -32,8 +32,8 @@ from ckpts._state import ObjectSnapshot, TrainState
 from ckpts._steps import StepOrder, check_step
 from ckpts._storage import MANIFEST, Listed, Staged, Storage, checkpoint_name, parse_step
 from ckpts._streaming import shared_pool
-from ckpts._transfer import Reusable
 from ckpts._usage import identity
+from ckpts._writing import Reusable
 from ckpts.errors import (
     InvalidArgumentError,
     LockedError,
