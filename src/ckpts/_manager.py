@@ -233,17 +233,13 @@ class CheckpointManager(RunRecords):
         return checkpoint
 
     def prepare(self, state: TrainState) -> None:
-        """Allocate the staging memory of async saves of ``state`` now, not at the first save.
+        """Allocate the memory saves of ``state`` need now, not at the first save.
 
-        With ``async_save``, ``save()`` copies the state into host buffers that it keeps
-        and reuses: a few chunks of at most 256 MiB, pinned when any tensor is on CUDA
-        (whose allocation takes about a second per 2 GB). Call this once the state is
-        complete (after a restore, or the first optimizer step, which creates the
-        optimizer's state): the first save then blocks no longer than later ones. A save
-        whose tensors' shapes, dtypes or number differ from the prepared ones carves the
-        buffers again, allocating only what no longer fits. Without ``async_save`` it checks
-        that the state can be saved, as ``save()`` does before writing, and for CUDA
-        state allocates the few pinned chunks a save streams its files through.
+        Async saves copy the state into kept host buffers (chunks of at most 256 MiB,
+        pinned for CUDA tensors: about a second per 2 GB); sync saves of CUDA state
+        stream through a few pinned chunks. Call this once the state is complete (after
+        a restore, or the optimizer's first step): the first save then blocks no longer
+        than later ones. It also checks that the state can be saved, as ``save()`` does.
 
         Args:
             state: the TrainState that ``save()`` will be given.
