@@ -73,7 +73,7 @@ class ChunkPool:
                 self.allocated += 1
                 buffer, fence = None, None
         if buffer is None:
-            buffer = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=self.pinned)
+            buffer = self._new_buffer()
         if fence is not None:
             fence()
         return buffer
@@ -84,7 +84,10 @@ class ChunkPool:
         with self._changed:
             missing, self.allocated = self.count - self.allocated, self.count
         for _ in range(missing):
-            self.give(torch.empty(self.chunk, dtype=torch.uint8, pin_memory=self.pinned))
+            self.give(self._new_buffer())
+
+    def _new_buffer(self) -> torch.Tensor:
+        return torch.empty(self.chunk, dtype=torch.uint8, pin_memory=self.pinned)
 
     def give(self, buffer: torch.Tensor, fence: Fence | None = None) -> None:
         """Give a buffer back; ``fence``: copies still using it."""
