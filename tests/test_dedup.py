@@ -18,6 +18,7 @@ The SIGKILL tests run 2 worker lives per mode; ``CKPTS_LONG=1`` runs 12::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -285,16 +286,23 @@ def test_a_copied_checkpoint_folder_is_whole_after_the_run_is_deleted(tmp_path: 
 # ---------------------------------------------------------------- 4. SIGKILL during reusing saves
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Train as the worker does, on one thread: same kernels, same bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def replayed(step: int) -> Tensors:
     """The worker's tensors after ``step`` uninterrupted steps."""
     _, model, optimizer = build(SEED)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the worker's setting: same kernels, same bits
-    try:
+    with one_thread():
         for s in range(1, step + 1):
             train_step(model, optimizer, s)
-    finally:
-        torch.set_num_threads(threads)
     return tensors_of(model, optimizer)
 
 
@@ -328,7 +336,8 @@ def test_sigkill_during_saves_that_reuse_files_leaves_every_checkpoint_whole(
             newest = manager.restore(state)
             assert newest == listed[-1]
             assert_same(tensors_of(model, optimizer), replayed(newest), f"life {life}")
-            train_step(model, optimizer, newest + 1)
+            with one_thread():  # the worker replays this step on one thread next life
+                train_step(model, optimizer, newest + 1)
             manager.save(newest + 1, state)
         durable = newest + 1
         assert leftovers(run) == [], f"life {life}"
@@ -445,7 +454,7 @@ def test_a_frozen_tensor_changed_and_changed_back_is_reused(tmp_path: Path) -> N
 # ---------------------------------------------------------------- 7. object stores
 
 
-class RecordingStorage(ckpts.FsspecStorage):
+class RecordingStorage(ckpts.storage.FsspecStorage):
     """The fsspec backend, recording which files each save sent and which it had the
     store copy (a wrapper around the storage port: no ckpts internals are patched)."""
 
