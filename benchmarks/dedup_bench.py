@@ -15,7 +15,7 @@ in lockstep: after each optimizer step both save the same state, in a shuffled o
 so the two save identical bytes under the same disk weather. Per save it records the
 wall time of ``manager.save()`` (sync; ckpts fsyncs every file and commits atomically)
 and the bytes written, measured two independent ways: the growth of the run's physical
-size (``ckpts._usage.physical_bytes`` of the listing: each shared file once) and the
+size (``ckpts._run.usage.physical_bytes`` of the listing: each shared file once) and the
 ``wchar`` delta of ``/proc/self/io`` (bytes this process passed to write calls). After
 the last save it records the run's physical size, cross-checked by the allocated blocks
 (``st_blocks * 512``) of its unique inodes.
@@ -53,7 +53,7 @@ import torch
 import ckpts
 from benchmarks import _workloads as wl
 from benchmarks._measure import log, write_results
-from ckpts._usage import physical_bytes
+from ckpts._run.usage import physical_bytes
 
 TITLE = "ckpts dedup: reuse of unchanged tensor files (issue 11)"
 KINDS = ("lora", "full")

@@ -24,7 +24,7 @@ the same order on every rank):
 A time is the wall time of the slowest rank between two barriers. Peak extra RSS is
 sampled per rank during one untimed run of each contender (before the rounds) and
 compared with the rank's shard (its local model and optimizer bytes) plus one ckpts
-I/O chunk (``ckpts._io.CHUNK``). Each restore is checked: the live state is scrambled
+I/O chunk (``ckpts.storage._io.CHUNK``). Each restore is checked: the live state is scrambled
 before, and after the untimed run the full tensors (model, exp_avg, exp_avg_sq,
 step) must hash as the saved ones did.
 
@@ -67,7 +67,7 @@ from torch.multiprocessing.spawn import spawn as spawn_ranks
 import ckpts
 from benchmarks import _workloads as wl
 from benchmarks._measure import PeakRSS, Series, _settle, log, paired_ratio, write_results
-from ckpts._io import CHUNK
+from ckpts.storage._io import CHUNK
 
 TITLE = "ckpts vs torch.distributed.checkpoint on many ranks (FSDP2, CPU, gloo)"
 DCP_THREADS = (1, 2, 4)

@@ -51,9 +51,9 @@ from benchmarks import _measure as ms
 from benchmarks import _workloads as wl
 from benchmarks._measure import Deferred, Rows, log
 from benchmarks.run import HEADER, table_rows
-from ckpts._fsspec import PART_SIZE
-from ckpts._lock import LOCK_FILE
-from ckpts._storage import checkpoint_name
+from ckpts.storage import checkpoint_name
+from ckpts.storage._fsspec import PART_SIZE
+from ckpts.storage._lock import LOCK_FILE
 
 TITLE = ("S3 path on moto (a loopback, in-memory server: these are not S3's speeds; ratios "
          "against s3fs on the same server, same run)")
@@ -333,7 +333,8 @@ def restore_phase(b: S3Bench, w: wl.Workload, manager: ckpts.CheckpointManager, 
         b.fs.cat_ranges([p[0] for p in pieces], [p[1] for p in pieces], [p[2] for p in pieces])
     reader = b.manager("run")
     url = f"{b.url('run')}/{checkpoint_name(step)}"
-    b.counter.attach(ckpts.FsspecStorage(b.url("run"), {}).fs)  # what load_weights(url) uses
+    # what load_weights(url) uses
+    b.counter.attach(ckpts.storage.FsspecStorage(b.url("run"), {}).fs)
 
     ops: dict[str, ms.Op] = {
         "restore": lambda _: reader.restore(state, step=step),

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 import ckpts
-from ckpts import _demo
 from ckpts.cli import app
+from ckpts.cli import demo_training as _demo
 
 WINDOW = "1000,900"
 

@@ -32,7 +32,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import ckpts
-from ckpts._storage import Staged  # the storage port's own type, as faulty_storage.py uses
+from ckpts.storage._port import Staged  # the storage port's own type, as faulty_storage.py uses
 
 WIDE = 2100  # rows of the first layer: 2100 x 1024 float32 is 8.6 MB, over one 8 MiB block
 
@@ -148,7 +148,7 @@ def reshard(rank: int, world: int, config: dict[str, Any]) -> None:
         restore_and_record(run, f"w{world}-w{world}", rank, world, out)
 
 
-class BrokenStorage(ckpts.LocalStorage):
+class BrokenStorage(ckpts.storage.LocalStorage):
     """A LocalStorage with faults injected at the storage port: ``write`` raises OSError
     (``fail``), ends the process at once (``die``) or stalls ``stall`` seconds first, and
     ``commit`` raises OSError (``fail_commit``)."""

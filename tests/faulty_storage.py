@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ckpts._local import LocalStorage
-from ckpts._storage import Range, Staged
+from ckpts.storage import LocalStorage, Range, Staged
 
 
 class FaultyStorage(LocalStorage):

@@ -32,9 +32,9 @@ def storage_options(endpoint: str) -> dict[str, Any]:
             "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
 
 
-def open_run(url: str, endpoint: str) -> ckpts.FsspecStorage:
+def open_run(url: str, endpoint: str) -> ckpts.storage.FsspecStorage:
     """The run with a short lease, so a killed writer frees it within seconds."""
-    return ckpts.FsspecStorage(url, storage_options(endpoint), lease_seconds=LEASE_SECONDS)
+    return ckpts.storage.FsspecStorage(url, storage_options(endpoint), lease_seconds=LEASE_SECONDS)
 
 
 def build(seed: int) -> tuple[ckpts.TrainState, torch.nn.Linear, torch.optim.AdamW]:

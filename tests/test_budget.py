@@ -16,8 +16,8 @@ import torch
 from rich.filesize import decimal
 
 import ckpts
-from ckpts._storage import checkpoint_name
-from ckpts._usage import physical_bytes
+from ckpts._run.usage import physical_bytes
+from ckpts.storage import checkpoint_name
 
 WIDTH = 512  # a 512x512 float32 Linear: about 1 MB a checkpoint
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import ckpts
-from ckpts._resume_check import ResumeCheckError
+from ckpts.testing._resume_check import ResumeCheckError
 
 TESTS = Path(__file__).parent
 CKPTS = str(Path(sys.executable).parent / "ckpts")
@@ -96,7 +96,7 @@ def test_a_command_past_its_timeout_is_killed_with_its_process_group(tmp_path: P
     shell = f"{sys.executable} {NEVER_SAVES} {{run}} 60; echo never"
 
     with pytest.raises(ResumeCheckError, match=r"did not finish within 0.5 s") as caught:
-        ckpts.check_resume(["sh", "-c", shell], timeout=0.5, workdir=work)
+        ckpts.testing.check_resume(["sh", "-c", shell], timeout=0.5, workdir=work)
 
     assert "training without checkpoints" in str(caught.value)
     pid = int((work / "run" / "pid").read_text())  # python, a child of the shell
@@ -106,14 +106,14 @@ def test_a_command_past_its_timeout_is_killed_with_its_process_group(tmp_path: P
 
 def test_a_command_without_the_run_placeholder_is_refused() -> None:
     with pytest.raises(ckpts.InvalidArgumentError, match=r"has no \{run\}"):
-        ckpts.check_resume([sys.executable, FIXED, "runs/x"])
+        ckpts.testing.check_resume([sys.executable, FIXED, "runs/x"])
     with pytest.raises(ckpts.InvalidArgumentError, match="kill_after_saves must be"):
-        ckpts.check_resume([sys.executable, FIXED, "{run}"], kill_after_saves=0)
+        ckpts.testing.check_resume([sys.executable, FIXED, "{run}"], kill_after_saves=0)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not LONG, reason="set CKPTS_LONG=1: two more runs of a loop (~5 s)")
 def test_a_command_with_fewer_saves_than_the_kill_point_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ResumeCheckError, match=r"finished after committing only 4 checkpoint"):
-        ckpts.check_resume([sys.executable, FIXED, "{run}"], kill_after_saves=5,
+        ckpts.testing.check_resume([sys.executable, FIXED, "{run}"], kill_after_saves=5,
                            workdir=tmp_path / "work")

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpts._local import LocalStorage
-from ckpts._manifest import BLOCK, TensorEntry
-from ckpts._storage import Staged
-from ckpts._streaming import (
+from ckpts._format.manifest import BLOCK, TensorEntry
+from ckpts._tensors.reading import read_tensors
+from ckpts._tensors.streaming import (
     ChunkPool,
     Fence,
     RunningHash,
@@ -26,9 +25,9 @@ from ckpts._streaming import (
     file_pieces,
     shared_pool,
 )
-from ckpts._transfer import read_tensors
-from ckpts._writing import WrittenFile, write_tensor_files
+from ckpts._tensors.writing import WrittenFile, write_tensor_files
 from ckpts.errors import CorruptCheckpointError
+from ckpts.storage import LocalStorage, Staged
 from faulty_storage import FaultyStorage, raising
 
 MIB = 2**20
@@ -98,7 +97,7 @@ def test_restore_through_chunks_fills_the_live_tensors_and_checks_every_hash(
 
 
 def _dtype(tensor: torch.Tensor) -> str:
-    from ckpts._format import DTYPES
+    from ckpts._format.safetensors import DTYPES
 
     return DTYPES[tensor.dtype]
 
@@ -165,7 +164,7 @@ def test_the_pool_reuses_a_few_buffers_for_a_state_many_times_their_size() -> No
 
 
 def _hash(tensor: torch.Tensor) -> str:
-    from ckpts._manifest import digest
+    from ckpts._format.manifest import digest
 
     return digest(tensor.numpy().tobytes())
 

@@ -3,7 +3,7 @@
 A model with a frozen base, saved with ``dedup`` on, hard-links the base's file
 into every checkpoint. The expected numbers are computed here from the files
 themselves (``os.stat``: one inode counted once, at the oldest checkpoint holding
-it), independently of :mod:`ckpts._usage`. The commands run through
+it), independently of :mod:`ckpts._run.usage`. The commands run through
 :func:`test_cli.ckpts_session`, several per subprocess.
 """
 

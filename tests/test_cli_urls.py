@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import ckpts
-from ckpts._catalog import list_checkpoints
+from ckpts._format.catalog import list_checkpoints
 from ckpts.cli import app
 from s3_server import S3Server
 from test_cli import SESSION, Result, assert_bad_input, parse_json

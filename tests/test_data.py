@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler
 
-from ckpts._data import ResumableLoader
+from ckpts._state.data import ResumableLoader
 from ckpts.errors import IncompatibleStateError, InvalidArgumentError
 
 N = 22  # with batch_size 4: 6 batches per epoch, the last one holds 2 samples

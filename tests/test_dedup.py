@@ -41,7 +41,7 @@ from s3_server import S3Bucket
 from test_kill_harness import leftovers, start_and_kill
 
 if TYPE_CHECKING:
-    from ckpts._storage import Staged
+    from ckpts.storage import Staged
 
 WORKER = str(Path(__file__).with_name("dedup_worker.py"))
 CKPTS = str(Path(sys.executable).parent / "ckpts")

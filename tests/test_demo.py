@@ -14,7 +14,8 @@ from pathlib import Path
 from rich.console import Console
 
 import ckpts
-from ckpts._demo import (
+from ckpts.cli.demo import run_demo
+from ckpts.cli.demo_training import (
     BEST_KEPT,
     EVAL_EVERY,
     SAVE_EVERY,
@@ -24,7 +25,6 @@ from ckpts._demo import (
     parse_event,
     plan_kill,
 )
-from ckpts.cli.demo import run_demo
 
 MARKER = ".ckpts-demo"  # the file that lets `ckpts demo` replace a directory
 
@@ -126,7 +126,7 @@ def test_demo_resumes_bit_exact_keeps_the_best_and_finds_an_earlier_best_checkpo
     assert re.search(rf"^ *{best.step} .* best\(val_loss\)$", listed.stdout, re.M)
     # the closing hint uses public names only
     assert f"ckpts export {best.path} demo-model.safetensors --format safetensors" in out
-    assert "ckpts._demo" not in out
+    assert "ckpts.cli.demo_training" not in out
 
 
 def test_kill_plan_interrupts_after_an_every_save_and_before_the_next_evaluation() -> None:
@@ -142,7 +142,7 @@ def test_kill_plan_interrupts_after_an_every_save_and_before_the_next_evaluation
 
 
 def test_worker_killed_with_sigkill_resumes_from_its_newest_checkpoint(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "ckpts._demo", str(tmp_path), "--steps", "90"]
+    command = [sys.executable, "-m", "ckpts.cli.demo_training", str(tmp_path), "--steps", "90"]
     killed_losses: dict[int, str] = {}
     killed_output: list[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as worker:

@@ -1,6 +1,6 @@
 """Post-hoc evaluation over a run's checkpoints: weights only, recorded, resumable.
 
-The function form is ``ckpts._evaluate.evaluate(manager, fn, ...)`` (what
+The function form is ``ckpts._run.evaluate.evaluate(manager, fn, ...)`` (what
 ``CheckpointManager.evaluate`` calls); the CLI form runs a real script in a real
 subprocess per checkpoint.
 """
@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 import ckpts
-from ckpts import _history
-from ckpts._evaluate import evaluate
+from ckpts._run import history as _history
+from ckpts._run.evaluate import evaluate
 from ckpts.cli import app
 
 STEPS = [10, 20, 30, 40]

@@ -10,7 +10,6 @@ PUBLIC = [
     "CorruptCheckpointError",
     "Every",
     "FormatVersionError",
-    "FsspecStorage",
     "IncompatibleStateError",
     "InsufficientSpaceError",
     "InvalidArgumentError",
@@ -19,22 +18,18 @@ PUBLIC = [
     "KeepLast",
     "KeepSince",
     "KeepWithinBytes",
-    "LocalStorage",
     "LockedError",
     "NotACheckpointError",
     "OnImprovement",
     "ResumableLoader",
-    "ResumeCheck",
     "ResumeCheckError",
     "RetentionPolicy",
     "SaveTrigger",
     "Stateful",
-    "Storage",
     "TrainState",
     "UnserializableStateError",
     "WriteError",
     "__version__",
-    "check_resume",
     "import_checkpoints",
     "load_state",
     "load_weights",
@@ -62,7 +57,7 @@ def test_every_error_is_a_checkpoint_error() -> None:
 
 
 def test_importing_ckpts_does_not_import_torch() -> None:
-    code = "import sys, ckpts, ckpts._catalog; print('torch' in sys.modules)"
+    code = "import sys, ckpts, ckpts._format.catalog; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"

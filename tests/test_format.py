@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ckpts
-from ckpts._manifest import FORMAT_VERSION
+from ckpts._format.manifest import FORMAT_VERSION
 
 
 class Holder:

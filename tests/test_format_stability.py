@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 
 import ckpts
-from ckpts._manifest import READABLE_VERSION
+from ckpts._format.manifest import READABLE_VERSION
 
 DATA = Path(__file__).with_name("data")
 TENSOR_FILES_SHA256 = {

@@ -10,10 +10,9 @@ import xxhash
 from safetensors.torch import load_file
 
 import ckpts
-from ckpts import _io
-from ckpts._local import LocalStorage
-from ckpts._manifest import HASH_PREFIX
-from ckpts._writing import write_tensor_files
+from ckpts._format.manifest import HASH_PREFIX
+from ckpts._tensors.writing import write_tensor_files
+from ckpts.storage import LocalStorage, _io
 
 
 def _tensors(seed: int, count: int) -> list[tuple[str, torch.Tensor]]:
@@ -117,7 +116,7 @@ def test_the_collector_runs_again_after_nested_threaded_and_failed_pauses() -> N
     import gc
     import threading
 
-    from ckpts._gc import paused_gc
+    from ckpts._tensors.gc import paused_gc
 
     assert gc.isenabled()
     inside = threading.Event()

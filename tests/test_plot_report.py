@@ -22,12 +22,12 @@ import torch
 from typer.testing import CliRunner
 
 import ckpts
-from ckpts import _history
-from ckpts._catalog import list_checkpoints
-from ckpts._curves import metric_curve, recommend
-from ckpts._local import LocalStorage
-from ckpts._report import write_report
+from ckpts._format.catalog import list_checkpoints
+from ckpts._run import history as _history
 from ckpts.cli import app
+from ckpts.cli.curves import metric_curve, recommend
+from ckpts.cli.report import write_report
+from ckpts.storage import LocalStorage
 
 # a U-shaped validation loss: best at step 40, then overfitting
 VAL_LOSS = {10: 2.0, 20: 1.5, 30: 1.2, 40: 1.0, 50: 1.05, 60: 1.1, 70: 1.2, 80: 1.3}

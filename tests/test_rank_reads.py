@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckpts._distributed import BLOCK, _Piece, _Span
-from ckpts._format import byte_view
-from ckpts._manifest import digest
+from ckpts._checkpoint.sharded import BLOCK, _Piece, _Span
+from ckpts._format.manifest import digest
+from ckpts._format.safetensors import byte_view
 from ckpts.errors import CorruptCheckpointError
 
 ROWS, COLUMNS = 1024, 768  # float32: 3 MiB, three blocks

@@ -157,7 +157,7 @@ def test_eio_while_writing_raises_and_leaves_earlier_checkpoints(
 READER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from ckpts._local import LocalStorage
+    from ckpts.storage import LocalStorage
     run, deadline, seen, bad = Path(sys.argv[1]), time.monotonic() + float(sys.argv[2]), 0, 0
     while time.monotonic() < deadline:
         for path in [run / entry.name for entry in LocalStorage(run).committed()]:

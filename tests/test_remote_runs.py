@@ -44,9 +44,9 @@ import pytest
 import torch
 
 import ckpts
-from ckpts._fsspec import PART_SIZE
-from ckpts._manifest import read_manifest
-from ckpts._storage import checkpoint_name
+from ckpts._format.manifest import read_manifest
+from ckpts.storage import checkpoint_name
+from ckpts.storage._fsspec import PART_SIZE
 from conftest import TinyNet, assert_state_dicts_equal, train_steps
 from remote_worker import KEEP, LEASE_SECONDS, build, open_run, train_step
 from s3_server import S3Bucket
@@ -480,11 +480,11 @@ def write_expired_lease(bucket: S3Bucket) -> None:
 def test_a_process_that_listed_the_run_takes_over_an_expired_lease(s3_bucket: S3Bucket) -> None:
     url, options = s3_bucket.url(), s3_bucket.storage_options
     state, _, _ = tiny(0)
-    with ckpts.CheckpointManager(ckpts.FsspecStorage(url, options)) as manager:
+    with ckpts.CheckpointManager(ckpts.storage.FsspecStorage(url, options)) as manager:
         manager.save(1, state)
     assert [c.step for c in manager.checkpoints()] == [1]  # a listing, cached by s3fs
     write_expired_lease(s3_bucket)  # another process wrote the run since, and was killed
-    with ckpts.CheckpointManager(ckpts.FsspecStorage(url, options)) as manager:
+    with ckpts.CheckpointManager(ckpts.storage.FsspecStorage(url, options)) as manager:
         manager.save(2, state)
         assert [c.step for c in manager.checkpoints()] == [1, 2]
 
@@ -530,8 +530,8 @@ def test_a_second_writer_gets_locked_error_naming_the_holder_and_commits_nothing
         s3_bucket: S3Bucket) -> None:
     url, options = s3_bucket.url(), s3_bucket.storage_options
     state, _, _ = tiny(0)
-    first = ckpts.CheckpointManager(ckpts.FsspecStorage(url, options))
-    second = ckpts.CheckpointManager(ckpts.FsspecStorage(url, options))
+    first = ckpts.CheckpointManager(ckpts.storage.FsspecStorage(url, options))
+    second = ckpts.CheckpointManager(ckpts.storage.FsspecStorage(url, options))
     first.save(1, state)
     with pytest.raises(ckpts.LockedError, match=rf"{re.escape(url)}.*pid {os.getpid()}"):
         second.save(2, state)
@@ -544,7 +544,8 @@ def test_a_second_writer_gets_locked_error_naming_the_holder_and_commits_nothing
 
 def test_two_writers_saving_at_once_exactly_one_commits(s3_bucket: S3Bucket) -> None:
     url, options = s3_bucket.url(), s3_bucket.storage_options
-    managers = [ckpts.CheckpointManager(ckpts.FsspecStorage(url, options)) for _ in range(2)]
+    managers = [ckpts.CheckpointManager(ckpts.storage.FsspecStorage(url, options))
+                for _ in range(2)]
     states = [tiny(seed)[0] for seed in range(2)]
     start = threading.Barrier(2)
     outcomes: dict[int, str] = {}

@@ -22,9 +22,9 @@ from typing import Any
 import fsspec
 import pytest
 
-from ckpts._fsspec import PART_SIZE, FsspecStorage
-from ckpts._storage import MANIFEST, Range, checkpoint_name, open_storage
 from ckpts.errors import CheckpointError, LockedError
+from ckpts.storage import MANIFEST, Range, checkpoint_name, open_storage
+from ckpts.storage._fsspec import PART_SIZE, FsspecStorage
 from s3_server import S3Bucket
 
 
@@ -78,7 +78,7 @@ def test_wrong_credentials_are_refused_with_the_fix(s3_bucket: S3Bucket) -> None
                                                 ("s3fs", "pip install 'ckpts[s3]'")])
 def test_a_missing_package_names_the_extra_to_install(hidden: str, named: str) -> None:
     script = (f"import sys; sys.modules[{hidden!r}] = None\n"
-              "from ckpts._storage import open_storage\n"
+              "from ckpts.storage._port import open_storage\n"
               "from ckpts.errors import CheckpointError\n"
               "try:\n    open_storage('s3://bucket/run')\n"
               "except CheckpointError as e:\n    print(e)\n")
@@ -216,7 +216,7 @@ def test_of_two_takers_of_an_expired_lease_the_last_writer_keeps_it(
 
 HOLDER = """
 import sys, time
-from ckpts._fsspec import PART_SIZE, FsspecStorage
+from ckpts.storage._fsspec import PART_SIZE, FsspecStorage
 storage = FsspecStorage(sys.argv[1], {options}, lease_seconds=1.0)
 storage.lock()
 print("locked", flush=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ckpts
-from ckpts._async import Stager
+from ckpts._checkpoint.staging import Stager
 from conftest import TinyNet, train_steps
 
 

@@ -23,9 +23,8 @@ from typing import Any
 import fsspec
 import pytest
 
-from ckpts._local import LocalStorage
-from ckpts._storage import MANIFEST, Range, Storage, checkpoint_name, open_storage
 from ckpts.errors import CorruptCheckpointError, LockedError
+from ckpts.storage import MANIFEST, LocalStorage, Range, Storage, checkpoint_name, open_storage
 from s3_server import S3Bucket
 
 STEP = checkpoint_name(500)
@@ -222,7 +221,7 @@ def test_clean_removes_an_uncommitted_save_and_names_it(run_at: RunAt) -> None:
 
 WRITER = """
 import json, sys
-from ckpts._storage import open_storage
+from ckpts.storage import open_storage
 storage = open_storage(sys.argv[1], json.loads(sys.argv[2]))
 storage.lock()
 print("locked", flush=True)

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from ckpts._version import __version__
@@ -33,13 +34,12 @@ from ckpts.errors import (
 )
 
 if TYPE_CHECKING:
-    from ckpts._catalog import Checkpoint
-    from ckpts._data import ResumableLoader
-    from ckpts._fsspec import FsspecStorage
-    from ckpts._importing import import_checkpoints
-    from ckpts._local import LocalStorage
-    from ckpts._manager import CheckpointManager
-    from ckpts._policy import (
+    from ckpts._checkpoint.verify import verify
+    from ckpts._checkpoint.weights import load_state, load_weights
+    from ckpts._format.catalog import Checkpoint
+    from ckpts._run.importing import import_checkpoints
+    from ckpts._run.manager import CheckpointManager
+    from ckpts._run.policy import (
         Every,
         KeepBest,
         KeepEvery,
@@ -50,36 +50,28 @@ if TYPE_CHECKING:
         RetentionPolicy,
         SaveTrigger,
     )
-    from ckpts._resume_check import ResumeCheck, check_resume
-    from ckpts._state import Stateful, TrainState
-    from ckpts._storage import Storage
-    from ckpts._verify import verify
-    from ckpts._weights import load_state, load_weights
+    from ckpts._state.data import ResumableLoader
+    from ckpts._state.train_state import Stateful, TrainState
 
 _LAZY = {
-    "Checkpoint": "ckpts._catalog",
-    "CheckpointManager": "ckpts._manager",
-    "Every": "ckpts._policy",
-    "FsspecStorage": "ckpts._fsspec",
-    "KeepBest": "ckpts._policy",
-    "KeepEvery": "ckpts._policy",
-    "KeepLast": "ckpts._policy",
-    "KeepSince": "ckpts._policy",
-    "KeepWithinBytes": "ckpts._policy",
-    "LocalStorage": "ckpts._local",
-    "OnImprovement": "ckpts._policy",
-    "ResumableLoader": "ckpts._data",
-    "RetentionPolicy": "ckpts._policy",
-    "SaveTrigger": "ckpts._policy",
-    "ResumeCheck": "ckpts._resume_check",
-    "Stateful": "ckpts._state",
-    "Storage": "ckpts._storage",
-    "TrainState": "ckpts._state",
-    "check_resume": "ckpts._resume_check",
-    "import_checkpoints": "ckpts._importing",
-    "load_state": "ckpts._weights",
-    "load_weights": "ckpts._weights",
-    "verify": "ckpts._verify",
+    "Checkpoint": "ckpts._format.catalog",
+    "CheckpointManager": "ckpts._run.manager",
+    "Every": "ckpts._run.policy",
+    "KeepBest": "ckpts._run.policy",
+    "KeepEvery": "ckpts._run.policy",
+    "KeepLast": "ckpts._run.policy",
+    "KeepSince": "ckpts._run.policy",
+    "KeepWithinBytes": "ckpts._run.policy",
+    "OnImprovement": "ckpts._run.policy",
+    "ResumableLoader": "ckpts._state.data",
+    "RetentionPolicy": "ckpts._run.policy",
+    "SaveTrigger": "ckpts._run.policy",
+    "Stateful": "ckpts._state.train_state",
+    "TrainState": "ckpts._state.train_state",
+    "import_checkpoints": "ckpts._run.importing",
+    "load_state": "ckpts._checkpoint.weights",
+    "load_weights": "ckpts._checkpoint.weights",
+    "verify": "ckpts._checkpoint.verify",
 }
 
 __all__ = [
@@ -89,7 +81,6 @@ __all__ = [
     "CorruptCheckpointError",
     "Every",
     "FormatVersionError",
-    "FsspecStorage",
     "IncompatibleStateError",
     "InsufficientSpaceError",
     "InvalidArgumentError",
@@ -98,22 +89,18 @@ __all__ = [
     "KeepLast",
     "KeepSince",
     "KeepWithinBytes",
-    "LocalStorage",
     "LockedError",
     "NotACheckpointError",
     "OnImprovement",
     "ResumableLoader",
-    "ResumeCheck",
     "ResumeCheckError",
     "RetentionPolicy",
     "SaveTrigger",
     "Stateful",
-    "Storage",
     "TrainState",
     "UnserializableStateError",
     "WriteError",
     "__version__",
-    "check_resume",
     "import_checkpoints",
     "load_state",
     "load_weights",
@@ -121,7 +108,24 @@ __all__ = [
 ]
 
 
+# Names that moved to a namespace of their own: still importable from ckpts, with a
+# DeprecationWarning that says where they live now.
+_MOVED = {
+    "FsspecStorage": "ckpts.storage",
+    "LocalStorage": "ckpts.storage",
+    "ResumeCheck": "ckpts.testing",
+    "Storage": "ckpts.storage",
+    "check_resume": "ckpts.testing",
+}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        warnings.warn(f"ckpts.{name} moved to {_MOVED[name]}.{name}; import it from there",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    if name in ("storage", "testing"):  # `import ckpts` then `ckpts.storage.LocalStorage`
+        return importlib.import_module(f"ckpts.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

@@ -6,7 +6,7 @@ becomes one line on stderr (``error: ...``) and exit code 2, never a traceback.
 
 Runs and checkpoints are given as text, a local path or an fsspec URL
 (``s3://bucket/run``, ``memory://...``): :func:`open_run`, :func:`open_checkpoint_arg`
-and :func:`open_location` turn the text into a storage (see :mod:`ckpts._storage`);
+and :func:`open_location` turn the text into a storage (see :mod:`ckpts.storage._port`);
 credentials for a URL come from the usual variables (``AWS_ACCESS_KEY_ID``,
 ``AWS_ENDPOINT_URL``, ...). Output files stay local paths.
 
@@ -28,10 +28,10 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
 
-from ckpts._catalog import Checkpoint, is_committed
-from ckpts._policy import Mode
-from ckpts._storage import MANIFEST, Storage, open_storage, split_checkpoint, url_protocol
+from ckpts._format.catalog import Checkpoint, is_committed
+from ckpts._run.policy import Mode
 from ckpts.errors import CheckpointError
+from ckpts.storage._port import MANIFEST, Storage, open_storage, split_checkpoint, url_protocol
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -88,7 +88,7 @@ def open_location(text: str) -> Storage:
 def committed_checkpoint(text: str) -> tuple[Storage, str] | None:
     """``(storage of its run, name)`` if ``text`` is a committed checkpoint, else None.
 
-    One small read (see :func:`ckpts._catalog.is_committed`), not a listing.
+    One small read (see :func:`ckpts._format.catalog.is_committed`), not a listing.
     """
     run, name = split_checkpoint(text)
     if not name:  # a bucket (or a store's root) has no run above it

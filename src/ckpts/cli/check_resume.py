@@ -12,9 +12,9 @@ from typing import Annotated
 
 import typer
 
-from ckpts._resume_check import RUN_PLACEHOLDER
-from ckpts._resume_check import check_resume as run_check
 from ckpts.cli._common import EXIT_CHECK_FAILED, reports_errors, stdout
+from ckpts.testing._resume_check import RUN_PLACEHOLDER
+from ckpts.testing._resume_check import check_resume as run_check
 
 
 @reports_errors

@@ -5,7 +5,7 @@ same bytes), changed (with the largest absolute difference, computed in float64)
 dtype or shape changed, only in A, only in B. Each differing key of the
 non-tensor state (the manifest's JSON tree: hyperparameters, counters) is named
 by its dotted path, e.g. ``run.config.out_dir``. The comparison itself lives in
-:mod:`ckpts._compare`, shared with ``ckpts check-resume``.
+:mod:`ckpts._checkpoint.compare`, shared with ``ckpts check-resume``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ from typing import Annotated, Any
 
 import typer
 
-from ckpts._compare import TENSOR_STATUSES, StateDifference, TensorComparison, compare_checkpoints
+from ckpts._checkpoint.compare import (
+    TENSOR_STATUSES,
+    StateDifference,
+    TensorComparison,
+    compare_checkpoints,
+)
 from ckpts.cli._common import (
     JsonOption,
     open_checkpoint_arg,

@@ -1,13 +1,13 @@
 """``ckpts demo``: train a tiny model, SIGKILL it mid-run, resume it, prove the resume bit-exact.
 
-The training happens in worker processes (``python -m ckpts._demo``, see
-:mod:`ckpts._demo`). This module starts them, kills the first one a few steps after
+The training happens in worker processes (``python -m ckpts.cli.demo_training``, see
+:mod:`ckpts.cli.demo_training`). This module starts them, kills the first one a few steps after
 a checkpoint, starts a second one that resumes, runs an uninterrupted reference
 run beside them, and renders what happened with rich: the run's ``ckpts ls``
 table, what retention kept, the bit-exact check and the best checkpoint.
 
-torch is imported only when the command runs (``from ckpts import _demo`` inside
-the functions), so registering the command keeps ``ckpts --help`` fast.
+torch is imported only when the command runs (``ckpts.cli.demo_training`` is imported
+inside the functions), so registering the command keeps ``ckpts --help`` fast.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from ckpts.cli._common import stdout as ls_stdout
 from ckpts.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from ckpts._demo import KillPlan, Saved, TrainEvent
+    from ckpts.cli.demo_training import KillPlan, Saved, TrainEvent
 
 MARKER = ".ckpts-demo"  # written into every demo directory: only such a directory is ever wiped
 REFERENCE = "reference"  # subdirectory of the uninterrupted reference run
@@ -90,7 +90,7 @@ def run_demo(directory: Path, *, console: Console, steps: int | None = None) -> 
             :data:`MARKER` file); the interrupted run's checkpoints go straight
             into it, the reference run's into ``reference/``.
         console: where everything is shown.
-        steps: training steps of each run (default: ``ckpts._demo.STEPS``).
+        steps: training steps of each run (default: ``ckpts.cli.demo_training.STEPS``).
 
     Returns:
         Whether the resume was bit-exact, and the workers' records.
@@ -100,7 +100,7 @@ def run_demo(directory: Path, *, console: Console, steps: int | None = None) -> 
             ``steps`` is too short to interrupt the run between two checkpoints.
         RuntimeError: a worker process failed (its output is in the message).
     """
-    from ckpts import _demo
+    from ckpts.cli import demo_training as _demo
 
     steps = _demo.STEPS if steps is None else steps
     plan = _demo.plan_kill(steps)
@@ -183,7 +183,7 @@ def prepare_directory(directory: Path) -> None:
 
 @dataclass
 class Worker:
-    """One ``python -m ckpts._demo`` process and what it reported on stdout."""
+    """One ``python -m ckpts.cli.demo_training`` process and what it reported on stdout."""
 
     process: subprocess.Popen[str]
     stdout: IO[str]
@@ -195,7 +195,7 @@ class Worker:
     @classmethod
     def launch(cls, run_dir: Path, steps: int) -> Worker:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ckpts._demo", str(run_dir), "--steps", str(steps)],
+            [sys.executable, "-m", "ckpts.cli.demo_training", str(run_dir), "--steps", str(steps)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         )
         if process.stdout is None:  # unreachable with stdout=PIPE; narrows the type
@@ -208,7 +208,7 @@ class Worker:
 
     def follow(self, on_event: Callable[[TrainEvent], None]) -> int:
         """Read stdout to the end, recording each event; returns the exit code."""
-        from ckpts._demo import Resumed, Saved, StepDone, parse_event
+        from ckpts.cli.demo_training import Resumed, Saved, StepDone, parse_event
 
         for line in self.stdout:
             self.output.append(line.rstrip("\n"))
@@ -316,7 +316,7 @@ def _train_all(directory: Path, *, steps: int, plan: KillPlan, console: Console,
 
 
 def _show_in(progress: Progress, task: TaskID) -> Callable[[TrainEvent], None]:
-    from ckpts._demo import Resumed, Saved, StepDone
+    from ckpts.cli.demo_training import Resumed, Saved, StepDone
 
     def show(event: TrainEvent) -> None:
         if isinstance(event, Resumed):

@@ -42,7 +42,7 @@ from ckpts.cli._common import (
 from ckpts.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from ckpts._catalog import Checkpoint
+    from ckpts._format.catalog import Checkpoint
 
 
 @reports_errors
@@ -98,8 +98,8 @@ def evaluate(
     ] = None,
 ) -> None:
     """Run an evaluation script over a run's checkpoints and attach the metrics it prints."""
-    from ckpts._evaluate import evaluate as evaluate_run
-    from ckpts._manager import CheckpointManager
+    from ckpts._run.evaluate import evaluate as evaluate_run
+    from ckpts._run.manager import CheckpointManager
 
     if not script.is_file():
         fail(f"evaluation script {script} does not exist")

@@ -32,7 +32,7 @@ def import_(
     more is refused, naming it. All or nothing: if one checkpoint fails, those
     already imported are removed again.
     """
-    from ckpts._importing import import_checkpoints  # imports torch: only once there is work
+    from ckpts._run.importing import import_checkpoints  # imports torch: only once there is work
 
     columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True,

@@ -16,10 +16,9 @@ from typing import Annotated, Any
 import typer
 from rich.filesize import decimal
 
-from ckpts._catalog import Checkpoint
-from ckpts._manifest import DTYPE_SIZES, read_manifest
-from ckpts._storage import MANIFEST, Listed, url_protocol
-from ckpts._usage import physical_bytes, shared_bytes, usage
+from ckpts._format.catalog import Checkpoint
+from ckpts._format.manifest import DTYPE_SIZES, read_manifest
+from ckpts._run.usage import physical_bytes, shared_bytes, usage
 from ckpts.cli._common import (
     JsonOption,
     format_number,
@@ -33,6 +32,7 @@ from ckpts.cli._common import (
     stdout,
 )
 from ckpts.errors import CheckpointError
+from ckpts.storage._port import MANIFEST, Listed, url_protocol
 
 
 @reports_errors

@@ -1,6 +1,6 @@
 """``ckpts ls`` and ``ckpts best``: list a run's checkpoints, find the best one (no torch).
 
-Both read only the manifests (through :func:`ckpts._catalog.list_checkpoints`), so
+Both read only the manifests (through :func:`ckpts._format.catalog.list_checkpoints`), so
 they start in a fraction of a second and list thousands of checkpoints quickly.
 A checkpoint whose files no longer have the sizes its manifest records is marked
 ``damaged`` by ``ls``, never marked best, and skipped by ``best`` with a note.
@@ -17,9 +17,8 @@ import typer
 from rich.filesize import decimal
 from rich.text import Text
 
-from ckpts._catalog import Checkpoint, is_local, list_checkpoints
-from ckpts._policy import Mode, rank_by
-from ckpts._storage import Storage, open_storage
+from ckpts._format.catalog import Checkpoint, is_local, list_checkpoints
+from ckpts._run.policy import Mode, rank_by
 from ckpts.cli._common import (
     JsonOption,
     ModeOption,
@@ -35,6 +34,7 @@ from ckpts.cli._common import (
     stderr,
     stdout,
 )
+from ckpts.storage._port import Storage, open_storage
 
 DEFAULT_TAG = "pinned"  # CheckpointManager.pin's default tag, shown as plain "pinned"
 
@@ -122,7 +122,7 @@ def subfolders(storage: Storage) -> list[str]:
     """
     if is_local(storage):
         return sorted(p.name for p in Path(storage.location).iterdir() if p.is_dir())
-    from ckpts._fsspec import FsspecStorage  # not at the top: `ckpts ls` of a run skips it
+    from ckpts.storage._fsspec import FsspecStorage  # not at the top: `ckpts ls` of a run skips it
 
     if isinstance(storage, FsspecStorage):
         storage.fs.invalidate_cache(storage.root)  # s3fs caches listings; see _fsspec

@@ -13,11 +13,10 @@ import typer
 from rich.filesize import decimal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ckpts._catalog import Checkpoint, list_checkpoints
-from ckpts._manifest import read_manifest
-from ckpts._policy import KeepBest, KeepEvery, KeepLast, KeepWithinBytes, Mode
-from ckpts._storage import MANIFEST, Listed, Storage
-from ckpts._usage import identity, physical_bytes
+from ckpts._format.catalog import Checkpoint, list_checkpoints
+from ckpts._format.manifest import read_manifest
+from ckpts._run.policy import KeepBest, KeepEvery, KeepLast, KeepWithinBytes, Mode
+from ckpts._run.usage import identity, physical_bytes
 from ckpts.cli._common import (
     EXIT_CHECK_FAILED,
     check_metric,
@@ -30,10 +29,11 @@ from ckpts.cli._common import (
     stdout,
 )
 from ckpts.errors import CheckpointError
+from ckpts.storage._port import MANIFEST, Listed, Storage
 
 if TYPE_CHECKING:
-    from ckpts._manager import CheckpointManager
-    from ckpts._policy import RetentionPolicy
+    from ckpts._run.manager import CheckpointManager
+    from ckpts._run.policy import RetentionPolicy
 
 RunArgument = Annotated[str, typer.Argument(help="A run: a directory or a URL.")]
 StepArgument = Annotated[int, typer.Argument(help="The step of the checkpoint.")]
@@ -59,7 +59,7 @@ def verify(
     names = [name for name, _ in listed]
     if not names:
         fail(f"{path} is not a checkpoint (no {MANIFEST}) nor a run holding any")
-    from ckpts._verify import verify_checkpoint  # imports torch: only once there is work
+    from ckpts._checkpoint.verify import verify_checkpoint  # imports torch: only once there is work
 
     failed = 0
     columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -228,6 +228,6 @@ def _manager(run: Storage, *, keep: list[RetentionPolicy] | None = None) -> Chec
     keep=None for pin/unpin: unpin() applies retention, and with no policy it deletes
     nothing.
     """
-    from ckpts._manager import CheckpointManager
+    from ckpts._run.manager import CheckpointManager
 
     return CheckpointManager(run, keep=keep)

@@ -12,9 +12,9 @@ from typing import Annotated
 
 import typer
 
-from ckpts._catalog import list_checkpoints
-from ckpts._storage import url_protocol
+from ckpts._format.catalog import list_checkpoints
 from ckpts.cli._common import ModeOption, check_metric, fail, open_run, reports_errors, stdout
+from ckpts.storage._port import url_protocol
 
 
 @reports_errors
@@ -30,8 +30,8 @@ def plot(
     Kept checkpoints are dots, the best a star, pinned ones diamonds; steps that
     retention deleted are faint, when the run's metrics history knows them.
     """
-    from ckpts._curves import metric_curve
-    from ckpts._plot import plot_curves
+    from ckpts.cli.curves import metric_curve
+    from ckpts.cli.plot import plot_curves
 
     listed = {run: list_checkpoints(open_run(run)) for run in runs}
     check_metric(metric, [c for found in listed.values() for c in found])
@@ -55,7 +55,7 @@ def report(
     mode: ModeOption = "min",
 ) -> None:
     """Write a self-contained HTML report: curves, checkpoints table, recommendation, disk use."""
-    from ckpts._report import write_report
+    from ckpts.cli.report import write_report
 
     storage = open_run(run)
     if not list_checkpoints(storage):

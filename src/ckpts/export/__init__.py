@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ckpts._space import parse_size
-from ckpts._weights import module_record, read_module_tensors
+from ckpts._checkpoint.weights import module_record, read_module_tensors
+from ckpts._run.space import parse_size
 from ckpts.errors import CheckpointError, InvalidArgumentError
 
 if TYPE_CHECKING:
-    from ckpts._catalog import Checkpoint
+    from ckpts._format.catalog import Checkpoint
 
 log = logging.getLogger("ckpts")
 

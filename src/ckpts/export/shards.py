@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ckpts._checkpoint import plan_shards
-from ckpts._format import encode_header, tensor_bytes
+from ckpts._checkpoint.write import plan_shards
+from ckpts._format.safetensors import encode_header, tensor_bytes
 
 Progress = Callable[[int], None]  # called with the bytes just written
 

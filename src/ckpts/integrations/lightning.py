@@ -68,25 +68,25 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ckpts._catalog import Checkpoint
-from ckpts._importing import (
+from ckpts._checkpoint.weights import load_state
+from ckpts._format.catalog import Checkpoint
+from ckpts._run.importing import (
     PlainState,
     is_lightning_checkpoint,
     join_lightning_checkpoint,
     read_torch_file,
     split_lightning_checkpoint,
 )
-from ckpts._manager import CheckpointManager
-from ckpts._policy import KeepLast
-from ckpts._rng import RNGState
-from ckpts._state import RNG_NAME, TrainState
-from ckpts._storage import MANIFEST
-from ckpts._weights import load_state
+from ckpts._run.manager import CheckpointManager
+from ckpts._run.policy import KeepLast
+from ckpts._state.rng import RNGState
+from ckpts._state.train_state import RNG_NAME, TrainState
 from ckpts.errors import (
     InvalidArgumentError,
     NotACheckpointError,
     UnserializableStateError,
 )
+from ckpts.storage._port import MANIFEST
 
 try:
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -255,8 +255,8 @@ def _committed(target: Path) -> Checkpoint:
 
 
 def _object_names(checkpoint: Checkpoint) -> list[str]:
-    from ckpts._catalog import open_checkpoint
-    from ckpts._manifest import read_manifest
+    from ckpts._format.catalog import open_checkpoint
+    from ckpts._format.manifest import read_manifest
 
     return list(read_manifest(*open_checkpoint(checkpoint))["objects"])
 

@@ -94,16 +94,15 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "install them with: pip install 'ckpts[hf]'"
     ) from e
 
-from ckpts._catalog import Checkpoint
-from ckpts._codec import decode
-from ckpts._manager import CheckpointManager
-from ckpts._manifest import read_manifest
-from ckpts._policy import Mode, RetentionPolicy, rank_by
-from ckpts._rng import RNGState
-from ckpts._state import Stateful, TrainState
-from ckpts._storage import checkpoint_name, url_protocol
-from ckpts._verify import verify_checkpoint
-from ckpts._weights import load_weights
+from ckpts._checkpoint.verify import verify_checkpoint
+from ckpts._checkpoint.weights import load_weights
+from ckpts._format.catalog import Checkpoint
+from ckpts._format.codec import decode
+from ckpts._format.manifest import read_manifest
+from ckpts._run.manager import CheckpointManager
+from ckpts._run.policy import Mode, RetentionPolicy, rank_by
+from ckpts._state.rng import RNGState
+from ckpts._state.train_state import Stateful, TrainState
 from ckpts.errors import (
     CorruptCheckpointError,
     IncompatibleStateError,
@@ -111,6 +110,7 @@ from ckpts.errors import (
     NotACheckpointError,
     UnserializableStateError,
 )
+from ckpts.storage._port import checkpoint_name, url_protocol
 
 log = logging.getLogger("ckpts")
 

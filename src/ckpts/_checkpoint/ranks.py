@@ -1,0 +1,91 @@
+"""The ranks of a torch.distributed job that save and restore together, and the small
+collectives ckpts makes among them (JSON values as byte tensors, no pickle) on a gloo
+group of its own, created with a timeout so that a rank that dies or hangs makes every
+rank raise instead of waiting forever."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ckpts import errors
+from ckpts.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+)
+from ckpts.storage import _io
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job: its rank, the world size, and ckpts' own gloo
+    group (with a timeout) for every collective ckpts makes."""
+
+    rank: int
+    size: int
+    group: dist.ProcessGroup
+
+    @classmethod
+    def of_job(cls, process_group: dist.ProcessGroup | None, timeout: float) -> Ranks | None:
+        """The job's ranks, or None when torch.distributed is not initialized. Every rank
+        must call this at the same point (it creates a process group)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
+        group = dist.new_group(ranks, backend="gloo",
+                               timeout=datetime.timedelta(seconds=timeout))
+        job = cls(dist.get_rank(group), dist.get_world_size(group), group)
+        hosts = job.gather_json(socket.gethostname())
+        _io.share_cores(hosts.count(socket.gethostname()))  # the ranks on this machine
+        return job
+
+    def gather_json(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (JSON), on every rank, in rank order."""
+        data = torch.frombuffer(bytearray(json.dumps(value).encode() or b" "), dtype=torch.uint8)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        dist.all_gather(sizes, torch.tensor([data.numel()]), group=self.group)
+        longest = int(max(size.item() for size in sizes))
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[:data.numel()] = data
+        found = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.size)]
+        dist.all_gather(found, padded, group=self.group)
+        return [json.loads(bytes(chunk[:int(size.item())].numpy()))
+                for chunk, size in zip(found, sizes, strict=True)]
+
+    def broadcast_json(self, value: Any) -> Any:
+        """Rank 0's ``value`` (JSON), on every rank."""
+        return self.gather_json(value if self.rank == 0 else None)[0]
+
+    def on_rank0(self, action: Callable[[], object]) -> None:
+        """Run ``action`` on rank 0 only; a CheckpointError it raises is raised on every
+        rank (same class, same message), so no rank goes on alone."""
+        failure = None
+        if self.rank == 0:
+            try:
+                action()
+            except Exception as e:  # every rank learns of it before rank 0 raises
+                failure = [type(e).__name__, f"rank 0: {e}"]
+                if self.broadcast_json(failure) is not None:
+                    raise
+        found = self.broadcast_json(failure)
+        if found is not None:
+            kind = getattr(errors, found[0], CheckpointError)
+            raise (kind if isinstance(kind, type) and issubclass(kind, CheckpointError)
+                   else CheckpointError)(found[1])
+
+    def problems(self, error: BaseException | None) -> tuple[list[str], bool]:
+        """Every rank's failure (``"rank N: ..."``; none when all succeeded), and whether
+        each is a damaged or unreadable checkpoint (a restore may then try an older one)."""
+        damaged = isinstance(error, (CorruptCheckpointError, NotACheckpointError, OSError))
+        found = self.gather_json(None if error is None else
+                                 [f"{type(error).__name__}: {error}", damaged])
+        return ([f"rank {rank}: {entry[0]}" for rank, entry in enumerate(found) if entry],
+                all(entry[1] for entry in found if entry))

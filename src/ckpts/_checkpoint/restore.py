@@ -1,0 +1,422 @@
+"""Restoring one checkpoint in place: check that it fits the live objects, read every
+tensor into them (hashed on the way in), then hand each object its state."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ckpts._format.codec import decode, live_tensors
+from ckpts._format.manifest import (
+    TensorEntry,
+    manifest_tensor_entries,
+)
+from ckpts._format.safetensors import DTYPES
+from ckpts._state.train_state import (
+    PER_RANK_KINDS,
+    Stateful,
+    TrainState,
+    object_kind,
+)
+from ckpts._tensors.reading import read_tensors
+from ckpts.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompatibleStateError,
+)
+from ckpts.storage._port import Storage
+
+log = logging.getLogger("ckpts")
+
+if TYPE_CHECKING:
+    from ckpts._checkpoint.ranks import Ranks
+
+MAX_LISTED = 20  # keys listed per kind of mismatch in an IncompatibleStateError
+
+
+@dataclass(frozen=True)
+class ModuleFit:
+    """A live module found to fit a saved one (:func:`fit_module`): its tensors as
+    the ``state_dict()`` that was checked gave them, and the saved tensor entries
+    (aliases not included), so that reading into it calls neither again."""
+
+    fillable: dict[str, torch.Tensor]  # see ckpts._format.codec.live_tensors
+    other: dict[str, str]
+    entries: dict[str, TensorEntry]
+
+
+def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
+                 state: TrainState, ranks: Ranks | None = None) -> None:
+    """Check the checkpoint fits ``state``, then load every object in place.
+
+    Every object's ``state_dict()`` is called first: it tells whether the live
+    object fits the checkpoint (a module's keys, dtypes and shapes; an optimizer's
+    parameter groups) and which live tensors can take the saved bytes. Every file
+    is then read once, hashed on the way in, straight into those live tensors (no
+    second copy of the state in memory); finally each object's
+    ``load_state_dict()`` gets the saved state.
+
+    Which live tensor is *filled* and which is *replaced*: a live tensor is filled
+    in place when it is a dense tensor of the saved dtype and shape whose elements
+    each have their own memory, and shares no memory with another live tensor
+    being filled (tied weights count once). Anything else (an expanded or
+    overlapping view, another dtype or shape, a composite kind such as a sparse or
+    quantized tensor) is left as it is, and ``load_state_dict()`` receives a new
+    tensor: a module copies it in (refused up front for an expanded or meta
+    parameter, with IncompatibleStateError naming the key), another object
+    decides for itself.
+
+    With ``ranks`` (a torch.distributed job), every rank calls this and reads just
+    the byte ranges its own tensors need (see ckpts._distributed); per-rank objects
+    come from this rank's copy (see :func:`match_objects`).
+
+    Raises:
+        IncompatibleStateError: objects, keys, shapes or dtypes do not match, or
+            an object's ``state_dict()`` or ``load_state_dict()`` raised; the
+            mismatch is checked from the manifest before anything is read or
+            changed.
+        CorruptCheckpointError: a file's hash does not match. Its bytes may already
+            be in live tensors, but no ``load_state_dict`` has run; restoring
+            another checkpoint overwrites them all.
+    """
+    directory = storage.where(name)
+    chosen = match_objects(directory, manifest, state, rank=ranks.rank if ranks else 0,
+                           size=ranks.size if ranks else 1)
+    saved = {live_name: manifest["objects"][saved_name] for live_name, saved_name in chosen.items()}
+    objects = {live_name: state.objects[live_name] for live_name in chosen}
+    for obj_name, obj in objects.items():
+        check_compatible(directory, obj_name, saved[obj_name], obj, strict=True,
+                         for_restore=True)
+        if ranks is not None and isinstance(obj, torch.optim.Optimizer) \
+                and saved[obj_name]["tensors"]:
+            from ckpts._checkpoint.sharded import materialize_optimizer_state
+
+            materialize_optimizer_state(obj)  # live shards to read into
+    targets = {obj_name: live_tensors(live_state(directory, obj_name, obj))[0]
+               for obj_name, obj in objects.items()}
+    if ranks is None:
+        _drop_overlapping(targets)
+    # one read of every object's tensors at once (keys are unique per object only)
+    entries: dict[tuple[str, str], TensorEntry] = {}
+    live: dict[tuple[str, str], torch.Tensor] = {}
+    for obj_name in objects:
+        for key, entry in manifest_tensor_entries(saved[obj_name]).items():
+            entries[(obj_name, key)] = entry
+            if key in targets[obj_name]:
+                live[(obj_name, key)] = targets[obj_name][key]
+    if ranks is not None:
+        from ckpts._checkpoint.sharded import read_on_ranks
+
+        read = read_on_ranks(storage, name, manifest["files"], ranks, live, {
+            (obj_name, key): info for obj_name in objects
+            for key, info in saved[obj_name]["tensors"].items()})
+    else:
+        read = read_tensors(storage, name, manifest["files"], entries, live,
+                            fill_targets=True)
+    loaded: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for (obj_name, key), tensor in read.items():
+        loaded[obj_name][key] = tensor
+    for obj_name, obj in objects.items():
+        load_object(directory, obj_name, saved[obj_name], obj, loaded[obj_name])
+
+
+def match_objects(directory: str, manifest: Mapping[str, Any], state: TrainState, *,
+                  rank: int, size: int) -> dict[str, str]:
+    """Which saved object each live object restores from: the same name, or for a
+    per-rank object (RNG, loader positions) saved by many ranks, this rank's copy.
+
+    Per-rank objects restore only at the world size they were saved at; at another,
+    they are left as they are, with a warning (another rank's random streams or data
+    positions would be wrong for this rank).
+    """
+    saved = manifest["objects"]
+    per_rank = set(manifest.get("per_rank", ()))
+    saved_size = manifest.get("world_size", 1)
+    chosen: dict[str, str] = {}
+    kept: list[str] = []
+    for live_name, obj in state.objects.items():
+        if object_kind(obj) not in PER_RANK_KINDS and live_name not in per_rank:
+            chosen[live_name] = live_name
+        elif saved_size != size:
+            kept.append(live_name)
+        else:
+            chosen[live_name] = f"{live_name}.rank{rank}" if live_name in per_rank else live_name
+    expected = set(chosen.values()) | {f"{n}.rank{r}" for n in per_rank for r in range(saved_size)}
+    expected |= {n for n in kept if n not in per_rank}
+    missing = sorted(n for n in chosen.values() if n not in saved)
+    unexpected = sorted(set(saved) - expected)
+    if missing or unexpected:
+        raise IncompatibleStateError(
+            f"{directory} holds objects {sorted(saved)} but the TrainState has "
+            f"{sorted(state.objects)} (missing: {missing}, unexpected: {unexpected}); "
+            "restore with a TrainState of the same names",
+            missing=missing, unexpected=unexpected,
+        )
+    if kept and rank == 0:
+        log.warning("%s was saved by %d rank(s) and is restored by %d: %s keep their current "
+                    "state (per-rank state restores only at the same world size)",
+                    directory, saved_size, size, ", ".join(sorted(kept)))
+    return chosen
+
+
+def check_compatible(
+    directory: str, name: str, saved: Mapping[str, Any], obj: Stateful, *, strict: bool,
+    for_restore: bool = False,
+) -> None:
+    """Compare a saved object with a live one before anything is overwritten.
+
+    Modules are compared key by key (missing, unexpected, dtype and shape, and
+    live tensors that cannot take data: meta, expanded); optimizers by the number
+    and size of their parameter groups. ``for_restore`` words the advice for
+    ``restore()`` (which has no ``strict``) rather than ``load_weights()``.
+    """
+    if isinstance(obj, torch.nn.Module):
+        fit_module(directory, name, saved, obj, strict=strict, for_restore=for_restore)
+    elif isinstance(obj, torch.optim.Optimizer):
+        try:
+            groups = decode(saved["tree"], lambda key: None)["param_groups"]
+            saved_sizes = [len(g["params"]) for g in groups]
+        except (KeyError, TypeError, IndexError) as e:
+            raise CorruptCheckpointError(
+                f"{directory}: optimizer {name!r} has no usable param_groups in its manifest "
+                f"entry ({e!r})"
+            ) from e
+        live_sizes = [len(g["params"]) for g in obj.param_groups]
+        if saved_sizes != live_sizes:
+            raise IncompatibleStateError(
+                f"{directory}: optimizer {name!r} was saved with parameter groups of sizes "
+                f"{saved_sizes}, the live optimizer has {live_sizes}; build it over the "
+                "same parameters in the same order"
+            )
+
+
+def decode_object(directory: str, name: str, saved: Mapping[str, Any],
+                  tensors: dict[str, torch.Tensor]) -> Any:
+    """One saved object's state: its JSON tree with the tensors (already read) put back,
+    tied aliases included."""
+    for alias, key in saved.get("aliases", {}).items():
+        tensors[alias] = tensors[key]
+
+    def tensor(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise CorruptCheckpointError(
+                f"{directory}: object {name!r} refers to tensor {key!r}, which it does not list")
+        return tensors[key]
+
+    return decode(saved["tree"], tensor)
+
+
+def load_object(directory: str, name: str, saved: Mapping[str, Any], obj: Stateful,
+                 loaded: dict[str, torch.Tensor]) -> None:
+    """Hand an object its state: the tree, with the tensors already read."""
+    state_dict = decode_object(directory, name, saved, loaded)
+    try:
+        if not _optimizer_filled_in_place(obj, state_dict):
+            obj.load_state_dict(state_dict)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a user's load_state_dict may raise anything
+        raise IncompatibleStateError(
+            f"{directory}: {type(obj).__qualname__}.load_state_dict rejected object "
+            f"{name!r} ({type(e).__name__}: {e}). Objects restored before it were already "
+            "loaded; restore again once the live object matches the one that was saved"
+        ) from e
+
+
+def _optimizer_filled_in_place(obj: Stateful, state_dict: Any) -> bool:
+    """Finish restoring a torch optimizer whose every state tensor the read has just
+    filled in place (the same parameters, keys and tensor objects as saved): only its
+    parameter groups come from the checkpoint. ``Optimizer.load_state_dict`` would copy
+    each state tensor once more (1 s for 40,000 small ones); here nothing is copied.
+
+    Anything else takes torch's own path (returns False): an optimizer class with its
+    own ``load_state_dict``, load hooks, a state entry that is not a tensor or was not
+    filled in place, or state for other parameters than were saved.
+    """
+    if not isinstance(obj, torch.optim.Optimizer) \
+            or type(obj).load_state_dict is not torch.optim.Optimizer.load_state_dict \
+            or obj._optimizer_load_state_dict_pre_hooks \
+            or obj._optimizer_load_state_dict_post_hooks:
+        return False
+    groups, saved_groups = obj.param_groups, state_dict["param_groups"]
+    params = [p for group in groups for p in group["params"]]
+    ids = [i for group in saved_groups for i in group["params"]]
+    saved_state = state_dict["state"]
+    if len(groups) != len(saved_groups) or len(params) != len(ids) \
+            or len(obj.state) != len(saved_state):
+        return False
+    by_id = dict(zip(ids, params, strict=True))
+    for saved_id, entry in saved_state.items():
+        live = obj.state.get(by_id[saved_id]) if saved_id in by_id else None
+        if live is None or live.keys() != entry.keys() \
+                or any(value is not live[key] for key, value in entry.items()):
+            return False
+    restored = []
+    for group, saved_group in zip(groups, saved_groups, strict=True):
+        new_group = {**saved_group, "params": group["params"]}
+        if "param_names" in group and "param_names" not in saved_group:
+            new_group["param_names"] = group["param_names"]
+        restored.append(new_group)
+    obj.__setstate__({"state": obj.state, "param_groups": restored})
+    return True
+
+
+def load_module_weights(storage: Storage, checkpoint: str, manifest: Mapping[str, Any],
+                        name: str, module: torch.nn.Module, fit: ModuleFit) -> None:
+    """Copy saved module ``name``'s tensors into ``module``, which :func:`fit_module`
+    found to fit (``fit``).
+
+    Dense tensors are read and verified, then copied into the module's own; nothing
+    in the module changes when a hash fails. Composite ones (complex128, sparse,
+    quantized) are rebuilt from their parts and handed to
+    ``module.load_state_dict(..., strict=False)``. Saved keys the module lacks are
+    not read.
+    """
+    directory = storage.where(checkpoint)
+    saved = manifest["objects"][name]
+    fillable, other, entries = fit.fillable, fit.other, fit.entries
+    aliases: dict[str, str] = saved.get("aliases", {})
+    targets = dict(fillable)
+    wanted = fillable.keys() | other.keys()
+    for alias, key in aliases.items():
+        if alias in wanted:
+            wanted |= {key}
+            if alias in fillable and key not in targets:
+                targets[key] = fillable[alias]
+    read = read_tensors(storage, checkpoint, manifest["files"],
+                        {(name, k): e for k, e in entries.items() if k in wanted},
+                        {(name, k): t for k, t in targets.items()}, fill_targets=False)
+    loaded = {key: tensor for (_, key), tensor in read.items()}
+    for alias, key in aliases.items():
+        if key in loaded:
+            loaded.setdefault(alias, loaded[key])
+    tree = saved["tree"]
+    composites = {
+        key: decode(node, loaded.get)
+        for key, node in (tree.items() if isinstance(tree, dict) else ())
+        if isinstance(node, dict) and isinstance(node.get("__tensor__"), dict)
+    }
+    composites = {key: tensor for key, tensor in composites.items() if tensor is not None}
+    if not composites:
+        return
+    try:
+        module.load_state_dict(composites, strict=False)
+    except Exception as e:  # a module's own _load_from_state_dict may raise anything
+        raise IncompatibleStateError(
+            f"{directory}: {type(module).__qualname__}.load_state_dict rejected the "
+            f"tensors {sorted(composites)} of object {name!r} ({type(e).__name__}: {e})"
+        ) from e
+
+
+def live_state(directory: str, name: str, obj: Stateful) -> Any:
+    """The live object's ``state_dict()``, whose failure names the object."""
+    try:
+        return obj.state_dict()
+    except CheckpointError:
+        raise
+    except Exception as e:  # a user's state_dict may raise anything
+        raise IncompatibleStateError(
+            f"{directory}: cannot restore object {name!r} ({type(obj).__qualname__}): its "
+            f"state_dict(), called first to check that it fits the checkpoint, raised "
+            f"{type(e).__name__}: {e}. Nothing was changed; fix the object and restore again"
+        ) from e
+
+
+def _drop_overlapping(targets: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Remove fill targets whose memory overlaps another target's (not merely tied).
+
+    Reading two files into overlapping memory would let one file's bytes land in
+    the other's before its hash is taken; such tensors get new memory instead.
+    Spans are byte extents, so interleaved views (columns of one matrix) count as
+    overlapping too: they are replaced, which is slower but still exact.
+    """
+    by_storage: dict[tuple[Any, int], list[tuple[str, str, torch.Tensor]]] = defaultdict(list)
+    for name, tensors in targets.items():
+        for key, t in tensors.items():
+            if t.numel():
+                by_storage[(t.device, t.untyped_storage().data_ptr())].append((name, key, t))
+    # storage -> view identity -> (first byte, end byte, [(object name, key), ...])
+    views: dict[tuple[Any, int], dict[tuple[Any, ...], tuple[int, int, list[tuple[str, str]]]]] \
+        = defaultdict(dict)
+    for storage, shared in by_storage.items():
+        if len(shared) < 2:
+            continue
+        for name, key, t in shared:
+            size = t.element_size()
+            start = int(t.storage_offset()) * size
+            end = start + size * (1 + sum(int(n - 1) * s for n, s in zip(t.shape, t.stride(),
+                                                                           strict=True)))
+            identity = (start, tuple(t.shape), t.stride(), t.dtype, t.is_conj(), t.is_neg())
+            views[storage].setdefault(identity, (start, end, []))[2].append((name, key))
+    for spans in views.values():
+        ordered = sorted(spans.values(), key=lambda span: (span[0], span[1]))
+        reach = -1  # the furthest end byte of the spans before this one
+        for i, (start, end, keys) in enumerate(ordered):
+            overlaps = start < reach or (i + 1 < len(ordered) and ordered[i + 1][0] < end)
+            reach = max(reach, end)
+            if overlaps:
+                for name, key in keys:
+                    targets[name].pop(key, None)
+
+
+def fit_module(
+    directory: str, name: str, saved: Mapping[str, Any], module: torch.nn.Module, *,
+    strict: bool, for_restore: bool = False,
+) -> ModuleFit:
+    """Check a live module against saved module ``name`` (see :func:`check_compatible`),
+    from the manifest alone, calling its ``state_dict()`` once.
+
+    Raises:
+        IncompatibleStateError: keys, shapes or dtypes differ, or a live tensor
+            cannot take data; the message lists them and says what to do.
+    """
+    fillable, other = live_tensors(live_state(directory, name, module))
+    fit = ModuleFit(fillable, other, manifest_tensor_entries(saved))
+    entries = fit.entries
+    if saved.get("aliases"):
+        entries = {**entries, **{alias: entries[key] for alias, key in saved["aliases"].items()}}
+    keys = fillable.keys() | other.keys()
+    missing = sorted(keys - entries.keys()) if strict else []
+    unexpected = sorted(entries.keys() - keys) if strict else []
+    mismatched = [
+        (key, f"{entry.dtype}{list(entry.shape)}",
+         f"{DTYPES.get(t.dtype, str(t.dtype))}{list(t.shape)}")
+        for key, t in fillable.items()
+        if (entry := entries.get(key)) is not None
+        and (t.shape != entry.shape or DTYPES.get(t.dtype) != entry.dtype)  # Size is a tuple
+    ]
+    # a module copies into its tensors: one that cannot hold the data is an error
+    unfillable = sorted((key, why) for key, why in other.items()
+                        if key in entries and not why.startswith("is part of"))
+    if not (missing or unexpected or mismatched or unfillable):
+        return fit
+    lines = [f"{directory}: module {name!r} does not match the checkpoint"]
+    lines += _listed([f"  missing in checkpoint: {k}" for k in missing])
+    lines += _listed([f"  unexpected in checkpoint: {k}" for k in unexpected])
+    lines += _listed([f"  {k}: checkpoint {a}, model {b}" for k, a, b in mismatched])
+    lines += _listed([f"  {k}: the model's tensor {why}" for k, why in unfillable])
+    advice = "Build the model with the same configuration as the saved one"
+    if unfillable:
+        advice += ", with real tensors of its own (to_empty() a meta model, clone() an " \
+                  "expanded parameter)"
+    if (missing or unexpected) and for_restore:
+        advice += ("; restore() needs every key, but ckpts.load_weights(checkpoint, model, "
+                   "strict=False) loads just a model's matching weights")
+    elif (missing or unexpected) and strict:
+        advice += ", or pass strict=False to ckpts.load_weights to skip missing/unexpected keys"
+    lines.append(advice + ".")
+    raise IncompatibleStateError(
+        "\n".join(lines), missing=missing, unexpected=unexpected, mismatched=mismatched
+    )
+
+
+def _listed(lines: list[str]) -> list[str]:
+    """The first MAX_LISTED lines, and how many more there are."""
+    if len(lines) <= MAX_LISTED:
+        return lines
+    return [*lines[:MAX_LISTED], f"  … and {len(lines) - MAX_LISTED} more"]

@@ -1,0 +1,109 @@
+"""Integrity checks: does a checkpoint's every file match its manifest?"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ckpts._format.catalog import open_checkpoint
+from ckpts._format.manifest import manifest_tensor_entries, read_manifest
+from ckpts._tensors.reading import check_files, read_header
+from ckpts.errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
+from ckpts.storage._port import MANIFEST, Storage, open_storage
+
+
+def verify(path: str | os.PathLike[str], *,
+           storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Check a checkpoint (or every checkpoint of a run) against its manifest.
+
+    Reads every file once and compares its size and xxh3-128 hashes with the
+    manifest (format v2: the header and each tensor have their own), then checks
+    each tensor's dtype, shape and byte range in its file's header.
+
+    Args:
+        path: a checkpoint (``run/step-00000500``) or a run: a directory or a URL
+            (``s3://bucket/run``).
+        storage_options: for a URL, the options of its fsspec filesystem
+            (credentials, endpoint); default: the AWS variables.
+
+    Returns:
+        The problems found, one line each (prefixed with the checkpoint's name for
+        a run); an empty list means intact.
+
+    Raises:
+        NotACheckpointError: ``path`` is neither a committed checkpoint nor a run
+            holding any.
+
+    Example:
+        >>> problems = ckpts.verify("runs/exp1/step-00000500")  # doctest: +SKIP
+        >>> assert not problems, "\\n".join(problems)           # doctest: +SKIP
+    """
+    storage, name = open_checkpoint(path, storage_options)
+    if MANIFEST in storage.sizes(name):
+        return verify_checkpoint(storage, name)
+    run = open_storage(path, storage_options)
+    checkpoints = sorted(run.committed(), key=lambda entry: entry.step)
+    if not checkpoints:
+        raise NotACheckpointError(
+            f"{path} is not a checkpoint (no {MANIFEST}) nor a run holding any; "
+            "pass a run or one of its step-* checkpoints"
+        )
+    return [f"{entry.name}: {problem}" for entry in checkpoints
+            for problem in verify_checkpoint(run, entry.name, entry.sizes)]
+
+
+def verify_checkpoint(storage: Storage, name: str,
+                      sizes: Mapping[str, int] | None = None) -> list[str]:
+    """The problems of one checkpoint; empty when intact. ``sizes``: its files' sizes,
+    when a listing of the run already has them (else the checkpoint is listed)."""
+    where = storage.where(name)
+    try:
+        manifest = read_manifest(storage, name)
+        check_file_sizes(where, manifest, storage.sizes(name) if sizes is None else sizes)
+        problems = check_files(storage, name, manifest)
+    except (CheckpointError, OSError) as e:
+        return [str(e)]
+    if problems:
+        return problems
+    headers: dict[str, Any] = {}
+    for obj_name, obj in manifest["objects"].items():
+        for key, entry in manifest_tensor_entries(obj).items():
+            # format v3: each rank's shard is a tensor of the shard's size in its own file
+            pieces = [(s.file, s.size, s.begin, s.end) for s in entry.shards] or [
+                (entry.file, entry.shape, entry.begin, entry.end)]
+            for file, shape, begin, end in pieces:
+                try:
+                    if file not in headers:
+                        nbytes = manifest["files"][file]["nbytes"]
+                        headers[file] = read_header(storage, name, file, nbytes)
+                except (CheckpointError, OSError) as e:
+                    problems.append(str(e))
+                    return problems
+                found = headers[file].get(key)
+                ranged = entry.hash is not None or bool(entry.shards)
+                expected = (entry.dtype, shape) + ((begin, end) if ranged else ())
+                actual = found and (found.dtype, found.shape) + (
+                    (found.begin, found.end) if ranged else ())
+                if actual != expected:
+                    problems.append(
+                        f"{where}/{file}: tensor {key!r} of {obj_name!r} is "
+                        f"{'absent' if found is None else f'{found.dtype}{list(found.shape)}'} "
+                        f"in the file's header, the manifest says {entry.dtype}{list(shape)}"
+                        + (f" at bytes {begin}..{end}" if ranged else ""))
+    return problems
+
+
+def check_file_sizes(where: str, manifest: dict[str, Any], sizes: Mapping[str, int]) -> None:
+    """Cheap check before reading: every file exists with its recorded size.
+
+    Raises:
+        CorruptCheckpointError: naming the first file that is missing or resized.
+    """
+    for file, record in manifest["files"].items():
+        if file not in sizes:
+            raise CorruptCheckpointError(f"{where}/{file}: missing (or not a regular file)")
+        if sizes[file] != record["nbytes"]:
+            raise CorruptCheckpointError(
+                f"{where}/{file}: {sizes[file]} bytes, manifest says {record['nbytes']} "
+                "(truncated or overwritten)")

@@ -1,0 +1,169 @@
+"""Writing one checkpoint: a TrainState snapshot into staged tensor files and a manifest.
+
+Each object's distinct tensors go into ``<name>.safetensors`` (or, above the shard
+size, ``<name>-00001-of-0000N.safetensors`` plus ``<name>.safetensors.index.json``,
+the Hugging Face layout), so a model's weights load with ``safe_open`` or
+``from_pretrained`` as they are. Everything else about the object (its JSON tree,
+tied-tensor aliases, each tensor's file, dtype, shape, byte range and hash) is in
+``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import platform
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ckpts._format.codec import encode
+from ckpts._format.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SHARDED_FORMAT_VERSION,
+    digest,
+    encode_json,
+)
+from ckpts._format.safetensors import DTYPES
+from ckpts._run.space import manifest_allowance
+from ckpts._state.train_state import (
+    ObjectSnapshot,
+)
+from ckpts._tensors.writing import BeforeWriting, Reusable, write_tensor_files
+from ckpts._version import __version__
+from ckpts.storage._port import Staged, Storage
+
+log = logging.getLogger("ckpts")
+
+if TYPE_CHECKING:
+    pass
+
+MAX_LISTED = 20  # keys listed per kind of mismatch in an IncompatibleStateError
+
+
+def write_checkpoint(
+    storage: Storage,
+    staged: Staged,
+    *,
+    step: int,
+    snapshots: Mapping[str, ObjectSnapshot],
+    metrics: Mapping[str, float],
+    epoch: int | None,
+    max_shard_size: int,
+    reusable: Reusable | None = None,
+    before_writing: BeforeWriting = lambda nbytes, reused: None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Write every object's tensor files (all at once, see ckpts._tensors.writing) and index
+    files into ``staged``, reusing ``reusable``'s unchanged files (see
+    :func:`ckpts._tensors.writing.write_tensor_files`, which also explains ``before_writing``).
+    The bytes ``before_writing`` gets include an allowance for the manifest.
+    Returns the manifest, for the caller to commit, and the files reused."""
+    tensor_count = sum(len(snap.tensors) for snap in snapshots.values())
+    placements = {name: plan_shards(name, snap.tensors, max_shard_size, snap.frozen)
+                  for name, snap in snapshots.items()}
+    jobs = [(f, [(k, snapshots[name].tensors[k]) for k in keys])
+            for name, placement in placements.items() for f, keys in placement.items()]
+    indexes = {}
+    for name, placement in placements.items():
+        if len(placement) > 1:
+            tensors = snapshots[name].tensors
+            indexes[f"{name}.safetensors.index.json"] = encode_json({
+                "metadata": {"total_size": sum(t.numel() * t.element_size()
+                                               for t in tensors.values())},
+                "weight_map": {k: f for f, keys in placement.items() for k in keys},
+            })
+    written = dict(zip([f for f, _ in jobs],
+                       write_tensor_files(storage, staged, jobs, list(indexes.items()),
+                                          reusable=reusable, before_writing=lambda nbytes, reused:
+                                          before_writing(nbytes + manifest_allowance(
+                                              tensor_count), reused)),
+                       strict=True))
+    files: dict[str, Any] = {
+        f: {"nbytes": w.nbytes, "header": w.header, "hash": w.header_hash}
+        for f, w in written.items()
+    }
+    files.update({f: {"nbytes": len(data), "hash": digest(data)} for f, data in indexes.items()})
+    objects = {name: describe(snap, {
+        k: {"file": f, "dtype": DTYPES[snap.tensors[k].dtype], "shape": list(snap.tensors[k].shape),
+            "offsets": list(written[f].tensors[k][:2]), "hash": written[f].tensors[k][2]}
+        for f, keys in placements[name].items() for k in keys
+    }) for name, snap in snapshots.items()}
+    reused = [f for f, w in written.items() if w.reused]
+    return new_manifest(step=step, epoch=epoch, metrics=metrics, files=files,
+                        objects=objects), reused
+
+
+def describe(snap: ObjectSnapshot, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """One object's manifest entry, given its tensors' entries."""
+    described = {"kind": snap.kind, "class": snap.class_name, "tree": snap.tree,
+                 "tensors": dict(tensors), "aliases": snap.aliases}
+    if snap.hf_config is not None:
+        described["hf_config"] = snap.hf_config
+    return described
+
+
+def new_manifest(*, step: int, epoch: int | None, metrics: Mapping[str, float],
+                 files: Mapping[str, Any], objects: Mapping[str, Any], world_size: int = 1,
+                 per_rank: Sequence[str] = ()) -> dict[str, Any]:
+    """A checkpoint's manifest: format v2, or v3 when saved by ranks of a job."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": SHARDED_FORMAT_VERSION if world_size > 1 or per_rank
+        else FORMAT_VERSION,
+        "step": step,
+        "epoch": epoch,
+        "created": now.isoformat(timespec="milliseconds"),
+        "metrics": encode(dict(metrics), {}),
+        "tags": [],
+        "versions": {
+            "ckpts": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        },
+        "world_size": world_size,
+        "files": dict(files),
+        "objects": dict(objects),
+    }
+    if per_rank:
+        manifest["per_rank"] = list(per_rank)
+    return manifest
+
+
+def plan_shards(name: str, tensors: Mapping[str, torch.Tensor], max_shard_size: int,
+                frozen: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+    """Group keys into files of at most ``max_shard_size`` bytes and of about equal size
+    (a bigger tensor gets its own file), so threads write them side by side. Within a
+    file, wider dtypes come first so every tensor is aligned.
+
+    Keys in ``frozen`` (parameters that do not require grad) get files of their own,
+    first, so that an unchanged frozen base is whole files a later save can reuse.
+    This is layout only: whether a file is reused is decided by hashes."""
+    groups = [[k for k in tensors if k in frozen], [k for k in tensors if k not in frozen]]
+    shards = [shard for keys in groups if keys
+              for shard in _split(keys, tensors, max_shard_size)]
+    if len(shards) <= 1:
+        return {f"{name}.safetensors": shards[0]} if shards else {}
+    count = len(shards)
+    return {f"{name}-{i:05d}-of-{count:05d}.safetensors": keys
+            for i, keys in enumerate(shards, start=1)}
+
+
+def _split(keys: list[str], tensors: Mapping[str, torch.Tensor], max_shard_size: int
+           ) -> list[list[str]]:
+    ordered = sorted(keys, key=lambda k: -tensors[k].element_size())
+    sizes = {k: tensors[k].numel() * tensors[k].element_size() for k in ordered}
+    total = sum(sizes.values())
+    target = total / max(1, math.ceil(total / max_shard_size))
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in ordered:
+        # a new file once this tensor would end past the cap, or mostly past the target
+        if shards[-1] and (size + sizes[key] > max_shard_size
+                           or size + sizes[key] / 2 > target):
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += sizes[key]
+    return shards

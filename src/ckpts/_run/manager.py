@@ -1,0 +1,603 @@
+"""CheckpointManager: save, restore, list and prune the checkpoints of one run."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import types
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ckpts._checkpoint.staging import BackgroundWriter, Stager
+from ckpts._checkpoint.write import new_manifest, write_checkpoint
+from ckpts._format.catalog import Checkpoint, check_metrics, is_local, open_run
+from ckpts._format.manifest import encode_json
+from ckpts._run import history as _history
+from ckpts._run.policy import (
+    KeepWithinBytes,
+    RetentionPolicy,
+    SaveTrigger,
+    check_policies,
+    check_triggers,
+    plan_retention,
+)
+from ckpts._run.records import RunRecords
+from ckpts._run.restoring import candidates, first_intact
+from ckpts._run.space import check_fits, parse_size, write_error
+from ckpts._run.steps import StepOrder, check_step
+from ckpts._run.usage import identity
+from ckpts._state.train_state import ObjectSnapshot, TrainState
+from ckpts._tensors.gc import paused_gc
+from ckpts._tensors.streaming import shared_pool
+from ckpts._tensors.writing import Reusable
+from ckpts.errors import (
+    InvalidArgumentError,
+    LockedError,
+    WriteError,
+)
+from ckpts.storage._port import MANIFEST, Listed, Staged, Storage, checkpoint_name, parse_step
+
+if TYPE_CHECKING:
+
+    from ckpts._checkpoint.ranks import Ranks
+
+log = logging.getLogger("ckpts")
+
+
+class CheckpointManager(RunRecords):
+    """Saves and restores the checkpoints of one run: a local directory or a URL.
+
+    Args:
+        directory: the run: a local directory (created on the first save), or any
+            fsspec URL such as ``"s3://bucket/run"`` or ``"memory://run"`` (needs
+            ``pip install 'ckpts[s3]'``; see docs/storage.md), or a
+            :class:`ckpts.storage.Storage` object.
+        keep: retention policies (e.g. ``[KeepLast(3)]``). A checkpoint survives if
+            any policy keeps it; the newest, the one restored from and pinned ones
+            are always kept. ``None`` keeps everything.
+        save: a save trigger (``Every(...)``, ``OnImprovement(...)``) or a list of
+            them; ``save()`` then writes only when one says so. ``None``: every
+            ``save()`` call writes.
+        save_on_signal: signals (e.g. ``(signal.SIGTERM,)`` for preemption) that
+            make the next ``save()`` call write regardless of the trigger. Once
+            that checkpoint is committed the process ends the conventional way
+            for the signal: the default handler is put back and the signal
+            re-raised, so a scheduler sees the status it expects (143 for SIGTERM).
+            Call ``save()`` often (every step) so the grace period suffices.
+        async_save: ``save()`` returns once the state is copied to host memory;
+            a background thread writes, commits and applies retention. One save is
+            in flight at a time. A background failure is raised by the next
+            ``save()``, ``wait()`` or ``close()``. Use the manager as a context
+            manager, or call ``close()``, to be sure the last save is durable.
+        max_shard_size: split each object's tensors into files of about equal
+            size and at most this many bytes (int, or a string such as ``"5GB"``).
+            Several files are written and read in parallel; the default, 512 MB,
+            gives a 100 M-parameter model with AdamW three files.
+        dedup: reuse the previous checkpoint's unchanged tensor files instead of
+            writing them again: a hard link on a local disk, a server-side copy on an
+            object store. A hash of the bytes being saved decides, per file; each
+            checkpoint still holds all its files (see docs/storage.md). The
+            previous checkpoint is the one this manager saved or restored last.
+        process_group: in a torch.distributed job, the ranks that save together
+            (default: all). Every one of them calls ``save()`` and ``restore()``; see
+            docs/scale.md. Outside a job (torch.distributed not initialized) unused.
+        collective_timeout: seconds a rank waits for the others in a save or restore
+            before raising CheckpointError (a rank that died or hangs).
+        storage_options: options for the URL's fsspec filesystem, e.g. for S3
+            ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url": ...}}``;
+            by default the usual AWS variables (``AWS_ACCESS_KEY_ID``,
+            ``AWS_ENDPOINT_URL``, ...) apply.
+
+    Example:
+        >>> state = ckpts.TrainState(model=model, optimizer=optimizer)     # doctest: +SKIP
+        >>> keep = [ckpts.KeepLast(2)]                                      # doctest: +SKIP
+        >>> manager = ckpts.CheckpointManager("runs/exp1", keep=keep)       # doctest: +SKIP
+        >>> start = manager.restore(state) or 0                             # doctest: +SKIP
+        >>> manager.save(step, state, metrics={"loss": loss})               # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | Storage,
+        *,
+        keep: Sequence[RetentionPolicy] | None = None,
+        save: SaveTrigger | Sequence[SaveTrigger] | None = None,
+        save_on_signal: Sequence[signal.Signals | int] = (),
+        async_save: bool = False,
+        max_shard_size: int | str = "512MB",
+        dedup: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
+        process_group: Any = None,
+        collective_timeout: float = 600.0,
+    ) -> None:
+        self.storage = open_run(directory, storage_options)
+        self.directory: Path | str = Path(self.storage.location) if is_local(self.storage) \
+            else self.storage.location
+        self.keep = check_policies(keep)
+        self.triggers: list[SaveTrigger] = check_triggers(save)
+        self.max_shard_size = parse_size(max_shard_size)
+        self.dedup = dedup
+        # files a save may reuse: of the checkpoint this manager saved or restored last
+        # (whose bytes it wrote or checked), while it holds the lock
+        self._reusable: Reusable | None = None
+        self.restored_from: int | None = None
+        self.pending_signal: int | None = None
+        self._steps = StepOrder(self.storage)
+        self._cleaned = False  # the run checked for uncommitted step-* folders
+        self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in save_on_signal}
+        self._locked = False
+        self._stager = Stager() if async_save else None
+        self._writer = BackgroundWriter() if async_save else None
+        self._job: tuple[Any, float] | None = (process_group, collective_timeout)
+        self._ranks: Ranks | None = None
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({str(self.directory)!r}, keep={self.keep!r})"
+
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        epoch: int | None = None,
+        force: bool = False,
+    ) -> Checkpoint | None:
+        """Save ``state`` as the checkpoint of ``step``, atomically, then apply retention.
+
+        With save triggers, this writes only when a trigger says so (or ``force``,
+        or after a ``save_on_signal`` signal) and returns None otherwise. Saving a
+        step that already exists replaces it (atomically). A step older than the
+        run's newest is refused before anything is written: call :meth:`restore`
+        first to continue the run, or branch from an older checkpoint on purpose with
+        ``restore(state, step=k, discard_newer=True)``.
+
+        With ``async_save`` it returns once the state is staged; the record then
+        describes the checkpoint being written (``nbytes`` is the tensor bytes),
+        which is durable, and listed by ``checkpoints()``, after ``wait()``.
+
+        Raises:
+            InvalidArgumentError: bad step, state or metrics, or a step older than the
+                run's newest (nothing is written).
+            UnserializableStateError: a value in the state has no pickle-free encoding
+                (nothing is written).
+            InsufficientSpaceError: the disk, or a KeepWithinBytes budget once retention
+                has run, cannot hold it (checked before writing, counting only the bytes
+                this save writes: reused files are free), or the disk filled up while
+                writing (the partial checkpoint is removed). With ``async_save``, raised
+                by the next ``save()``, ``wait()`` or ``close()``.
+            WriteError: an I/O error while writing, or in the clean-up after the commit;
+                the message says which. With ``async_save`` this is raised by the next
+                ``save()``, ``wait()`` or ``close()``, with the same message.
+            LockedError: another process writes to the run.
+        """
+        check_step(step)
+        if not isinstance(state, TrainState):
+            raise InvalidArgumentError(
+                f"save() needs a ckpts.TrainState, got {type(state).__qualname__}; "
+                "wrap your objects: TrainState(model=model, optimizer=optimizer)"
+            )
+        clean_metrics = check_metrics(metrics)
+        if epoch is not None and (type(epoch) is not int or epoch < 0):
+            raise InvalidArgumentError(f"epoch must be an int >= 0 or None, got {epoch!r}")
+        if self._writer is not None:
+            self._writer.wait()  # one save in flight; surfaces the previous one's failure
+        ranks = self._ranks_of_job()
+        due = force or self.pending_signal is not None or self._triggered(step, epoch,
+                                                                            clean_metrics)
+        if ranks is not None and (self.triggers or self._previous_handlers):
+            # every rank saves, or none: rank 0's triggers decide, and a signal any rank
+            # received makes every rank save and then exit with it
+            votes = ranks.gather_json([due, self.pending_signal])
+            self.pending_signal = next((s for _, s in votes if s is not None), None)
+            due = votes[0][0] or self.pending_signal is not None
+        if not due:
+            return None
+        with paused_gc():  # many small objects: see ckpts._tensors.gc
+            snapshots = state.snapshot()  # refuses unserializable values before any write
+            if ranks is None:
+                self._lock()
+                self._steps.check(step)
+            else:
+                def take_the_run() -> None:
+                    self._lock()
+                    self._steps.check(step)
+
+                ranks.on_rank0(take_the_run)
+            if self._stager is not None and self._writer is not None:
+                staged = self._stager.stage(snapshots)
+                # freed while the collector is paused: else the collection that ends the
+                # pause scans all their objects (a state_dict's detached tensors, ...)
+                del snapshots
+                checkpoint = Checkpoint(
+                    step=step, path=self._path_of(checkpoint_name(step)), metrics=clean_metrics,
+                    created=datetime.datetime.now(datetime.timezone.utc), epoch=epoch,
+                    nbytes=self._stager.staged_bytes,
+                    storage=self.storage,
+                )
+                # last: once the writer thread runs, it competes with this one for the GIL
+                self._writer.submit(lambda: self._commit(step, staged, clean_metrics, epoch),
+                                    name=f"ckpts-save-{step}")
+            else:
+                checkpoint = self._commit(step, snapshots, clean_metrics, epoch)
+        for trigger in self.triggers:
+            trigger.saved(step, epoch, clean_metrics)
+        if self.pending_signal is not None:
+            self.wait()
+            log.warning("step %d committed after signal %d; exiting", step, self.pending_signal)
+            signal.signal(self.pending_signal, signal.SIG_DFL)
+            os.kill(os.getpid(), self.pending_signal)
+        return checkpoint
+
+    def prepare(self, state: TrainState) -> None:
+        """Allocate the memory saves of ``state`` need now, not at the first save.
+
+        Async saves copy the state into kept host buffers (chunks of at most 256 MiB,
+        pinned for CUDA tensors: about a second per 2 GB); sync saves of CUDA state
+        stream through a few pinned chunks. Call this once the state is complete (after
+        a restore, or the optimizer's first step): the first save then blocks no longer
+        than later ones. It also checks that the state can be saved, as ``save()`` does.
+
+        Args:
+            state: the TrainState that ``save()`` will be given.
+
+        Raises:
+            InvalidArgumentError: ``state`` is not a TrainState.
+            UnserializableStateError: a value in the state has no pickle-free encoding.
+
+        Example:
+            >>> manager = ckpts.CheckpointManager("runs/exp1", async_save=True)  # doctest: +SKIP
+            >>> manager.prepare(state)  # before the training loop             # doctest: +SKIP
+        """
+        if not isinstance(state, TrainState):
+            raise InvalidArgumentError(
+                f"prepare() needs the ckpts.TrainState that save() will be given, got "
+                f"{type(state).__qualname__}; wrap your objects: "
+                "TrainState(model=model, optimizer=optimizer)"
+            )
+        with paused_gc():  # many small objects: see ckpts._tensors.gc
+            snapshots = state.snapshot()  # refuses unserializable values, as save() does
+            if self._stager is not None:
+                self._stager.prepare(snapshots)
+                log.info("prepared %d bytes of staging memory in %d chunk(s) for %s",
+                         self._stager.allocated_bytes, self._stager.chunk_count, self.directory)
+            elif any(t.is_cuda for snap in snapshots.values() for t in snap.tensors.values()):
+                shared_pool(pinned=True).reserve()
+            del snapshots  # freed while the collector is paused, as in save()
+
+    def wait(self) -> None:
+        """Block until the save in flight (async mode) is committed.
+
+        Raises:
+            CheckpointError: the background save failed (raised once).
+        """
+        if self._writer is not None:
+            self._writer.wait()
+
+    def close(self) -> None:
+        """Wait for the save in flight, raise its failure, release the run's writer lock
+        and restore signal handlers."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+        try:
+            self.wait()
+        finally:
+            if self._locked:
+                self._locked = False
+                self.storage.unlock()
+                # another process may write the run now: look at it afresh next time
+                self._steps.forget()
+                self._cleaned = False
+                self._reusable = None
+
+    def _lock(self) -> None:
+        """Become the run's one writer (once per manager; see Storage.lock)."""
+        if not self._locked:
+            try:
+                self.storage.lock()
+            except OSError as e:
+                raise WriteError(
+                    f"cannot take the writer lock of {self.directory}: {e}. Check that the "
+                    "folder can be created and written"
+                ) from e
+            self._locked = True
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _triggered(self, step: int, epoch: int | None, metrics: dict[str, float]) -> bool:
+        if not self.triggers:
+            return True
+        # every trigger sees the call, so interval bookkeeping stays right
+        votes = [t.should_save(step, epoch, metrics, self.checkpoints) for t in self.triggers]
+        return any(votes)
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        log.warning("received signal %d: the next save() call will save and exit", signum)
+        self.pending_signal = signum
+
+    def _ranks_of_job(self) -> Ranks | None:
+        """The torch.distributed job's ranks, found at the first save or restore (every
+        rank calls those), or None outside a job."""
+        if self._job is not None:
+            process_group, timeout = self._job
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                from ckpts._checkpoint.ranks import Ranks
+
+                self._ranks = Ranks.of_job(process_group, timeout)
+            self._job = None
+        return self._ranks
+
+    def _commit(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
+                clean_metrics: dict[str, float], epoch: int | None) -> Checkpoint:
+        """Write, commit atomically, then apply retention (on the writer thread if async).
+
+        A failed write (ENOSPC, EIO, ...) removes its partial data and leaves every
+        earlier checkpoint as it was; the training process can go on. No OSError
+        escapes: what fails before the commit and what fails after it each become a
+        CheckpointError that says which.
+        """
+        name = checkpoint_name(step)
+        staging: list[Staged] = []
+
+        def stage() -> Staged:
+            # finding step-* folders without a manifest costs a stat per checkpoint: once
+            # is enough, as this process is the run's only writer from then on
+            self.storage.clean(check_manifests=not self._cleaned)
+            self._cleaned = True
+            staging.append(self.storage.stage(name))
+            return staging[0]
+
+        committed: list[tuple[dict[str, Any], bytes]] = []
+
+        def commit(manifest: dict[str, Any]) -> None:
+            encoded = encode_json(manifest)
+            self.storage.commit(staging[0], encoded)
+            committed.append((manifest, encoded))
+
+        reused: list[str] = []
+        try:
+            if self._ranks is None:
+                manifest, reused = write_checkpoint(
+                    self.storage, stage(), step=step, snapshots=snapshots,
+                    metrics=clean_metrics, epoch=epoch, max_shard_size=self.max_shard_size,
+                    reusable=self._reusable, before_writing=lambda nbytes, reusing:
+                    self._check_space(step, nbytes, reusing, clean_metrics))
+                commit(manifest)
+                self._reusable = Reusable.of(name, manifest) if self.dedup else None
+            else:
+                from ckpts._checkpoint.sharded import write_on_ranks
+
+                written = write_on_ranks(
+                    self.storage, self._ranks, step, snapshots, stage=stage,
+                    commit=lambda files, objects, per_rank: commit(new_manifest(
+                        step=step, epoch=epoch, metrics=clean_metrics, files=files,
+                        objects=objects, world_size=self._ranks.size if self._ranks else 1,
+                        per_rank=per_rank)),
+                    reusable=self._reusable)
+                self._reusable = written if self.dedup else None
+        except BaseException as e:
+            if staging:
+                self._abort(staging[0])
+            if isinstance(e, OSError):
+                raise write_error(e, step, self.storage.location,
+                                  self.storage.free_space()) from e
+            raise
+        if not committed:  # a rank other than 0: rank 0 committed, and keeps the run's books
+            return Checkpoint(step=step, path=self._path_of(name), metrics=clean_metrics,
+                              epoch=epoch, storage=self.storage)
+        manifest, encoded = committed[0]
+        final = self.storage.where(name)
+        log.info("saved step %d to %s%s", step, final,
+                 f" (reused {len(reused)} unchanged file(s))" if reused else "")
+        _history.append(self.storage, step, clean_metrics)
+        try:
+            sizes = {file: record["nbytes"] for file, record in manifest["files"].items()}
+            checkpoint = Checkpoint.from_manifest(self.storage, name, manifest,
+                                                  {**sizes, MANIFEST: len(encoded)})
+            self._steps.committed(step)  # ends a branch: deletes its newer steps
+            if self.restored_from is not None and step > self.restored_from:
+                self.restored_from = None  # a newer checkpoint of this process now exists
+            self._apply_retention()
+        except OSError as e:
+            raise WriteError(
+                f"step {step} was committed to {final}, but the clean-up after the commit "
+                f"failed: {e}. Earlier checkpoints are intact, and retention runs again at "
+                f"the next save; check {self.directory} (did another program remove files?)"
+            ) from e
+        return checkpoint
+
+    def _abort(self, staged: Staged) -> None:
+        """Remove a failed save's partial data; a failure here is logged (the next
+        writer's clean-up removes what is left), never raised over the first error."""
+        try:
+            self.storage.abort(staged)
+        except OSError as e:
+            self._cleaned = False  # the next save looks for leftovers again
+            log.warning("could not remove the partial checkpoint %s: %s",
+                        self.storage.where(staged.name), e)
+
+    def _path_of(self, name: str) -> Path | str:
+        where = self.storage.where(name)
+        return Path(where) if isinstance(self.directory, Path) else where
+
+    @paused_gc()
+    def restore(self, state: TrainState, *, step: int | None = None,
+                missing_ok: bool = True, discard_newer: bool = False) -> int | None:
+        """Load the newest intact checkpoint (or ``step``) into ``state``, in place.
+
+        A checkpoint that fails verification is skipped with a warning naming it,
+        and the next newest is tried; the run then goes on from the one restored,
+        and the newer, corrupt ones are deleted once its next checkpoint is
+        committed (pinned ones are kept). Restoring means this process will write the
+        run, so it takes the run's writer lock first: a second launch of the same
+        job fails here, before it trains. (An evaluation job that only reads uses
+        :func:`ckpts.load_weights` and :meth:`add_metrics`, which need no lock.)
+
+        Each object's ``state_dict()`` is called first, to check that it fits the
+        checkpoint and to find the live tensors to fill, before anything is
+        loaded; an exception there or in ``load_state_dict()`` is an
+        ``IncompatibleStateError`` naming the object.
+
+        Args:
+            state: the live objects to load into.
+            step: restore this step instead of the newest.
+            missing_ok: with False, a run that has no checkpoint raises instead of
+                returning None (a job that must resume, never start over).
+            discard_newer: branch from ``step`` on purpose: later saves may use steps
+                above ``step`` although newer checkpoints exist, and those newer
+                checkpoints are deleted once the first new checkpoint is committed
+                (nothing is deleted before). Needs ``step``.
+
+        Returns:
+            The step restored, or None when the run has no checkpoint yet.
+
+        Raises:
+            NotACheckpointError: ``step`` was given and has no committed checkpoint,
+                or ``missing_ok=False`` and the run has none.
+            CorruptCheckpointError: ``step`` was given and fails verification, or
+                every checkpoint of the run does.
+            IncompatibleStateError: the checkpoint does not fit ``state``.
+            LockedError: another process writes to the run.
+        """
+        if not isinstance(state, TrainState):
+            raise InvalidArgumentError(
+                f"restore() needs a ckpts.TrainState, got {type(state).__qualname__}"
+            )
+        if step is not None:
+            check_step(step)
+        if discard_newer and step is None:
+            raise InvalidArgumentError(
+                "restore(discard_newer=True) needs step=K: the older checkpoint to branch from"
+            )
+        self._settle()
+        ranks = self._ranks_of_job()
+        choice: dict[str, Any] = {}
+
+        def choose() -> None:  # on rank 0, or the one process
+            self._lock()
+            self._cleaned = False  # the next save looks for damage anew
+            listed, newer = candidates(self.storage, step, missing_ok=missing_ok)
+            if discard_newer:
+                self._check_unpinned(newer)
+            choice.update(names=[entry.name for entry in listed], newer=newer,
+                          sizes={entry.name: dict(entry.sizes) for entry in listed})
+
+        if ranks is None:
+            choose()
+        else:
+            ranks.on_rank0(choose)
+            choice = ranks.broadcast_json(choice if ranks.rank == 0 else None)
+        if not choice["names"]:
+            return None
+        name, manifest, corrupt = first_intact(self.storage, choice["names"], choice["sizes"],
+                                               state, ranks=ranks, step=step)
+        restored = parse_step(name) or 0
+        self.restored_from = restored
+        self._reusable = Reusable.of(name, manifest) if self.dedup else None
+        if ranks is not None and ranks.rank != 0:
+            return restored  # rank 0 keeps the run's books
+        if discard_newer and choice["newer"]:
+            self._steps.branch_from(restored, tuple(choice["newer"]))
+            log.info("branching from step %d: steps %s go once a new step is committed",
+                     restored, choice["newer"])
+        elif corrupt:
+            self._branch_past_corrupt(restored, corrupt)
+        log.info("restored step %d from %s", restored, self.storage.where(name))
+        return restored
+
+    def _branch_past_corrupt(self, step: int, corrupt: list[int]) -> None:
+        """The run goes on from ``step``; the newer, corrupt checkpoints (unless pinned)
+        are deleted once its next checkpoint is committed."""
+        pinned = {c.step for c in self.checkpoints() if c.tags}
+        doomed = tuple(sorted(s for s in corrupt if s not in pinned))
+        self._steps.branch_from(step, doomed)
+        log.warning(
+            "restored step %d of %s: the newer steps %s fail verification; the run goes on "
+            "from step %d, and they are deleted once its next checkpoint is committed%s",
+            step, self.directory, sorted(corrupt), step,
+            " (pinned ones are kept)" if len(doomed) < len(corrupt) else "")
+
+    def _check_unpinned(self, steps: list[int]) -> None:
+        pinned = [c.step for c in self.checkpoints() if c.step in steps and c.tags]
+        if pinned:
+            raise InvalidArgumentError(
+                f"cannot branch: the newer steps {pinned} of {self.directory} are pinned and "
+                "discard_newer would delete them; unpin them first (manager.unpin(step))"
+            )
+
+    def _settle(self) -> None:
+        """Let a save in flight finish first (its failure stays for save/wait/close)."""
+        if self._writer is not None:
+            self._writer.join()
+
+    def _check_space(self, step: int, needed: int, reused: Mapping[str, int],
+                     metrics: dict[str, float]) -> None:
+        """Refuse a save that the disk, or a KeepWithinBytes budget once retention has
+        run, cannot hold, before writing a byte. ``needed``: the bytes it will write;
+        ``reused``: the files (and sizes) it takes from the previous checkpoint."""
+        free = self.storage.free_space()
+        budget = min((p.nbytes for p in self.keep or () if isinstance(p, KeepWithinBytes)),
+                     default=None)
+        if (free is None or needed <= free) and budget is None:
+            return
+        listing = {entry.step: entry for entry in self.storage.committed() if entry.step != step}
+        source_step = parse_step(self._reusable.name) if self._reusable else None
+        source = listing.get(source_step) if source_step is not None else None
+        upcoming = Listed(checkpoint_name(step), {**reused, "": needed},
+                          {file: identity(source, file) for file in reused} if source else {})
+        plan = sorted([*(c for c in self.checkpoints() if c.step != step),
+                       Checkpoint(step=step, path=self._path_of(upcoming.name), metrics=metrics)],
+                      key=lambda c: c.step)
+        # as _commit will see it: a newer commit ends the restored-from protection
+        restored = self.restored_from if self.restored_from is not None \
+            and step <= self.restored_from else None
+        doomed = {c.step for c in self._retention_plan(plan, last_saved=step,
+                                                       restored_from=restored,
+                                                       listing={**listing, step: upcoming})}
+        check_fits(str(self.directory), step, needed=needed, free=free, budget=budget,
+                   run=list(listing.values()), upcoming=upcoming,
+                   survivors=[entry for s, entry in listing.items() if s not in doomed])
+
+    def _retention_plan(self, checkpoints: list[Checkpoint], *, last_saved: int | None,
+                        restored_from: int | None,
+                        listing: Mapping[int, Listed] | None = None) -> list[Checkpoint]:
+        """The checkpoints the policies would delete (kept whatever they say: the newest,
+        the one restored from, the one this process saved last, pinned ones).
+        ``listing``: the run's files by step, for a budget (listed when None)."""
+        if self.keep is None or not checkpoints:
+            return []
+        protected = {checkpoints[-1].step} | {c.step for c in checkpoints if c.tags}
+        protected |= {s for s in (restored_from, last_saved) if s is not None}
+        return plan_retention(checkpoints, self.keep, protected, lambda: listing or {
+            entry.step: entry for entry in self.storage.committed()})
+
+    def _apply_retention(self, *, dry_run: bool = False, if_unlocked: bool = False
+                         ) -> list[Checkpoint]:
+        """Delete what the policies do not keep. With ``if_unlocked``, skip quietly when
+        another process is the run's writer: it applies retention on its next save."""
+        if self.keep is None:
+            return []  # keeps everything: no need to read the run's manifests
+        removed = self._retention_plan(self.checkpoints(), last_saved=self._steps.last_saved,
+                                       restored_from=self.restored_from)
+        if removed and not dry_run:
+            try:
+                self._lock()
+            except LockedError:
+                if not if_unlocked:
+                    raise
+                log.info("%s has another writer; it will apply retention", self.directory)
+                return []
+            for checkpoint in removed:
+                self.storage.delete(checkpoint.name)
+                log.info("retention removed step %d (%s)", checkpoint.step, checkpoint.path)
+        return removed

@@ -1,0 +1,108 @@
+"""Restoring a run: the checkpoints to try, newest first, and the first intact one
+loaded into the live state (by one process, or by every rank of a job together)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ckpts._checkpoint.restore import restore_into
+from ckpts._checkpoint.verify import check_file_sizes
+from ckpts._format.manifest import read_manifest
+from ckpts._state.train_state import TrainState
+from ckpts.errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
+from ckpts.storage._port import Listed, Storage, parse_step
+
+if TYPE_CHECKING:
+    from ckpts._checkpoint.ranks import Ranks
+
+log = logging.getLogger("ckpts")
+
+
+def candidates(storage: Storage, step: int | None, *, missing_ok: bool
+               ) -> tuple[list[Listed], list[int]]:
+    """The committed checkpoints a restore tries, newest first (only ``step`` when given),
+    and the steps newer than ``step`` (what a branch from it would discard).
+
+    Raises:
+        NotACheckpointError: ``step`` is not committed, or the run has no checkpoint
+            and not ``missing_ok``.
+    """
+    available = sorted(storage.committed(), key=lambda entry: entry.step)
+    if not available:
+        _nothing_to_restore(storage, missing_ok)
+        return [], []
+    newer = [entry.step for entry in available if step is not None and entry.step > step]
+    if step is not None:
+        chosen = [entry for entry in available if entry.step == step]
+        if not chosen:
+            raise NotACheckpointError(
+                f"{storage.location} has no committed checkpoint for step {step}; "
+                f"available steps: {[entry.step for entry in available]}"
+            )
+        available = chosen
+    return list(reversed(available)), newer
+
+
+def _nothing_to_restore(storage: Storage, missing_ok: bool) -> None:
+    """A run without checkpoints: say so if it holds other frameworks' checkpoints."""
+    foreign = storage.foreign()
+    hint = (f"; it holds checkpoints ckpts did not write ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}): bring them in with "
+            f"`ckpts import SRC {storage.location}`") if foreign else ""
+    if not missing_ok:
+        raise NotACheckpointError(
+            f"{storage.location} has no committed checkpoint to restore{hint}; "
+            "pass missing_ok=True to start a new run instead"
+        )
+    if foreign:
+        log.warning("restore(): %s has no ckpts checkpoint, starting from scratch%s",
+                    storage.location, hint)
+
+
+def first_intact(storage: Storage, names: Sequence[str], sizes: Mapping[str, Mapping[str, int]],
+                 state: TrainState, *, ranks: Ranks | None, step: int | None
+                 ) -> tuple[str, dict[str, Any], list[int]]:
+    """Load the first of ``names`` that passes every check into ``state``. Returns its
+    name, its manifest and the steps skipped as corrupt (each with a warning).
+
+    On ranks, every rank tries the same checkpoint and they all agree on the outcome
+    before any moves on or raises: a rank never goes on alone.
+
+    Raises:
+        CorruptCheckpointError: ``step`` was asked for and fails, or every one fails.
+        CheckpointError: the state does not fit (IncompatibleStateError, ...).
+    """
+    corrupt: list[int] = []
+    for name in names:
+        path = storage.where(name)
+        error: BaseException | None = None
+        try:
+            manifest = read_manifest(storage, name)
+            if name in sizes:
+                check_file_sizes(path, manifest, sizes[name])
+            restore_into(storage, name, manifest, state, ranks)  # every byte read is hashed
+        except (CorruptCheckpointError, NotACheckpointError, OSError) as e:
+            error = e
+        except Exception as e:
+            if ranks is None:
+                raise
+            error = e  # every rank learns of it before any raises
+        problems, damaged = ranks.problems(error) if ranks is not None else (
+            [str(error)] if error is not None else [], True)
+        if problems and not damaged:
+            raise error if error is not None else CheckpointError(
+                f"restoring {path} failed on another rank: {'; '.join(problems)}")
+        if not problems:
+            return name, manifest, corrupt
+        if step is not None:
+            raise CorruptCheckpointError(
+                f"{path} fails verification: {'; '.join(problems)}") from error
+        log.warning("skipping corrupt checkpoint %s: %s", path, "; ".join(problems))
+        corrupt.append(parse_step(name) or 0)
+    raise CorruptCheckpointError(
+        f"every checkpoint in {storage.location} fails verification, so nothing was "
+        "restored (model tensors may hold partly read data); run "
+        f"`ckpts verify {storage.location}` for details"
+    )

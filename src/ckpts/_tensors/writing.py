@@ -1,0 +1,226 @@
+"""Tensors into a Storage: safetensors files written with their hashes taken on the way.
+
+A save lays each file out in memory (the header, then each tensor's own bytes),
+hands the parts to the storage to write in parallel, and hashes them meanwhile:
+the header and every tensor get their own xxh3-128 hash (format v2). A file
+holding a tensor outside host memory (CUDA) is streamed instead, through a few
+reused host chunks (ckpts._tensors.streaming). A file equal to the previous checkpoint's
+is reused, not written (:class:`Reusable`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ckpts._format.manifest import digest
+from ckpts._format.safetensors import dense, encode_header, tensor_bytes
+from ckpts._tensors.gc import paused_gc
+from ckpts._tensors.streaming import RunningHash, file_pieces, shared_pool, transfers_for
+from ckpts.storage import _io
+from ckpts.storage._parallel import run_parallel
+from ckpts.storage._port import Staged, Storage
+
+# called with the bytes a save is about to write and the files it is about to reuse
+BeforeWriting = Callable[[int, Mapping[str, int]], None]
+
+_INLINE = 32 * 1024 * 1024  # bytes below which a save hashes on the calling thread
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """What the manifest records of a written tensor file: its size, its header's size
+    and hash, and each tensor's byte range and hash. ``reused``: the file was taken
+    from the previous checkpoint (see :class:`Reusable`), not written."""
+
+    nbytes: int
+    header: int
+    header_hash: str
+    tensors: dict[str, tuple[int, int, str]]  # key -> (begin, end, hash)
+    reused: bool = False
+    blocks: dict[str, list[str]] = field(default_factory=dict)  # key -> hash of each block
+
+
+@dataclass(frozen=True)
+class Reusable:
+    """A committed checkpoint whose tensor files a save may reuse instead of writing:
+    per file, its header's hash and each tensor's hash, as its manifest records them.
+
+    A new file is reused when it has the same name, the same header (so the same
+    keys, dtypes, shapes and byte ranges) and the same hash for every tensor, each
+    hash computed from the bytes being saved: never from a flag.
+    """
+
+    name: str
+    files: Mapping[str, tuple[str, Mapping[str, str]]]  # file -> (header hash, key -> hash)
+
+    @classmethod
+    def of(cls, name: str, manifest: Mapping[str, Any]) -> Reusable:
+        """The reusable files of a checkpoint (format v2 tensor files; none in v1)."""
+        hashes: dict[str, dict[str, str]] = defaultdict(dict)
+        for obj in manifest["objects"].values():
+            for key, info in obj["tensors"].items():
+                for piece in info.get("shards", [info]):  # format v3: each rank's piece
+                    if "hash" in piece:
+                        hashes[piece["file"]][key] = piece["hash"]
+        return cls(name, {file: (record["hash"], hashes[file])
+                          for file, record in manifest["files"].items() if "header" in record})
+
+
+@paused_gc()
+def write_tensor_files(
+    storage: Storage,
+    staged: Staged,
+    files: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]],
+    small_files: Sequence[tuple[str, bytes]] = (),
+    *,
+    reusable: Reusable | None = None,
+    before_writing: BeforeWriting = lambda nbytes, reused: None,
+    block: int = 0,
+    through_chunks: bool = False,
+) -> list[WrittenFile]:
+    """Write safetensors files (and small others, such as an index) into ``staged``;
+    return each tensor file's record. Tensors must stay unchanged until this returns.
+
+    A file holding a tensor outside host memory (CUDA) is streamed through a few
+    reused host chunks (ckpts._tensors.streaming), never copied to the host whole; with
+    ``through_chunks``, every file is (so the device path runs on any machine).
+
+    With ``reusable``, a file equal to that checkpoint's file of the same name is
+    reused (:meth:`Storage.reuse`) instead of written. Deciding hashes the file's
+    tensors first, smallest first, and stops at the first that differs: a file that
+    changed costs about one small tensor's hash, and those hashes are not taken again.
+    ``before_writing`` gets the bytes about to be written and the files (with their
+    sizes) about to be reused, once that is decided; it may raise to stop the save
+    before anything is written. With ``block``, a tensor of more than ``block`` bytes
+    also gets the hash of each ``block`` bytes (for readers of part of it).
+    """
+    outs = [_OutFile(name, items, block, streamed=through_chunks
+                     or any(tensor.device.type != "cpu" for _, tensor in items))
+            for name, items in files]
+    streamed = [out for out in outs if out.streamed]
+    chunks = _Chunks([tensor for out in streamed for tensor in out.tensors])
+    same = [reusable is not None and _unchanged(reusable.files.get(out.name), out, chunks)
+            for out in outs]
+    before_writing(sum(out.nbytes for out, reused in zip(outs, same, strict=True) if not reused)
+                   + sum(len(data) for _, data in small_files),
+                   {out.name: out.nbytes for out, reused in zip(outs, same, strict=True)
+                    if reused})
+    for i, out in enumerate(outs):
+        if same[i] and reusable is not None:  # else: could not; written below
+            same[i] = storage.reuse(staged, reusable.name, out.name, out.nbytes)
+    in_memory = [out for out, reused in zip(outs, same, strict=True)
+                 if not reused and not out.streamed]
+    writes = [(out.name, out.parts) for out in in_memory]
+    writes += [(name, [memoryview(data)]) for name, data in small_files]
+
+    def hash_the_rest() -> None:
+        for out in outs:
+            for i, part in enumerate(out.parts):
+                if block and i and len(part) > block:  # both hashes in one pass over memory
+                    running = RunningHash(block)
+                    running.update(part)
+                    out.found[i], out.blocks[out.items[i - 1][0]] = running.result()
+                elif out.found[i] is None:
+                    out.found[i] = digest(part)
+
+    jobs: list[Callable[[], Any]] = [lambda: storage.write(staged, writes), hash_the_rest]
+    # hashing runs beside the writes; a small save is done before a thread would start
+    total = sum(len(part) for _, parts in writes for part in parts)
+    run_parallel(lambda job: job(), jobs, threads=1 if total <= _INLINE else 2)
+    to_stream = [out for out, reused in zip(outs, same, strict=True) if out.streamed and not reused]
+    run_parallel(lambda out: out.stream_to(storage, staged, chunks), to_stream,
+                 threads=_io.IO_THREADS)
+    return [out.record(reused) for out, reused in zip(outs, same, strict=True)]
+
+
+class _Chunks:
+    """The host chunks and the copies a save of device tensors goes through."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.transfers = transfers_for(tensors)
+        self.pool = shared_pool(pinned=any(tensor.is_cuda for tensor in tensors))
+        self.transfers.begin()  # on the caller's thread: after the kernels it queued
+
+
+class _OutFile:
+    """One tensor file of a save: its header, its tensors' bytes (in host memory, or
+    streamed from where they live), and the hashes taken so far (``found``, the
+    header's first)."""
+
+    def __init__(self, name: str, items: Sequence[tuple[str, torch.Tensor]], block: int, *,
+                 streamed: bool) -> None:
+        self.name, self.items, self.block, self.streamed = name, items, block, streamed
+        self.header = memoryview(encode_header(items))
+        self.tensors = [dense(tensor, key=key) for key, tensor in items] if streamed else []
+        self.parts = [self.header] if streamed else \
+            [self.header, *(tensor_bytes(tensor, key=key) for key, tensor in items)]
+        self.sizes = [len(self.header), *(t.numel() * t.element_size() for t in self.tensors)] \
+            if streamed else [len(part) for part in self.parts]
+        self.found: list[str | None] = [None] * len(self.sizes)
+        self.blocks: dict[str, list[str]] = {}  # key -> hash of each block
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
+
+    def hash_of(self, i: int, chunks: _Chunks) -> str:
+        """Part ``i``'s hash (0: the header; else a tensor), kept in ``found``."""
+        if self.found[i] is None:
+            if i < len(self.parts):
+                self.found[i] = digest(self.parts[i])
+            else:
+                running = self._hash(i)
+                with closing(file_pieces(memoryview(b""), [self.tensors[i - 1]], [running],
+                                         chunks.pool, chunks.transfers)) as pieces:
+                    for _ in pieces:
+                        pass
+                self._keep(i, running)
+        return str(self.found[i])
+
+    def _hash(self, i: int) -> RunningHash:
+        return RunningHash(self.block if self.block and self.sizes[i] > self.block else 0)
+
+    def _keep(self, i: int, running: RunningHash) -> None:
+        self.found[i], blocks = running.result()
+        if blocks:
+            self.blocks[self.items[i - 1][0]] = blocks
+
+    def stream_to(self, storage: Storage, staged: Staged, chunks: _Chunks) -> None:
+        """Write the file through the chunks, hashing every tensor on the way."""
+        hashes = [self._hash(i) for i in range(1, len(self.sizes))]
+        with closing(file_pieces(self.header, self.tensors, hashes, chunks.pool,
+                                 chunks.transfers)) as pieces:
+            storage.write_stream(staged, self.name, pieces)
+        for i, running in enumerate(hashes, 1):
+            self._keep(i, running)
+
+    def record(self, reused: bool) -> WrittenFile:
+        position, tensors = self.sizes[0], {}
+        for (key, _), size, tensor_hash in zip(self.items, self.sizes[1:], self.found[1:],
+                                               strict=True):
+            tensors[key] = (position, position + size, str(tensor_hash))
+            position += size
+        return WrittenFile(nbytes=position, header=self.sizes[0],
+                           header_hash=str(self.found[0]), tensors=tensors, reused=reused,
+                           blocks=self.blocks)
+
+
+def _unchanged(previous: tuple[str, Mapping[str, str]] | None, out: _OutFile,
+               chunks: _Chunks) -> bool:
+    """Whether a file's header and every tensor hash as in ``previous``; each hash taken
+    is kept. Smallest tensors first: a changed file is seen early."""
+    if previous is None:
+        return False
+    header_hash, tensor_hashes = previous
+    if out.hash_of(0, chunks) != header_hash:
+        return False
+    for i in sorted(range(1, len(out.sizes)), key=lambda i: out.sizes[i]):
+        if out.hash_of(i, chunks) != tensor_hashes.get(out.items[i - 1][0]):
+            return False
+    return True
