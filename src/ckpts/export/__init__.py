@@ -25,9 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,7 +33,8 @@ import torch
 
 from ckpts._checkpoint.weights import module_record, read_module_tensors
 from ckpts._run.space import parse_size
-from ckpts.errors import CheckpointError, InvalidArgumentError
+from ckpts.errors import InvalidArgumentError
+from ckpts.export._output import ProgressCallback, byte_counter
 
 if TYPE_CHECKING:
     from ckpts._format.catalog import Checkpoint
@@ -48,15 +47,6 @@ FORMATS: tuple[str, ...] = ("hf", "safetensors", "gguf")
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 }
-# the files of a Hugging Face tokenizer folder, copied into an hf export as they are
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-    "merges.txt", "tokenizer.model", "vocab.txt", "added_tokens.json", "chat_template.jinja",
-)
-
-ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes in all)
-
-
 def export(
     checkpoint: Checkpoint | str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -190,45 +180,6 @@ def _check_free(target: Path, *, directory: bool) -> None:
     if target.exists():
         raise InvalidArgumentError(
             f"{target} already exists; export to a new path (or remove it first)")
-
-
-def byte_counter(tensors: Mapping[str, torch.Tensor],
-             progress: ProgressCallback | None) -> Callable[[int], None] | None:
-    """A per-file-write callback that reports (done, total) bytes to ``progress``."""
-    if progress is None:
-        return None
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    done = 0
-
-    def advance(nbytes: int) -> None:
-        nonlocal done
-        done += nbytes
-        progress(done, total)
-
-    return advance
-
-
-def staged_directory(target: Path) -> Path:
-    """A fresh temporary folder beside ``target``, to be renamed onto it when complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-
-
-def publish(staging: Path, target: Path) -> None:
-    """Move a complete export into place (an empty ``target`` folder is replaced)."""
-    if target.is_dir():
-        target.rmdir()
-    os.replace(staging, target)
-
-
-def discard(staging: Path) -> None:
-    """Remove a failed export's partial folder."""
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def missing_extra(package: str, extra: str) -> CheckpointError:
-    """The error for an optional package that is not installed."""
-    return CheckpointError(f"this needs the {package} package: pip install 'ckpts[{extra}]'")
 
 
 __all__ = ["ExportDtype", "ExportFormat", "export"]

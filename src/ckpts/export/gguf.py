@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpts.errors import InvalidArgumentError
-from ckpts.export import missing_extra
+from ckpts.errors import CheckpointError, InvalidArgumentError
 
 log = logging.getLogger("ckpts")
 
@@ -77,7 +76,8 @@ def write_gguf(
     try:
         import gguf
     except ImportError as e:
-        raise missing_extra("gguf", "gguf") from e
+        raise CheckpointError(
+            "exporting GGUF needs the gguf package: pip install 'ckpts[gguf]'") from e
     hp = _hyperparameters(config)
     embed = tensors.get("model.embed_tokens.weight")
     if embed is None:

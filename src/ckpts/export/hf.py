@@ -19,8 +19,14 @@ from typing import Any
 import torch
 
 from ckpts.errors import InvalidArgumentError
-from ckpts.export import TOKENIZER_FILES, byte_counter, discard, publish, staged_directory
+from ckpts.export._output import byte_counter, discard, publish, staged_directory
 from ckpts.export.shards import write_weights
+
+# the files of a Hugging Face tokenizer folder, copied into an hf export as they are
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+)
 
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
