@@ -1,8 +1,7 @@
 """Post-hoc evaluation over a run's checkpoints: weights only, recorded, resumable.
 
-The function form is ``ckpts._run.evaluate.evaluate(manager, fn, ...)`` (what
-``CheckpointManager.evaluate`` calls); the CLI form runs a real script in a real
-subprocess per checkpoint.
+The function form is ``CheckpointManager.evaluate(fn, ...)``; the CLI form runs a real
+script in a real subprocess per checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from typer.testing import CliRunner
 
 import ckpts
 from ckpts._run import history as _history
-from ckpts._run.evaluate import evaluate
 from ckpts.cli import app
 
 STEPS = [10, 20, 30, 40]
@@ -48,7 +46,7 @@ def test_evaluate_loads_each_checkpoints_weights_and_records_the_metrics(tmp_pat
     for path in run.glob("step-*/optimizer*.safetensors"):  # weights only: never read
         path.write_bytes(b"\0" * path.stat().st_size)
     manager = ckpts.CheckpointManager(run)
-    results = evaluate(manager, weight_sum, metrics=["weight_sum"], model=torch.nn.Linear(3, 2))
+    results = manager.evaluate(weight_sum, metrics=["weight_sum"], model=torch.nn.Linear(3, 2))
     assert results == {step: {"weight_sum": sums[step]} for step in STEPS}
     for checkpoint in manager.checkpoints():
         assert checkpoint.metrics == {"train_loss": 1.0 / checkpoint.step,
@@ -69,15 +67,15 @@ def test_evaluate_resumes_skipping_checkpoints_already_evaluated(tmp_path: Path)
         return {"score": float(checkpoint.step)}
 
     with pytest.raises(RuntimeError, match="preempted"):
-        evaluate(manager, flaky, metrics=["score"])
+        manager.evaluate(flaky, metrics=["score"])
     assert [c.metrics.get("score") for c in manager.checkpoints()] == [10.0, 20.0, None, None]
     seen: list[tuple[int, bool]] = []
-    results = evaluate(manager, flaky, metrics=["score"],
+    results = manager.evaluate(flaky, metrics=["score"],
                        progress=lambda c, m, done, total: seen.append((c.step, m is None)))
     assert sorted(results) == [30, 40]
     assert visited == [10, 20, 30, 30, 40]
     assert seen == [(10, True), (20, True), (30, False), (40, False)]
-    assert evaluate(manager, flaky, metrics=["score"]) == {}
+    assert manager.evaluate(flaky, metrics=["score"]) == {}
 
 
 def test_evaluate_chosen_steps_and_refuses_unknown_ones_or_missing_metrics(
@@ -85,15 +83,15 @@ def test_evaluate_chosen_steps_and_refuses_unknown_ones_or_missing_metrics(
     run = tmp_path / "run"
     make_run(run)
     manager = ckpts.CheckpointManager(run)
-    done = evaluate(manager, lambda c: {"score": 1.0}, metrics=["score"], steps=[40, 20])
+    done = manager.evaluate(lambda c: {"score": 1.0}, metrics=["score"], steps=[40, 20])
     assert sorted(done) == [20, 40]
     with pytest.raises(ckpts.NotACheckpointError, match=r"steps \[25\]"):
-        evaluate(manager, lambda c: {"score": 1.0}, metrics=["score"], steps=[25])
+        manager.evaluate(lambda c: {"score": 1.0}, metrics=["score"], steps=[25])
     with pytest.raises(ckpts.InvalidArgumentError, match="lacks \\['accuracy'\\]"):
-        evaluate(manager, lambda c: {"score": 1.0}, metrics=["accuracy"])
+        manager.evaluate(lambda c: {"score": 1.0}, metrics=["accuracy"])
     assert all("accuracy" not in c.metrics for c in manager.checkpoints())
     with pytest.raises(ckpts.InvalidArgumentError, match="metrics must name"):
-        evaluate(manager, lambda c: {"score": 1.0}, metrics=[])
+        manager.evaluate(lambda c: {"score": 1.0}, metrics=[])
 
 
 SCRIPT = """

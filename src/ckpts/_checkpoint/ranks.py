@@ -9,7 +9,7 @@ import datetime
 import json
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,9 @@ from ckpts.errors import (
     CorruptCheckpointError,
     NotACheckpointError,
 )
-from ckpts.storage import _io
+
+# a checkpoint that is damaged or cannot be read: a restore may try an older one
+DAMAGE = (CorruptCheckpointError, NotACheckpointError, OSError)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Ranks:
     rank: int
     size: int
     group: dist.ProcessGroup
+    on_this_host: int = 1  # ranks of the job on this machine (for Storage.share_host)
 
     @classmethod
     def of_job(cls, process_group: dist.ProcessGroup | None, timeout: float) -> Ranks | None:
@@ -44,8 +47,7 @@ class Ranks:
                                timeout=datetime.timedelta(seconds=timeout))
         job = cls(dist.get_rank(group), dist.get_world_size(group), group)
         hosts = job.gather_json(socket.gethostname())
-        _io.share_cores(hosts.count(socket.gethostname()))  # the ranks on this machine
-        return job
+        return replace(job, on_this_host=hosts.count(socket.gethostname()))
 
     def gather_json(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (JSON), on every rank, in rank order."""
@@ -84,7 +86,7 @@ class Ranks:
     def problems(self, error: BaseException | None) -> tuple[list[str], bool]:
         """Every rank's failure (``"rank N: ..."``; none when all succeeded), and whether
         each is a damaged or unreadable checkpoint (a restore may then try an older one)."""
-        damaged = isinstance(error, (CorruptCheckpointError, NotACheckpointError, OSError))
+        damaged = isinstance(error, DAMAGE)
         found = self.gather_json(None if error is None else
                                  [f"{type(error).__name__}: {error}", damaged])
         return ([f"rank {rank}: {entry[0]}" for rank, entry in enumerate(found) if entry],

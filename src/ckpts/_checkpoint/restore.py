@@ -7,10 +7,11 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ckpts._checkpoint.job import Job
 from ckpts._format.codec import decode, live_tensors
 from ckpts._format.manifest import (
     TensorEntry,
@@ -33,9 +34,6 @@ from ckpts.storage._port import Storage
 
 log = logging.getLogger("ckpts")
 
-if TYPE_CHECKING:
-    from ckpts._checkpoint.ranks import Ranks
-
 MAX_LISTED = 20  # keys listed per kind of mismatch in an IncompatibleStateError
 
 
@@ -51,7 +49,7 @@ class ModuleFit:
 
 
 def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
-                 state: TrainState, ranks: Ranks | None = None) -> None:
+                 state: TrainState, job: Job) -> None:
     """Check the checkpoint fits ``state``, then load every object in place.
 
     Every object's ``state_dict()`` is called first: it tells whether the live
@@ -71,8 +69,8 @@ def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
     parameter, with IncompatibleStateError naming the key), another object
     decides for itself.
 
-    With ``ranks`` (a torch.distributed job), every rank calls this and reads just
-    the byte ranges its own tensors need (see ckpts._distributed); per-rank objects
+    Every process of ``job`` calls this; on many ranks each reads just the byte
+    ranges its own tensors need (see ckpts._checkpoint.sharded), and per-rank objects
     come from this rank's copy (see :func:`match_objects`).
 
     Raises:
@@ -85,39 +83,20 @@ def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
             another checkpoint overwrites them all.
     """
     directory = storage.where(name)
-    chosen = match_objects(directory, manifest, state, rank=ranks.rank if ranks else 0,
-                           size=ranks.size if ranks else 1)
+    chosen = match_objects(directory, manifest, state, rank=job.rank, size=job.size)
     saved = {live_name: manifest["objects"][saved_name] for live_name, saved_name in chosen.items()}
     objects = {live_name: state.objects[live_name] for live_name in chosen}
     for obj_name, obj in objects.items():
         check_compatible(directory, obj_name, saved[obj_name], obj, strict=True,
                          for_restore=True)
-        if ranks is not None and isinstance(obj, torch.optim.Optimizer) \
-                and saved[obj_name]["tensors"]:
-            from ckpts._checkpoint.sharded import materialize_optimizer_state
-
-            materialize_optimizer_state(obj)  # live shards to read into
-    targets = {obj_name: live_tensors(live_state(directory, obj_name, obj))[0]
-               for obj_name, obj in objects.items()}
-    if ranks is None:
-        _drop_overlapping(targets)
+        if saved[obj_name]["tensors"]:
+            job.prepare(obj)
     # one read of every object's tensors at once (keys are unique per object only)
-    entries: dict[tuple[str, str], TensorEntry] = {}
-    live: dict[tuple[str, str], torch.Tensor] = {}
-    for obj_name in objects:
-        for key, entry in manifest_tensor_entries(saved[obj_name]).items():
-            entries[(obj_name, key)] = entry
-            if key in targets[obj_name]:
-                live[(obj_name, key)] = targets[obj_name][key]
-    if ranks is not None:
-        from ckpts._checkpoint.sharded import read_on_ranks
-
-        read = read_on_ranks(storage, name, manifest["files"], ranks, live, {
-            (obj_name, key): info for obj_name in objects
-            for key, info in saved[obj_name]["tensors"].items()})
-    else:
-        read = read_tensors(storage, name, manifest["files"], entries, live,
-                            fill_targets=True)
+    live = {(obj_name, key): tensor for obj_name, obj in objects.items()
+            for key, tensor in live_tensors(live_state(directory, obj_name, obj))[0].items()}
+    read = job.read(storage, name, manifest["files"], {
+        (obj_name, key): info for obj_name in objects
+        for key, info in saved[obj_name]["tensors"].items()}, live)
     loaded: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for (obj_name, key), tensor in read.items():
         loaded[obj_name][key] = tensor
@@ -325,43 +304,6 @@ def live_state(directory: str, name: str, obj: Stateful) -> Any:
             f"state_dict(), called first to check that it fits the checkpoint, raised "
             f"{type(e).__name__}: {e}. Nothing was changed; fix the object and restore again"
         ) from e
-
-
-def _drop_overlapping(targets: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Remove fill targets whose memory overlaps another target's (not merely tied).
-
-    Reading two files into overlapping memory would let one file's bytes land in
-    the other's before its hash is taken; such tensors get new memory instead.
-    Spans are byte extents, so interleaved views (columns of one matrix) count as
-    overlapping too: they are replaced, which is slower but still exact.
-    """
-    by_storage: dict[tuple[Any, int], list[tuple[str, str, torch.Tensor]]] = defaultdict(list)
-    for name, tensors in targets.items():
-        for key, t in tensors.items():
-            if t.numel():
-                by_storage[(t.device, t.untyped_storage().data_ptr())].append((name, key, t))
-    # storage -> view identity -> (first byte, end byte, [(object name, key), ...])
-    views: dict[tuple[Any, int], dict[tuple[Any, ...], tuple[int, int, list[tuple[str, str]]]]] \
-        = defaultdict(dict)
-    for storage, shared in by_storage.items():
-        if len(shared) < 2:
-            continue
-        for name, key, t in shared:
-            size = t.element_size()
-            start = int(t.storage_offset()) * size
-            end = start + size * (1 + sum(int(n - 1) * s for n, s in zip(t.shape, t.stride(),
-                                                                           strict=True)))
-            identity = (start, tuple(t.shape), t.stride(), t.dtype, t.is_conj(), t.is_neg())
-            views[storage].setdefault(identity, (start, end, []))[2].append((name, key))
-    for spans in views.values():
-        ordered = sorted(spans.values(), key=lambda span: (span[0], span[1]))
-        reach = -1  # the furthest end byte of the spans before this one
-        for i, (start, end, keys) in enumerate(ordered):
-            overlaps = start < reach or (i + 1 < len(ordered) and ordered[i + 1][0] < end)
-            reach = max(reach, end)
-            if overlaps:
-                for name, key in keys:
-                    targets[name].pop(key, None)
 
 
 def fit_module(

@@ -1,9 +1,10 @@
 """Post-hoc evaluation: run a function over a run's checkpoints and record what it returns.
 
-``evaluate(manager, fn, metrics=[...])`` visits the chosen checkpoints in step
-order. For each, with ``model=`` given, it loads the checkpoint's weights into that
-model (weights only, hash-checked, no optimizer bytes) and calls ``fn(model)``;
-without ``model`` it calls ``fn(checkpoint)`` and ``fn`` loads what it needs. The
+``CheckpointManager.evaluate(fn, metrics=[...])``, the one entry point, visits the
+chosen checkpoints in step order. For each, with ``model=`` given, it loads the
+checkpoint's weights into that model (weights only, hash-checked, no optimizer bytes)
+and calls ``fn(model)``; without ``model`` it calls ``fn(checkpoint)`` and ``fn``
+loads what it needs. The
 returned metrics are attached with ``manager.add_metrics``, one checkpoint at a
 time, so an interrupted evaluation keeps what it finished.
 
@@ -16,15 +17,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
+from ckpts._checkpoint.weights import load_weights
 from ckpts._format.catalog import Checkpoint
 from ckpts.errors import InvalidArgumentError, NotACheckpointError
 
 if TYPE_CHECKING:
     import torch
-
-    from ckpts._run.records import RunRecords
 
 log = logging.getLogger("ckpts")
 
@@ -32,8 +33,19 @@ log = logging.getLogger("ckpts")
 EvaluationProgress = Callable[[Checkpoint, "Mapping[str, float] | None", int, int], None]
 
 
+class Evaluated(Protocol):
+    """The run being evaluated (a CheckpointManager): its checkpoints, and where the
+    metrics go (its ``add_metrics`` re-applies retention too)."""
+
+    directory: Path | str
+
+    def checkpoints(self) -> list[Checkpoint]: ...
+
+    def add_metrics(self, step: int, metrics: Mapping[str, float]) -> Checkpoint: ...
+
+
 def evaluate(
-    manager: RunRecords,
+    manager: Evaluated,
     fn: Callable[[Any], Mapping[str, float]],
     *,
     metrics: Sequence[str],
@@ -81,8 +93,6 @@ def evaluate(
                 progress(checkpoint, None, done, len(chosen))
             continue
         if model is not None:
-            from ckpts._checkpoint.weights import load_weights
-
             load_weights(checkpoint, model)
             returned = fn(model)
         else:
@@ -100,7 +110,7 @@ def evaluate(
     return results
 
 
-def _choose(manager: RunRecords, steps: Iterable[int] | None) -> list[Checkpoint]:
+def _choose(manager: Evaluated, steps: Iterable[int] | None) -> list[Checkpoint]:
     available = manager.checkpoints()
     if steps is None:
         return available

@@ -1,4 +1,9 @@
-"""CheckpointManager: save, restore, list and prune the checkpoints of one run."""
+"""CheckpointManager: save, restore, list and prune the checkpoints of one run.
+
+It is the one public object of a run, composed of small collaborators: the job that
+saves (ckpts._checkpoint.job), the records of committed checkpoints (records.py),
+retention (retention.py), the step order (steps.py) and, for async saves, the stager
+and the background writer (ckpts._checkpoint.staging)."""
 
 from __future__ import annotations
 
@@ -6,48 +11,42 @@ import datetime
 import logging
 import os
 import signal
-import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ckpts._checkpoint.job import Job, job_of
 from ckpts._checkpoint.staging import BackgroundWriter, Stager
-from ckpts._checkpoint.write import new_manifest, write_checkpoint
 from ckpts._format.catalog import Checkpoint, check_metrics, is_local, open_run
-from ckpts._format.manifest import encode_json
-from ckpts._run import history as _history
-from ckpts._run.policy import (
-    KeepWithinBytes,
-    RetentionPolicy,
-    SaveTrigger,
-    check_policies,
-    check_triggers,
-    plan_retention,
+from ckpts._run import history
+from ckpts._run.evaluate import EvaluationProgress, evaluate
+from ckpts._run.policy import Mode, RetentionPolicy, SaveTrigger, check_policies, check_triggers
+from ckpts._run.records import Records
+from ckpts._run.restoring import (
+    branch_past_corrupt,
+    candidates,
+    first_intact,
+    refuse_pinned,
 )
-from ckpts._run.records import RunRecords
-from ckpts._run.restoring import candidates, first_intact
-from ckpts._run.space import check_fits, parse_size, write_error
+from ckpts._run.retention import Retention
+from ckpts._run.signals import SaveOnSignal
+from ckpts._run.space import parse_size, write_error
 from ckpts._run.steps import StepOrder, check_step
-from ckpts._run.usage import identity
+from ckpts._run.writer import RunWriter
 from ckpts._state.train_state import ObjectSnapshot, TrainState
 from ckpts._tensors.gc import paused_gc
 from ckpts._tensors.streaming import shared_pool
 from ckpts._tensors.writing import Reusable
-from ckpts.errors import (
-    InvalidArgumentError,
-    LockedError,
-    WriteError,
-)
-from ckpts.storage._port import MANIFEST, Listed, Staged, Storage, checkpoint_name, parse_step
+from ckpts.errors import InvalidArgumentError, WriteError
+from ckpts.storage import MANIFEST, Storage, checkpoint_name, parse_step
 
 if TYPE_CHECKING:
-
-    from ckpts._checkpoint.ranks import Ranks
+    import torch
 
 log = logging.getLogger("ckpts")
 
 
-class CheckpointManager(RunRecords):
+class CheckpointManager:
     """Saves and restores the checkpoints of one run: a local directory or a URL.
 
     Args:
@@ -116,7 +115,8 @@ class CheckpointManager(RunRecords):
         self.storage = open_run(directory, storage_options)
         self.directory: Path | str = Path(self.storage.location) if is_local(self.storage) \
             else self.storage.location
-        self.keep = check_policies(keep)
+        self._records = Records(self.storage, self.directory)
+        self._retention = Retention(self.storage, check_policies(keep))
         self.triggers: list[SaveTrigger] = check_triggers(save)
         self.max_shard_size = parse_size(max_shard_size)
         self.dedup = dedup
@@ -124,15 +124,22 @@ class CheckpointManager(RunRecords):
         # (whose bytes it wrote or checked), while it holds the lock
         self._reusable: Reusable | None = None
         self.restored_from: int | None = None
-        self.pending_signal: int | None = None
         self._steps = StepOrder(self.storage)
-        self._cleaned = False  # the run checked for uncommitted step-* folders
-        self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in save_on_signal}
-        self._locked = False
+        self._signals = SaveOnSignal(save_on_signal)
+        self._run_writer = RunWriter(self.storage, self.directory)
         self._stager = Stager() if async_save else None
         self._writer = BackgroundWriter() if async_save else None
-        self._job: tuple[Any, float] | None = (process_group, collective_timeout)
-        self._ranks: Ranks | None = None
+        self._job_of: tuple[Any, float] = (process_group, collective_timeout)
+        self._job: Job | None = None  # found at the first save or restore
+
+    @property
+    def keep(self) -> list[RetentionPolicy] | None:
+        """The retention policies (None keeps everything); assignable."""
+        return self._retention.keep
+
+    @keep.setter
+    def keep(self, policies: Sequence[RetentionPolicy] | None) -> None:
+        self._retention.keep = check_policies(policies)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({str(self.directory)!r}, keep={self.keep!r})"
@@ -185,28 +192,20 @@ class CheckpointManager(RunRecords):
             raise InvalidArgumentError(f"epoch must be an int >= 0 or None, got {epoch!r}")
         if self._writer is not None:
             self._writer.wait()  # one save in flight; surfaces the previous one's failure
-        ranks = self._ranks_of_job()
-        due = force or self.pending_signal is not None or self._triggered(step, epoch,
+        job = self._the_job()
+        due = force or self._signals.pending is not None or self._triggered(step, epoch,
                                                                             clean_metrics)
-        if ranks is not None and (self.triggers or self._previous_handlers):
+        if self.triggers or self._signals.watching:
             # every rank saves, or none: rank 0's triggers decide, and a signal any rank
             # received makes every rank save and then exit with it
-            votes = ranks.gather_json([due, self.pending_signal])
-            self.pending_signal = next((s for _, s in votes if s is not None), None)
-            due = votes[0][0] or self.pending_signal is not None
+            votes = job.gather_json([due, self._signals.pending])
+            self._signals.pending = next((s for _, s in votes if s is not None), None)
+            due = votes[0][0] or self._signals.pending is not None
         if not due:
             return None
         with paused_gc():  # many small objects: see ckpts._tensors.gc
             snapshots = state.snapshot()  # refuses unserializable values before any write
-            if ranks is None:
-                self._lock()
-                self._steps.check(step)
-            else:
-                def take_the_run() -> None:
-                    self._lock()
-                    self._steps.check(step)
-
-                ranks.on_rank0(take_the_run)
+            job.on_rank0(lambda: self._take_the_run(step))
             if self._stager is not None and self._writer is not None:
                 staged = self._stager.stage(snapshots)
                 # freed while the collector is paused: else the collection that ends the
@@ -225,11 +224,10 @@ class CheckpointManager(RunRecords):
                 checkpoint = self._commit(step, snapshots, clean_metrics, epoch)
         for trigger in self.triggers:
             trigger.saved(step, epoch, clean_metrics)
-        if self.pending_signal is not None:
+        if self._signals.pending is not None:
             self.wait()
-            log.warning("step %d committed after signal %d; exiting", step, self.pending_signal)
-            signal.signal(self.pending_signal, signal.SIG_DFL)
-            os.kill(os.getpid(), self.pending_signal)
+            log.warning("step %d committed after signal %d; exiting", step, self._signals.pending)
+            self._signals.exit()
         return checkpoint
 
     def prepare(self, state: TrainState) -> None:
@@ -280,31 +278,20 @@ class CheckpointManager(RunRecords):
     def close(self) -> None:
         """Wait for the save in flight, raise its failure, release the run's writer lock
         and restore signal handlers."""
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
+        self._signals.stop()
         try:
             self.wait()
         finally:
-            if self._locked:
-                self._locked = False
-                self.storage.unlock()
+            if self._run_writer.locked:
+                self._run_writer.unlock()
                 # another process may write the run now: look at it afresh next time
                 self._steps.forget()
-                self._cleaned = False
                 self._reusable = None
 
-    def _lock(self) -> None:
-        """Become the run's one writer (once per manager; see Storage.lock)."""
-        if not self._locked:
-            try:
-                self.storage.lock()
-            except OSError as e:
-                raise WriteError(
-                    f"cannot take the writer lock of {self.directory}: {e}. Check that the "
-                    "folder can be created and written"
-                ) from e
-            self._locked = True
+    def _take_the_run(self, step: int) -> None:
+        """Become the run's writer and check that ``step`` may be saved (rank 0)."""
+        self._run_writer.lock()
+        self._steps.check(step)
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -319,23 +306,12 @@ class CheckpointManager(RunRecords):
         votes = [t.should_save(step, epoch, metrics, self.checkpoints) for t in self.triggers]
         return any(votes)
 
-    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
-        log.warning("received signal %d: the next save() call will save and exit", signum)
-        self.pending_signal = signum
-
-    def _ranks_of_job(self) -> Ranks | None:
-        """The torch.distributed job's ranks, found at the first save or restore (every
-        rank calls those), or None outside a job."""
-        if self._job is not None:
-            process_group, timeout = self._job
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                from ckpts._checkpoint.ranks import Ranks
-
-                self._ranks = Ranks.of_job(process_group, timeout)
-            self._job = None
-        return self._ranks
+    def _the_job(self) -> Job:
+        """This process's job (one process, or the ranks of a torch.distributed job),
+        found at the first save or restore, which every rank makes."""
+        if self._job is None:
+            self._job = job_of(*self._job_of)
+        return self._job
 
     def _commit(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
                 clean_metrics: dict[str, float], epoch: int | None) -> Checkpoint:
@@ -347,59 +323,28 @@ class CheckpointManager(RunRecords):
         CheckpointError that says which.
         """
         name = checkpoint_name(step)
-        staging: list[Staged] = []
-
-        def stage() -> Staged:
-            # finding step-* folders without a manifest costs a stat per checkpoint: once
-            # is enough, as this process is the run's only writer from then on
-            self.storage.clean(check_manifests=not self._cleaned)
-            self._cleaned = True
-            staging.append(self.storage.stage(name))
-            return staging[0]
-
-        committed: list[tuple[dict[str, Any], bytes]] = []
-
-        def commit(manifest: dict[str, Any]) -> None:
-            encoded = encode_json(manifest)
-            self.storage.commit(staging[0], encoded)
-            committed.append((manifest, encoded))
-
-        reused: list[str] = []
+        pending = self._run_writer.begin(name)
         try:
-            if self._ranks is None:
-                manifest, reused = write_checkpoint(
-                    self.storage, stage(), step=step, snapshots=snapshots,
-                    metrics=clean_metrics, epoch=epoch, max_shard_size=self.max_shard_size,
-                    reusable=self._reusable, before_writing=lambda nbytes, reusing:
-                    self._check_space(step, nbytes, reusing, clean_metrics))
-                commit(manifest)
-                self._reusable = Reusable.of(name, manifest) if self.dedup else None
-            else:
-                from ckpts._checkpoint.sharded import write_on_ranks
-
-                written = write_on_ranks(
-                    self.storage, self._ranks, step, snapshots, stage=stage,
-                    commit=lambda files, objects, per_rank: commit(new_manifest(
-                        step=step, epoch=epoch, metrics=clean_metrics, files=files,
-                        objects=objects, world_size=self._ranks.size if self._ranks else 1,
-                        per_rank=per_rank)),
-                    reusable=self._reusable)
-                self._reusable = written if self.dedup else None
+            reusable, reused = self._the_job().write(
+                self.storage, step, snapshots, stage=pending.stage, commit=pending.commit,
+                metrics=clean_metrics, epoch=epoch, max_shard_size=self.max_shard_size,
+                reusable=self._reusable, before_writing=lambda nbytes, reusing:
+                self._check_space(step, nbytes, reusing, clean_metrics))
+            self._reusable = reusable if self.dedup else None
         except BaseException as e:
-            if staging:
-                self._abort(staging[0])
+            pending.abort()
             if isinstance(e, OSError):
                 raise write_error(e, step, self.storage.location,
                                   self.storage.free_space()) from e
             raise
-        if not committed:  # a rank other than 0: rank 0 committed, and keeps the run's books
+        if pending.manifest is None:  # a rank other than 0: rank 0 committed, keeps the books
             return Checkpoint(step=step, path=self._path_of(name), metrics=clean_metrics,
                               epoch=epoch, storage=self.storage)
-        manifest, encoded = committed[0]
+        manifest, encoded = pending.manifest, pending.encoded
         final = self.storage.where(name)
         log.info("saved step %d to %s%s", step, final,
                  f" (reused {len(reused)} unchanged file(s))" if reused else "")
-        _history.append(self.storage, step, clean_metrics)
+        history.append(self.storage, step, clean_metrics)
         try:
             sizes = {file: record["nbytes"] for file, record in manifest["files"].items()}
             checkpoint = Checkpoint.from_manifest(self.storage, name, manifest,
@@ -415,16 +360,6 @@ class CheckpointManager(RunRecords):
                 f"the next save; check {self.directory} (did another program remove files?)"
             ) from e
         return checkpoint
-
-    def _abort(self, staged: Staged) -> None:
-        """Remove a failed save's partial data; a failure here is logged (the next
-        writer's clean-up removes what is left), never raised over the first error."""
-        try:
-            self.storage.abort(staged)
-        except OSError as e:
-            self._cleaned = False  # the next save looks for leftovers again
-            log.warning("could not remove the partial checkpoint %s: %s",
-                        self.storage.where(staged.name), e)
 
     def _path_of(self, name: str) -> Path | str:
         where = self.storage.where(name)
@@ -480,60 +415,38 @@ class CheckpointManager(RunRecords):
                 "restore(discard_newer=True) needs step=K: the older checkpoint to branch from"
             )
         self._settle()
-        ranks = self._ranks_of_job()
+        job = self._the_job()
         choice: dict[str, Any] = {}
 
         def choose() -> None:  # on rank 0, or the one process
-            self._lock()
-            self._cleaned = False  # the next save looks for damage anew
+            self._run_writer.lock()
+            self._run_writer.look_again()  # the next save looks for damage anew
             listed, newer = candidates(self.storage, step, missing_ok=missing_ok)
             if discard_newer:
-                self._check_unpinned(newer)
+                refuse_pinned(self.checkpoints(), newer, self.directory)
             choice.update(names=[entry.name for entry in listed], newer=newer,
                           sizes={entry.name: dict(entry.sizes) for entry in listed})
 
-        if ranks is None:
-            choose()
-        else:
-            ranks.on_rank0(choose)
-            choice = ranks.broadcast_json(choice if ranks.rank == 0 else None)
+        job.on_rank0(choose)
+        choice = job.broadcast_json(choice if job.rank == 0 else None)
         if not choice["names"]:
             return None
         name, manifest, corrupt = first_intact(self.storage, choice["names"], choice["sizes"],
-                                               state, ranks=ranks, step=step)
+                                               state, job=job, step=step)
         restored = parse_step(name) or 0
         self.restored_from = restored
         self._reusable = Reusable.of(name, manifest) if self.dedup else None
-        if ranks is not None and ranks.rank != 0:
+        if job.rank != 0:
             return restored  # rank 0 keeps the run's books
         if discard_newer and choice["newer"]:
             self._steps.branch_from(restored, tuple(choice["newer"]))
             log.info("branching from step %d: steps %s go once a new step is committed",
                      restored, choice["newer"])
         elif corrupt:
-            self._branch_past_corrupt(restored, corrupt)
+            branch_past_corrupt(self._steps, self.checkpoints(), restored, corrupt,
+                                self.directory)
         log.info("restored step %d from %s", restored, self.storage.where(name))
         return restored
-
-    def _branch_past_corrupt(self, step: int, corrupt: list[int]) -> None:
-        """The run goes on from ``step``; the newer, corrupt checkpoints (unless pinned)
-        are deleted once its next checkpoint is committed."""
-        pinned = {c.step for c in self.checkpoints() if c.tags}
-        doomed = tuple(sorted(s for s in corrupt if s not in pinned))
-        self._steps.branch_from(step, doomed)
-        log.warning(
-            "restored step %d of %s: the newer steps %s fail verification; the run goes on "
-            "from step %d, and they are deleted once its next checkpoint is committed%s",
-            step, self.directory, sorted(corrupt), step,
-            " (pinned ones are kept)" if len(doomed) < len(corrupt) else "")
-
-    def _check_unpinned(self, steps: list[int]) -> None:
-        pinned = [c.step for c in self.checkpoints() if c.step in steps and c.tags]
-        if pinned:
-            raise InvalidArgumentError(
-                f"cannot branch: the newer steps {pinned} of {self.directory} are pinned and "
-                "discard_newer would delete them; unpin them first (manager.unpin(step))"
-            )
 
     def _settle(self) -> None:
         """Let a save in flight finish first (its failure stays for save/wait/close)."""
@@ -542,62 +455,108 @@ class CheckpointManager(RunRecords):
 
     def _check_space(self, step: int, needed: int, reused: Mapping[str, int],
                      metrics: dict[str, float]) -> None:
-        """Refuse a save that the disk, or a KeepWithinBytes budget once retention has
-        run, cannot hold, before writing a byte. ``needed``: the bytes it will write;
-        ``reused``: the files (and sizes) it takes from the previous checkpoint."""
-        free = self.storage.free_space()
-        budget = min((p.nbytes for p in self.keep or () if isinstance(p, KeepWithinBytes)),
-                     default=None)
-        if (free is None or needed <= free) and budget is None:
-            return
-        listing = {entry.step: entry for entry in self.storage.committed() if entry.step != step}
-        source_step = parse_step(self._reusable.name) if self._reusable else None
-        source = listing.get(source_step) if source_step is not None else None
-        upcoming = Listed(checkpoint_name(step), {**reused, "": needed},
-                          {file: identity(source, file) for file in reused} if source else {})
-        plan = sorted([*(c for c in self.checkpoints() if c.step != step),
-                       Checkpoint(step=step, path=self._path_of(upcoming.name), metrics=metrics)],
-                      key=lambda c: c.step)
+        """Refuse a save that the disk or the budget cannot hold, before writing a byte
+        (see Retention.check_space); ``reused``: the files it takes from the previous
+        checkpoint."""
+        upcoming = Checkpoint(step=step, path=self._path_of(checkpoint_name(step)),
+                              metrics=metrics)
         # as _commit will see it: a newer commit ends the restored-from protection
         restored = self.restored_from if self.restored_from is not None \
             and step <= self.restored_from else None
-        doomed = {c.step for c in self._retention_plan(plan, last_saved=step,
-                                                       restored_from=restored,
-                                                       listing={**listing, step: upcoming})}
-        check_fits(str(self.directory), step, needed=needed, free=free, budget=budget,
-                   run=list(listing.values()), upcoming=upcoming,
-                   survivors=[entry for s, entry in listing.items() if s not in doomed])
-
-    def _retention_plan(self, checkpoints: list[Checkpoint], *, last_saved: int | None,
-                        restored_from: int | None,
-                        listing: Mapping[int, Listed] | None = None) -> list[Checkpoint]:
-        """The checkpoints the policies would delete (kept whatever they say: the newest,
-        the one restored from, the one this process saved last, pinned ones).
-        ``listing``: the run's files by step, for a budget (listed when None)."""
-        if self.keep is None or not checkpoints:
-            return []
-        protected = {checkpoints[-1].step} | {c.step for c in checkpoints if c.tags}
-        protected |= {s for s in (restored_from, last_saved) if s is not None}
-        return plan_retention(checkpoints, self.keep, protected, lambda: listing or {
-            entry.step: entry for entry in self.storage.committed()})
+        self._retention.check_space(
+            upcoming, needed=needed, reused=reused, checkpoints=self.checkpoints(),
+            source=self._reusable.name if self._reusable else None,
+            protected=(restored, step))
 
     def _apply_retention(self, *, dry_run: bool = False, if_unlocked: bool = False
                          ) -> list[Checkpoint]:
-        """Delete what the policies do not keep. With ``if_unlocked``, skip quietly when
-        another process is the run's writer: it applies retention on its next save."""
-        if self.keep is None:
-            return []  # keeps everything: no need to read the run's manifests
-        removed = self._retention_plan(self.checkpoints(), last_saved=self._steps.last_saved,
-                                       restored_from=self.restored_from)
-        if removed and not dry_run:
-            try:
-                self._lock()
-            except LockedError:
-                if not if_unlocked:
-                    raise
-                log.info("%s has another writer; it will apply retention", self.directory)
-                return []
-            for checkpoint in removed:
-                self.storage.delete(checkpoint.name)
-                log.info("retention removed step %d (%s)", checkpoint.step, checkpoint.path)
-        return removed
+        """Delete what the policies do not keep, never the checkpoint restored from or
+        the one this process saved last (see Retention.apply)."""
+        return self._retention.apply(self.checkpoints, lock=self._run_writer.lock, dry_run=dry_run,
+                                     if_unlocked=if_unlocked,
+                                     protected=(self.restored_from, self._steps.last_saved))
+
+    # ---- the records of the run: none of these needs the writer lock -------------------
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Committed checkpoints, ascending by step (reads only manifests)."""
+        return self._records.checkpoints()
+
+    def latest(self) -> Checkpoint | None:
+        """The newest committed checkpoint, or None."""
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def best(self, metric: str, mode: Mode = "min") -> Checkpoint | None:
+        """The checkpoint with the best ``metric``; None if no checkpoint has it.
+
+        NaN ranks last; among equal values the earlier step wins. A damaged
+        checkpoint (a file missing or of the wrong size) is skipped with a warning.
+        """
+        return self._records.best(metric, mode)
+
+    def add_metrics(self, step: int, metrics: Mapping[str, float]) -> Checkpoint:
+        """Attach metrics to a committed checkpoint (e.g. from a later evaluation job).
+
+        The manifest is replaced atomically; existing metrics of the same name are
+        overwritten. This needs no writer lock, so an evaluation process can attach
+        metrics while training writes the run. Retention is applied again
+        afterwards, since rankings change (by the training process on its next save
+        if it holds the run); the returned record describes the checkpoint even if
+        retention removed it.
+        """
+        self._settle()
+        updated = self._records.add_metrics(step, metrics)
+        self._apply_retention(if_unlocked=True)
+        return updated
+
+    def evaluate(self, fn: Callable[[Any], Mapping[str, float]], *, metrics: Sequence[str],
+                 steps: Iterable[int] | None = None, model: torch.nn.Module | None = None,
+                 progress: EvaluationProgress | None = None) -> dict[int, dict[str, float]]:
+        """Evaluate committed checkpoints after the fact and attach what ``fn`` returns.
+
+        With ``model``, each checkpoint's weights (only) are loaded into it and
+        ``fn(model)`` is called; without it, ``fn(checkpoint)`` is. The returned
+        metrics are recorded with :meth:`add_metrics`, one checkpoint at a time, so
+        an interrupted evaluation resumes: a checkpoint that already has every name
+        in ``metrics`` is skipped. ``progress`` is called after each checkpoint with
+        (checkpoint, the metrics recorded or None when skipped, done, in all).
+        Returns ``{step: metrics}`` for the checkpoints evaluated in this call.
+
+        Raises:
+            InvalidArgumentError: ``metrics`` is empty, or ``fn`` did not return them all.
+            NotACheckpointError: a step in ``steps`` has no committed checkpoint.
+
+        Example:
+            >>> manager.evaluate(lambda m: {"val_acc": accuracy(m)}, metrics=["val_acc"],
+            ...                  model=build_model())                      # doctest: +SKIP
+        """
+        return evaluate(self, fn, metrics=metrics, steps=steps, model=model, progress=progress)
+
+    def pin(self, step: int, tag: str = "pinned") -> Checkpoint:
+        """Protect a checkpoint from retention until :meth:`unpin`, under a tag.
+
+        Like :meth:`add_metrics`, this works while another process writes the run.
+        """
+        if not isinstance(tag, str) or not tag:
+            raise InvalidArgumentError(f"tag must be a non-empty str, got {tag!r}")
+        self._settle()
+        return self._records.retag(step, lambda tags: sorted({*tags, tag}))
+
+    def unpin(self, step: int, tag: str | None = None) -> Checkpoint:
+        """Remove one tag (or all with ``tag=None``); retention then applies again.
+
+        The returned record describes the checkpoint even if retention removed it.
+        """
+        self._settle()
+        updated = self._records.retag(step, lambda tags: [] if tag is None
+                                      else [t for t in tags if t != tag])
+        self._apply_retention(if_unlocked=True)
+        return updated
+
+    def prune(self, *, dry_run: bool = False) -> list[Checkpoint]:
+        """Apply the retention policies now. Returns the checkpoints removed (or that
+        would be, with ``dry_run``)."""
+        self._settle()
+        return self._apply_retention(dry_run=dry_run)
+

@@ -1,21 +1,28 @@
-"""Restoring a run: the checkpoints to try, newest first, and the first intact one
-loaded into the live state (by one process, or by every rank of a job together)."""
+"""Restoring a run: the checkpoints to try, newest first, the first intact one loaded
+into the live state (by every process of the job together), and the branch the run
+then goes on from."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
+from ckpts._checkpoint.job import Job
 from ckpts._checkpoint.restore import restore_into
 from ckpts._checkpoint.verify import check_file_sizes
+from ckpts._format.catalog import Checkpoint
 from ckpts._format.manifest import read_manifest
+from ckpts._run.steps import StepOrder
 from ckpts._state.train_state import TrainState
-from ckpts.errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
+from ckpts.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    NotACheckpointError,
+)
 from ckpts.storage._port import Listed, Storage, parse_step
-
-if TYPE_CHECKING:
-    from ckpts._checkpoint.ranks import Ranks
 
 log = logging.getLogger("ckpts")
 
@@ -62,12 +69,12 @@ def _nothing_to_restore(storage: Storage, missing_ok: bool) -> None:
 
 
 def first_intact(storage: Storage, names: Sequence[str], sizes: Mapping[str, Mapping[str, int]],
-                 state: TrainState, *, ranks: Ranks | None, step: int | None
+                 state: TrainState, *, job: Job, step: int | None
                  ) -> tuple[str, dict[str, Any], list[int]]:
     """Load the first of ``names`` that passes every check into ``state``. Returns its
     name, its manifest and the steps skipped as corrupt (each with a warning).
 
-    On ranks, every rank tries the same checkpoint and they all agree on the outcome
+    Every process of ``job`` tries the same checkpoint and they all agree on the outcome
     before any moves on or raises: a rank never goes on alone.
 
     Raises:
@@ -82,15 +89,10 @@ def first_intact(storage: Storage, names: Sequence[str], sizes: Mapping[str, Map
             manifest = read_manifest(storage, name)
             if name in sizes:
                 check_file_sizes(path, manifest, sizes[name])
-            restore_into(storage, name, manifest, state, ranks)  # every byte read is hashed
-        except (CorruptCheckpointError, NotACheckpointError, OSError) as e:
-            error = e
+            restore_into(storage, name, manifest, state, job)  # every byte read is hashed
         except Exception as e:
-            if ranks is None:
-                raise
             error = e  # every rank learns of it before any raises
-        problems, damaged = ranks.problems(error) if ranks is not None else (
-            [str(error)] if error is not None else [], True)
+        problems, damaged = job.problems(error)
         if problems and not damaged:
             raise error if error is not None else CheckpointError(
                 f"restoring {path} failed on another rank: {'; '.join(problems)}")
@@ -106,3 +108,28 @@ def first_intact(storage: Storage, names: Sequence[str], sizes: Mapping[str, Map
         "restored (model tensors may hold partly read data); run "
         f"`ckpts verify {storage.location}` for details"
     )
+
+
+def refuse_pinned(checkpoints: Sequence[Checkpoint], newer: Sequence[int],
+                  directory: Path | str) -> None:
+    """Refuse a branch (``discard_newer``) that would delete pinned checkpoints."""
+    pinned = [c.step for c in checkpoints if c.step in newer and c.tags]
+    if pinned:
+        raise InvalidArgumentError(
+            f"cannot branch: the newer steps {pinned} of {directory} are pinned and "
+            "discard_newer would delete them; unpin them first (manager.unpin(step))"
+        )
+
+
+def branch_past_corrupt(order: StepOrder, checkpoints: Sequence[Checkpoint], step: int,
+                        corrupt: Sequence[int], directory: Path | str) -> None:
+    """The run goes on from ``step``; the newer, corrupt checkpoints (unless pinned)
+    are deleted once its next checkpoint is committed."""
+    pinned = {c.step for c in checkpoints if c.tags}
+    doomed = tuple(sorted(s for s in corrupt if s not in pinned))
+    order.branch_from(step, doomed)
+    log.warning(
+        "restored step %d of %s: the newer steps %s fail verification; the run goes on "
+        "from step %d, and they are deleted once its next checkpoint is committed%s",
+        step, directory, sorted(corrupt), step,
+        " (pinned ones are kept)" if len(doomed) < len(corrupt) else "")

@@ -98,7 +98,6 @@ def evaluate(
     ] = None,
 ) -> None:
     """Run an evaluation script over a run's checkpoints and attach the metrics it prints."""
-    from ckpts._run.evaluate import evaluate as evaluate_run
     from ckpts._run.manager import CheckpointManager
 
     if not script.is_file():
@@ -118,8 +117,8 @@ def evaluate(
                 + ("already evaluated, skipped" if metrics is None
                    else ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())))
 
-        results = evaluate_run(manager, lambda c: _run_script(script, c), metrics=metric,
-                               steps=step, progress=show)
+        results = manager.evaluate(lambda c: _run_script(script, c), metrics=metric,
+                                   steps=step, progress=show)
     stdout.print(f"evaluated {len(results)} checkpoint(s) of {run}")
 
 
