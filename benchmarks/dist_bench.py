@@ -24,9 +24,9 @@ the same order on every rank):
 A time is the wall time of the slowest rank between two barriers. Peak extra RSS is
 sampled per rank during one untimed run of each contender (before the rounds) and
 compared with the rank's shard (its local model and optimizer bytes) plus one ckpts
-I/O chunk (``ckpts.storage._io.CHUNK``). Each restore is checked: the live state is scrambled
-before, and after the untimed run the full tensors (model, exp_avg, exp_avg_sq,
-step) must hash as the saved ones did.
+restore buffer (``ckpts._checkpoint.sharded.CHUNK``). Each restore is checked: the live
+state is scrambled before, and after the untimed run the full tensors (model, exp_avg,
+exp_avg_sq, step) must hash as the saved ones did.
 
 Run: ``python -m benchmarks.dist_bench [--rounds 5] [--width 1024] [--blocks 4]
 [--dir /tmp]``, or ``make bench-dist``; ``--quick`` is a smoke run (seconds, tiny
@@ -67,7 +67,7 @@ from torch.multiprocessing.spawn import spawn as spawn_ranks
 import ckpts
 from benchmarks import _workloads as wl
 from benchmarks._measure import PeakRSS, Series, _settle, log, paired_ratio, write_results
-from ckpts.storage._io import CHUNK
+from ckpts._checkpoint.sharded import CHUNK
 
 TITLE = "ckpts vs torch.distributed.checkpoint on many ranks (FSDP2, CPU, gloo)"
 DCP_THREADS = (1, 2, 4)

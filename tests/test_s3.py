@@ -78,7 +78,7 @@ def test_wrong_credentials_are_refused_with_the_fix(s3_bucket: S3Bucket) -> None
                                                 ("s3fs", "pip install 'ckpts[s3]'")])
 def test_a_missing_package_names_the_extra_to_install(hidden: str, named: str) -> None:
     script = (f"import sys; sys.modules[{hidden!r}] = None\n"
-              "from ckpts.storage._port import open_storage\n"
+              "from ckpts.storage import open_storage\n"
               "from ckpts.errors import CheckpointError\n"
               "try:\n    open_storage('s3://bucket/run')\n"
               "except CheckpointError as e:\n    print(e)\n")

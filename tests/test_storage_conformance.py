@@ -1,8 +1,10 @@
 """Every Storage backend keeps the port's promises: one suite, run on each backend.
 
 The backends: LocalStorage on ``tmp_path``, FsspecStorage on ``memory://`` and on S3 (a
-moto server on loopback, see s3_server.py). The tests go through the Storage protocol
-only, so a new backend joins by adding one parameter to ``run``.
+moto server on loopback, see s3_server.py), and DictStorage (dict_storage.py), a backend
+written from ``ckpts.storage``'s public names alone, as a third party would. The tests go
+through the Storage protocol only, so a new backend joins by adding one parameter to
+``run``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import pytest
 
 from ckpts.errors import CorruptCheckpointError, LockedError
 from ckpts.storage import MANIFEST, LocalStorage, Range, Storage, checkpoint_name, open_storage
+from dict_storage import DictStorage
 from s3_server import S3Bucket
 
 STEP = checkpoint_name(500)
@@ -37,12 +40,17 @@ class RunAt:
     location: str
     storage_options: dict[str, Any] | None = None
     other_processes_see_it: bool = True  # memory:// lives in one process
+    backend: Callable[[str], Storage] | None = None  # None: open_storage picks it
 
-    def open(self) -> Storage:
-        return open_storage(self.location, self.storage_options)
+    def open(self, below: str | None = None) -> Storage:
+        """The run, or the location ``below`` inside it (a run in a folder of runs)."""
+        location = self.location if below is None else f"{self.location}/{below}"
+        if self.backend is not None:
+            return self.backend(location)
+        return open_storage(location, self.storage_options)
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=["local", "memory", "s3", "third-party"])
 def run_at(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunAt]:
     if request.param == "local":
         yield RunAt(str(tmp_path / "run"))
@@ -51,6 +59,11 @@ def run_at(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunAt]:
         yield RunAt(url, other_processes_see_it=False)
         with contextlib.suppress(FileNotFoundError):  # a test may leave nothing
             fsspec.filesystem("memory").rm(url.rsplit("/", 1)[0], recursive=True)
+    elif request.param == "third-party":
+        at = RunAt(f"dict-{uuid.uuid4().hex}/run", other_processes_see_it=False,
+                   backend=DictStorage)
+        yield at
+        at.open().destroy()
     else:
         bucket: S3Bucket = request.getfixturevalue("s3_bucket")
         yield RunAt(bucket.url(), bucket.storage_options)
@@ -326,3 +339,126 @@ def test_the_listing_tells_shared_files_apart_from_copies(run: Storage) -> None:
         assert first.shared["base.safetensors"] == second.shared["base.safetensors"]
     else:
         assert not first.shared and not second.shared
+
+
+# --- the run as a whole --------------------------------------------------------------------
+
+def test_destroy_removes_the_whole_run_and_again_is_fine(run_at: RunAt) -> None:
+    run = run_at.open()
+    save(run, STEP, {"model.safetensors": b"abc"})
+    save(run, checkpoint_name(600), {"model.safetensors": b"def"})
+    run.append_history(b'{"step": 600}\n')
+    staged = run.stage(checkpoint_name(700))  # a save left behind
+    run.write(staged, [("model.safetensors", [memoryview(b"half")])])
+
+    run.destroy()
+
+    for storage in (run, run_at.open()):  # this storage, and a new one of the location
+        assert storage.committed() == []
+        assert storage.read_history() == b""
+        assert storage.folders() == []
+        assert storage.clean(check_manifests=True) == []
+    run.destroy()  # a run that is gone counts as destroyed
+    save(run, STEP, {"model.safetensors": b"new"})  # the location can hold a run again
+    assert run.read(STEP, "model.safetensors") == b"new"
+
+
+def test_destroy_leaves_the_runs_beside_it(run_at: RunAt) -> None:
+    save(run_at.open("exp1"), STEP, {"model.safetensors": b"one"})
+    save(run_at.open("exp2"), STEP, {"model.safetensors": b"two"})
+    run_at.open("exp1").destroy()
+    assert run_at.open("exp1").committed() == []
+    assert run_at.open("exp2").read(STEP, "model.safetensors") == b"two"
+
+
+def test_folders_names_what_is_directly_inside_the_location(run_at: RunAt) -> None:
+    run = run_at.open()
+    assert run.folders() == []  # no location yet
+    save(run, STEP, {"model.safetensors": b"abc"})
+    save(run_at.open("exp1"), checkpoint_name(1), {"model.safetensors": b"abc"})
+    run.append_history(b'{"step": 1}\n')  # a file, not a folder
+    assert run.folders() == ["exp1", STEP]
+    assert run_at.open("exp1").folders() == [checkpoint_name(1)]
+
+
+def test_export_puts_files_in_a_local_folder_that_outlives_the_checkpoint(
+        run: Storage, tmp_path: Path) -> None:
+    files = {"model.safetensors": os.urandom(3 * 2**20 + 5), "optim.safetensors": b"o"}
+    save(run, STEP, files, manifest=b'{"step": 500}')
+    view = tmp_path / "views" / "view"
+
+    found = run.export(STEP, [MANIFEST, "model.safetensors"], view,
+                       extra={"trainer_state.json": b'{"global_step": 500}'})
+
+    assert found == view
+    assert sorted(p.name for p in view.iterdir()) == [MANIFEST, "model.safetensors",
+                                                      "trainer_state.json"]
+    run.delete(STEP)  # the folder's files stay whole
+    assert (view / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert (view / MANIFEST).read_bytes() == b'{"step": 500}'
+    assert (view / "trainer_state.json").read_bytes() == b'{"global_step": 500}'
+
+
+def test_export_of_a_missing_file_or_into_an_occupied_name_raises(
+        run: Storage, tmp_path: Path) -> None:
+    save(run, STEP, {"model.safetensors": b"abc"})
+    with pytest.raises(FileNotFoundError):
+        run.export(STEP, ["model.safetensors", "optim.safetensors"], tmp_path / "a")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == b"abc"  # what came first
+    with pytest.raises(FileExistsError):
+        run.export(STEP, ["model.safetensors"], tmp_path / "a")
+    with pytest.raises(FileNotFoundError):
+        run.export(checkpoint_name(600), [MANIFEST], tmp_path / "b")
+
+
+# --- optional capabilities: each backend's own, or the protocol's default ------------------
+
+def test_a_mapped_file_is_its_bytes_or_the_backend_does_not_map(run: Storage) -> None:
+    data = os.urandom(5000)
+    save(run, STEP, {"model.safetensors": data, "empty.json": b""})
+    mapped = run.map_file(STEP, "model.safetensors")
+    assert mapped is None or bytes(mapped) == data
+    empty = run.map_file(STEP, "empty.json")
+    assert empty is None or bytes(empty) == b""
+    if isinstance(run, LocalStorage):
+        assert mapped is not None
+
+
+def test_sync_of_staged_files_keeps_them_for_the_commit(run: Storage) -> None:
+    staged = run.stage(STEP)
+    run.write(staged, [("model-rank00001.safetensors", [memoryview(b"rank 1")])])
+    run.sync(staged, ["model-rank00001.safetensors"])
+    run.commit(staged, b"{}")
+    assert run.read(STEP, "model-rank00001.safetensors") == b"rank 1"
+
+
+def test_sharing_the_host_never_raises_the_thread_count(run: Storage) -> None:
+    alone = run.io_threads()
+    assert alone >= 1
+    run.share_host(4 * (os.cpu_count() or 1))  # more processes than cores
+    assert 1 <= run.io_threads() <= alone
+    save(run, STEP, {"model.safetensors": b"x" * 100_000})  # still writes and reads
+    assert run.read(STEP, "model.safetensors") == b"x" * 100_000
+
+
+# --- a local run: what only a path has -----------------------------------------------------
+
+def test_destroy_of_a_symbolic_link_removes_the_link_and_never_its_target(
+        tmp_path: Path) -> None:
+    target = LocalStorage(tmp_path / "real")
+    save(target, STEP, {"model.safetensors": b"kept"})
+    (tmp_path / "last.ckpt").symlink_to(tmp_path / "real")
+    (tmp_path / "old.ckpt").write_bytes(b"a file of another framework")
+
+    LocalStorage(tmp_path / "last.ckpt").destroy()
+    LocalStorage(tmp_path / "old.ckpt").destroy()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real"]
+    assert target.read(STEP, "model.safetensors") == b"kept"
+
+
+def test_a_local_export_is_hard_links(tmp_path: Path) -> None:
+    run = LocalStorage(tmp_path / "run")
+    save(run, STEP, {"model.safetensors": b"abc"})
+    view = run.export(STEP, ["model.safetensors"], tmp_path / "run" / ".view")
+    assert (view / "model.safetensors").samefile(tmp_path / "run" / STEP / "model.safetensors")

@@ -10,7 +10,8 @@ from ckpts._format.catalog import open_checkpoint
 from ckpts._format.manifest import manifest_tensor_entries, read_manifest
 from ckpts._tensors.reading import check_files, read_header
 from ckpts.errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
-from ckpts.storage._port import MANIFEST, Storage, open_storage
+from ckpts.storage import open_storage
+from ckpts.storage._port import MANIFEST, Storage
 
 
 def verify(path: str | os.PathLike[str], *,

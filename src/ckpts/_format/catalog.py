@@ -26,12 +26,12 @@ from ckpts.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
 )
+from ckpts.storage import open_storage
 from ckpts.storage._parallel import run_parallel
 from ckpts.storage._port import (
     MANIFEST,
     Listed,
     Storage,
-    open_storage,
     parse_step,
     split_checkpoint,
 )

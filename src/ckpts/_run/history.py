@@ -22,7 +22,8 @@ import math
 import os
 from collections.abc import Mapping
 
-from ckpts.storage._port import HISTORY, Storage, open_storage
+from ckpts.storage import open_storage
+from ckpts.storage._port import HISTORY, Storage
 
 log = logging.getLogger("ckpts")
 

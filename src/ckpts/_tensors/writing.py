@@ -22,7 +22,6 @@ from ckpts._format.manifest import digest
 from ckpts._format.safetensors import dense, encode_header, tensor_bytes
 from ckpts._tensors.gc import paused_gc
 from ckpts._tensors.streaming import RunningHash, file_pieces, shared_pool, transfers_for
-from ckpts.storage import _io
 from ckpts.storage._parallel import run_parallel
 from ckpts.storage._port import Staged, Storage
 
@@ -135,7 +134,7 @@ def write_tensor_files(
     run_parallel(lambda job: job(), jobs, threads=1 if total <= _INLINE else 2)
     to_stream = [out for out, reused in zip(outs, same, strict=True) if out.streamed and not reused]
     run_parallel(lambda out: out.stream_to(storage, staged, chunks), to_stream,
-                 threads=_io.IO_THREADS)
+                 threads=storage.io_threads())
     return [out.record(reused) for out, reused in zip(outs, same, strict=True)]
 
 

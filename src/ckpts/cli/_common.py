@@ -31,7 +31,8 @@ from rich.text import Text
 from ckpts._format.catalog import Checkpoint, is_committed
 from ckpts._run.policy import Mode
 from ckpts.errors import CheckpointError
-from ckpts.storage._port import MANIFEST, Storage, open_storage, split_checkpoint, url_protocol
+from ckpts.storage import open_storage
+from ckpts.storage._port import MANIFEST, Storage, split_checkpoint, url_protocol
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from ckpts._format.catalog import Checkpoint
 from ckpts._run import history as _history
 from ckpts._run.policy import Mode, rank_by
-from ckpts.storage._port import Storage, open_storage
+from ckpts.storage import open_storage
+from ckpts.storage._port import Storage
 
 # a later value this much worse (relative) than the best counts as overfitting, not noise
 OVERFIT_THRESHOLD = 0.005

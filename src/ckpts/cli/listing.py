@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.filesize import decimal
 from rich.text import Text
 
-from ckpts._format.catalog import Checkpoint, is_local, list_checkpoints
+from ckpts._format.catalog import Checkpoint, list_checkpoints
 from ckpts._run.policy import Mode, rank_by
 from ckpts.cli._common import (
     JsonOption,
@@ -34,7 +33,7 @@ from ckpts.cli._common import (
     stderr,
     stdout,
 )
-from ckpts.storage._port import Storage, open_storage
+from ckpts.storage import Storage, open_storage
 
 DEFAULT_TAG = "pinned"  # CheckpointManager.pin's default tag, shown as plain "pinned"
 
@@ -107,32 +106,11 @@ def find_runs(storage: Storage) -> dict[str, list[Checkpoint]]:
     if checkpoints:
         return {"": checkpoints}
     runs = {}
-    for child in subfolders(storage):
+    for child in storage.folders():
         found = list_checkpoints(open_storage(storage.where(child)))
         if found:
             runs[child] = found
     return runs or {"": []}
-
-
-def subfolders(storage: Storage) -> list[str]:
-    """The names of the folders (or prefixes) directly inside a location, sorted.
-
-    The storage port lists checkpoints, not runs, so this asks the backend itself: the
-    local directory, or the fsspec filesystem of a URL; other backends have none.
-    """
-    if is_local(storage):
-        return sorted(p.name for p in Path(storage.location).iterdir() if p.is_dir())
-    from ckpts.storage._fsspec import FsspecStorage  # not at the top: `ckpts ls` of a run skips it
-
-    if isinstance(storage, FsspecStorage):
-        storage.fs.invalidate_cache(storage.root)  # s3fs caches listings; see _fsspec
-        try:
-            found = storage.fs.ls(storage.root, detail=True)
-        except FileNotFoundError:
-            return []
-        return sorted(info["name"].rstrip("/").rsplit("/", 1)[-1] for info in found
-                      if info.get("type") == "directory")
-    return []
 
 
 def mark(

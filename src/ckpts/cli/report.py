@@ -23,7 +23,8 @@ from ckpts._format.catalog import Checkpoint, list_checkpoints
 from ckpts._run.policy import Mode
 from ckpts.cli.curves import Curve, Point, Recommendation, metric_curve, recommend, run_name
 from ckpts.errors import InvalidArgumentError
-from ckpts.storage._port import Storage, open_storage, url_protocol
+from ckpts.storage import open_storage
+from ckpts.storage._port import Storage, url_protocol
 
 WIDTH, HEIGHT = 460, 250
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 14, 40

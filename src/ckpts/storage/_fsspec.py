@@ -18,7 +18,7 @@ from typing import Any
 from ckpts.errors import CheckpointError, CorruptCheckpointError, LockedError
 from ckpts.storage._lease import Lease
 from ckpts.storage._lock import LOCK_FILE
-from ckpts.storage._parallel import run_parallel
+from ckpts.storage._parallel import run_parallel, threads_for
 from ckpts.storage._port import (
     FOREIGN_SUFFIXES,
     HISTORY,
@@ -26,6 +26,7 @@ from ckpts.storage._port import (
     Listed,
     Range,
     Staged,
+    Storage,
     as_os_errors,
     coalesce,
     parse_step,
@@ -41,7 +42,7 @@ _S3_TIMEOUTS = {"connect_timeout": 2, "read_timeout": 10, "retries": {"max_attem
 _INSTALL = "pip install 'ckpts[s3]'"
 
 
-class FsspecStorage:
+class FsspecStorage(Storage):
     """A run on an fsspec URL: see the module docstring for the commit and the lease.
 
     Args:
@@ -58,6 +59,7 @@ class FsspecStorage:
     def __init__(self, url: str, storage_options: Mapping[str, Any], *,
                  lease_seconds: float = 60.0) -> None:
         self.location, self.lease_seconds = url.rstrip("/"), lease_seconds
+        self._processes = 1  # of one job on this host: see share_host
         self._s3 = url_protocol(url) in ("s3", "s3a")
         try:
             import fsspec
@@ -328,3 +330,41 @@ class FsspecStorage:
         names = [path.rstrip("/").rsplit("/", 1)[-1] for path in paths]
         return sorted(name for name in names
                       if name.endswith(FOREIGN_SUFFIXES) or name.startswith("checkpoint-"))
+
+    @as_os_errors
+    def folders(self) -> list[str]:
+        """The prefixes directly below the run's, from one listing."""
+        self.fs.invalidate_cache(self.root)  # s3fs may cache listings despite the option
+        try:
+            found = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(info["name"].rstrip("/").rsplit("/", 1)[-1] for info in found
+                      if info.get("type") == "directory")
+
+    def share_host(self, processes: int) -> None:
+        """The callers' streams shrink to the host's share (the requests in flight per
+        call, :data:`CONCURRENCY`, wait on the network and stay as they are)."""
+        self._processes = max(1, processes)
+
+    def io_threads(self) -> int:
+        return threads_for(self._processes)
+
+    @as_os_errors
+    def destroy(self) -> None:
+        """The manifests first (each checkpoint as :meth:`delete`), then every other object
+        below the run, the lease last; an object at the run's own key is deleted itself.
+        Not atomic: a reader meanwhile sees fewer checkpoints, never a half-deleted one."""
+        if self.fs.isfile(self.root):
+            self.fs.rm_file(self.root)
+            return
+        for listed in self.committed():
+            self.delete(listed.name)
+        rest = [self._path(path) for path in self._files_below(self.root) if path != LOCK_FILE]
+        if rest:
+            self.fs.rm(rest)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._path(LOCK_FILE))
+        if not self._s3 and "/" in self.root.strip("/"):  # empty folders, where there are
+            with contextlib.suppress(FileNotFoundError):  # any; never a bucket itself
+                self.fs.rm(self.root, recursive=True)

@@ -1,10 +1,10 @@
 """The local disk's I/O engine: many files written and read at once, chunk by chunk.
 
 Used by ckpts.storage._local.LocalStorage. All files are cut into chunks of at most
-:data:`CHUNK` bytes and handed to :data:`IO_THREADS` threads, so the threads stay
-busy whatever the file sizes. ``os.pwritev``/``os.preadv`` release the GIL. Bytes go
-straight between the callers' memory (tensors, buffers) and the files: no
-intermediate copy.
+:data:`CHUNK` bytes and handed to a few threads (:data:`IO_THREADS` unless the caller
+says), so the threads stay busy whatever the file sizes. ``os.pwritev``/``os.preadv``
+release the GIL. Bytes go straight between the callers' memory (tensors, buffers) and
+the files: no intermediate copy.
 
 Writes are shaped for the page cache: each thread writes a file no other thread
 is writing (a buffered write holds the file's lock), and each chunk is handed to
@@ -26,21 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckpts.errors import CorruptCheckpointError
-from ckpts.storage._parallel import run_parallel
+from ckpts.storage._parallel import run_parallel, threads_for
 
 CHUNK = 32 * 1024 * 1024
-# One thread a core (at least 2, at most 8). On the 2-core benchmark machine, saving
-# 1.27 GB in three files with early writeback (below) took 0.64-0.83 s (medians of two
-# runs) with 2 threads and 0.64-1.03 s with 4: more threads than cores gain nothing.
-IO_THREADS = min(8, max(2, os.cpu_count() or 1))
+# Threads of a process alone on this host (see threads_for); a constant: the ranks of a
+# job on one machine get fewer from LocalStorage.share_host, never by rewriting this.
+IO_THREADS = threads_for(1)
 
-
-def share_cores(processes: int) -> None:
-    """Size the thread pools for ``processes`` processes of one job on this machine (the
-    ranks of a torch.distributed job): they share its cores, and a save of 4 ranks on 2
-    cores measured 0.98x DCP's time with one I/O thread per rank, 1.33x with two."""
-    global IO_THREADS
-    IO_THREADS = min(8, max(1, (os.cpu_count() or 1) // max(1, processes)))
 
 @dataclass(frozen=True)
 class _Region:
@@ -51,13 +43,16 @@ class _Region:
     view: memoryview
 
 
-def write_files(files: Sequence[tuple[Path, Sequence[memoryview]]]) -> None:
-    """Write files (each the concatenation of its parts) in parallel chunks.
+def write_files(files: Sequence[tuple[Path, Sequence[memoryview]]], *,
+                threads: int | None = None) -> None:
+    """Write files (each the concatenation of its parts) in parallel chunks, on ``threads``
+    threads (default :data:`IO_THREADS`).
 
     The files are not fsynced here: the commit makes every file of the checkpoint
     durable at once (see ckpts.storage._local.LocalStorage.commit). The parts must stay
     unchanged until this returns.
     """
+    threads = IO_THREADS if threads is None else threads
     fds: list[int] = []
     try:
         layouts = []
@@ -68,8 +63,7 @@ def write_files(files: Sequence[tuple[Path, Sequence[memoryview]]]) -> None:
         if sum(len(r.view) for regions in layouts for r in regions) <= CHUNK:
             turns.write_until_done()  # a small save: threads cost more than they gain
         else:
-            run_parallel(lambda _: turns.write_until_done(), range(IO_THREADS),
-                         threads=IO_THREADS)
+            run_parallel(lambda _: turns.write_until_done(), range(threads), threads=threads)
     finally:
         for fd in fds:
             os.close(fd)
@@ -126,8 +120,10 @@ class _WriteTurns:
             return file, self._pending[file].popleft()
 
 
-def read_ranges(files: Sequence[tuple[Path, Sequence[tuple[int, memoryview]]]]) -> None:
-    """Fill every ``(offset, view)`` of each file from that file, in parallel chunks.
+def read_ranges(files: Sequence[tuple[Path, Sequence[tuple[int, memoryview]]]], *,
+                threads: int | None = None) -> None:
+    """Fill every ``(offset, view)`` of each file from that file, in parallel chunks, on
+    ``threads`` threads (default :data:`IO_THREADS`).
 
     Symbolic links are refused (a checkpoint's files are its own).
 
@@ -142,7 +138,8 @@ def read_ranges(files: Sequence[tuple[Path, Sequence[tuple[int, memoryview]]]]) 
             fds.append(_open_for_reading(path))
             regions += [_Region(fds[-1], offset, view) for offset, view in ranges]
         names = dict(zip(fds, (path for path, _ in files), strict=True))
-        run_parallel(lambda job: _pread(job, names), _chunks(regions), threads=IO_THREADS)
+        run_parallel(lambda job: _pread(job, names), _chunks(regions),
+                     threads=IO_THREADS if threads is None else threads)
     finally:
         for fd in fds:
             os.close(fd)

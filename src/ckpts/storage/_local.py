@@ -18,15 +18,16 @@ parent, so a checkpoint either exists whole or not at all. Deletion renames to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ckpts.storage import _io, _lock
-from ckpts.storage._parallel import run_parallel
+from ckpts.storage._parallel import run_parallel, threads_for
 from ckpts.storage._port import (
     FOREIGN_SUFFIXES,
     HISTORY,
@@ -34,6 +35,8 @@ from ckpts.storage._port import (
     Listed,
     Range,
     Staged,
+    Storage,
+    export_into,
     parse_step,
 )
 
@@ -46,12 +49,13 @@ _REPLACED_PREFIX = ".replaced-"
 _FSYNC_THREADS = 16
 
 
-class LocalStorage:
+class LocalStorage(Storage):
     """A run directory on a local or mounted filesystem (see the module docstring)."""
 
     def __init__(self, run: Path) -> None:
         self.run = run
         self.location = str(run)
+        self._processes = 1  # of one job on this host: see share_host
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.location!r})"
@@ -101,12 +105,19 @@ class LocalStorage:
         by_file: dict[str, list[tuple[int, memoryview]]] = {}
         for piece in ranges:
             by_file.setdefault(piece.file, []).append((piece.offset, piece.view))
-        _io.read_ranges([(self.run / name / file, pieces) for file, pieces in by_file.items()])
+        _io.read_ranges([(self.run / name / file, pieces) for file, pieces in by_file.items()],
+                        threads=self.io_threads())
 
     def map_file(self, name: str, file: str) -> memoryview:
-        """The whole file, memory-mapped (an optional capability of a backend: readers
-        that copy the bytes elsewhere anyway use it to skip a copy)."""
+        """The whole file, a copy-on-write memory map (symbolic links refused)."""
         return _io.map_file(self.run / name / file)
+
+    def share_host(self, processes: int) -> None:
+        """Fewer threads for reads and writes when the ranks of a job share the cores."""
+        self._processes = max(1, processes)
+
+    def io_threads(self) -> int:
+        return _io.IO_THREADS if self._processes == 1 else threads_for(self._processes)
 
     def stage(self, name: str) -> Staged:
         self.run.mkdir(parents=True, exist_ok=True)
@@ -115,15 +126,15 @@ class LocalStorage:
         return Staged(name, str(staging))
 
     def write(self, staged: Staged, files: Sequence[tuple[str, Sequence[memoryview]]]) -> None:
-        _io.write_files([(Path(staged.where) / file, parts) for file, parts in files])
+        _io.write_files([(Path(staged.where) / file, parts) for file, parts in files],
+                        threads=self.io_threads())
 
     def write_stream(self, staged: Staged, file: str, pieces: Iterable[memoryview]) -> None:
         _io.write_stream(Path(staged.where) / file, pieces)
 
     def sync(self, staged: Staged, files: Sequence[str]) -> None:
-        """fsync these staged files now (an optional capability of a backend: the ranks of
-        a job, maybe on other machines than the committer's, make their own files durable
-        before rank 0 commits, since rank 0's fsync reaches only its own machine's cache)."""
+        """fsync these staged files now: rank 0's fsync at commit reaches only its own
+        machine's cache."""
         _fsync_files([Path(staged.where) / file for file in files])
 
     def reuse(self, staged: Staged, source: str, file: str, nbytes: int) -> bool:
@@ -250,6 +261,44 @@ class LocalStorage:
             return []
         return [n for n in names if n.endswith(FOREIGN_SUFFIXES)
                 or (n.startswith("checkpoint-") and (self.run / n).is_dir())]
+
+    def folders(self) -> list[str]:
+        """Sub-directories, and symbolic links to directories."""
+        try:
+            with os.scandir(self.run) as entries:
+                return sorted(e.name for e in entries if e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def export(self, name: str, files: Sequence[str], folder: str | os.PathLike[str], *,
+               extra: Mapping[str, bytes] | None = None) -> Path:
+        """Hard links (a copy where the filesystem has none, or ``folder`` is on another);
+        a file of the checkpoint that is a symbolic link counts as absent."""
+        def link(file: str, path: Path) -> None:
+            source = self.run / name / file
+            if source.is_symlink() or not source.is_file():
+                raise FileNotFoundError(f"{source}: no such file to export")
+            try:
+                os.link(source, path)
+            except FileExistsError:
+                raise
+            except OSError as e:  # EXDEV, EPERM: no hard link from here to there
+                log.debug("could not link %s (%s); copying it", source, e)
+                with open(source, "rb") as f, open(path, "xb") as out:
+                    shutil.copyfileobj(f, out, _io.CHUNK)
+
+        return export_into(folder, files, extra, link)
+
+    def destroy(self) -> None:
+        """Each checkpoint renamed aside and removed, then the directory; a symbolic link
+        or a file at the run's path is unlinked."""
+        if self.run.is_symlink() or self.run.is_file():
+            self.run.unlink(missing_ok=True)
+            return
+        for listed in self.committed():
+            self.delete(listed.name)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.run)
 
 
 def _make_durable(directory: Path) -> None:

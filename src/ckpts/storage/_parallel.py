@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
+
+
+def threads_for(processes: int = 1) -> int:
+    """Threads for one process's blocking I/O when ``processes`` processes of one job share
+    this host's cores (the ranks of a torch.distributed job on one machine).
+
+    One thread a core, at most 8; at least 2 for a process alone. On the 2-core benchmark
+    machine, saving 1.27 GB in three files took 0.64-0.83 s (medians of two runs) with 2
+    threads and 0.64-1.03 s with 4: more threads than cores gain nothing. A save of 4 ranks
+    on 2 cores measured 0.98x DCP's time with one I/O thread per rank, 1.33x with two.
+    """
+    cores = os.cpu_count() or 1
+    if processes <= 1:
+        return min(8, max(2, cores))
+    return min(8, max(1, cores // processes))
 
 
 def run_parallel(work: Callable[[_Item], _Result], items: Sequence[_Item], *, threads: int

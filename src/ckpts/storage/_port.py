@@ -4,18 +4,14 @@ A *run* is a directory or a URL prefix. Each checkpoint in it is a folder (or pr
 named after its step, ``step-00000500``, holding the checkpoint's files and
 ``manifest.json``, written last: a checkpoint without its manifest does not exist.
 
-Nothing above this port opens, maps, renames or deletes checkpoint files: the
-manager, the catalogue, the readers and the CLI call a :class:`Storage`. Two
-backends implement it:
-
-- :class:`ckpts.storage._local.LocalStorage`: a local (or mounted) directory, with pwritev,
-  early writeback, one fsync pass, atomic rename and flock;
-- :class:`ckpts.storage._fsspec.FsspecStorage`: any fsspec URL (``s3://``, ``memory://``,
-  ``gs://``...), with the manifest as the commit marker, parallel multipart uploads
-  and ranged reads, and a lease object as the writer lock.
-
-:func:`open_storage` picks one for a path or URL. A new backend implements the
-methods of :class:`Storage` (docs/storage.md walks through the fsspec one).
+Nothing above this port opens, maps, links, renames or deletes a run's files: the
+manager, the catalogue, the readers, the CLI and the integrations call a
+:class:`Storage`. A backend subclasses it: the methods whose body is ``...`` are what
+every backend must do; the others (optional capabilities: memory maps, an early fsync,
+thread sizing, listing folders, exporting files to a local folder) have a default that a
+backend overrides when it can do better. Two backends ship: ``LocalStorage``
+(ckpts.storage._local) and ``FsspecStorage`` (ckpts.storage._fsspec); ``open_storage``
+(ckpts.storage._open) picks one for a path or URL. docs/storage.md shows a third.
 """
 
 from __future__ import annotations
@@ -27,9 +23,10 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
+from typing import Concatenate, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from ckpts.errors import CheckpointError, InvalidArgumentError
+from ckpts.storage._parallel import threads_for
 
 MANIFEST = "manifest.json"
 HISTORY = ".ckpts-history.jsonl"
@@ -38,6 +35,8 @@ FOREIGN_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 _STEP_NAME = re.compile(r"^step-(\d+)$")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# Bytes the default Storage.export copies at a time: one buffer of this size in memory.
+_EXPORT_CHUNK = 64 * 2**20
 
 
 def checkpoint_name(step: int) -> str:
@@ -100,7 +99,9 @@ class Storage(Protocol):
     """Where a run's checkpoints live. See the module docstring and docs/storage.md.
 
     Names are checkpoint folder names (``step-00000500``); files are plain names
-    inside one checkpoint (``model.safetensors``), never paths.
+    inside one checkpoint (``model.safetensors``), never paths. A backend subclasses
+    this class and implements every method without a default; ``isinstance(x,
+    Storage)`` holds for it (and for a class that has every member without subclassing).
     """
 
     location: str
@@ -221,6 +222,116 @@ class Storage(Protocol):
         """Names in the run that look like another framework's checkpoints (a hint)."""
         ...
 
+    # --- the run as a whole ---------------------------------------------------------------
+
+    def destroy(self) -> None:
+        """Delete the whole run: its checkpoints first, each as :meth:`delete` does (so no
+        reader sees one half deleted), then everything else at the location (history,
+        lock, leftovers, files of other tools) and the location itself.
+
+        A file or a symbolic link at the location is removed itself, never what the link
+        points to. A location that does not exist counts as destroyed. Killed midway, a
+        destroy leaves a run of fewer, whole checkpoints; calling it again finishes.
+        It takes no lock: call it when no process writes the run (on a store, the lease
+        of a writer that exited without closing is deleted with the rest).
+        """
+        ...
+
+    # --- optional capabilities: defaults a backend overrides when it can do better --------
+
+    def map_file(self, name: str, file: str) -> memoryview | None:
+        """The whole file, memory-mapped copy-on-write (writes through the view stay
+        private to this process), or None when the backend cannot map files.
+
+        Readers that copy the bytes elsewhere anyway (``load_weights``, ``diff``) hash them
+        where they lie in the page cache and copy once, instead of reading into new memory
+        first. Default: None, and callers read with :meth:`read_ranges`.
+
+        Raises:
+            FileNotFoundError: the file is absent (a backend that maps).
+        """
+        return None
+
+    def sync(self, staged: Staged, files: Sequence[str]) -> None:
+        """Make these staged files durable now, from this process's machine.
+
+        The ranks of a job, maybe on other machines than the one that commits, call it
+        on their own files before rank 0 commits: :meth:`commit` makes durable what the
+        committing machine can reach. Default: nothing, right where a file is durable
+        once written (an object store's completed upload).
+        """
+        return None
+
+    def share_host(self, processes: int) -> None:
+        """Say that ``processes`` processes of one job (the ranks of a torch.distributed
+        job on this machine) share this host's cores, so that this storage sizes its
+        thread pools, and :meth:`io_threads`, to its share. Default: ignored."""
+        return None
+
+    def io_threads(self) -> int:
+        """How many threads a caller should use to feed this storage at once (files
+        streamed through host buffers, reads into device tensors). Default: one a core,
+        2 to 8."""
+        return threads_for(1)
+
+    def folders(self) -> list[str]:
+        """The names of the folders (or prefixes) directly inside the run's location,
+        sorted: its checkpoints and whatever other folders it holds, the runs of a
+        folder of runs among them (``ckpts ls`` of a parent). ``[]`` when the location
+        does not exist. Default: ``[]``, a backend that cannot list its location."""
+        return []
+
+    def export(self, name: str, files: Sequence[str], folder: str | os.PathLike[str], *,
+               extra: Mapping[str, bytes] | None = None) -> Path:
+        """Put committed checkpoint ``name``'s ``files``, and the small ``extra`` files
+        (file -> bytes), into the local folder ``folder`` (created with its parents if
+        needed): a plain folder for a tool that reads one (Trainer's
+        ``resume_from_checkpoint``), or a copy of a checkpoint that outlives it.
+
+        Each file is the same bytes linked where the backend can (LocalStorage: a hard
+        link on the same filesystem), else a copy (from a store: a download); either way
+        it stays whole whatever later happens to the checkpoint. The extra files are
+        written first, then ``files`` in order, the manifest last when it is among them,
+        so a folder that receives a whole checkpoint is one only once it is complete.
+        Nothing is fsynced: this is a view or a working copy, not a save. The default
+        copies through :meth:`read_ranges`, 64 MiB at a time.
+
+        Returns:
+            ``folder`` as a Path.
+
+        Raises:
+            FileNotFoundError: a file is not in the checkpoint (what came before it stays).
+            FileExistsError: ``folder`` already holds a file of one of these names.
+        """
+        sizes = self.sizes(name)
+
+        def copy(file: str, path: Path) -> None:
+            if file not in sizes:
+                raise FileNotFoundError(f"{self.where(name)}/{file}: no such file to export")
+            with open(path, "xb") as out:
+                buffer = memoryview(bytearray(min(sizes[file], _EXPORT_CHUNK)))
+                for offset in range(0, sizes[file], _EXPORT_CHUNK):
+                    piece = buffer[:min(_EXPORT_CHUNK, sizes[file] - offset)]
+                    self.read_ranges(name, [Range(file, offset, piece)])
+                    out.write(piece)
+
+        return export_into(folder, files, extra, copy)
+
+
+def export_into(folder: str | os.PathLike[str], files: Sequence[str],
+                extra: Mapping[str, bytes] | None, put: Callable[[str, Path], None]) -> Path:
+    """What every :meth:`Storage.export` does around its backend's own transfer: create
+    ``folder``, write the ``extra`` files, then ``put(file, path)`` each file, the manifest
+    last; a name already taken raises FileExistsError."""
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    for file, data in (extra or {}).items():
+        with open(target / file, "xb") as out:
+            out.write(data)
+    for file in sorted(files, key=lambda f: f == MANIFEST):  # stable: the manifest last
+        put(file, target / file)
+    return target
+
 
 def coalesce(ranges: Sequence[Range], most: int) -> list[tuple[str, int, list[memoryview]]]:
     """The reads that fill ``ranges``: ``(file, offset, views)``, each of ``most`` bytes at
@@ -264,33 +375,6 @@ def as_os_errors(method: Callable[Concatenate[_Backend, _P], _T]
         except Exception as e:
             raise OSError(f"{self.location}: {type(e).__name__}: {e}") from e
     return wrapper
-
-
-def open_storage(location: str | os.PathLike[str] | Storage,
-                 storage_options: Mapping[str, Any] | None = None) -> Storage:
-    """The storage of a run: a Storage as it is, a path (or ``file://``) on the local
-    disk, any other URL through fsspec.
-
-    Raises:
-        InvalidArgumentError: ``storage_options`` given for a local path, or an
-            unusable location.
-        CheckpointError: the URL's backend is not installed or refuses the URL
-            (see :class:`ckpts.storage._fsspec.FsspecStorage`).
-    """
-    if isinstance(location, Storage):
-        return location
-    protocol = url_protocol(location)
-    if protocol is None or (protocol == "file" and not storage_options):
-        from ckpts.storage._local import LocalStorage
-
-        if storage_options:
-            raise InvalidArgumentError(
-                f"storage_options only apply to URLs; {str(location)!r} is a local path")
-        path = str(location)[len("file://"):] if protocol == "file" else location
-        return LocalStorage(Path(path))
-    from ckpts.storage._fsspec import FsspecStorage
-
-    return FsspecStorage(str(location), storage_options or {})
 
 
 def split_checkpoint(location: str | os.PathLike[str]) -> tuple[str | os.PathLike[str], str]:
