@@ -10,23 +10,21 @@ and :class:`RankReader` reads back exactly the byte ranges a rank needs, checkin
 them against the manifest's hashes. Nothing is pickled to disk: DCP's own metadata is
 rebuilt from manifest.json, which rank 0 writes last (docs/format.md, format v3).
 
-Coordination runs on a gloo process group of ckpts' own, created with a timeout, so a
-rank that fails or dies makes every rank raise within that time instead of hanging.
-Small JSON values travel as byte tensors (no pickle).
+DCP's collectives run on the gloo group of :class:`ckpts._checkpoint.ranks.Ranks`
+(created with a timeout), so a rank that fails or dies makes every rank raise within
+that time instead of hanging. The manager reaches this module through
+:class:`ckpts._checkpoint.job.ManyRanks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import xxhash
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -38,6 +36,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import (
     LoadPlan,
     LoadPlanner,
+    ReadItem,
     SavePlan,
     SavePlanner,
     WriteItemType,
@@ -47,9 +46,17 @@ from torch.futures import Future
 
 from ckpts._checkpoint.ranks import Ranks
 from ckpts._checkpoint.write import describe
-from ckpts._format.manifest import BLOCK, HASH_PREFIX, digest
-from ckpts._format.safetensors import DTYPE_NAMES, DTYPES, byte_view
+from ckpts._format.manifest import (
+    BLOCK,
+    Shard,
+    digest,
+    new_sharded_entry,
+    new_tensor_entry,
+    tensor_pieces,
+)
+from ckpts._format.safetensors import DTYPE_NAMES, DTYPES, aligned_order
 from ckpts._state.train_state import PER_RANK_KINDS, ObjectSnapshot
+from ckpts._tensors.pieces import BoxRead
 from ckpts._tensors.writing import Reusable, write_tensor_files
 from ckpts.errors import (
     CorruptCheckpointError,
@@ -118,15 +125,14 @@ class RankWriter(StorageWriter):
             by_object[item.index.fqn.split("/", 1)[0]].append((item, tensor.detach()))
         files = []
         for name, items in by_object.items():
-            items.sort(key=lambda pair: -pair[1].element_size())  # wider first: aligned
             own = name.endswith(f".rank{rank}")  # a per-rank object's name says whose it is
             files.append((f"{name}.safetensors" if own else f"{name}-rank{rank:05d}.safetensors",
-                          [(item.index.fqn.split("/", 1)[1], tensor) for item, tensor in items]))
+                          [(item.index.fqn.split("/", 1)[1], tensor)
+                           for item, tensor in aligned_order(items)]))
         written = write_tensor_files(self.storage, staged, files, reusable=self.reusable,
                                      block=BLOCK)
-        sync = getattr(self.storage, "sync", None)  # a backend's optional capability
-        if sync is not None:  # durable from this rank's machine, before rank 0 commits
-            sync(staged, [file for file, _ in files])
+        # durable from this rank's machine, before rank 0 commits
+        self.storage.sync(staged, [file for file, _ in files])
         self.written = Reusable(staged.name, {
             file: (record.header_hash, {key: entry[2] for key, entry in record.tensors.items()})
             for (file, _), record in zip(files, written, strict=True)})
@@ -170,36 +176,20 @@ def tensor_records(metadata: Metadata, results: Sequence[Sequence[WriteResult]]
     for fqn, meta in metadata.state_dict_metadata.items():
         if not isinstance(meta, TensorStorageMetadata):  # flat_state holds tensors only
             raise TypeError(f"{fqn} was planned as {type(meta).__name__}")
-        shape = list(meta.size)
-        chunks = [(chunk, by_index[MetadataIndex(fqn, chunk.offsets)]) for chunk in meta.chunks]
-        dtype = DTYPES[meta.properties.dtype]
-        whole = len(chunks) == 1 and list(chunks[0][0].sizes) == shape
-        if whole:
-            data = chunks[0][1]
-            entries[fqn] = {"file": data["file"], "dtype": dtype, "shape": shape,
-                            "offsets": data["offsets"], "hash": data["hash"]}
-            if data["blocks"]:
-                entries[fqn]["blocks"] = data["blocks"]
+        shape, dtype = tuple(meta.size), DTYPES[meta.properties.dtype]
+        pieces = []
+        for chunk in meta.chunks:
+            data = by_index[MetadataIndex(fqn, chunk.offsets)]
+            begin, end = data["offsets"]
+            pieces.append(Shard(data["file"], begin, end, data["hash"], tuple(chunk.offsets),
+                                tuple(chunk.sizes), tuple(data["blocks"] or ())))
+        if len(pieces) == 1 and pieces[0].size == shape:  # written whole, by one rank
+            (piece,) = pieces
+            entries[fqn] = new_tensor_entry(piece.file, dtype, shape, piece.begin, piece.end,
+                                            piece.hash, piece.blocks)
         else:
-            entries[fqn] = {"dtype": dtype, "shape": shape, "shards": [
-                {"file": data["file"], "offsets": data["offsets"], "hash": data["hash"],
-                 "origin": list(chunk.offsets), "size": list(chunk.sizes),
-                 **({"blocks": data["blocks"]} if data["blocks"] else {})}
-                for chunk, data in sorted(chunks, key=lambda pair: list(pair[0].offsets))]}
+            entries[fqn] = new_sharded_entry(dtype, shape, pieces)
     return files, entries
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """One saved chunk of a tensor: where its bytes are and how they are checked."""
-
-    file: str
-    begin: int
-    end: int
-    hash: str
-    blocks: tuple[str, ...]
-    size: tuple[int, ...]
-    dtype: torch.dtype
 
 
 class RankReader(StorageReader):
@@ -209,27 +199,24 @@ class RankReader(StorageReader):
     ``entries`` maps each DCP key (``object/key``, as :func:`flat_state` names them)
     to its manifest tensor entry. A range inside a large tensor is read rounded out to
     whole BLOCKs, and each block is checked against its hash; a tensor without block
-    hashes is read whole and checked against its own hash.
+    hashes, or a range that needs all of it, is read whole and checked against its own
+    hash (ckpts._tensors.pieces).
     """
 
     def __init__(self, storage: Storage, name: str, files: Mapping[str, Mapping[str, Any]],
                  entries: Mapping[str, Mapping[str, Any]]) -> None:
         super().__init__()
         self.storage, self.name, self.files = storage, name, files
-        self.pieces: dict[MetadataIndex, _Piece] = {}
+        self.pieces: dict[MetadataIndex, tuple[Shard, torch.dtype]] = {}
         self.layout: dict[str, TensorStorageMetadata] = {}
         for fqn, info in entries.items():
             dtype = DTYPE_NAMES[info["dtype"]]
-            shards = info.get("shards") or [{**info, "origin": [0] * len(info["shape"]),
-                                             "size": info["shape"]}]
             chunks = []
-            for shard in shards:
-                chunk = ChunkStorageMetadata(offsets=torch.Size(shard["origin"]),
-                                             sizes=torch.Size(shard["size"]))
+            for piece in tensor_pieces(info):
+                chunk = ChunkStorageMetadata(offsets=torch.Size(piece.origin),
+                                             sizes=torch.Size(piece.size))
                 chunks.append(chunk)
-                self.pieces[MetadataIndex(fqn, chunk.offsets)] = _Piece(
-                    shard["file"], shard["offsets"][0], shard["offsets"][1], shard["hash"],
-                    tuple(shard.get("blocks", ())), tuple(shard["size"]), dtype)
+                self.pieces[MetadataIndex(fqn, chunk.offsets)] = (piece, dtype)
             self.layout[fqn] = TensorStorageMetadata(
                 properties=TensorProperties(dtype=dtype), size=torch.Size(info["shape"]),
                 chunks=chunks)
@@ -257,39 +244,28 @@ class RankReader(StorageReader):
         small buffers); any other box goes through buffers of at most :data:`CHUNK`
         bytes at a time, then is copied in."""
         where = self.storage.where(self.name)
-        files = sorted({self.pieces[item.storage_index].file for item in plan.items})
-        headers = [(file, _buffer(self.files[file]["header"])) for file in files]
+        files = sorted({self.pieces[item.storage_index][0].file for item in plan.items})
+        headers = [(file, memoryview(bytearray(self.files[file]["header"]))) for file in files]
         self.storage.read_ranges(self.name, [Range(file, 0, view) for file, view in headers])
         for file, view in headers:
             if digest(view) != self.files[file]["hash"]:
                 raise CorruptCheckpointError(
                     f"{where}/{file}: its header's hash differs from the manifest's")
-        landing, buffered = [], []
+        reads = []
         for item in plan.items:
-            piece = self.pieces[item.storage_index]
-            span = _Span.of(piece, item.storage_offsets, item.lengths)
-            target = planner.resolve_tensor(item).detach()
-            segments = span.landing(piece, item.storage_offsets, item.lengths, target)
-            if segments is not None:
-                landing.append((item, piece, span, target, segments))
-            else:
-                buffered.append((item, piece, span, target))
-        batches = itertools.chain(  # made one at a time: a buffer goes before the next
-            [(landing, True)],
-            (([(*request, [(request[2].start, _buffer(request[2].length))])
-               for request in batch], False) for batch in _batches(buffered)))
-        for batch, landed in batches:
+            piece, dtype = self.pieces[item.storage_index]
+            reads.append((item, BoxRead(piece, dtype, item.storage_offsets, item.lengths,
+                                        planner.resolve_tensor(item).detach())))
+        landing = [request for request in reads if request[1].landed]
+        # a batch's buffers are made when it is read and go once it is done
+        for batch in [landing, *_batches([request for request in reads
+                                          if not request[1].landed])]:
             self.storage.read_ranges(self.name, [
-                Range(piece.file, piece.begin + start, view)
-                for _, piece, _, _, segments in batch for start, view in segments if len(view)])
-            for item, piece, span, target, segments in batch:
-                views = [view for _, view in segments]
-                span.check(piece, views, f"{where}/{piece.file}: tensor {item.storage_index.fqn!r}")
-                if not landed:
-                    with torch.no_grad():
-                        target.copy_(span.view(piece, views[0], item.storage_offsets,
-                                               item.lengths))
-                planner.commit_tensor(item, target)
+                part for _, read in batch for part in read.ranges()])
+            for item, read in batch:
+                read.check_and_land(f"{where}/{read.piece.file}: tensor "
+                                    f"{item.storage_index.fqn!r}")
+                planner.commit_tensor(item, read.target)
         future: Future[None] = Future()
         future.set_result(None)
         return future
@@ -299,116 +275,17 @@ class RankReader(StorageReader):
         return True
 
 
-def _batches(requests: list[Any]) -> list[list[Any]]:
+def _batches(requests: list[tuple[ReadItem, BoxRead]]) -> list[list[tuple[ReadItem, BoxRead]]]:
     """Requests grouped so that each group's spans add up to at most CHUNK bytes."""
-    batches: list[list[Any]] = [[]]
+    batches: list[list[tuple[ReadItem, BoxRead]]] = [[]]
     size = 0
     for request in requests:
-        if batches[-1] and size + request[2].length > CHUNK:
+        if batches[-1] and size + request[1].length > CHUNK:
             batches.append([])
             size = 0
         batches[-1].append(request)
-        size += request[2].length
+        size += request[1].length
     return [batch for batch in batches if batch]
-
-
-def _buffer(nbytes: int) -> memoryview:
-    """New memory to read into (not zeroed: every byte of it is read)."""
-    return byte_view(torch.empty(nbytes, dtype=torch.uint8))
-
-
-@dataclass(frozen=True)
-class _Span:
-    """The bytes of a saved chunk read for one request: ``start .. start + length`` from
-    the chunk's first byte, whole blocks (or the whole chunk) so they can be checked."""
-
-    start: int
-    length: int
-
-    @classmethod
-    def of(cls, piece: _Piece, offsets: Sequence[int], lengths: Sequence[int]) -> _Span:
-        total = piece.end - piece.begin
-        if not all(lengths):
-            return cls(0, 0)  # an empty box: nothing to read
-        if not piece.blocks:
-            return cls(0, total)  # one hash for the whole chunk: read it all
-        first, last = _box_bytes(piece, offsets, lengths)
-        start = first // BLOCK * BLOCK
-        return cls(start, min(total, -(-last // BLOCK) * BLOCK) - start)
-
-    def landing(self, piece: _Piece, offsets: Sequence[int], lengths: Sequence[int],
-                target: torch.Tensor) -> list[tuple[int, memoryview]] | None:
-        """Where the span's bytes go when the box lands straight in ``target``: the bytes
-        before it, the target's own memory, the bytes after it (offsets in the chunk).
-        None when the box or the target is not one contiguous run of bytes."""
-        if not self.length:
-            return []
-        first, last = _box_bytes(piece, offsets, lengths)
-        itemsize = torch.empty(0, dtype=piece.dtype).element_size()
-        count = 1
-        for length in lengths:
-            count *= length
-        if last - first != count * itemsize or target.device.type != "cpu" \
-                or not target.is_contiguous() or target.dtype != piece.dtype:
-            return None
-        stop = self.start + self.length
-        return [(self.start, _buffer(first - self.start)), (first, byte_view(target)),
-                (last, _buffer(stop - last))]
-
-    def check(self, piece: _Piece, views: Sequence[memoryview], what: str) -> None:
-        """Hash the span's bytes (``views``, in order) against the chunk's hash, or its
-        blocks' hashes."""
-        if not self.length:
-            return  # nothing was read
-        expected = list(piece.blocks[self.start // BLOCK:]) if piece.blocks else [piece.hash]
-        size = BLOCK if piece.blocks else self.length
-        hasher, filled, number = xxhash.xxh3_128(), 0, 0
-        for view in views:
-            while len(view):
-                taken = view[:size - filled]
-                hasher.update(taken)
-                view, filled = view[len(taken):], filled + len(taken)
-                if filled == size:
-                    self._compare(hasher, expected[number], number * size, what)
-                    hasher, filled, number = xxhash.xxh3_128(), 0, number + 1
-        if filled:  # a chunk's last block may be short
-            self._compare(hasher, expected[number], number * size, what)
-
-    def _compare(self, hasher: Any, wanted: str, offset: int, what: str) -> None:
-        actual = HASH_PREFIX + hasher.hexdigest()
-        if actual != wanted:
-            raise CorruptCheckpointError(
-                f"{what}: content hash {actual} of bytes from {self.start + offset} differs "
-                f"from the manifest's {wanted}")
-
-    def view(self, piece: _Piece, data: memoryview, offsets: Sequence[int],
-             lengths: Sequence[int]) -> torch.Tensor:
-        """The requested box of the chunk, as a view of the bytes read."""
-        itemsize = torch.empty(0, dtype=piece.dtype).element_size()
-        if not len(data):
-            return torch.empty(tuple(lengths), dtype=piece.dtype)
-        flat = torch.frombuffer(data, dtype=torch.uint8).view(piece.dtype)
-        strides = _strides(piece.size)
-        first = sum(o * s for o, s in zip(offsets, strides, strict=True)) - self.start // itemsize
-        return flat.as_strided(tuple(lengths), strides, first)
-
-
-def _box_bytes(piece: _Piece, offsets: Sequence[int], lengths: Sequence[int]
-               ) -> tuple[int, int]:
-    """The byte range of the chunk from a non-empty box's first element to past its last."""
-    itemsize = torch.empty(0, dtype=piece.dtype).element_size()
-    strides = _strides(piece.size)
-    first = sum(o * s for o, s in zip(offsets, strides, strict=True))
-    last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides, strict=True))
-    return first * itemsize, (last + 1) * itemsize
-
-
-def _strides(size: Sequence[int]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for dim in reversed(size):
-        strides.append(step)
-        step *= dim
-    return tuple(reversed(strides))
 
 
 def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -449,6 +326,7 @@ def write_on_ranks(storage: Storage, ranks: Ranks, step: int,
     """
     from torch.distributed.checkpoint.state_dict_saver import save
 
+    storage.share_host(ranks.on_this_host)  # the ranks of this machine share its cores
     per_rank = sorted(name for name, snap in snapshots.items() if snap.kind in PER_RANK_KINDS)
     mine = {saved_name(name, snapshots[name].kind, ranks.rank):
             {**describe(snapshots[name], {}), "keys": list(snapshots[name].tensors)}
@@ -492,6 +370,7 @@ def read_on_ranks(storage: Storage, name: str, files: Mapping[str, Mapping[str, 
     """
     from torch.distributed.checkpoint.state_dict_loader import load
 
+    storage.share_host(ranks.on_this_host)  # the ranks of this machine share its cores
     targets: dict[str, torch.Tensor] = {}
     for (obj, key), info in entries.items():
         target = live.get((obj, key))

@@ -11,11 +11,10 @@ tied-tensor aliases, each tensor's file, dtype, shape, byte range and hash) is i
 from __future__ import annotations
 
 import datetime
-import logging
 import math
 import platform
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -26,22 +25,14 @@ from ckpts._format.manifest import (
     SHARDED_FORMAT_VERSION,
     digest,
     encode_json,
+    manifest_allowance,
+    new_tensor_entry,
 )
-from ckpts._format.safetensors import DTYPES
-from ckpts._run.space import manifest_allowance
-from ckpts._state.train_state import (
-    ObjectSnapshot,
-)
+from ckpts._format.safetensors import DTYPES, aligned_order
+from ckpts._state.train_state import ObjectSnapshot
 from ckpts._tensors.writing import BeforeWriting, Reusable, write_tensor_files
 from ckpts._version import __version__
 from ckpts.storage._port import Staged, Storage
-
-log = logging.getLogger("ckpts")
-
-if TYPE_CHECKING:
-    pass
-
-MAX_LISTED = 20  # keys listed per kind of mismatch in an IncompatibleStateError
 
 
 def write_checkpoint(
@@ -87,8 +78,8 @@ def write_checkpoint(
     }
     files.update({f: {"nbytes": len(data), "hash": digest(data)} for f, data in indexes.items()})
     objects = {name: describe(snap, {
-        k: {"file": f, "dtype": DTYPES[snap.tensors[k].dtype], "shape": list(snap.tensors[k].shape),
-            "offsets": list(written[f].tensors[k][:2]), "hash": written[f].tensors[k][2]}
+        k: new_tensor_entry(f, DTYPES[snap.tensors[k].dtype], snap.tensors[k].shape,
+                            *written[f].tensors[k])
         for f, keys in placements[name].items() for k in keys
     }) for name, snap in snapshots.items()}
     reused = [f for f, w in written.items() if w.reused]
@@ -152,7 +143,7 @@ def plan_shards(name: str, tensors: Mapping[str, torch.Tensor], max_shard_size: 
 
 def _split(keys: list[str], tensors: Mapping[str, torch.Tensor], max_shard_size: int
            ) -> list[list[str]]:
-    ordered = sorted(keys, key=lambda k: -tensors[k].element_size())
+    ordered = [k for k, _ in aligned_order((k, tensors[k]) for k in keys)]
     sizes = {k: tensors[k].numel() * tensors[k].element_size() for k in ordered}
     total = sum(sizes.values())
     target = total / max(1, math.ceil(total / max_shard_size))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -65,8 +65,11 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class Shard:
-    """One rank's piece of a tensor (format v3): its bytes in ``file`` (a safetensors
-    tensor of shape ``size`` under the tensor's key) and its place in the whole tensor."""
+    """One saved piece of a tensor: a rank's piece (format v3), or a whole tensor seen
+    as the one piece at the origin (:func:`tensor_pieces`). Its bytes are ``begin ..
+    end`` of ``file`` (a safetensors tensor of shape ``size`` under the tensor's key),
+    under ``hash``, and above BLOCK bytes (v3) also under ``blocks``, the hash of each
+    BLOCK of them; ``origin`` is its place in the whole tensor."""
 
     file: str
     begin: int
@@ -74,6 +77,12 @@ class Shard:
     hash: str
     origin: tuple[int, ...]
     size: tuple[int, ...]
+    blocks: tuple[str, ...] = ()
+
+
+def manifest_allowance(tensors: int) -> int:
+    """A generous bound on a manifest's size (and the headers'): ~300 bytes a tensor."""
+    return 300 * tensors + 65536
 
 
 def digest(data: Any) -> str:
@@ -275,13 +284,48 @@ def tensor_entry(info: Mapping[str, Any]) -> TensorEntry:
     """One manifest tensor entry (checked by :func:`check_manifest`) as a record."""
     shape = tuple(info["shape"])
     if "shards" in info:
-        return TensorEntry(file="", dtype=info["dtype"], shape=shape, shards=tuple(
-            Shard(file=s["file"], begin=s["offsets"][0], end=s["offsets"][1], hash=s["hash"],
-                  origin=tuple(s["origin"]), size=tuple(s["size"])) for s in info["shards"]))
+        return TensorEntry(file="", dtype=info["dtype"], shape=shape, shards=tensor_pieces(info))
     if "hash" in info:  # positional: 10,000 entries are made per load of 10,000 weights
         begin, end = info["offsets"]
         return TensorEntry(info["file"], info["dtype"], shape, begin, end, info["hash"])
     return TensorEntry(file=info["file"], dtype=info["dtype"], shape=shape)
+
+
+def tensor_pieces(info: Mapping[str, Any]) -> tuple[Shard, ...]:
+    """The saved pieces of a v2 or v3 tensor entry (checked): its shards, or the whole
+    tensor as the one piece at the origin."""
+    if "shards" in info:
+        return tuple(_shard(piece, piece["origin"], piece["size"]) for piece in info["shards"])
+    return (_shard(info, [0] * len(info["shape"]), info["shape"]),)
+
+
+def _shard(piece: Mapping[str, Any], origin: list[int], size: list[int]) -> Shard:
+    begin, end = piece["offsets"]
+    return Shard(piece["file"], begin, end, piece["hash"], tuple(origin), tuple(size),
+                 tuple(piece.get("blocks", ())))
+
+
+def new_tensor_entry(file: str, dtype: str, shape: Sequence[int], begin: int, end: int,
+                     tensor_hash: str, blocks: Sequence[str] | None = None) -> dict[str, Any]:
+    """The manifest entry of a tensor saved whole (what :func:`tensor_entry` reads): in
+    ``file`` at bytes ``begin .. end``, under ``tensor_hash`` and (v3, above BLOCK
+    bytes) ``blocks``."""
+    entry = {"file": file, "dtype": dtype, "shape": list(shape), "offsets": [begin, end],
+             "hash": tensor_hash}
+    if blocks:
+        entry["blocks"] = list(blocks)
+    return entry
+
+
+def new_sharded_entry(dtype: str, shape: Sequence[int], shards: Iterable[Shard]
+                      ) -> dict[str, Any]:
+    """The manifest entry of a tensor saved in pieces by many ranks (format v3; what
+    :func:`tensor_entry` reads): its shards, ordered by origin."""
+    return {"dtype": dtype, "shape": list(shape), "shards": [
+        {"file": shard.file, "offsets": [shard.begin, shard.end], "hash": shard.hash,
+         "origin": list(shard.origin), "size": list(shard.size),
+         **({"blocks": list(shard.blocks)} if shard.blocks else {})}
+        for shard in sorted(shards, key=lambda shard: shard.origin)]}
 
 
 def is_shape(value: Any) -> TypeGuard[list[int]]:

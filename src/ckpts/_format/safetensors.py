@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,6 +19,7 @@ from ckpts.errors import CorruptCheckpointError, UnserializableStateError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 _INT = frozenset({int})  # the one type of a header's numbers (bool and float are refused)
+_Item = TypeVar("_Item")  # what aligned_order orders, beside each tensor
 
 # Every dtype safetensors 0.8 stores. Names torch added late (uint16/32/64 in 2.3, the
 # fnuz float8s) are looked up, so an older torch simply stores fewer dtypes.
@@ -35,6 +36,14 @@ DTYPES: dict[torch.dtype, str] = {
     if isinstance(getattr(torch, attribute, None), torch.dtype)
 }
 DTYPE_NAMES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPES.items()}
+
+
+def aligned_order(items: Iterable[tuple[_Item, torch.Tensor]]
+                  ) -> list[tuple[_Item, torch.Tensor]]:
+    """``items`` in the order a file holds them: wider dtypes first, so that with the
+    data 8-byte aligned every tensor starts at a multiple of its element size (a view
+    of the file's bytes needs no copy). Items of one width keep their order."""
+    return sorted(items, key=lambda item: -item[1].element_size())
 
 
 def encode_header(items: Sequence[tuple[str, torch.Tensor]]) -> bytes:

@@ -19,11 +19,6 @@ from ckpts.errors import (
 from ckpts.storage._port import Listed
 
 
-def manifest_allowance(tensors: int) -> int:
-    """A generous bound on a manifest's size (and the headers'): ~300 bytes a tensor."""
-    return 300 * tensors + 65536
-
-
 def check_fits(directory: str, step: int, *, needed: int, free: int | None, budget: int | None,
                run: Sequence[Listed], survivors: Sequence[Listed], upcoming: Listed) -> None:
     """Refuse a save of ``needed`` new bytes that the disk cannot hold, or that would

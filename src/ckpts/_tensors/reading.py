@@ -30,6 +30,7 @@ from ckpts._format.safetensors import (
     stored_entry,
 )
 from ckpts._tensors.gc import paused_gc
+from ckpts._tensors.pieces import BoxRead
 from ckpts._tensors.streaming import (
     Destination,
     read_into,
@@ -37,7 +38,6 @@ from ckpts._tensors.streaming import (
     transfers_for,
 )
 from ckpts.errors import CorruptCheckpointError
-from ckpts.storage import _io
 from ckpts.storage._port import Range, Storage
 
 # a tensor, as the readers name it: (saved object name, tensor key)
@@ -121,8 +121,8 @@ def read_tensors(
 class _ReadPlan:
     """The ranges to read from one checkpoint, where each lands, and the hashes to check.
 
-    With ``map_files``, a backend that can memory-map a file (LocalStorage's optional
-    ``map_file``) lends its bytes instead: they are hashed where they lie in the page
+    With ``map_files``, a backend that can memory-map a file (``Storage.map_file``,
+    LocalStorage's) lends its bytes instead: they are hashed where they lie in the page
     cache, and tensors are views of the map until the caller copies them out (one
     copy in all, as from a read into new memory, without its page faults).
     """
@@ -130,24 +130,24 @@ class _ReadPlan:
     def __init__(self, storage: Storage, name: str, *, map_files: bool,
                  through_chunks: bool = False) -> None:
         self.storage, self.name, self.through_chunks = storage, name, through_chunks
-        self.map_file = getattr(storage, "map_file", None) if map_files else None
+        self.map_files = map_files
         self.ranges: list[Range] = []
         self.loaded: dict[Key, torch.Tensor] = {}
         self.mapped: dict[Key, tuple[torch.Tensor, TensorEntry]] = {}  # the file's bytes
         self.hashes: list[tuple[Subject, str, list[memoryview]]] = []  # expected, bytes
         self.headers: list[tuple[str, int, memoryview, dict[Key, TensorEntry]]] = []
-        # format v3: tensors assembled from pieces, pieces read aside, and their headers
+        # format v3: tensors assembled from pieces, the reads of the pieces, their headers
         self.assembled: dict[Key, torch.Tensor] = {}
-        self.boxes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (box, piece read aside)
+        self.pieces: list[tuple[str, BoxRead]] = []  # (what the read is, for errors; it)
         self.pieces_by_file: dict[str, dict[Key, TensorEntry]] = {}
         self.streamed: dict[Key, Destination] = {}  # live targets filled through chunks
 
     def _map(self, file: str, nbytes: int) -> tuple[memoryview, torch.Tensor] | None:
         """The file's bytes, mapped, when the backend can map it (also as one uint8
         tensor, which each tensor of the file slices); None otherwise."""
-        if self.map_file is None:
+        data = self.storage.map_file(self.name, file) if self.map_files else None
+        if data is None:
             return None
-        data: memoryview = self.map_file(self.name, file)
         if len(data) != nbytes:
             raise CorruptCheckpointError(
                 f"{self.storage.where(self.name)}/{file}: {len(data)} bytes, the manifest says "
@@ -213,8 +213,9 @@ class _ReadPlan:
     def shards(self, key: Key, entry: TensorEntry, files: Mapping[str, Mapping[str, Any]]
                ) -> None:
         """Format v3: a tensor saved in pieces by many ranks, assembled whole in new
-        memory: each piece read into its box (through a buffer when the box is not one
-        contiguous span), under its own hash, its file's header checked too."""
+        memory: each piece read whole, in one read, into its box (through a buffer when
+        the box is not one contiguous span; ckpts._tensors.pieces), under its own hash,
+        its file's header checked too."""
         dtype = DTYPE_NAMES[entry.dtype]
         whole = torch.empty(entry.shape, dtype=dtype)
         self.assembled[key] = whole
@@ -222,16 +223,14 @@ class _ReadPlan:
             box = whole
             for dim, (origin, size) in enumerate(zip(shard.origin, shard.size, strict=True)):
                 box = box.narrow(dim, origin, size)
-            target = box if box.is_contiguous() else torch.empty(shard.size, dtype=dtype)
-            if target is not box:
-                self.boxes.append((box, target))
             self._header(shard.file, files[shard.file])[key] = TensorEntry(
                 file=shard.file, dtype=entry.dtype, shape=shard.size, begin=shard.begin,
                 end=shard.end, hash=shard.hash)
-            view = self._read(shard.file, shard.begin, byte_view(target))
-            self.hashes.append((f"{self.storage.where(self.name)}/{shard.file}: tensor "
+            read = BoxRead(shard, dtype, [0] * len(shard.size), shard.size, box)
+            self.ranges += read.ranges()
+            self.pieces.append((f"{self.storage.where(self.name)}/{shard.file}: tensor "
                                 f"{key[1]!r} of {key[0]!r} (its piece at {list(shard.origin)})",
-                                shard.hash, [view]))
+                                read))
 
     def _header(self, file: str, record: Mapping[str, Any]) -> dict[Key, TensorEntry]:
         """Plan to read and check ``file``'s header once; the entries to compare it with."""
@@ -257,7 +256,8 @@ class _ReadPlan:
             targets = list(self.streamed.values())
             hashes = read_into(self.storage, self.name, targets,
                               shared_pool(pinned=any(d.target.is_cuda for d in targets)),
-                              transfers_for([d.target for d in targets]), threads=_io.IO_THREADS)
+                              transfers_for([d.target for d in targets]),
+                              threads=self.storage.io_threads())
             checks += [((d.entry.file, key), str(d.entry.hash), actual)
                        for (key, d), actual in zip(self.streamed.items(), hashes, strict=True)]
             self.loaded.update({key: d.target for key, d in self.streamed.items()})
@@ -268,6 +268,8 @@ class _ReadPlan:
                     f"of {subject[1][0]!r}"
                 raise CorruptCheckpointError(
                     f"{what}: content hash {actual} differs from the manifest's {expected}")
+        for what, read in self.pieces:
+            read.check_and_land(what)
         for file, size, raw, wanted in self.headers:
             where = f"{self.storage.where(self.name)}/{file}"
             length = header_length(bytes(raw[:8]), size, where)
@@ -284,8 +286,6 @@ class _ReadPlan:
                         f"{where}: tensor {key[1]!r} is at bytes {entry.begin}..{entry.end} "
                         f"of the file, the manifest says {saved.begin}..{saved.end}")
         self.loaded.update(_views_of(self.mapped))
-        for box, piece in self.boxes:
-            box.copy_(piece)
         self.loaded.update(self.assembled)
         return self.loaded
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ckpts._checkpoint.write import plan_shards
-from ckpts._format.safetensors import encode_header, tensor_bytes
+from ckpts._format.safetensors import aligned_order, encode_header, tensor_bytes
 
 Progress = Callable[[int], None]  # called with the bytes just written
 
@@ -45,8 +45,7 @@ def write_weights(tensors: Mapping[str, torch.Tensor], directory: Path, *, stem:
 
 def _write_file(path: Path, items: list[tuple[str, torch.Tensor]],
                 progress: Progress | None) -> Path:
-    # wider dtypes first keeps every tensor aligned to its element size in the file
-    items = sorted(items, key=lambda item: -item[1].element_size())
+    items = aligned_order(items)
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "wb") as f:
         f.write(encode_header(items))
