@@ -29,13 +29,16 @@ def check_resume(
     workdir: Annotated[Path | None, typer.Option(
         help="An empty directory for the runs and logs, kept afterwards (default: a "
              "temporary one, removed when the check passes).")] = None,
+    run: Annotated[str | None, typer.Option(
+        help=f"Where {RUN_PLACEHOLDER} points: a new or empty path or URL (s3://...), "
+             "destroyed between the runs (default: WORKDIR/run).")] = None,
 ) -> None:
     """Run COMMAND to completion, then run it again killed and resumed; compare the checkpoints.
 
     Example: ckpts check-resume -- python train.py --out_dir {run}
     """
     result = run_check(command, kill_after_saves=kill_after_saves, timeout=timeout,
-                       workdir=workdir)
+                       workdir=workdir, run=run)
     stdout.print(result.report())
     if not result.exact:
         raise typer.Exit(EXIT_CHECK_FAILED)

@@ -18,8 +18,10 @@ that name holding one committed checkpoint::
 A save commits the new step atomically (manifest last, renamed into place) and only
 then deletes the older step inside, so a ``.ckpt`` path always holds one whole
 checkpoint, whatever instant the process dies. Everything ModelCheckpoint does by
-path keeps working: its top-k and ``last`` bookkeeping, ``remove_checkpoint`` (the
-directory is renamed aside, then deleted, so it never appears half-removed),
+path keeps working: its top-k and ``last`` bookkeeping, ``remove_checkpoint``
+(``Storage.destroy``: the checkpoint is renamed aside before its files are deleted, so
+it never appears half-removed; a removal killed midway leaves the ``.ckpt`` whole, and
+removing it again finishes),
 ``file_exists`` and ``ckpt_path="last"`` (both look the path up on disk; a
 directory answers like a file), and ``save_last="link"`` (a symlink to the
 directory). ``ckpts ls runs/exp/last.ckpt`` and ``ckpts.load_weights`` read it.
@@ -63,8 +65,6 @@ import importlib.metadata
 import logging
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ from ckpts.errors import (
     NotACheckpointError,
     UnserializableStateError,
 )
-from ckpts.storage._port import MANIFEST
+from ckpts.storage import MANIFEST, open_storage
 
 try:
     from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -97,6 +97,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 log = logging.getLogger("ckpts")
 
+# Before ckpts used Storage.destroy, a removal renamed the run aside under this prefix
+# first; a removal killed then left such a folder, which a later save still finishes.
 _REMOVING = ".ckpts-removing-"
 
 
@@ -151,12 +153,13 @@ class CkptsCheckpointIO(CheckpointIO):
         step = checkpoint.get("global_step", 0)
         epoch = checkpoint.get("epoch")
         if run.is_symlink() or run.is_file():
-            run.unlink()  # Lightning overwrites: a "last" link, or a .ckpt file of its own
+            # Lightning overwrites: a "last" link (not its target), or a .ckpt file of its own
+            open_storage(run).destroy()
         else:
             newest = CheckpointManager(run).latest() if run.is_dir() else None
             if newest is not None and newest.step > step:
                 # a fresh fit writing over an older run's file: Lightning overwrites it
-                _remove_run(run)
+                open_storage(run).destroy()
         state = TrainState(**{name: PlainState(value) for name, value in
                               split_lightning_checkpoint(checkpoint).items()})
         manager = CheckpointManager(run, keep=[KeepLast(1)], async_save=self.async_save,
@@ -208,16 +211,14 @@ class CkptsCheckpointIO(CheckpointIO):
         return loaded
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Remove the ``.ckpt`` at ``path``: it leaves the directory listing at once
-        (renamed aside), then its files are deleted. A symlink is removed, not its target."""
+        """Remove the ``.ckpt`` at ``path`` (``Storage.destroy``): its checkpoint is renamed
+        aside, then its files are deleted. A symlink is removed, not its target."""
         self.wait()
         target = Path(path)
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        elif target.is_dir():
-            _remove_run(target)
-        else:
+        if not (target.is_symlink() or target.exists()):
             log.debug("remove_checkpoint: %s does not exist", target)
+            return
+        open_storage(target).destroy()
 
     def wait(self) -> None:
         """Block until the save in flight (with ``async_save``) is committed; raise its error."""
@@ -283,17 +284,12 @@ def _ranked_score(checkpoint: dict[str, Any], run: Path) -> dict[str, float]:
     return metrics
 
 
-def _remove_run(run: Path) -> None:
-    """Rename a .ckpt run aside (out of every listing at once), then delete it."""
-    aside = run.parent / f"{_REMOVING}{run.name}-{uuid.uuid4().hex[:8]}"
-    os.rename(run, aside)
-    shutil.rmtree(aside)
-
-
 def _sweep_removed(directory: Path) -> None:
-    """Finish removals a killed process left half done."""
-    if not directory.is_dir():
-        return
-    for entry in directory.iterdir():
-        if entry.name.startswith(_REMOVING) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+    """Finish removals that a killed process of an earlier ckpts left half done."""
+    for name in open_storage(directory).folders():
+        if name.startswith(_REMOVING):
+            try:
+                open_storage(directory / name).destroy()
+            except OSError as e:  # a leftover must not fail the save
+                log.warning("could not remove %s, left by a killed removal: %s",
+                            directory / name, e)

@@ -33,8 +33,12 @@ How it works (read from, and tested with, transformers 4.57.6 and 5.24.0):
 * **Resuming.** ``train(resume_from_checkpoint=PATH)`` needs a folder with
   ``trainer_state.json`` and the model weights; a committed ckpts checkpoint may
   hold no file outside its manifest, so :meth:`CkptsCallback.resume_path` writes a
-  small *resume view*, ``RUN/.hf-resume/``: ``trainer_state.json`` rebuilt from the
-  manifest and hard links to the checkpoint's model files (no copy, no pickle). It
+  small *resume view*, ``RUN/.hf-resume/``, through the storage port
+  (``Storage.export``): ``trainer_state.json`` rebuilt from the manifest and hard links
+  to the checkpoint's model files (no pickle; a copy only where the filesystem has no
+  hard links). The view is a folder Trainer opens, inside the run, so the callback
+  takes local runs only (a URL run is refused when the callback is built; for one,
+  ``export`` would download the weights into a local folder). It
   picks the newest checkpoint that passes :func:`ckpts.verify` (a full read). From
   the view Trainer takes the step, epoch and skipped batches (accelerate's
   ``skip_first_batches``, so no data is loaded to skip) and loads the weights.
@@ -79,7 +83,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -110,7 +113,8 @@ from ckpts.errors import (
     NotACheckpointError,
     UnserializableStateError,
 )
-from ckpts.storage._port import checkpoint_name, url_protocol
+from ckpts.storage import checkpoint_name, open_storage
+from ckpts.storage._port import url_protocol
 
 log = logging.getLogger("ckpts")
 
@@ -218,17 +222,20 @@ class CkptsCallback(TrainerCallback):
                 "ckpts.load_weights() and start a new run in another directory"
             )
         trainer_state = decode(saved["tree"], _no_tensor(Path(checkpoint.path)))
-        view = Path(self.manager.directory) / RESUME_VIEW
-        shutil.rmtree(view, ignore_errors=True)
-        view.mkdir(parents=True)
-        (view / TRAINER_STATE_FILE).write_text(
-            json.dumps(trainer_state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for name in manifest["files"]:
-            if name == "model.safetensors.index.json" or (
-                    name.startswith("model") and name.endswith(".safetensors")):
-                _link(Path(checkpoint.path) / name, view / name)
+        self._remove_resume_view()  # an earlier resume's
+        model_files = [name for name in manifest["files"]
+                       if name == "model.safetensors.index.json"
+                       or (name.startswith("model") and name.endswith(".safetensors"))]
+        state_json = json.dumps(trainer_state, indent=2, sort_keys=True) + "\n"
+        view = self.manager.storage.export(
+            checkpoint.name, model_files, Path(self.manager.directory) / RESUME_VIEW,
+            extra={TRAINER_STATE_FILE: state_json.encode("utf-8")})
         log.info("resume view of step %d written to %s", checkpoint.step, view)
         return view
+
+    def _remove_resume_view(self) -> None:
+        """Delete ``RUN/.hf-resume/`` (a folder of its own: only its links and files go)."""
+        open_storage(Path(self.manager.directory) / RESUME_VIEW).destroy()
 
     # ---- Trainer events -------------------------------------------------------------
 
@@ -336,7 +343,7 @@ class CkptsCallback(TrainerCallback):
         """Make the last save durable; load the best checkpoint if asked."""
         self._save_if_pending(args, state, control, kwargs, None)
         self.manager.close()
-        shutil.rmtree(Path(self.manager.directory) / RESUME_VIEW, ignore_errors=True)
+        self._remove_resume_view()
         if args.load_best_model_at_end and args.metric_for_best_model:
             metric, mode = best_metric(args)
             best = self.manager.best(metric, mode)
@@ -548,17 +555,6 @@ def trainer_retention(args: TrainingArguments) -> list[RetentionPolicy] | None:
         return [SaveTotalLimit(int(limit))]
     metric, mode = best_metric(args)
     return [SaveTotalLimit(int(limit), metric, mode)]
-
-
-# ---- small file helpers ----------------------------------------------------------------
-
-
-def _link(source: Path, target: Path) -> None:
-    """Hard-link (no copy); a symlink where hard links are not possible."""
-    try:
-        os.link(source, target)
-    except OSError:
-        os.symlink(source.resolve(), target)
 
 
 def _no_tensor(path: Path) -> Any:

@@ -1,12 +1,20 @@
 """Proving that a user's own training command resumes exactly (``ckpts check-resume``).
 
 The command runs three times, each time with ``{run}`` replaced by the same run
-directory (so a path saved in the state, such as an ``out_dir``, is the same in
-both runs):
+location (so a path saved in the state, such as an ``out_dir``, is the same in
+both runs): ``WORKDIR/run`` by default, or any path or URL (``s3://bucket/check``):
 
 1. run A: to completion;
 2. run B: SIGKILLed (its whole process group) right after its K-th committed
    checkpoint, then run again to completion, so it resumes.
+
+Everything goes through the storage port, so the run may live on any backend: after
+each complete run its committed checkpoints are exported into the local work folder
+(``a/``, ``b/``; hard links for a local run, a download from a store) and the run is
+destroyed, so the next run starts in an empty one; after the kill, the newest
+checkpoint is exported to ``b-at-kill/`` (retention may remove it later), and the
+check waits until the killed run's writer lock is free (at once on a local disk; on a
+store, when the killed writer's lease expires).
 
 Then the newest checkpoint that A has and that B wrote after resuming is compared
 with :func:`ckpts._checkpoint.compare.compare_checkpoints`, every tensor and every key of the
@@ -27,7 +35,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -38,14 +45,14 @@ from pathlib import Path
 
 from ckpts._checkpoint.compare import CheckpointComparison, compare_checkpoints
 from ckpts._format.manifest import read_manifest
-from ckpts.errors import InvalidArgumentError, ResumeCheckError
-from ckpts.storage._local import LocalStorage
-from ckpts.storage._port import MANIFEST, checkpoint_name
+from ckpts.errors import InvalidArgumentError, LockedError, ResumeCheckError
+from ckpts.storage import MANIFEST, Listed, Storage, checkpoint_name, open_storage
 
 log = logging.getLogger("ckpts")
 
 RUN_PLACEHOLDER = "{run}"
 _POLL_SECONDS = 0.005
+_LOCK_POLL_SECONDS = 0.25
 _LOG_TAIL_LINES = 15
 _GROUP_EXIT_SECONDS = 5.0
 _RNG = "rng"
@@ -66,8 +73,8 @@ class ResumeCheck:
         differs_before_kill: True when the runs differ already at the checkpoint
             both saved before the kill: the command is not deterministic.
         notes: observations that help (a step saved twice, ignored generators).
-        workdir: where the runs (``a/``, ``b/``) and logs are; removed after an
-            exact check unless it was given.
+        workdir: where the runs' checkpoints (``a/``, ``b/``, ``b-at-kill/``) and logs
+            are; removed after an exact check unless it was given.
     """
 
     exact: bool
@@ -113,23 +120,29 @@ def check_resume(
     kill_after_saves: int = 2,
     timeout: float = 600.0,
     workdir: str | os.PathLike[str] | None = None,
+    run: str | os.PathLike[str] | None = None,
 ) -> ResumeCheck:
     """Run ``cmd`` whole, and killed then resumed; compare the checkpoints it saved.
 
     Args:
         cmd: the training command as an argv list; every ``{run}`` in it is
-            replaced by the run directory its CheckpointManager must use.
+            replaced by the run location its CheckpointManager must use.
         kill_after_saves: SIGKILL the second run right after this many committed
             checkpoints. The command must save more often than that.
         timeout: seconds each of the three runs of the command may take.
-        workdir: an empty or new directory to run in (kept afterwards). By
-            default a temporary directory, removed when the check passes.
+        workdir: an empty or new directory for the logs and the checkpoints compared
+            (kept afterwards). By default a temporary directory, removed when the
+            check passes.
+        run: where the command's run lives, a new or empty path or URL (credentials
+            from the environment, as the command gets them); ``WORKDIR/run`` by
+            default. It is destroyed between the runs and at the end.
 
     Returns:
         A :class:`ResumeCheck`; ``.exact`` is the verdict, ``.report()`` explains it.
 
     Raises:
-        InvalidArgumentError: no ``{run}`` in ``cmd``, or a bad option.
+        InvalidArgumentError: no ``{run}`` in ``cmd``, a bad option, or a ``run`` that
+            holds checkpoints or folders already.
         ResumeCheckError: the command failed, timed out, never saved, or saved too
             few checkpoints to be killed and resumed; the message ends with its log.
 
@@ -138,26 +151,40 @@ def check_resume(
         >>> result = check_resume(["python", "train.py", "--out", "{run}"])  # doctest: +SKIP
         >>> assert result.exact, result.report()                                  # doctest: +SKIP
     """
+    given = None if run is None else open_storage(run)
+    if given is not None and (given.committed() or given.folders()):
+        raise InvalidArgumentError(
+            f"the run {given.location} already holds checkpoints or folders; pass a new or "
+            "empty location (it is destroyed between the runs of the command)")
     argv, work, temporary = _prepare(cmd, kill_after_saves, timeout, workdir)
-    live = work / "run"
-    runs = _Runner([arg.replace(RUN_PLACEHOLDER, str(live)) for arg in argv], live, timeout)
+    live = open_storage(work / "run") if given is None else given
+    runs = _Runner([arg.replace(RUN_PLACEHOLDER, live.location) for arg in argv], live,
+                   timeout)
     runs.to_completion(work / "a.log", "the uninterrupted run (A)")
-    steps_a = [step for step, _ in _committed(live)]
+    steps_a = [listed.step for listed in _committed(live)]
     if not steps_a:
         raise ResumeCheckError(
             f"the command ran to completion without committing a checkpoint in {RUN_PLACEHOLDER} "
             "(no step-*/manifest.json appeared), so there is nothing to resume from; pass "
             f"{RUN_PLACEHOLDER} as the directory of its ckpts.CheckpointManager and make it "
             "call save()" + runs.log_tail(work / "a.log"))
-    os.rename(live, work / "a")
+    _take_checkpoints(live, work / "a")
     killed_after, before_kill = runs.kill_after(kill_after_saves, work / "b-killed.log",
                                                 work / "b-at-kill")
     runs.to_completion(work / "b-resumed.log", "the resumed run (B)")
-    os.rename(live, work / "b")
+    _take_checkpoints(live, work / "b")
     result = _judge(work, steps_a, killed_after, before_kill)
     if result.exact and temporary:
-        shutil.rmtree(work, ignore_errors=True)
+        open_storage(work).destroy()
     return result
+
+
+def _take_checkpoints(live: Storage, folder: Path) -> None:
+    """Export every committed checkpoint of the run into ``folder`` (a local run of their
+    own), then destroy the run, so that the next run of the command starts empty."""
+    for listed in live.committed():
+        live.export(listed.name, list(listed.sizes), folder / listed.name)
+    live.destroy()
 
 
 def _prepare(
@@ -192,7 +219,7 @@ def _prepare(
 class _Runner:
     """Runs the command in its own process group, its output going to a log file."""
 
-    def __init__(self, argv: list[str], live: Path, timeout: float) -> None:
+    def __init__(self, argv: list[str], live: Storage, timeout: float) -> None:
         self.argv = argv
         self.live = live
         self.timeout = timeout
@@ -215,16 +242,19 @@ class _Runner:
 
     def kill_after(
         self, saves: int, log_path: Path, snapshot: Path
-    ) -> tuple[int, dict[int, tuple[int, int]]]:
+    ) -> tuple[int, dict[int, bytes]]:
         """Start the command, SIGKILL it after ``saves`` new commits; return the newest step
-        then and an identity of every committed manifest, and hard-link the newest
-        checkpoint to ``snapshot`` (retention or a repeated save may remove it later)."""
+        then and every committed manifest, and export the newest checkpoint to
+        ``snapshot`` (retention or a repeated save may remove it later). Returns once
+        the killed run's writer lock is free, for the resumed run to take."""
         process = self._start(log_path)
         deadline = time.monotonic() + self.timeout
         seen: set[int] = set()
         try:
             while len(seen) < saves:
-                seen.update(step for step, _ in _committed(self.live))
+                started = time.monotonic()
+                seen.update(listed.step for listed in _committed(self.live))
+                listing = time.monotonic() - started
                 if len(seen) >= saves:
                     break
                 code = process.poll()
@@ -244,14 +274,38 @@ class _Runner:
                         f"the second run committed only {len(seen)} of {saves} checkpoints "
                         f"within {self.timeout:g} s; use a longer --timeout"
                         + self.log_tail(log_path))
-                time.sleep(_POLL_SECONDS)
+                # a store's listing is a request: polling takes at most a fifth of the time
+                time.sleep(max(_POLL_SECONDS, 4 * listing))
         finally:
             _kill_group(process)
         committed = _committed(self.live)
-        killed_after, newest = committed[-1]
-        _hard_link_copy(newest, snapshot)
-        log.info("killed the second run after step %d", killed_after)
-        return killed_after, {step: _identity(path) for step, path in committed}
+        newest = committed[-1]
+        self.live.export(newest.name, list(newest.sizes), snapshot)
+        log.info("killed the second run after step %d", newest.step)
+        manifests = {listed.step: self.live.read(listed.name, MANIFEST) for listed in committed}
+        self._await_writer_lock(log_path)
+        return newest.step, manifests
+
+    def _await_writer_lock(self, log_path: Path) -> None:
+        """Wait until the killed run's writer lock is free: at once on a local disk (the
+        kernel drops a dead process's flock); on a store, once the killed writer's lease
+        expires (up to its lease time after the kill)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self.live.lock()
+            except LockedError as e:
+                if time.monotonic() > deadline:
+                    raise ResumeCheckError(
+                        f"the killed run's writer lock on {self.live.location} was not freed "
+                        f"within {self.timeout:g} s, so it cannot be resumed: {e}. On a store "
+                        "the killed writer's lease lasts until it expires: give the command a "
+                        "shorter one (FsspecStorage(url, {}, lease_seconds=...)) or a longer "
+                        "--timeout" + self.log_tail(log_path)) from e
+                time.sleep(_LOCK_POLL_SECONDS)
+            else:
+                self.live.unlock()
+                return
 
     def _start(self, log_path: Path) -> subprocess.Popen[bytes]:
         with open(log_path, "wb") as log_file:
@@ -284,32 +338,20 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
         time.sleep(_POLL_SECONDS)
 
 
-def _hard_link_copy(source: Path, target: Path) -> None:
-    """Link every file of a committed checkpoint (their contents never change) into ``target``."""
-    target.mkdir()
-    for entry in source.iterdir():
-        try:
-            os.link(entry, target / entry.name)
-        except OSError:  # a filesystem without hard links
-            shutil.copy2(entry, target / entry.name)
-
-
-def _committed(run: Path) -> list[tuple[int, Path]]:
-    """The committed checkpoints of a local run (check-resume runs its command locally)."""
-    return sorted((entry.step, run / entry.name) for entry in LocalStorage(run).committed())
-
-
-def _identity(checkpoint: Path) -> tuple[int, int]:
-    """Inode and mtime of a checkpoint's manifest: a save of the same step again changes it."""
-    found = (checkpoint / MANIFEST).stat()
-    return found.st_ino, found.st_mtime_ns
+def _committed(run: Storage) -> list[Listed]:
+    """The committed checkpoints of a run, oldest first."""
+    return sorted(run.committed(), key=lambda listed: listed.step)
 
 
 def _judge(work: Path, steps_a: list[int], killed_after: int,
-           before_kill: dict[int, tuple[int, int]]) -> ResumeCheck:
+           before_kill: dict[int, bytes]) -> ResumeCheck:
+    """Compare the runs' checkpoints, taken into ``work``. ``before_kill``: run B's
+    manifests when it was killed (a step saved again after the resume has a new one:
+    its creation time at least differs)."""
     run_a, run_b, at_kill = work / "a", work / "b", work / "b-at-kill"
-    written_after = [step for step, path in _committed(run_b)
-                     if before_kill.get(step) != _identity(path)]
+    resumed = open_storage(run_b)
+    written_after = [listed.step for listed in _committed(resumed)
+                     if before_kill.get(listed.step) != resumed.read(listed.name, MANIFEST)]
     common = [step for step in written_after if step in steps_a]
     if not common:
         raise ResumeCheckError(
@@ -358,7 +400,7 @@ def _judge(work: Path, steps_a: list[int], killed_after: int,
     diagnosed, result.first_difference_step = \
         (newest, step) if earliest.equal else (earliest, first)
     result.likely_cause = _likely_cause(diagnosed, result.first_difference_step,
-                                        read_manifest(LocalStorage(run_a), name)["objects"])
+                                        read_manifest(open_storage(run_a), name)["objects"])
     return result
 
 
