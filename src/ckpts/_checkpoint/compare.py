@@ -214,7 +214,8 @@ def tensor_difference(x: torch.Tensor, y: torch.Tensor) -> float | None:
 
 
 def _tree_differences(a: Any, b: Any, path: str, found: list[StateDifference]) -> None:
-    """Append the differing leaves of two encoded JSON trees (see ``_codec``) to ``found``."""
+    """Append the differing leaves of two encoded JSON trees (see ``ckpts._format.codec``) to
+    ``found``."""
     if len(found) >= MAX_STATE_DIFFERENCES or a == b:
         return
     children_a, children_b = _children(a), _children(b)

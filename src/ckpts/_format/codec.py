@@ -299,7 +299,7 @@ def _is_plain(tensor: torch.Tensor) -> bool:
     if type(tensor) is not torch.Tensor and type(tensor) is not torch.nn.Parameter:
         if not is_dtensor(tensor):
             return False
-        # a shard of a tensor spread over ranks (FSDP2): see _distributed
+        # a shard of a tensor spread over ranks (FSDP2): see ckpts._checkpoint.sharded
         tensor = tensor.to_local()  # type: ignore[attr-defined]
         if type(tensor) is not torch.Tensor and type(tensor) is not torch.nn.Parameter:
             return False

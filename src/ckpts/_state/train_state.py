@@ -52,7 +52,7 @@ class ObjectSnapshot:
     hf_config: dict[str, Any] | None = None
     frozen: frozenset[str] = frozenset()
     """Keys of a module's parameters that do not require grad: a layout hint (they get
-    files of their own, see ckpts._checkpoint.plan_shards), never a reason to skip."""
+    files of their own, see ckpts._checkpoint.write.plan_shards), never a reason to skip."""
     notes: TensorNotes | None = None
     """What was noted of ``tensors`` (in order) while the state was walked: their local
     data, shapes, dtypes (see ckpts._checkpoint.staging.Stager). None: nothing was noted."""
