@@ -1,9 +1,10 @@
 """CheckpointManager: save, restore, list and prune the checkpoints of one run.
 
 It is the one public object of a run, composed of small collaborators: the job that
-saves (ckpts._checkpoint.job), the records of committed checkpoints (records.py),
-retention (retention.py), the step order (steps.py) and, for async saves, the stager
-and the background writer (ckpts._checkpoint.staging)."""
+saves and restores (ckpts._checkpoint.job), the run's writer lock and each save's
+stage-commit-abort (writer.py), the records of committed checkpoints (records.py),
+retention (retention.py), the step order (steps.py), saving on a signal (signals.py)
+and, for async saves, the stager and the background writer (ckpts._checkpoint.staging)."""
 
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ class CheckpointManager:
         self._signals = SaveOnSignal(save_on_signal)
         self._run_writer = RunWriter(self.storage, self.directory)
         self._stager = Stager() if async_save else None
-        self._writer = BackgroundWriter() if async_save else None
+        self._background = BackgroundWriter() if async_save else None
         self._job_of: tuple[Any, float] = (process_group, collective_timeout)
         self._job: Job | None = None  # found at the first save or restore
 
@@ -190,8 +191,8 @@ class CheckpointManager:
         clean_metrics = check_metrics(metrics)
         if epoch is not None and (type(epoch) is not int or epoch < 0):
             raise InvalidArgumentError(f"epoch must be an int >= 0 or None, got {epoch!r}")
-        if self._writer is not None:
-            self._writer.wait()  # one save in flight; surfaces the previous one's failure
+        if self._background is not None:
+            self._background.wait()  # one save in flight; surfaces the previous one's failure
         job = self._the_job()
         due = force or self._signals.pending is not None or self._triggered(step, epoch,
                                                                             clean_metrics)
@@ -206,7 +207,7 @@ class CheckpointManager:
         with paused_gc():  # many small objects: see ckpts._tensors.gc
             snapshots = state.snapshot()  # refuses unserializable values before any write
             job.on_rank0(lambda: self._take_the_run(step))
-            if self._stager is not None and self._writer is not None:
+            if self._stager is not None and self._background is not None:
                 staged = self._stager.stage(snapshots)
                 # freed while the collector is paused: else the collection that ends the
                 # pause scans all their objects (a state_dict's detached tensors, ...)
@@ -218,8 +219,9 @@ class CheckpointManager:
                     storage=self.storage,
                 )
                 # last: once the writer thread runs, it competes with this one for the GIL
-                self._writer.submit(lambda: self._commit(step, staged, clean_metrics, epoch),
-                                    name=f"ckpts-save-{step}")
+                self._background.submit(
+                    lambda: self._commit(step, staged, clean_metrics, epoch),
+                    name=f"ckpts-save-{step}")
             else:
                 checkpoint = self._commit(step, snapshots, clean_metrics, epoch)
         for trigger in self.triggers:
@@ -272,8 +274,8 @@ class CheckpointManager:
         Raises:
             CheckpointError: the background save failed (raised once).
         """
-        if self._writer is not None:
-            self._writer.wait()
+        if self._background is not None:
+            self._background.wait()
 
     def close(self) -> None:
         """Wait for the save in flight, raise its failure, release the run's writer lock
@@ -450,8 +452,8 @@ class CheckpointManager:
 
     def _settle(self) -> None:
         """Let a save in flight finish first (its failure stays for save/wait/close)."""
-        if self._writer is not None:
-            self._writer.join()
+        if self._background is not None:
+            self._background.join()
 
     def _check_space(self, step: int, needed: int, reused: Mapping[str, int],
                      metrics: dict[str, float]) -> None:
