@@ -26,7 +26,7 @@ from ckpts.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
 )
-from ckpts.storage import open_storage
+from ckpts.storage import LocalStorage, open_storage
 from ckpts.storage._parallel import run_parallel
 from ckpts.storage._port import (
     MANIFEST,
@@ -170,8 +170,6 @@ def is_committed(storage: Storage, name: str) -> bool:
 
 def is_local(storage: Storage) -> bool:
     """Whether the storage is a local directory (its records carry a ``Path``)."""
-    from ckpts.storage._local import LocalStorage
-
     return isinstance(storage, LocalStorage)
 
 
