@@ -85,6 +85,22 @@ def test_load_weights_refuses_a_corrupt_file(tmp_path: Path) -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("node", [
+    {"__tensor__": {"kind": []}},  # a composite tensor's kind that is not a name
+    {"__dict__": [[{"__tuple__": [[1]]}, 2]]},  # a dict key that cannot be hashed
+], ids=["tensor-kind-list", "unhashable-key"])
+def test_a_manifest_tree_with_unusable_tags_is_a_corrupt_checkpoint(
+        tmp_path: Path, node: dict[str, object]) -> None:
+    """Found by the long fuzz run: these raised TypeError out of restore()."""
+    manager, saved = three_checkpoints(tmp_path)
+    manifest_path = saved[-1].path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["objects"]["optimizer"]["tree"]["param_groups"][0]["extra"] = node
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ckpts.CorruptCheckpointError, match="in the manifest"):
+        manager.restore(fresh_state(), step=3)
+
+
 def test_all_checkpoints_corrupt_raises(tmp_path: Path) -> None:
     manager, saved = three_checkpoints(tmp_path)
     for checkpoint in saved:

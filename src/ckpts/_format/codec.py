@@ -436,7 +436,8 @@ _TAGS = ("__tensor__", "__float__", "__tuple__", "__dict__")
 def _decode_tag(tag: str, inner: Any, load_tensor: Callable[[str], Any]) -> Any:
     if tag == "__tensor__" and isinstance(inner, str):
         return load_tensor(inner)
-    if tag == "__tensor__" and isinstance(inner, dict) and inner.get("kind") in _PARTS:
+    if tag == "__tensor__" and isinstance(inner, dict) and isinstance(inner.get("kind"), str) \
+            and inner["kind"] in _PARTS:
         return _decode_composite(inner, load_tensor)
     if tag == "__float__" and isinstance(inner, str) and inner in _FLOAT_NAMES:
         return _FLOAT_NAMES[inner]
@@ -447,11 +448,20 @@ def _decode_tag(tag: str, inner: Any, load_tensor: Callable[[str], Any]) -> Any:
         decoded = {}
         for key, value in inner:
             key = decode(key, load_tensor)
-            if not isinstance(key, (str, int, bool, tuple)) and key is not None:
+            if (not isinstance(key, (str, int, bool, tuple)) and key is not None) \
+                    or (isinstance(key, tuple) and not _hashable(key)):
                 raise CorruptCheckpointError(f"unusable dict key {key!r} in the manifest")
             decoded[key] = decode(value, load_tensor)
         return decoded
     raise CorruptCheckpointError(f"malformed {tag} value in the manifest: {str(inner)[:80]}")
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:  # a tuple holding a list or dict
+        return False
+    return True
 
 
 def _decode_composite(node: dict[str, Any], load_tensor: Callable[[str], Any]) -> Any:
