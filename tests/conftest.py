@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,10 +30,10 @@ class TinyNet(torch.nn.Module):
 
 
 def run_contents(run: Path) -> list[str]:
-    """Names in a run directory, without the writer's lock file and the metrics history
-    (small metadata)."""
+    """Names in a run directory, without the lock files and the metrics history (small
+    metadata)."""
     return sorted(p.name for p in run.iterdir()
-                  if p.name not in (".ckpts.lock", ".ckpts-history.jsonl"))
+                  if p.name not in (".ckpts.lock", ".ckpts-updates.lock", ".ckpts-history.jsonl"))
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
@@ -71,3 +74,20 @@ def assert_state_dicts_equal(a: dict, b: dict) -> None:  # type: ignore[type-arg
                     assert u == v or (u != u and v != v), (key, i)
         else:
             assert x == y or (x != x and y != y), key
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 48 MB filesystem (tmpfs), mounted by the test; skipped where that is impossible."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from ckpts.storage import (
     MANIFEST,
@@ -132,12 +132,13 @@ class DictStorage(Storage):
         _FILES.pop(f"{self.where(name)}/{MANIFEST}", None)  # the manifest first
         self._drop(self.where(name))
 
-    def update(self, name: str, manifest: bytes) -> None:
+    def update(self, name: str, edit: Callable[[bytes], bytes]) -> bytes:
         path = f"{self.where(name)}/{MANIFEST}"
-        with _GUARD:
+        with _GUARD:  # one process's store: its lock serializes every update
             if path not in _FILES:
                 raise FileNotFoundError(f"{self.where(name)} is not committed")
-            _FILES[path] = manifest
+            _FILES[path] = edit(_FILES[path])
+            return _FILES[path]
 
     def clean(self, *, check_manifests: bool) -> list[str]:
         removed = sorted({path.split("/", 1)[0] for path in self._below(self.location)

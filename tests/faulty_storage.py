@@ -59,9 +59,9 @@ class FaultyStorage(LocalStorage):
         self._before("delete")
         super().delete(name)
 
-    def update(self, name: str, manifest: bytes) -> None:
+    def update(self, name: str, edit: Callable[[bytes], bytes]) -> bytes:
         self._before("update")
-        super().update(name, manifest)
+        return super().update(name, edit)
 
 
 def raising(error: BaseException, *, times: int | None = None) -> Callable[[], None]:

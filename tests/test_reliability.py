@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,23 +79,6 @@ def test_managers_in_one_process_share_the_lock(tmp_path: Path) -> None:
     second.save(3, ckpts.TrainState(model=torch.nn.Linear(2, 2)))
     second.close()
     assert [c.step for c in second.checkpoints()] == [1, 2, 3]
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 48 MB filesystem (tmpfs), mounted by the test; skipped where that is impossible."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def big_state(megabytes: int) -> ckpts.TrainState:

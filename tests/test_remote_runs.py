@@ -55,7 +55,8 @@ WORKER = str(Path(__file__).with_name("remote_worker.py"))
 LONG = os.environ.get("CKPTS_LONG") == "1"
 CI_KILL_TRIALS, LONG_KILL_TRIALS = 4, 40
 MIN_DELAY, MAX_DELAY = 0.1, 1.0  # seconds between the worker's "ready" and the SIGKILL
-METADATA = (".ckpts.lock", ".ckpts-history.jsonl")  # the writer's lock/lease, the history
+# the writer's lock (or lease), the lock of metadata updates, the history
+METADATA = (".ckpts.lock", ".ckpts-updates.lock", ".ckpts-history.jsonl")
 
 
 def reach_server_through_environment(bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:

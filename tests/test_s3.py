@@ -198,20 +198,22 @@ def test_an_expired_lease_is_taken_over(s3_bucket: S3Bucket) -> None:
     assert bucket_contents(s3_bucket) == []  # unlock deleted the lease
 
 
-def test_of_two_takers_of_an_expired_lease_the_last_writer_keeps_it(
+def test_of_two_takers_of_an_expired_lease_exactly_one_wins(
         s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
     write_lease(s3_bucket, expires=time.time() - 1)
-    storage = FsspecStorage(s3_bucket.url(), s3_bucket.storage_options)
-    pipe_file = storage.fs.pipe_file
+    first = FsspecStorage(s3_bucket.url(), s3_bucket.storage_options)
+    second = FsspecStorage(s3_bucket.url(), s3_bucket.storage_options)
+    get = first._objects.get
 
-    def another_taker_writes_right_after(path: str, data: bytes, **kwargs: Any) -> None:
-        pipe_file(path, data, **kwargs)
-        if path.endswith("/.ckpts.lock"):  # the other taker's overwrite lands last
-            write_lease(s3_bucket, expires=time.time() + 60)
+    def the_other_takes_it_right_after_this_read(path: str) -> tuple[bytes, str] | None:
+        found = get(path)
+        second.lock()  # read the same expired lease, and wrote on that version first
+        return found
 
-    monkeypatch.setattr(storage.fs, "pipe_file", another_taker_writes_right_after)
-    with pytest.raises(LockedError, match="other-host"):
-        storage.lock()
+    monkeypatch.setattr(first._objects, "get", the_other_takes_it_right_after_this_read)
+    with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
+        first.lock()  # its write, conditional on the version both read, is refused
+    second.unlock()
 
 
 HOLDER = """
@@ -251,8 +253,10 @@ def test_a_renewed_lease_holds_and_a_killed_holders_lease_expires(s3_bucket: S3B
 def test_two_writers_racing_to_commit_a_step_one_wins(s3_bucket: S3Bucket) -> None:
     writers = [FsspecStorage(s3_bucket.url(), s3_bucket.storage_options) for _ in range(2)]
     staged = [writer.stage(checkpoint_name(500)) for writer in writers]
-    for writer, place in zip(writers, staged, strict=True):
-        writer.write(place, [("model.safetensors", [memoryview(b"weights")])])
+    writers[0].write(staged[0], [("model.safetensors", [memoryview(b"weights")])])
+    with pytest.raises(FileExistsError):  # no upload of a save replaces an object
+        writers[1].write(staged[1], [("model.safetensors", [memoryview(b"others")])])
+    writers[1].write(staged[1], [("optimizer.safetensors", [memoryview(b"moments")])])
     start = threading.Barrier(2)
     outcomes: list[str] = []
 

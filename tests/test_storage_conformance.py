@@ -9,6 +9,7 @@ through the Storage protocol only, so a new backend joins by adding one paramete
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -210,13 +211,32 @@ def test_delete_removes_the_checkpoint_and_again_is_fine(run: Storage) -> None:
     run.delete(checkpoint_name(700))  # never existed
 
 
-def test_update_replaces_the_manifest(run: Storage) -> None:
+def test_update_replaces_the_manifest_with_the_edit_of_the_current_one(run: Storage) -> None:
     save(run, STEP, {"model.safetensors": b"abc"}, manifest=b'{"loss": 1}')
-    run.update(STEP, b'{"loss": 0.5, "tags": ["best"]}')
+    seen = []
+
+    def edit(manifest: bytes) -> bytes:
+        seen.append(manifest)
+        return b'{"loss": 0.5, "tags": ["best"]}'
+
+    assert run.update(STEP, edit) == b'{"loss": 0.5, "tags": ["best"]}'
+    assert seen == [b'{"loss": 1}']
     assert run.read(STEP, MANIFEST) == b'{"loss": 0.5, "tags": ["best"]}'
     assert run.read(STEP, "model.safetensors") == b"abc"
     with pytest.raises(FileNotFoundError):
-        run.update(checkpoint_name(600), b"{}")
+        run.update(checkpoint_name(600), lambda manifest: b"{}")
+
+
+def test_updates_from_many_threads_at_once_all_count(run: Storage) -> None:
+    save(run, STEP, {"model.safetensors": b"abc"}, manifest=b"[]")
+
+    def add(number: int) -> None:
+        run.update(STEP, lambda manifest: json.dumps([*json.loads(manifest), number]).encode())
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(add, range(40)))
+    assert sorted(json.loads(run.read(STEP, MANIFEST))) == list(range(40))
+    assert sorted(run.sizes(STEP)) == [MANIFEST, "model.safetensors"]  # no temporary left
 
 
 def test_clean_removes_an_uncommitted_save_and_names_it(run_at: RunAt) -> None:

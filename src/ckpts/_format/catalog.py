@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpts._format.codec import decode
-from ckpts._format.manifest import parse_manifest, read_manifest
+from ckpts._format.manifest import read_manifest
 from ckpts.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -31,6 +31,7 @@ from ckpts.storage._parallel import run_parallel
 from ckpts.storage._port import (
     MANIFEST,
     Listed,
+    Range,
     Storage,
     parse_step,
     split_checkpoint,
@@ -76,7 +77,8 @@ class Checkpoint:
     def from_directory(cls, path: str | os.PathLike[str]) -> Checkpoint:
         """Read a committed checkpoint's manifest (and nothing else); a path or URL."""
         storage, name = open_checkpoint(path)
-        return cls.from_manifest(storage, name, read_manifest(storage, name))
+        sizes = storage.sizes(name)
+        return cls.from_manifest(storage, name, read_manifest(storage, name, sizes=sizes), sizes)
 
     @classmethod
     def from_manifest(cls, storage: Storage, name: str, manifest: dict[str, Any],
@@ -93,7 +95,7 @@ class Checkpoint:
                 step=manifest["step"],
                 path=Path(where) if is_local(storage) else where,
                 storage=storage,
-                metrics=decode(manifest.get("metrics", {}), _no_tensors),
+                metrics=metrics_of(manifest),
                 created=datetime.datetime.fromisoformat(manifest["created"]),
                 nbytes=sum(sizes.values()),
                 epoch=manifest.get("epoch"),
@@ -113,9 +115,8 @@ def list_checkpoints(run: Storage | str | os.PathLike[str]) -> list[Checkpoint]:
     threads = 1 if is_local(storage) else 16
 
     def record(entry: Listed) -> Checkpoint | None:
-        where = f"{storage.where(entry.name)}/{MANIFEST}"
         try:
-            manifest = parse_manifest(storage.read(entry.name, MANIFEST), where)
+            manifest = read_manifest(storage, entry.name, sizes=entry.sizes)
             return Checkpoint.from_manifest(storage, entry.name, manifest, entry.sizes)
         except (CheckpointError, OSError) as e:
             log.warning("ignoring %s: %s", storage.where(entry.name), e)
@@ -159,12 +160,15 @@ def open_run(location: str | os.PathLike[str] | Storage,
 
 
 def is_committed(storage: Storage, name: str) -> bool:
-    """Whether ``name`` is a committed checkpoint: one small read, not a listing (on an
-    object store, listing the parent of a run would list the whole run)."""
+    """Whether ``name`` is a committed checkpoint: a read of its manifest's first byte,
+    not a listing (on an object store, listing the parent of a run would list the whole
+    run), nor of the whole manifest (a damaged one may be huge)."""
     try:
-        storage.read(name, MANIFEST)
+        storage.read_ranges(name, [Range(MANIFEST, 0, memoryview(bytearray(1)))])
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return False
+    except CorruptCheckpointError:  # shorter than one byte: committed, and damaged
+        pass
     return True
 
 
@@ -183,6 +187,21 @@ def _size_mismatch(files: dict[str, Any], sizes: Mapping[str, int]) -> str | Non
     return None
 
 
+def metrics_of(manifest: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics a checked manifest records, as floats (see :func:`metric_value`)."""
+    metrics: dict[str, float] = decode(manifest.get("metrics", {}), _no_tensors)
+    return {name: metric_value(value) for name, value in metrics.items()}
+
+
+def metric_value(value: float) -> float:
+    """A recorded metric (a JSON number) as a float: an integer too large for one, which
+    only a hand-edited manifest holds, is infinite, as JSON's ``1e400`` already is."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _no_tensors(key: str) -> Any:
     raise CorruptCheckpointError(f"metrics reference a tensor ({key!r}); the manifest is damaged")
 
@@ -197,10 +216,10 @@ def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     for name, value in metrics.items():
         try:
             number = float(value)
-        except (TypeError, ValueError, RuntimeError) as e:
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
             raise InvalidArgumentError(
-                f"metric {name!r} = {value!r} is not a number; pass e.g. loss.item()"
-            ) from e
+                f"metric {name!r} = {value!r} is not a number that fits a float; pass e.g. "
+                "loss.item()") from e
         if type(name) is not str:
             raise InvalidArgumentError(f"metric names must be str, got {name!r}")
         clean[name] = number if not math.isnan(number) else math.nan

@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import xxhash
 
-from ckpts.errors import CorruptCheckpointError, FormatVersionError, NotACheckpointError
+from ckpts.errors import (
+    CorruptCheckpointError,
+    FormatVersionError,
+    NotACheckpointError,
+    WriteError,
+)
 from ckpts.storage._port import MANIFEST
 
 if TYPE_CHECKING:
@@ -39,6 +44,9 @@ READABLE_VERSION = SHARDED_FORMAT_VERSION
 BLOCK = 2**20  # v3: a tensor or shard above this many bytes has a hash per block of it
 HASH_PREFIX = "xxh3_128:"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+# JSON levels an object's tree may nest (a state_dict nests under 10): what the codec
+# writes, and what readers that walk a tree (decode, diff) can walk without recursing deep
+MAX_TREE_DEPTH = 100
 
 # safetensors dtype names (all that safetensors 0.8 stores) and their sizes in bytes
 DTYPE_SIZES: dict[str, int] = {
@@ -96,16 +104,20 @@ def encode_json(data: Any) -> bytes:
     return (json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
-def read_manifest(storage: Storage, name: str, *, tensor_entries: bool = True
-                  ) -> dict[str, Any]:
+def read_manifest(storage: Storage, name: str, *, tensor_entries: bool = True,
+                  sizes: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Load and check a checkpoint's manifest.
 
     Args:
         storage: the run's storage.
         name: the checkpoint's name in it.
-        tensor_entries: False leaves the objects' tensor entries unchecked (everything
-            else is checked): a reader of one object out of many then checks just
-            that object's entries with :func:`check_tensor_entries` before using them.
+        tensor_entries: False leaves the objects' tensor entries and the depth of their
+            trees unchecked (everything else is checked): a reader of one object out of
+            many then checks just that object with :func:`check_tensor_entries` before
+            using it.
+        sizes: the checkpoint's file sizes, when the caller has them (a listing's);
+            else the checkpoint is listed: a manifest above MAX_MANIFEST_BYTES is
+            refused by its size, before it is read.
 
     Raises:
         NotACheckpointError: the checkpoint has no manifest (not committed, deleted).
@@ -114,6 +126,7 @@ def read_manifest(storage: Storage, name: str, *, tensor_entries: bool = True
         OSError: the storage failed.
     """
     where = f"{storage.where(name)}/{MANIFEST}"
+    _check_size((storage.sizes(name) if sizes is None else sizes).get(MANIFEST, 0), where)
     try:
         payload = storage.read(name, MANIFEST)
     except FileNotFoundError as e:
@@ -126,15 +139,20 @@ def read_manifest(storage: Storage, name: str, *, tensor_entries: bool = True
 def parse_manifest(payload: bytes, where: str, *, tensor_entries: bool = True
                    ) -> dict[str, Any]:
     """Parse and check manifest bytes (see :func:`check_manifest`)."""
-    if len(payload) > MAX_MANIFEST_BYTES:
-        raise CorruptCheckpointError(
-            f"{where} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
+    _check_size(len(payload), where)
     try:
         manifest = json.loads(payload)
     except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd numbers or depth
         raise CorruptCheckpointError(f"{where} is not a valid JSON manifest: {e}") from e
     check_manifest(manifest, where, tensor_entries=tensor_entries)
     return manifest  # type: ignore[no-any-return]
+
+
+def _check_size(size: int, where: str) -> None:
+    if size > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(
+            f"{where} has {size} bytes, more than any manifest ({MAX_MANIFEST_BYTES}): it is "
+            "damaged or not a ckpts manifest; restore another checkpoint, or delete this one")
 
 
 def check_manifest(manifest: Any, path: str, *, tensor_entries: bool = True) -> None:
@@ -144,9 +162,9 @@ def check_manifest(manifest: Any, path: str, *, tensor_entries: bool = True) -> 
     every tensor entry names a listed file, a known dtype and a shape (v2: and a
     byte range inside its file that fits them, and a hash); anything else is a
     CorruptCheckpointError naming the field. With ``tensor_entries=False`` the
-    tensor entries are left to :func:`check_tensor_entries` (most of the work: a
-    state of 40,000 small tensors has 40,000 of them, a weights-only load reads
-    10,000); each object's own fields are checked all the same.
+    tensor entries and the trees' depth are left to :func:`check_tensor_entries`
+    (most of the work: a state of 40,000 small tensors has 40,000 of them, a
+    weights-only load reads 10,000); each object's own fields are checked all the same.
     """
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(f"{path} is not a ckpts manifest (no \"format\": \"ckpts\")")
@@ -207,12 +225,17 @@ def _fits(piece: dict[str, Any], origin: Any, size: Any, shape: list[int], items
 
 def check_tensor_entries(manifest: dict[str, Any], name: str, path: str) -> None:
     """Check the tensor entries of object ``name`` of a manifest that
-    :func:`check_manifest` checked with ``tensor_entries=False`` (or already checked).
+    :func:`check_manifest` checked with ``tensor_entries=False`` (or already checked),
+    and that its tree nests at most MAX_TREE_DEPTH deep.
 
     Raises:
-        CorruptCheckpointError: an entry is malformed; the message names the tensor,
-            the object and the manifest ``path``.
+        CorruptCheckpointError: an entry is malformed, or the tree too deep; the message
+            names the tensor, the object and the manifest ``path``.
     """
+    if _nests_too_deep(manifest["objects"][name]["tree"]):
+        raise CorruptCheckpointError(
+            f"{path}: object {name!r} nests deeper than {MAX_TREE_DEPTH} levels in its state, "
+            "which ckpts never writes: the manifest is damaged; restore another checkpoint")
     files, version = manifest["files"], manifest["format_version"]
     for key, info in manifest["objects"][name]["tensors"].items():
         problem = _entry_problem(info, files, version)
@@ -223,7 +246,8 @@ def check_tensor_entries(manifest: dict[str, Any], name: str, path: str) -> None
 def _entry_problem(info: Any, files: dict[str, Any], version: int) -> str | None:
     """What is wrong with one tensor entry, or None: it names a listed file (v3: or
     has shards), a known dtype and a shape; from v2, a hash and a byte range in the
-    file's data that fits them (v3: each shard's, inside the whole tensor)."""
+    file's data that fits them (v3: each shard's, inside the whole tensor, and the
+    shards together cover the tensor once)."""
     located = isinstance(info, dict) and (
         (isinstance(info.get("shards"), list) and info["shards"] and "file" not in info)
         or (isinstance(info.get("file"), str) and info["file"] in files))
@@ -237,9 +261,49 @@ def _entry_problem(info: Any, files: dict[str, Any], version: int) -> str | None
         fits = all(isinstance(piece, dict) and _fits(
             piece, piece.get("origin"), piece.get("size"), shape, itemsize, files)
             for piece in info["shards"])
+        if fits and not _tiles(info["shards"], shape):
+            return (f"has shards that do not cover its shape {shape} exactly once (a gap or "
+                    "an overlap): the manifest is damaged; restore another checkpoint")
     else:  # the whole tensor (no box to check): 40,000 of these in a big optimizer
         fits = version < 2 or _fits(info, None, shape, shape, itemsize, files)
     return None if fits else "has a malformed byte range, shard or hash"
+
+
+def _tiles(shards: list[dict[str, Any]], shape: list[int]) -> bool:
+    """Whether shards (each inside ``shape``: :func:`_fits`) cover the tensor exactly
+    once, as a DTensor's shards do: along each dimension the shards' spans follow each
+    other from 0 to the end, and the shards are every combination of those spans, each
+    once (a shard of no elements covers nothing). Linear in the shards, but for a sort."""
+    if not all(shape):  # no elements to cover (so every shard, inside it, is empty)
+        return True
+    boxes = [(piece["origin"], piece["size"]) for piece in shards if all(piece["size"])]
+    if len({(tuple(origin), tuple(size)) for origin, size in boxes}) != len(boxes):
+        return False  # a shard listed twice
+    combinations = 1
+    for dim, extent in enumerate(shape):
+        spans = sorted({(origin[dim], origin[dim] + size[dim]) for origin, size in boxes})
+        end = 0
+        for begin, stop in spans:
+            if begin != end:  # a gap, or spans that overlap
+                return False
+            end = stop
+        if end != extent:
+            return False
+        combinations *= len(spans)
+    return combinations == len(boxes)
+
+
+def _nests_too_deep(tree: Any) -> bool:
+    """Whether a JSON value nests lists and dicts more than MAX_TREE_DEPTH deep (the
+    value itself is level 1). Level by level, each node once and no recursion, so the
+    answer never depends on Python's recursion limit."""
+    level = [tree] if isinstance(tree, (dict, list)) else []
+    for _ in range(MAX_TREE_DEPTH):
+        if not level:
+            return False
+        level = [child for node in level for child in (
+            node.values() if type(node) is dict else node) if isinstance(child, (dict, list))]
+    return bool(level)
 
 
 def _check_object(name: str, obj: Any, path: str) -> None:
@@ -346,18 +410,34 @@ def _field(manifest: dict[str, Any], key: str, kind: type, path: str) -> Any:
     return value
 
 
-def update_manifest(storage: Storage, name: str, **fields: Any) -> dict[str, Any]:
-    """Replace top-level fields of a committed manifest (metrics, tags), atomically: a
-    reader sees either the old or the new manifest, never a mix.
+def update_manifest(storage: Storage, name: str,
+                    change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Change a committed manifest's top-level fields (metrics, tags) in place with
+    ``change``, atomically and serialized with every other update (Storage.update): a
+    reader sees the old or the new manifest, and two updates at once both count.
+    ``change`` may run more than once, on a newer manifest each time. Returns the
+    manifest written.
 
     Raises:
         NotACheckpointError: the checkpoint was deleted (by retention?) meanwhile.
+        CorruptCheckpointError: its manifest is damaged.
+        WriteError: the storage failed (a full disk); the old manifest is unchanged.
     """
-    manifest = read_manifest(storage, name)
-    manifest.update(fields)
+    where = f"{storage.where(name)}/{MANIFEST}"
+    written: list[dict[str, Any]] = []
+
+    def edit(payload: bytes) -> bytes:
+        manifest = parse_manifest(payload, where)
+        change(manifest)
+        written[:] = [manifest]
+        return encode_json(manifest)
+
     try:
-        storage.update(name, encode_json(manifest))
+        storage.update(name, edit)
     except FileNotFoundError as e:
         raise NotACheckpointError(
             f"{storage.where(name)} was deleted (retention?) before the update") from e
-    return manifest
+    except OSError as e:
+        raise WriteError(f"{where}: could not update the manifest ({e}); it is unchanged. "
+                         f"Free some space (or fix the permissions) and try again") from e
+    return written[0]

@@ -22,6 +22,7 @@ import math
 import os
 from collections.abc import Mapping
 
+from ckpts._format.catalog import metric_value
 from ckpts.storage import open_storage
 from ckpts.storage._port import HISTORY, Storage
 
@@ -36,7 +37,7 @@ def append(storage: Storage, step: int, metrics: Mapping[str, float]) -> None:
         return
     record = {
         "step": step,
-        "metrics": {name: None if math.isnan(v) else float(v) for name, v in metrics.items()},
+        "metrics": {name: float(v) if math.isfinite(v) else None for name, v in metrics.items()},
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     line = (json.dumps(record, allow_nan=False, separators=(",", ":")) + "\n").encode()
@@ -85,5 +86,5 @@ def _parse(line: str) -> tuple[int, dict[str, float]] | None:
         if value is None:
             clean[name] = math.nan
         elif type(value) in (int, float):
-            clean[name] = float(value)
+            clean[name] = metric_value(value)
     return step, clean

@@ -312,7 +312,7 @@ class CheckpointManager:
         """This process's job (one process, or the ranks of a torch.distributed job),
         found at the first save or restore, which every rank makes."""
         if self._job is None:
-            self._job = job_of(*self._job_of)
+            self._job = job_of(*self._job_of, run=self.storage.location)
         return self._job
 
     def _commit(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
@@ -474,8 +474,8 @@ class CheckpointManager:
                          ) -> list[Checkpoint]:
         """Delete what the policies do not keep, never the checkpoint restored from or
         the one this process saved last (see Retention.apply)."""
-        return self._retention.apply(self.checkpoints, lock=self._run_writer.lock, dry_run=dry_run,
-                                     if_unlocked=if_unlocked,
+        return self._retention.apply(self.checkpoints, lock=self._run_writer.held,
+                                     dry_run=dry_run, if_unlocked=if_unlocked,
                                      protected=(self.restored_from, self._steps.last_saved))
 
     # ---- the records of the run: none of these needs the writer lock -------------------
@@ -500,12 +500,13 @@ class CheckpointManager:
     def add_metrics(self, step: int, metrics: Mapping[str, float]) -> Checkpoint:
         """Attach metrics to a committed checkpoint (e.g. from a later evaluation job).
 
-        The manifest is replaced atomically; existing metrics of the same name are
-        overwritten. This needs no writer lock, so an evaluation process can attach
-        metrics while training writes the run. Retention is applied again
-        afterwards, since rankings change (by the training process on its next save
-        if it holds the run); the returned record describes the checkpoint even if
-        retention removed it.
+        The manifest is replaced atomically, and updates from several threads or
+        processes at once all count; existing metrics of the same name are overwritten.
+        This needs no writer lock, so an evaluation process can attach metrics while
+        training writes the run. Retention is applied again afterwards, since rankings
+        change: holding the writer lock for the deletions only, or left to the training
+        process's next save while it holds the run. The returned record describes the
+        checkpoint even if retention removed it.
         """
         self._settle()
         updated = self._records.add_metrics(step, metrics)

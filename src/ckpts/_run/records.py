@@ -7,15 +7,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
-from ckpts._format.catalog import Checkpoint, check_metrics, list_checkpoints
+from ckpts._format.catalog import Checkpoint, check_metrics, list_checkpoints, metrics_of
 from ckpts._format.codec import encode
 from ckpts._format.manifest import update_manifest
 from ckpts._run import history
 from ckpts._run.policy import Mode, check_mode, rank_by
 from ckpts._run.steps import check_step
 from ckpts.errors import NotACheckpointError
-from ckpts.storage import Storage
+from ckpts.storage import Storage, checkpoint_name
 
 log = logging.getLogger("ckpts")
 
@@ -47,34 +48,39 @@ class Records:
         return ranked[0] if ranked else None
 
     def add_metrics(self, step: int, metrics: Mapping[str, float]) -> Checkpoint:
-        """Merge ``metrics`` into step's manifest (replaced atomically) and the history."""
-        checkpoint = self.find(step)
+        """Merge ``metrics`` into step's manifest and the history. Merged into the manifest
+        as it is at the update (see update_manifest), so concurrent updates all count."""
+        name = self.find(step)
         added = check_metrics(metrics)
-        manifest = update_manifest(self.storage, checkpoint.name,
-                                   metrics=encode({**checkpoint.metrics, **added}, {}))
+
+        def merge(manifest: dict[str, Any]) -> None:
+            manifest["metrics"] = encode({**metrics_of(manifest), **added}, {})
+
+        manifest = update_manifest(self.storage, name, merge)
         history.append(self.storage, step, added)
-        return Checkpoint.from_manifest(self.storage, checkpoint.name, manifest)
+        return Checkpoint.from_manifest(self.storage, name, manifest)
 
     def retag(self, step: int, change: Callable[[tuple[str, ...]], list[str]]) -> Checkpoint:
-        """Replace step's tags with ``change(tags)`` (the manifest replaced atomically)."""
-        checkpoint = self.find(step)
-        manifest = update_manifest(self.storage, checkpoint.name,
-                                   tags=change(tuple(checkpoint.tags)))
-        return Checkpoint.from_manifest(self.storage, checkpoint.name, manifest)
+        """Replace step's tags with ``change(tags)``, the tags as they are at the update."""
+        name = self.find(step)
 
-    def find(self, step: int) -> Checkpoint:
-        """The committed checkpoint of ``step``.
+        def retagged(manifest: dict[str, Any]) -> None:
+            manifest["tags"] = change(tuple(manifest.get("tags", ())))
+
+        manifest = update_manifest(self.storage, name, retagged)
+        return Checkpoint.from_manifest(self.storage, name, manifest)
+
+    def find(self, step: int) -> str:
+        """The name of ``step``'s committed checkpoint, from a listing (no manifest read).
 
         Raises:
             NotACheckpointError: there is none; the message lists the steps there are.
         """
         check_step(step)
-        checkpoints = self.checkpoints()
-        for checkpoint in checkpoints:
-            if checkpoint.step == step:
-                return checkpoint
-        raise NotACheckpointError(
-            f"{self.directory} has no committed checkpoint for step {step}; available steps: "
-            f"{[c.step for c in checkpoints] or 'none'}"
-        )
+        steps = sorted(entry.step for entry in self.storage.committed())
+        if step not in steps:
+            raise NotACheckpointError(
+                f"{self.directory} has no committed checkpoint for step {step}; available "
+                f"steps: {steps or 'none'}")
+        return checkpoint_name(step)
 

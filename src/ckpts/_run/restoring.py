@@ -86,7 +86,7 @@ def first_intact(storage: Storage, names: Sequence[str], sizes: Mapping[str, Map
         path = storage.where(name)
         error: BaseException | None = None
         try:
-            manifest = read_manifest(storage, name)
+            manifest = read_manifest(storage, name, sizes=sizes.get(name))
             if name in sizes:
                 check_file_sizes(path, manifest, sizes[name])
             restore_into(storage, name, manifest, state, job)  # every byte read is hashed

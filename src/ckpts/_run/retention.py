@@ -3,8 +3,10 @@ protected ones), deleting them, and whether a new save fits the disk and the bud
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 
 from ckpts._format.catalog import Checkpoint
 from ckpts._run.policy import KeepWithinBytes, RetentionPolicy, plan_retention
@@ -40,27 +42,28 @@ class Retention:
             entry.step: entry for entry in self.storage.committed()})
 
     def apply(self, checkpoints: Callable[[], list[Checkpoint]], *,
-              protected: Iterable[int | None], lock: Callable[[], None], dry_run: bool = False,
-              if_unlocked: bool = False) -> list[Checkpoint]:
+              protected: Iterable[int | None], lock: Callable[[], AbstractContextManager[None]],
+              dry_run: bool = False, if_unlocked: bool = False) -> list[Checkpoint]:
         """Delete what the policies do not keep, of the run's ``checkpoints()`` (listed
-        only with policies), after ``lock()`` makes this process the run's writer. With
-        ``if_unlocked``, skip quietly when another process is the writer: it applies
-        retention on its next save."""
+        only with policies), holding the run's writer lock (``lock()``, a context) for
+        the deletions only. With ``if_unlocked``, skip quietly when another process is
+        the writer: it applies retention on its next save."""
         if self.keep is None:
             return []  # keeps everything: no need to read the run's manifests
         removed = self.doomed(checkpoints(), protected=protected)
         if not removed or dry_run:
             return removed
-        try:
-            lock()
-        except LockedError:
-            if not if_unlocked:
-                raise
-            log.info("%s has another writer; it will apply retention", self.storage.location)
-            return []
-        for checkpoint in removed:
-            self.storage.delete(checkpoint.name)
-            log.info("retention removed step %d (%s)", checkpoint.step, checkpoint.path)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(lock())
+            except LockedError:
+                if not if_unlocked:
+                    raise
+                log.info("%s has another writer; it will apply retention", self.storage.location)
+                return []
+            for checkpoint in removed:
+                self.storage.delete(checkpoint.name)
+                log.info("retention removed step %d (%s)", checkpoint.step, checkpoint.path)
         return removed
 
     def check_space(self, upcoming: Checkpoint, *, needed: int, reused: Mapping[str, int],

@@ -4,7 +4,9 @@ aborted)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,24 @@ class RunWriter:
             self.locked = False
             self.storage.unlock()
             self._cleaned = False
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The writer lock for one operation (retention after a metadata update): taken if
+        this process does not hold it, and then given back right after, so that an
+        evaluation job never keeps a trainer out of its run.
+
+        Raises:
+            LockedError: another process writes the run.
+        """
+        if self.locked:
+            yield
+            return
+        self.lock()
+        try:
+            yield
+        finally:
+            self.unlock()
 
     def look_again(self) -> None:
         """Make the next save look for leftovers (and damage) in the run anew."""

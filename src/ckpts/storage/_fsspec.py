@@ -4,15 +4,18 @@ No rename on object stores: files go straight into the checkpoint's prefix, then
 manifest, the commit marker, is created with ``If-None-Match: *`` (two writers never both
 commit a step). Large files go up as parallel multipart uploads (S3), reads are parallel
 ranged GETs of up to PART_SIZE (adjacent ranges merged); extra memory stays under
-CONCURRENCY x PART_SIZE. The writer lock is a lease object (ckpts.storage._lease). docs/storage.md
-has the whole story.
+CONCURRENCY x PART_SIZE. The writer lock is a lease object (ckpts.storage._lease), proved
+still held before every request that deletes or overwrites, so a writer that stalled past
+its lease harms nothing its successor wrote. Manifest updates and history appends are
+read-modify-writes conditional on the version read (ckpts.storage._versioned), so
+concurrent updaters lose nothing. docs/storage.md has the whole story.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ckpts.errors import CheckpointError, CorruptCheckpointError, LockedError
@@ -32,6 +35,7 @@ from ckpts.storage._port import (
     parse_step,
     url_protocol,
 )
+from ckpts.storage._versioned import VersionedObjects
 
 log = logging.getLogger("ckpts")
 
@@ -79,7 +83,8 @@ class FsspecStorage(Storage):
                 f"{url}: fsspec cannot open this URL ({e}); check the protocol (known ones "
                 f"include s3://, gs://, az://, memory://) and the storage_options") from e
         self.root: str = root.rstrip("/")
-        self._lease = Lease(self.fs, self._path(LOCK_FILE), location=self.location,
+        self._objects = VersionedObjects(self.fs, conditional=self._s3)
+        self._lease = Lease(self._objects, self._path(LOCK_FILE), location=self.location,
                             seconds=lease_seconds)
         if self._s3:  # other stores report a bad location as OSError at first use
             self._check_bucket()
@@ -180,7 +185,7 @@ class FsspecStorage(Storage):
         """Start ``name`` in its final prefix, once what it holds (that step saved before,
         leftovers) is deleted, manifest first: no reader sees old and new files mixed; a
         crash during a re-save loses that step (a local disk keeps one of the two)."""
-        self.delete(name)
+        self.delete(name)  # proves the lease first
         return Staged(name, self._path(name))
 
     @as_os_errors
@@ -192,7 +197,7 @@ class FsspecStorage(Storage):
             size = sum(view.nbytes for view in views)
             is_large = self._s3 and size > PART_SIZE
             (large if is_large else small).append((f"{staged.where}/{file}", views, size))
-        run_parallel(lambda file: self.fs.pipe_file(file[0], b"".join(file[1])), small,
+        run_parallel(lambda file: self._put_new(file[0], b"".join(file[1])), small,
                      threads=CONCURRENCY)
         for path, views, size in large:  # one file at a time, its parts all in parallel
             self._upload(path, views, size)
@@ -203,9 +208,11 @@ class FsspecStorage(Storage):
         part as the pieces come), which copies each piece before taking the next."""
         from fsspec.spec import AbstractBufferedFile
 
+        self._lease.prove()
         stream = self.fs.open(f"{staged.where}/{file}", "wb")
         try:
             for piece in pieces:
+                self._lease.prove()
                 stream.write(piece)
         except BaseException:
             if isinstance(stream, AbstractBufferedFile):  # s3fs: abort the multipart upload
@@ -214,7 +221,13 @@ class FsspecStorage(Storage):
             else:
                 stream.close()  # what it holds goes with the staged checkpoint, at abort
             raise
+        self._lease.prove()
         stream.close()
+
+    def _put_new(self, path: str, data: bytes) -> None:
+        """One object of a staged checkpoint, written only where there is none (S3)."""
+        self._lease.prove()
+        self.fs.pipe_file(path, data, **({"mode": "create"} if self._s3 else {}))
 
     def _upload(self, path: str, views: Sequence[memoryview], size: int) -> None:
         """A parallel multipart upload; each part is copied from ``views`` only when sent."""
@@ -226,7 +239,8 @@ class FsspecStorage(Storage):
             etags = run_parallel(lambda part: self._upload_part(upload, views, *part, part_size),
                                  list(enumerate(range(0, size, part_size), 1)), threads=CONCURRENCY)
             parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
-            self.fs.call_s3("complete_multipart_upload", **upload,
+            self._lease.prove()
+            self.fs.call_s3("complete_multipart_upload", **upload, IfNoneMatch="*",
                             MultipartUpload={"Parts": parts})
         except BaseException:
             try:
@@ -243,12 +257,14 @@ class FsspecStorage(Storage):
             pieces += [view[lo:hi]] if lo < hi else []
             offset += view.nbytes
         body = b"".join(pieces)
+        self._lease.prove()
         return str(self.fs.call_s3("upload_part", **upload, PartNumber=number, Body=body)["ETag"])
 
     def reuse(self, staged: Staged, source: str, file: str, nbytes: int) -> bool:
         """A server-side copy (S3 CopyObject): the store keeps two full objects, but no
         byte crosses the network again."""
         path = self._path(source, file)
+        self._lease.prove()
         try:
             if int(self.fs.info(path)["size"]) != nbytes:
                 return False
@@ -260,9 +276,7 @@ class FsspecStorage(Storage):
 
     @as_os_errors
     def commit(self, staged: Staged, manifest: bytes) -> None:
-        if self._lease.lost:
-            raise LockedError(f"{self.where(staged.name)}: not committed: another writer "
-                              f"took over this writer's lease on {self.location}")
+        self._lease.prove()
         try:
             self.fs.pipe_file(f"{staged.where}/{MANIFEST}", manifest, mode="create")
         except FileExistsError as e:
@@ -272,10 +286,21 @@ class FsspecStorage(Storage):
 
     @as_os_errors
     def abort(self, staged: Staged) -> None:
-        self.delete(staged.name)
+        """Delete the staged prefix, unless the lease was lost: the prefix may then hold
+        the new writer's files, and its clean-up removes what this writer left."""
+        try:
+            self._lease.prove()
+        except LockedError as e:
+            log.warning("left %s as it is: %s", self.where(staged.name), e)
+            return
+        self._delete(staged.name)
 
     @as_os_errors
     def delete(self, name: str) -> None:
+        self._lease.prove()
+        self._delete(name)
+
+    def _delete(self, name: str) -> None:
         files = self._files_below(self._path(name))
         if MANIFEST in files:
             self.fs.rm_file(self._path(name, MANIFEST))
@@ -284,17 +309,22 @@ class FsspecStorage(Storage):
                 self.fs.rm(self._path(name), recursive=True)
 
     @as_os_errors
-    def update(self, name: str, manifest: bytes) -> None:
-        path = self._path(name, MANIFEST)
-        self.fs.info(path)  # FileNotFoundError: not committed
-        self.fs.pipe_file(path, manifest)
+    def update(self, name: str, edit: Callable[[bytes], bytes]) -> bytes:
+        """A read-modify-write conditional on the version read (S3: ``If-Match``),
+        retried when another process updated the manifest in between."""
+        def edited(manifest: bytes | None) -> bytes:
+            if manifest is None:
+                raise FileNotFoundError(f"{self.where(name)} has no {MANIFEST}")
+            return edit(manifest)
+
+        return self._objects.rewrite(self._path(name, MANIFEST), edited)
 
     @as_os_errors
     def clean(self, *, check_manifests: bool) -> list[str]:
         unfinished = sorted(name for name, files in self._step_folders().items()
                             if MANIFEST not in files) if check_manifests else []
         for name in unfinished:
-            self.delete(name)
+            self.delete(name)  # proves the lease first
         return unfinished
 
     def free_space(self) -> int | None:
@@ -310,9 +340,9 @@ class FsspecStorage(Storage):
 
     @as_os_errors
     def append_history(self, line: bytes) -> None:
-        """Append by rewriting the history object (stores cannot append): two processes
-        appending at once can lose a line; the history is a convenience."""
-        self.fs.pipe_file(self._path(HISTORY), self.read_history() + line)
+        """Append by rewriting the history object (stores cannot append), conditionally
+        on the version read, so lines appended at once by two processes both stay."""
+        self._objects.rewrite(self._path(HISTORY), lambda history: (history or b"") + line)
 
     @as_os_errors
     def read_history(self) -> bytes:
@@ -359,7 +389,7 @@ class FsspecStorage(Storage):
             self.fs.rm_file(self.root)
             return
         for listed in self.committed():
-            self.delete(listed.name)
+            self._delete(listed.name)
         rest = [self._path(path) for path in self._files_below(self.root) if path != LOCK_FILE]
         if rest:
             self.fs.rm(rest)

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import mmap
 import os
+import stat
 import sys
 import threading
 from collections import deque
@@ -135,7 +136,7 @@ def read_ranges(files: Sequence[tuple[Path, Sequence[tuple[int, memoryview]]]], 
     try:
         regions = []
         for path, ranges in files:
-            fds.append(_open_for_reading(path))
+            fds.append(open_regular(path))
             regions += [_Region(fds[-1], offset, view) for offset, view in ranges]
         names = dict(zip(fds, (path for path, _ in files), strict=True))
         run_parallel(lambda job: _pread(job, names), _chunks(regions),
@@ -148,7 +149,7 @@ def read_ranges(files: Sequence[tuple[Path, Sequence[tuple[int, memoryview]]]], 
 def map_file(path: Path) -> memoryview:
     """A copy-on-write memory map of a whole file (symbolic links refused): reads without
     a copy, from the page cache; writes through the view stay private to this process."""
-    fd = _open_for_reading(path)
+    fd = open_regular(path)
     try:
         if os.fstat(fd).st_size == 0:
             return memoryview(bytearray())
@@ -157,13 +158,27 @@ def map_file(path: Path) -> memoryview:
         os.close(fd)
 
 
-def _open_for_reading(path: Path) -> int:
+def open_regular(path: Path) -> int:
+    """A descriptor to read ``path``, a regular file. A symbolic link counts as absent
+    (FileNotFoundError); anything else that is not a regular file (a FIFO, a folder, a
+    device) is refused as damage, without waiting on it: opened non-blocking, checked
+    with fstat before a byte is read.
+
+    Raises:
+        CorruptCheckpointError: ``path`` is not a regular file.
+    """
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
         if e.errno == errno.ELOOP:  # a symbolic link: treated as absent
             raise FileNotFoundError(errno.ENOENT, "a symbolic link, not a file", str(path)) from e
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptCheckpointError(
+            f"{path} is not a regular file (a FIFO, a folder or a device): a checkpoint holds "
+            f"plain files only; remove it, or restore another checkpoint")
+    return fd
 
 
 def _regions(fd: int, parts: Sequence[memoryview]) -> list[_Region]:

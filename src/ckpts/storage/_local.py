@@ -8,22 +8,28 @@ Layout of a run directory::
       .trash-step-00000100-cd34/ a checkpoint being deleted: never listed
       .replaced-step-00000500-ef56/ an older checkpoint of a step being saved again
       .ckpts.lock               the writer lock (flock, see ckpts.storage._lock)
+      .ckpts-updates.lock       held for one metadata update at a time (the same module)
       .ckpts-history.jsonl      the metrics history (see ckpts._run.history)
 
 A save writes into a ``.tmp-`` sibling (pwritev from many threads, see ckpts.storage._io),
 fsyncs every file and the directory, then renames it into place and fsyncs the
 parent, so a checkpoint either exists whole or not at all. Deletion renames to
 ``.trash-`` first, then removes, so no reader sees a half-deleted checkpoint as valid.
+Files are read only if they are regular files, never through a symbolic link, and the
+run's own files (locks, history) are never written through one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
+import stat
+import tempfile
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ckpts.storage import _io, _lock
@@ -94,12 +100,12 @@ class LocalStorage(Storage):
 
     def read(self, name: str, file: str) -> bytes:
         path = self.run / name / file
-        if path.is_symlink():
-            raise FileNotFoundError(f"{path} is a symbolic link, not a file")
         try:
-            return path.read_bytes()
+            fd = _io.open_regular(path)
         except NotADirectoryError as e:  # the checkpoint is a file
             raise FileNotFoundError(f"{path}: {e}") from e
+        with open(fd, "rb") as f:
+            return f.read()
 
     def read_ranges(self, name: str, ranges: Sequence[Range]) -> None:
         by_file: dict[str, list[tuple[int, memoryview]]] = {}
@@ -180,18 +186,28 @@ class LocalStorage(Storage):
             return
         shutil.rmtree(aside)
 
-    def update(self, name: str, manifest: bytes) -> None:
-        """Write the new manifest beside the old one, fsync it, rename it over the old."""
+    def update(self, name: str, edit: Callable[[bytes], bytes]) -> bytes:
+        """Under the run's update lock (see ckpts.storage._lock.updating): read the
+        manifest, write ``edit(manifest)`` into a temporary file of its own beside it,
+        fsync it and rename it over the old one. A failure (a full disk) removes the
+        temporary file and leaves the old manifest."""
         directory = self.run / name
-        if not (directory / MANIFEST).is_file():
-            raise FileNotFoundError(f"{directory} has no {MANIFEST}")
-        temporary = directory / f".{MANIFEST}.{os.getpid()}.tmp"
-        with open(temporary, "wb") as f:
-            f.write(manifest)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, directory / MANIFEST)
-        _fsync_dir(directory)
+        with _lock.updating(self.run):
+            manifest = edit(self.read(name, MANIFEST))
+            fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST}.",
+                                             suffix=".tmp")
+            try:
+                with open(fd, "wb") as f:
+                    f.write(manifest)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(temporary, directory / MANIFEST)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+                raise
+            _fsync_dir(directory)
+        return manifest
 
     def clean(self, *, check_manifests: bool) -> list[str]:
         """Staging and trash directories go, and so do ``step-*`` directories that have
@@ -239,8 +255,11 @@ class LocalStorage(Storage):
         """One ``write`` on a file opened with ``O_APPEND``, so lines from concurrent
         writers (a training process and an evaluation job) do not interleave. A line
         torn by a crash is ended first, so this one stays whole."""
-        fd = os.open(self.run / HISTORY, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.run / HISTORY,
+                     os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO would block once full
+                raise OSError(errno.EPERM, f"{self.run / HISTORY} is not a regular file")
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line
@@ -250,9 +269,11 @@ class LocalStorage(Storage):
 
     def read_history(self) -> bytes:
         try:
-            return (self.run / HISTORY).read_bytes()
-        except FileNotFoundError:
+            fd = _io.open_regular(self.run / HISTORY)
+        except FileNotFoundError:  # a symbolic link counts as none
             return b""
+        with open(fd, "rb") as f:
+            return f.read()
 
     def foreign(self) -> list[str]:
         try:

@@ -7,26 +7,37 @@ without any cleanup. The file records who holds it (host, pid, since) for the
 error a second writer gets. Managers in one process share the lock: the process
 is the writer. ``restore()`` takes it too, since a run that restores is about to
 write: a duplicate launch fails before it trains. Readers (listing, load_weights,
-verify) and metadata updates (add_metrics, pin) never lock.
+verify) and metadata updates (add_metrics, pin) never take it.
 
 flock is reliable on local filesystems; on NFS it depends on the mount options,
 so give each run one writer by design there.
+
+Metadata updates (add_metrics, pin) of committed checkpoints are serialized by a second
+lock, ``<run>/.ckpts-updates.lock``, held for one read-modify-write of one manifest
+(:func:`updating`): an evaluation job never waits for the writer, nor the writer for it.
+Neither lock file is followed if it is a symbolic link (a run copied from elsewhere).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ckpts.errors import LockedError
 
 LOCK_FILE = ".ckpts.lock"
+UPDATES_FILE = ".ckpts-updates.lock"
+_UPDATE_WAIT = 60.0  # seconds an update waits for another one before giving up
 
 # realpath of the run -> [fd, number of managers of this process using it]
 _HELD: dict[str, list[int]] = {}
@@ -45,8 +56,7 @@ def acquire(run: Path) -> None:
         if key in _HELD:
             _HELD[key][1] += 1
             return
-        path = Path(key) / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(Path(key) / LOCK_FILE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -77,6 +87,55 @@ def release(run: Path) -> None:
         if held[1] == 0:
             del _HELD[key]
             os.close(held[0])  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def updating(run: Path) -> Iterator[None]:
+    """Hold the run's update lock for one read-modify-write of a manifest: one at a time
+    across the threads and processes of this host (each takes its own descriptor, and
+    flock excludes descriptors, not processes).
+
+    Raises:
+        LockedError: another update held it for a minute (a process stopped mid-update).
+        OSError: the lock file cannot be created, or is not a regular file.
+    """
+    fd = _open_lock_file(run / UPDATES_FILE)
+    try:
+        deadline = time.monotonic() + _UPDATE_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockedError(
+                        f"{run / UPDATES_FILE} has been held by another metadata update for "
+                        f"{_UPDATE_WAIT:g} s; is a process stopped in add_metrics or pin? "
+                        f"Try again once it finishes") from None
+                time.sleep(0.005)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open (or create) one of the run's lock files, never through a symbolic link.
+
+    Raises:
+        OSError: it is a symbolic link or not a regular file; the message says to remove it.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.EISDIR):
+            raise
+        fd = -1
+    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd >= 0:
+            os.close(fd)
+        raise OSError(errno.EPERM, f"{path} is a symbolic link or not a regular file; ckpts "
+                                   f"never follows a run's own files out of it: remove it")
+    return fd
 
 
 def _read_holder(fd: int) -> str:

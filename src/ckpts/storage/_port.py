@@ -33,7 +33,7 @@ HISTORY = ".ckpts-history.jsonl"
 # What other frameworks leave in a run: torch.save, Lightning, Hugging Face Trainer.
 FOREIGN_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
-_STEP_NAME = re.compile(r"^step-(\d+)$")
+_STEP_NAME = re.compile(r"^step-([0-9]+)$")  # ASCII digits only, not any Unicode digit
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Bytes the default Storage.export copies at a time: one buffer of this size in memory.
 _EXPORT_CHUNK = 64 * 2**20
@@ -178,8 +178,12 @@ class Storage(Protocol):
         deleted. A checkpoint already gone counts as deleted."""
         ...
 
-    def update(self, name: str, manifest: bytes) -> None:
-        """Replace a committed checkpoint's manifest atomically (metrics, tags).
+    def update(self, name: str, edit: Callable[[bytes], bytes]) -> bytes:
+        """Replace a committed checkpoint's manifest with ``edit(manifest)`` (metrics,
+        tags), atomically, and serialized with every other update of it from any thread
+        or process: two updates at once both count, neither is lost. ``edit`` may be
+        called again on a newer manifest (a retry), so it must only compute. Returns the
+        manifest written.
 
         Raises:
             FileNotFoundError: the checkpoint is not (or no longer) committed.
