@@ -37,12 +37,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ckpts._format.manifest import MAX_TREE_DEPTH
 from ckpts.errors import CorruptCheckpointError, UnserializableStateError
 
 if TYPE_CHECKING:
     import torch
 
 _FLOAT_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+# how deep a value's node may sit: its own containers reach 2 below it (a dict's pairs)
+_DEEPEST = MAX_TREE_DEPTH - 2
 # values that encode as themselves (floats are not: nan and inf need a tag)
 _SCALARS = frozenset({int, str, bool, type(None)})
 
@@ -109,9 +112,10 @@ def encode(value: Any, tensors: dict[str, torch.Tensor], *, path: str = "",
 
     Raises:
         UnserializableStateError: a value (or tensor kind) has no pickle-free
-            encoding; the message names its key path and the fix.
+            encoding, or its tree would nest deeper than MAX_TREE_DEPTH; the message
+            names its key path and the fix.
     """
-    return _Encoder(live=False, plain=tensors, notes=notes).encode(value, path)
+    return _Encoder(live=False, plain=tensors, notes=notes).encode(value, path, 1)
 
 
 def live_tensors(value: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -125,7 +129,7 @@ def live_tensors(value: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     only supplies targets.
     """
     encoder = _Encoder(live=True, plain={})
-    encoder.encode(value, "")
+    encoder.encode(value, "", 1)
     fillable: dict[str, torch.Tensor] = {}
     for key, tensor in encoder.plain.items():
         if _elements_distinct(tensor):
@@ -154,14 +158,23 @@ class _Encoder:
         if torch is not None:
             _load_storable()
 
-    def encode(self, value: Any, path: str) -> Any:
+    def encode(self, value: Any, path: str, depth: int) -> Any:
+        """``value`` as typed JSON, whose node will sit ``depth`` levels deep in the tree."""
         kind = type(value)
+        if depth > _DEEPEST and kind not in _SCALARS and not (
+                kind is float and math.isfinite(value)):
+            if self.live:
+                return None
+            raise UnserializableStateError(
+                f"cannot save the value at key {path!r}: the state nests too deep (its typed "
+                f"JSON may nest {MAX_TREE_DEPTH} levels) for ckpts to read it back; flatten it "
+                "in its state_dict() (e.g. a dict of paths to values)")
         # dicts and plain tensors first: a state of 40,000 small tensors is mostly these,
         # and each test costs on the training thread during an async save
         if isinstance(value, dict):
-            return self._mapping(value, path)
+            return self._mapping(value, path, depth)
         if kind in self._tensor_types:
-            return self._tensor(value, path)
+            return self._tensor(value, path, depth)
         if value is None or kind in (bool, int, str):
             return value
         if kind is float:
@@ -169,15 +182,16 @@ class _Encoder:
                 return value
             return {"__float__": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
         if _is_tensor(value):
-            return self._tensor(value, path)
+            return self._tensor(value, path, depth)
         if kind is tuple or kind is list:
             if all(type(v) in _SCALARS for v in value):  # e.g. python's RNG state: 625 ints
                 items = list(value)
             else:
-                items = [self.encode(v, _join(path, i)) for i, v in enumerate(value)]
+                inner = depth + 2 if kind is tuple else depth + 1  # {"__tuple__": [...]}
+                items = [self.encode(v, _join(path, i), inner) for i, v in enumerate(value)]
             return {"__tuple__": items} if kind is tuple else items
         if isinstance(value, Mapping):
-            return self._mapping(value, path)
+            return self._mapping(value, path, depth)
         if self.live:
             return None
         raise UnserializableStateError(
@@ -186,15 +200,16 @@ class _Encoder:
             "Convert it (e.g. int(x), x.tolist(), str(x)) in its state_dict(), or leave it out."
         )
 
-    def _mapping(self, value: Mapping[Any, Any], path: str) -> Any:
+    def _mapping(self, value: Mapping[Any, Any], path: str, depth: int) -> Any:
         encoded = {}
-        plain_keys = True
+        plain_keys = all(type(key) is str and not key.startswith("__") for key in value)
+        inner = depth + 1 if plain_keys else depth + 3  # {"__dict__": [[key, value], ...]}
         # the commonest entry, a plain dense tensor, is checked, kept and noted right here
         # (what _is_plain, _tensor and TensorNotes.note do, without three calls); names
         # are bound once per mapping, as this runs for each of 40,000 small tensors
         tensor_types, strided, plain, other = (self._tensor_types, self._strided, self.plain,
                                                self.other)
-        fast = not self._composite  # parts of a composite tensor take the long way
+        fast = not self._composite and inner <= _DEEPEST  # else parts, deep ones: long way
         notes = self.notes
         if notes is not None:
             note_local, note_address = notes.local.append, notes.addresses.append
@@ -215,16 +230,14 @@ class _Encoder:
                         notes.on_cuda = True
                 encoded[key] = {"__tensor__": where}
             else:
-                encoded[key] = self.encode(item, where)
-            if plain_keys and (type(key) is not str or key.startswith("__")):
-                plain_keys = False
+                encoded[key] = self.encode(item, where, inner)
         if plain_keys:
             return encoded
         if self.live:  # only the tensors matter; an odd key is the saver's business
             return None
-        return {"__dict__": [[_encode_key(k, path), v] for k, v in encoded.items()]}
+        return {"__dict__": [[_encode_key(k, path, inner), v] for k, v in encoded.items()]}
 
-    def _tensor(self, tensor: torch.Tensor, path: str) -> Any:
+    def _tensor(self, tensor: torch.Tensor, path: str, depth: int) -> Any:
         split = None
         if not _is_plain(tensor):  # the common case is checked cheaply first
             refusal = _refusal(tensor)
@@ -260,15 +273,14 @@ class _Encoder:
             return {"__tensor__": key}
         kind, parts, params = split
         self._composite.append(kind)
-        try:
-            encoded_parts = {
-                name: self.encode(part, path if kind == "complex128" else _join(path, name))
-                for name, part in parts.items()
-            }
+        try:  # {"__tensor__": {"kind": ..., "parts": {name: part}, param: value}}
+            encoded_parts = {name: self.encode(part, path if kind == "complex128"
+                                               else _join(path, name), depth + 3)
+                             for name, part in parts.items()}
         finally:
             self._composite.pop()
-        return {"__tensor__": {"kind": kind, "parts": encoded_parts,
-                               **{k: self.encode(v, _join(path, k)) for k, v in params.items()}}}
+        return {"__tensor__": {"kind": kind, "parts": encoded_parts, **{
+            k: self.encode(v, _join(path, k), depth + 2) for k, v in params.items()}}}
 
     def _key(self, path: str) -> str:
         """A key no tensor has yet: the path, or the path plus ``#n``."""
@@ -571,14 +583,16 @@ def _is_tensor(value: Any) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
-def _encode_key(key: Any, path: str) -> Any:
+def _encode_key(key: Any, path: str, depth: int) -> Any:
+    """A dict key as typed JSON, whose node will sit ``depth`` levels deep in the tree."""
     if type(key) in (str, int, bool) or key is None:
         return key
-    if type(key) is tuple:
-        return {"__tuple__": [_encode_key(k, path) for k in key]}
+    if type(key) is tuple and depth <= _DEEPEST:
+        return {"__tuple__": [_encode_key(k, path, depth + 2) for k in key]}
     raise UnserializableStateError(
         f"cannot save dict key {key!r} of type {type(key).__qualname__} under "
-        f"{path or '<root>'!r}: dict keys must be str, int, bool, None or tuples of them."
+        f"{path or '<root>'!r}: dict keys must be str, int, bool, None or tuples of them "
+        f"(whose typed JSON, with the state above, nests at most {MAX_TREE_DEPTH} levels)."
     )
 
 

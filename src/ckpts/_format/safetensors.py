@@ -104,6 +104,8 @@ def parse_header(raw: bytes, size: int, *, file: str, where: str,
 
     Offsets are made absolute (from the start of the file) and checked against the
     real file size, so a truncated or hostile file fails here, not in a later read.
+    ``__metadata__`` must map strings to strings and each entry hold just its dtype,
+    shape and offsets, so nothing in a header nests.
 
     ``expected``: entries known to be well formed and to fit this file (a checked
     manifest's, by key). A header entry that says exactly what its expected entry
@@ -113,7 +115,7 @@ def parse_header(raw: bytes, size: int, *, file: str, where: str,
     """
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # or past json's depth
         raise CorruptCheckpointError(f"{where}: the safetensors header is not valid JSON") from e
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{where}: the safetensors header is not a JSON object")
@@ -121,10 +123,14 @@ def parse_header(raw: bytes, size: int, *, file: str, where: str,
     expected = expected or {}
     entries = {}
     for key, info in header.items():
-        if key == "__metadata__":
+        if key == "__metadata__":  # str -> str, as safetensors reads it: nothing nests
+            if type(info) is not dict or not all(type(value) is str for value in info.values()):
+                raise CorruptCheckpointError(
+                    f"{where}: the safetensors header's __metadata__ is not a map of strings "
+                    "to strings; the file is damaged")
             continue
         known = expected.get(key)
-        if known is not None and type(info) is dict:  # one pass of cheap tests per entry
+        if known is not None and type(info) is dict and len(info) == 3:  # cheap tests first
             offsets, shape = info.get("data_offsets"), info.get("shape")
             if type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int \
                     and type(offsets[1]) is int and offsets[0] >= 0 \
@@ -148,11 +154,13 @@ def _header_entry(where: str, file: str, key: str, info: Any, data_start: int, s
                   ) -> TensorEntry:
     shape = info.get("shape") if isinstance(info, dict) else None
     offsets = info.get("data_offsets") if isinstance(info, dict) else None
-    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) \
+    if not isinstance(info, dict) or len(info) != 3 or not isinstance(info.get("dtype"), str) \
             or info["dtype"] not in DTYPE_SIZES or not is_shape(shape) \
             or not isinstance(offsets, list) or len(offsets) != 2 \
             or not all(type(o) is int and o >= 0 for o in offsets):
-        raise CorruptCheckpointError(f"{where}: header entry for tensor {key!r} is malformed")
+        raise CorruptCheckpointError(
+            f"{where}: header entry for tensor {key!r} is malformed (it must hold dtype, shape "
+            "and data_offsets, and nothing else)")
     begin, end = data_start + offsets[0], data_start + offsets[1]
     itemsize = DTYPE_SIZES[info["dtype"]]
     numel = 1
