@@ -162,12 +162,12 @@ class ManyRanks:
         return read_on_ranks(storage, name, files, self.ranks, live, entries)
 
 
-def job_of(process_group: Any, timeout: float) -> Job:
-    """The job of this process: the ranks of ``process_group`` (default: all) when
-    torch.distributed is initialized, else one process. Every rank must call this at the
-    same point (it creates a process group)."""
+def job_of(process_group: Any, timeout: float, run: str) -> Job:
+    """The job of this process, saving and restoring ``run``: the ranks of
+    ``process_group`` (default: all) when torch.distributed is initialized, else one
+    process. Every rank must call this at the same point (it creates a process group)."""
     if dist.is_available() and dist.is_initialized():
-        ranks = Ranks.of_job(process_group, timeout)
+        ranks = Ranks.of_job(process_group, timeout, run)
         if ranks is not None:
             return ManyRanks(ranks)
     return OneProcess()

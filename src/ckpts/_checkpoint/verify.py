@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from ckpts._format.catalog import open_checkpoint
+from ckpts._format.catalog import is_committed, open_checkpoint
 from ckpts._format.manifest import manifest_tensor_entries, read_manifest
 from ckpts._tensors.reading import check_files, read_header
 from ckpts.errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
 from ckpts.storage import open_storage
 from ckpts.storage._port import MANIFEST, Storage
+
+log = logging.getLogger("ckpts")
 
 
 def verify(path: str | os.PathLike[str], *,
@@ -30,11 +33,12 @@ def verify(path: str | os.PathLike[str], *,
 
     Returns:
         The problems found, one line each (prefixed with the checkpoint's name for
-        a run); an empty list means intact.
+        a run); an empty list means intact. A checkpoint of the run deleted while it
+        was being checked (by retention or a prune) is not a problem: it is skipped.
 
     Raises:
         NotACheckpointError: ``path`` is neither a committed checkpoint nor a run
-            holding any.
+            holding any, or it is a checkpoint that was deleted while being checked.
 
     Example:
         >>> problems = ckpts.verify("runs/exp1/step-00000500")  # doctest: +SKIP
@@ -42,7 +46,10 @@ def verify(path: str | os.PathLike[str], *,
     """
     storage, name = open_checkpoint(path, storage_options)
     if MANIFEST in storage.sizes(name):
-        return verify_checkpoint(storage, name)
+        problems = verify_listed(storage, name)
+        if problems is None:
+            raise NotACheckpointError(deleted_while_verifying(storage.where(name)))
+        return problems
     run = open_storage(path, storage_options)
     checkpoints = sorted(run.committed(), key=lambda entry: entry.step)
     if not checkpoints:
@@ -50,8 +57,35 @@ def verify(path: str | os.PathLike[str], *,
             f"{path} is not a checkpoint (no {MANIFEST}) nor a run holding any; "
             "pass a run or one of its step-* checkpoints"
         )
-    return [f"{entry.name}: {problem}" for entry in checkpoints
-            for problem in verify_checkpoint(run, entry.name, entry.sizes)]
+    found = []
+    for entry in checkpoints:
+        problems = verify_listed(run, entry.name, entry.sizes)
+        if problems is None:
+            log.info("%s was deleted while verifying the run (retention or prune?)",
+                     run.where(entry.name))
+        found += [f"{entry.name}: {problem}" for problem in problems or []]
+    return found
+
+
+def verify_listed(storage: Storage, name: str,
+                  sizes: Mapping[str, int] | None = None) -> list[str] | None:
+    """The problems of a checkpoint that a listing found committed (see
+    :func:`verify_checkpoint`), or None when it was deleted since (by retention, a
+    prune): its manifest is gone, so what went missing was deleted, not damaged. A file
+    missing beside a manifest that is still there is damage."""
+    problems = verify_checkpoint(storage, name, sizes)
+    if not problems:
+        return problems
+    try:
+        return problems if is_committed(storage, name) else None
+    except OSError:  # cannot tell: report what the check found
+        return problems
+
+
+def deleted_while_verifying(where: str) -> str:
+    """The error for a checkpoint named on its own that was deleted while it was checked."""
+    return (f"{where} was deleted while it was being verified (by retention or a prune?); "
+            "verify the run to check the checkpoints it holds now")
 
 
 def verify_checkpoint(storage: Storage, name: str,
@@ -60,8 +94,9 @@ def verify_checkpoint(storage: Storage, name: str,
     when a listing of the run already has them (else the checkpoint is listed)."""
     where = storage.where(name)
     try:
-        manifest = read_manifest(storage, name)
-        check_file_sizes(where, manifest, storage.sizes(name) if sizes is None else sizes)
+        listed = storage.sizes(name) if sizes is None else sizes
+        manifest = read_manifest(storage, name, sizes=listed)
+        check_file_sizes(where, manifest, listed)
         problems = check_files(storage, name, manifest)
     except (CheckpointError, OSError) as e:
         return [str(e)]

@@ -20,6 +20,7 @@ from ckpts.cli import (
     maintenance,
     selection,
 )
+from ckpts.cli._common import show_library_warnings
 
 app = typer.Typer(
     name="ckpts",
@@ -55,4 +56,5 @@ app.command("import")(importing.import_)
 
 def main() -> None:
     """Entry point of the ``ckpts`` console script."""
+    show_library_warnings()
     app()

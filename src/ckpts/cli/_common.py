@@ -10,6 +10,11 @@ and :func:`open_location` turn the text into a storage (see :mod:`ckpts.storage.
 credentials for a URL come from the usual variables (``AWS_ACCESS_KEY_ID``,
 ``AWS_ENDPOINT_URL``, ...). Output files stay local paths.
 
+Everything a run holds (tags, metric, object, file and tensor names, folder names)
+is printed through :func:`printable`, and so is every error message: a tag holding
+an escape sequence must not clear the user's terminal, nor a lone surrogate crash
+the output.
+
 Nothing here imports torch: ``ckpts ls`` must start fast.
 """
 
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
+import re
 import sys
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -42,18 +49,50 @@ ModeOption = Annotated[
     Mode, typer.Option(help="Whether lower (min) or higher (max) values of the metric are better.")
 ]
 
-# No markup: paths, tensor keys and tags print as they are, brackets included. Soft
-# wrap: a long line stays one line (for grep and cut), whatever the terminal width.
-stdout = Console(highlight=False, markup=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+# No markup nor emoji codes: paths, tensor keys and tags print as they are, brackets
+# and colons included. Soft wrap: a long line stays one line (for grep and cut),
+# whatever the terminal width.
+stdout = Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
+
+# C0 controls (newline and tab included), DEL, C1 controls, and surrogates (in a str
+# from JSON or the file system, a surrogate is always a lone one)
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def printable(text: str) -> str:
+    r"""``text`` with its control characters and lone surrogates escaped as ``repr``
+    writes them (``\x1b``, ``\n``, ``\ud800``); everything else as it is.
+
+    Example:
+        >>> printable("best\x1b[2J\ud800 é")
+        'best\\x1b[2J\\ud800 é'
+    """
+    return _UNPRINTABLE.sub(lambda found: repr(found.group())[1:-1], text)
+
+
+def show_library_warnings() -> None:
+    """Print the library's warnings (it logs through ``logging``) on stderr, one escaped
+    line each: they name the run's paths and keys."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter())
+    logging.getLogger("ckpts").addHandler(handler)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """A record's message (and traceback, if any) as one escaped line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def fail(message: str) -> NoReturn:
-    """Print ``error: message`` on stderr and exit with code 2."""
-    stderr.print(f"error: {message}")
+    """Print ``error: message`` on stderr (escaped, see :func:`printable`) and exit with
+    code 2."""
+    stderr.print(f"error: {printable(message)}")
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -136,8 +175,8 @@ def metric_names(checkpoints: Iterable[Checkpoint]) -> list[str]:
 
 
 def json_metrics(metrics: Mapping[str, float]) -> dict[str, float | None]:
-    """Metrics for JSON output: NaN (not valid JSON) becomes null."""
-    return {name: None if math.isnan(value) else value for name, value in metrics.items()}
+    """Metrics for JSON output: NaN and infinities (not valid JSON) become null."""
+    return {name: value if math.isfinite(value) else None for name, value in metrics.items()}
 
 
 def format_number(value: float) -> str:
@@ -161,7 +200,8 @@ def print_table(
 
     Why not ``rich.table.Table``: it lays out every cell through its renderer, about
     1 s for the 1,000 rows of a long run's ``ckpts ls``; this takes milliseconds.
-    With no rows, nothing is printed (not even the header).
+    With no rows, nothing is printed (not even the header). Every cell, header and
+    title is escaped (see :func:`printable`).
 
     Args:
         rows: the cells of each row, as text.
@@ -169,10 +209,11 @@ def print_table(
         right: indices of the columns to right-align (numbers, sizes).
         title: a bold line printed above the table.
     """
-    body = [list(row) for row in rows]
+    body = [[printable(cell) for cell in row] for row in rows]
     if not body:
         return
-    lines = [list(header), *body] if header is not None else body
+    header = None if header is None else [printable(cell) for cell in header]
+    lines = [header, *body] if header is not None else body
     widths = [max(cell_len(line[i]) for line in lines) for i in range(len(lines[0]))]
 
     def layout(cells: list[str]) -> str:
@@ -181,7 +222,7 @@ def print_table(
         return "  ".join(padded).rstrip()
 
     if title is not None:
-        stdout.print(Text(title, style="bold"))
+        stdout.print(Text(printable(title), style="bold"))
     if header is not None:
-        stdout.print(Text(layout(list(header)), style="bold"))
+        stdout.print(Text(layout(header), style="bold"))
     stdout.print("\n".join(layout(line) for line in body))

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from ckpts.cli._common import EXIT_CHECK_FAILED, reports_errors, stdout
+from ckpts.cli._common import EXIT_CHECK_FAILED, printable, reports_errors, stdout
 from ckpts.testing._resume_check import RUN_PLACEHOLDER
 from ckpts.testing._resume_check import check_resume as run_check
 
@@ -39,6 +39,6 @@ def check_resume(
     """
     result = run_check(command, kill_after_saves=kill_after_saves, timeout=timeout,
                        workdir=workdir, run=run)
-    stdout.print(result.report())
+    stdout.print("\n".join(map(printable, result.report().splitlines())))
     if not result.exact:
         raise typer.Exit(EXIT_CHECK_FAILED)

@@ -26,6 +26,7 @@ from ckpts.cli._common import (
     open_checkpoint_arg,
     print_json,
     print_table,
+    printable,
     reports_errors,
     stdout,
 )
@@ -78,9 +79,9 @@ def print_state_differences(differences: list[StateDifference], *, limit: int = 
     if not differences:
         return
     objects = sorted({d.object for d in differences})
-    stdout.print(f"non-tensor state differs in: {', '.join(objects)}")
+    stdout.print(printable(f"non-tensor state differs in: {', '.join(objects)}"))
     for difference in differences[:limit]:
-        stdout.print(f"  {difference.path}: {difference.a} -> {difference.b}")
+        stdout.print(printable(f"  {difference.path}: {difference.a} -> {difference.b}"))
     if len(differences) > limit:
         stdout.print(f"  ... and {len(differences) - limit} more keys")
 

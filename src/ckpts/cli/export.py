@@ -33,8 +33,10 @@ from rich.progress import (
 
 from ckpts.cli._common import (
     fail,
+    format_number,
     open_checkpoint_arg,
     open_run,
+    printable,
     reports_errors,
     stderr,
     stdout,
@@ -112,10 +114,10 @@ def evaluate(
                  total: int) -> None:
             progress.update(task, completed=done, total=total,
                             description=f"step {checkpoint.step}")
-            progress.console.print(
+            progress.console.print(printable(
                 f"step {checkpoint.step}: "
                 + ("already evaluated, skipped" if metrics is None
-                   else ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())))
+                   else ", ".join(f"{k} {format_number(v)}" for k, v in metrics.items()))))
 
         results = manager.evaluate(lambda c: _run_script(script, c), metrics=metric,
                                    steps=step, progress=show)

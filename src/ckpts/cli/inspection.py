@@ -27,6 +27,7 @@ from ckpts.cli._common import (
     open_run,
     print_json,
     print_table,
+    printable,
     reports_errors,
     stderr,
     stdout,
@@ -163,7 +164,7 @@ def du(
         try:
             by_kind = bytes_by_kind(read_manifest(storage, entry.name), entry.sizes[MANIFEST])
         except (CheckpointError, OSError) as e:
-            stderr.print(f"warning: skipping {path}: {e}")
+            stderr.print(printable(f"warning: skipping {path}: {e}"))
             continue
         listed.append(entry)
         checkpoints.append({"step": entry.step, "path": path, "nbytes": sum(by_kind.values()),

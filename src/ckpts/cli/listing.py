@@ -29,6 +29,7 @@ from ckpts.cli._common import (
     open_run,
     print_json,
     print_table,
+    printable,
     reports_errors,
     stderr,
     stdout,
@@ -68,7 +69,7 @@ def ls(
         if name:  # a directory of runs: a blank line, then each run's name
             if i:
                 stdout.print()
-            stdout.print(Text(name, style="bold"))
+            stdout.print(Text(printable(name), style="bold"))
         print_checkpoint_table(pairs)
 
 
@@ -87,8 +88,9 @@ def best(
     check_metric(metric, checkpoints)
     for checkpoint in checkpoints:
         if checkpoint.damaged is not None and metric in checkpoint.metrics:
-            stderr.print(f"note: skipping step {checkpoint.step}, which is damaged "
-                         f"({checkpoint.damaged}); `ckpts verify {run}` checks every file")
+            stderr.print(printable(f"note: skipping step {checkpoint.step}, which is damaged "
+                                   f"({checkpoint.damaged}); `ckpts verify {run}` checks "
+                                   "every file"))
     ranked = rank_by([c for c in checkpoints if c.damaged is None], metric, mode)
     if not ranked:
         fail(f"every checkpoint with the metric {metric!r} in {run} is damaged; "

@@ -24,6 +24,7 @@ from ckpts.cli._common import (
     fail,
     open_location,
     open_run,
+    printable,
     reports_errors,
     stderr,
     stdout,
@@ -46,7 +47,8 @@ def verify(
 ) -> None:
     """Check every file of a checkpoint (or of each checkpoint in a run) against its manifest.
 
-    Exits with code 1 when any checkpoint has a problem.
+    Exits with code 1 when any checkpoint has a problem. A checkpoint of the run deleted
+    while the command runs (a writer's retention, a prune) is noted, not a problem.
     """
     storage = open_location(path)
     found = committed_checkpoint(path)
@@ -59,18 +61,26 @@ def verify(
     names = [name for name, _ in listed]
     if not names:
         fail(f"{path} is not a checkpoint (no {MANIFEST}) nor a run holding any")
-    from ckpts._checkpoint.verify import verify_checkpoint  # imports torch: only once there is work
+    # imports torch: only once there is work
+    from ckpts._checkpoint.verify import deleted_while_verifying, verify_listed
 
-    failed = 0
+    failed = deleted = 0
     columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True,
                   disable=not stderr.is_terminal) as progress:
         for name, sizes in progress.track(listed):
-            problems = verify_checkpoint(storage, name, sizes)
+            problems = verify_listed(storage, name, sizes)
+            if problems is None:
+                if found is not None:
+                    fail(deleted_while_verifying(path))
+                deleted += 1
+                stdout.print(f"{name}  deleted while verifying (retention or prune?)")
+                continue
             failed += bool(problems)
             stdout.print(f"{name}  {'FAILED' if problems else 'OK'}")
             _report_files(storage, name, problems)
-    stdout.print(f"{len(names)} checkpoint(s) verified, {failed} with problems")
+    stdout.print(f"{len(names) - deleted} checkpoint(s) verified, {failed} with problems"
+                 + (f", {deleted} deleted meanwhile" if deleted else ""))
     if failed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
@@ -83,9 +93,10 @@ def _report_files(storage: Storage, checkpoint: str, problems: list[str]) -> Non
         files = {}  # the manifest itself is the problem; it is printed below
     for name, record in sorted(files.items()):
         bad = any(p.startswith(f"{storage.where(checkpoint)}/{name}:") for p in problems)
-        stdout.print(f"  {name}  {decimal(record['nbytes'])}  {'FAILED' if bad else 'OK'}")
+        stdout.print(printable(f"  {name}  {decimal(record['nbytes'])}  "
+                               f"{'FAILED' if bad else 'OK'}"))
     for problem in problems:
-        stdout.print(f"  {problem}")
+        stdout.print(printable(f"  {problem}"))
 
 
 @reports_errors
@@ -186,7 +197,7 @@ def pin(
     _checkpoint_at(storage, step)
     with _manager(storage) as manager:
         checkpoint = manager.pin(step, tag)
-    stdout.print(f"pinned {checkpoint.name} (tags: {', '.join(checkpoint.tags)})")
+    stdout.print(printable(f"pinned {checkpoint.name} (tags: {', '.join(checkpoint.tags)})"))
 
 
 @reports_errors
@@ -204,8 +215,8 @@ def unpin(
         fail(f"step {step} has no tag {tag!r}; its tags: {', '.join(current.tags) or 'none'}")
     with _manager(storage) as manager:
         checkpoint = manager.unpin(step, tag)
-    stdout.print(f"unpinned {checkpoint.name} (tags left: "
-                 f"{', '.join(checkpoint.tags) or 'none'})")
+    stdout.print(printable(f"unpinned {checkpoint.name} (tags left: "
+                           f"{', '.join(checkpoint.tags) or 'none'})"))
 
 
 def _checkpoint_at(run: Storage, step: int) -> Checkpoint:

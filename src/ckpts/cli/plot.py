@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ckpts.cli._common import printable
 from ckpts.cli.curves import Curve
 from ckpts.errors import CheckpointError, InvalidArgumentError
 
@@ -37,20 +38,28 @@ def plot_curves(curves: Sequence[Curve], out: Path, *, title: str | None = None)
         InvalidArgumentError: no curve has a point.
     """
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        import matplotlib
     except ImportError as e:
         raise CheckpointError("plotting needs matplotlib: pip install 'ckpts[plot]'") from e
     if not any(curve.points for curve in curves):
         raise InvalidArgumentError("nothing to plot: no run has a value of the metric")
+    # names and labels come from the runs: drawn as they are, never parsed as TeX
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return _draw(curves, out, title=title)
+
+
+def _draw(curves: Sequence[Curve], out: Path, *, title: str | None) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(7.5, 4.2), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for index, curve in enumerate(curves):
         color = f"C{index % 10}"
-        finite = [p for p in curve.points if not math.isnan(p.value)]
+        finite = [p for p in curve.points if math.isfinite(p.value)]
         axes.plot([p.step for p in finite], [p.value for p in finite], color=color,
-                  linewidth=1.4, alpha=0.85, label=curve.label)
+                  linewidth=1.4, alpha=0.85, label=printable(curve.label))
         deleted = [p for p in finite if not p.kept]
         if deleted:
             axes.scatter([p.step for p in deleted], [p.value for p in deleted], s=18,
@@ -66,9 +75,9 @@ def plot_curves(curves: Sequence[Curve], out: Path, *, title: str | None = None)
                              zorder=4)
     _legend(axes, several_runs=len(curves) > 1)
     axes.set_xlabel("step")
-    metric = curves[0].metric
+    metric = printable(curves[0].metric)
     axes.set_ylabel(metric)
-    axes.set_title(title if title is not None else metric)
+    axes.set_title(printable(title) if title is not None else metric)
     axes.grid(alpha=0.25)
     figure.savefig(out)
     return out

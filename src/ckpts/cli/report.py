@@ -21,6 +21,7 @@ from rich.filesize import decimal
 
 from ckpts._format.catalog import Checkpoint, list_checkpoints
 from ckpts._run.policy import Mode
+from ckpts.cli._common import printable
 from ckpts.cli.curves import Curve, Point, Recommendation, metric_curve, recommend, run_name
 from ckpts.errors import InvalidArgumentError
 from ckpts.storage import open_storage
@@ -86,13 +87,13 @@ def write_report(run: Storage | str | os.PathLike[str], out: Path, *, metric: st
 def render(run: Storage, checkpoints: Sequence[Checkpoint], curves: Sequence[Curve],
            advice: Recommendation | None, *, now: datetime.datetime) -> str:
     """The report page as a string (see :func:`write_report`)."""
-    title = html.escape(f"ckpts report: {run_name(run)}")
+    title = _html(f"ckpts report: {run_name(run)}")
     where = run.location if url_protocol(run.location) else str(Path(run.location).resolve())
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{title}</title><style>{_CSS}</style></head><body>",
         f"<h1>{title}</h1>",
-        f'<div class="muted">{html.escape(where)} &middot; generated '
+        f'<div class="muted">{_html(where)} &middot; generated '
         f"{now.strftime('%Y-%m-%d %H:%M UTC')}</div>",
         _recommendation(advice),
         '<h2>Metric curves</h2><div id="curves">',
@@ -107,21 +108,27 @@ def render(run: Storage, checkpoints: Sequence[Checkpoint], curves: Sequence[Cur
     return "\n".join(parts) + "\n"
 
 
+def _html(text: str) -> str:
+    """Text of the run (names, tags, paths) for the page: escaped for the terminal first
+    (a lone surrogate cannot even be written as UTF-8), then for HTML."""
+    return html.escape(printable(text))
+
+
 def _recommendation(advice: Recommendation | None) -> str:
     if advice is None:
         return ('<div class="recommend" id="recommendation">No checkpoint has a metric to '
                 "rank by; attach one with <code>add_metrics</code> or "
                 "<code>ckpts evaluate</code>.</div>")
-    path = html.escape(str(advice.checkpoint.path))
+    path = _html(str(advice.checkpoint.path))
     return (f'<div class="recommend" id="recommendation" data-step="{advice.checkpoint.step}">'
-            f"<b>Recommended:</b> {html.escape(advice.reason)}.<br><code>{path}</code><br>"
+            f"<b>Recommended:</b> {_html(advice.reason)}.<br><code>{path}</code><br>"
             f'<span class="muted">Export it: <code>ckpts export {path} OUT --format hf'
             "</code></span></div>")
 
 
 def _chart(curve: Curve) -> str:
-    """One metric's curve as an inline SVG chart."""
-    finite = [p for p in curve.points if not math.isnan(p.value)]
+    """One metric's curve as an inline SVG chart (NaN and infinite values left out)."""
+    finite = [p for p in curve.points if math.isfinite(p.value)]
     if not finite:
         return ""
     x_low, x_high = _span([p.step for p in finite])
@@ -136,7 +143,7 @@ def _chart(curve: Curve) -> str:
     def y(value: float) -> float:
         return TOP + (y_high - value) / (y_high - y_low) * plot_h
 
-    name = html.escape(curve.metric)
+    name = _html(curve.metric)
     out = [f'<div class="chart"><svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" '
            f'height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
            f'data-metric="{name}" aria-label="{name} by step">',
@@ -156,7 +163,7 @@ def _chart(curve: Curve) -> str:
                f'transform="rotate(-90 14 {TOP + plot_h / 2})">{name}</text>')
     line = " ".join(f"{x(p.step):.1f},{y(p.value):.1f}" for p in finite)
     out.append(f'<polyline points="{line}" fill="none" stroke="#2563eb" stroke-width="1.5"/>')
-    out += [_marker(p, x(p.step), y(p.value), name) for p in finite]
+    out += [_marker(p, x(p.step), y(p.value), curve.metric) for p in finite]
     out.append("</svg></div>")
     return "".join(out)
 
@@ -167,7 +174,7 @@ def _marker(point: Point, cx: float, cy: float, metric: str) -> str:
              + ("" if point.kept else " (deleted)")
              + (f" [{', '.join(point.markers)}]" if point.markers else ""))
     common = f'class="{classes}" data-step="{point.step}"'
-    tooltip = f"<title>{html.escape(label)}</title>"
+    tooltip = f"<title>{_html(label)}</title>"
     if not point.kept:
         return (f'<circle {common} cx="{cx:.1f}" cy="{cy:.1f}" r="3.5" fill="none" '
                 f'stroke="#2563eb" opacity="0.35">{tooltip}</circle>')
@@ -189,7 +196,7 @@ def _table(checkpoints: Sequence[Checkpoint], curves: Sequence[Curve], *,
            now: datetime.datetime, recommended: int | None) -> str:
     """The kept checkpoints, then (folded) the deleted steps the history knows."""
     names = [c.metric for c in curves]
-    metric_heads = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    metric_heads = "".join(f"<th>{_html(n)}</th>" for n in names)
     best_of: dict[int, list[str]] = {}
     for curve in curves:
         for p in curve.points:
@@ -206,7 +213,7 @@ def _table(checkpoints: Sequence[Checkpoint], curves: Sequence[Curve], *,
         tags += [f"pinned:{t}" if t != "pinned" else "pinned" for t in c.tags]
         cells = "".join(f"<td>{_number(c.metrics.get(n))}</td>" for n in names)
         badges = "".join(f'<span class="tag{" best" if t.startswith(("best", "rec")) else ""}">'
-                         f"{html.escape(t)}</span>" for t in tags)
+                         f"{_html(t)}</span>" for t in tags)
         css = "kept recommended" if c.step == recommended else "kept"
         rows.append(f'<tr class="{css}" data-step="{c.step}"><td>{c.step}</td>'
                     f'<td class="left">{c.created.strftime("%Y-%m-%d %H:%M:%S")}</td>'
@@ -247,7 +254,7 @@ def _disk(run: Storage, checkpoints: Sequence[Checkpoint], curves: Sequence[Curv
            if pinned else "; nothing pinned"),
         f"free space on this filesystem: {free}",
     ]
-    return '<ul id="disk">' + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
+    return '<ul id="disk">' + "".join(f"<li>{_html(i)}</li>" for i in items) + "</ul>"
 
 
 def _metric_names(checkpoints: Sequence[Checkpoint]) -> list[str]:
