@@ -27,6 +27,16 @@ Targets (issue 11), checked in the same run:
 - the run's 10 LoRA checkpoints hold <= 1.5x one full checkpoint on disk;
 - a full fine-tune (nothing to reuse) pays <= 5 % save time over ``dedup=False``.
 
+The reuse check (issue 24): before reusing a file, a save reads the previous
+checkpoint's copy back and hashes it against its manifest, so that a file damaged at
+rest is written anew rather than linked. Its cost is measured in the same run, three
+ways. The LoRA lockstep holds two more dedup runs: *dedup-unchecked*, the same save
+with the check skipped (``ckpts._tensors.writing._intact_sources`` replaced for that
+run's saves only: there is no option to turn it off), and *dedup-cold*, whose source
+files are dropped from the page cache (``posix_fadvise(DONTNEED)`` after ``os.sync()``,
+untimed) before each save, so its check reads them from the disk; and every dedup save
+records the check's own wall time and the bytes it hashed (the reused files).
+
 Run: ``python -m benchmarks.dedup_bench [--rounds 3] [--rank 8] [--dir /tmp]``, or
 ``make bench-dedup``; ``--quick`` is a tiny smoke run (seconds). Writes
 ``benchmarks/results/dedup-<timestamp>.json`` and ``.md`` (with ``--quick``, only where
@@ -36,6 +46,7 @@ Run: ``python -m benchmarks.dedup_bench [--rounds 3] [--rank 8] [--dir /tmp]``, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import random
@@ -43,7 +54,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,18 +65,25 @@ import ckpts
 from benchmarks import _workloads as wl
 from benchmarks._measure import log, write_results
 from ckpts._run.usage import physical_bytes
+from ckpts._tensors import writing
 
-TITLE = "ckpts dedup: reuse of unchanged tensor files (issue 11)"
+TITLE = "ckpts dedup: reuse of unchanged tensor files (issue 11) and its check (issue 24)"
 KINDS = ("lora", "full")
+# the runs of each kind, saving in lockstep (see the module docstring)
+VARIANTS = {"lora": ("dedup", "dedup-unchecked", "dedup-cold", "no-dedup"),
+            "full": ("dedup", "no-dedup")}
 NOTES = [
-    "Each round runs a LoRA pair and a full fine-tune pair of runs (in a shuffled order), "
-    "each pair a dedup and a no-dedup run in fresh directories (deleted after), saving in "
-    "lockstep: after each optimizer step both save the same state, in a shuffled order. "
+    "Each round runs a LoRA set and a full fine-tune pair of runs (in a shuffled order): "
+    "the pair a dedup and a no-dedup run, the LoRA set those two plus dedup-unchecked and "
+    "dedup-cold, in fresh directories (deleted after), saving in lockstep: after each "
+    "optimizer step each run saves the same state, in a shuffled order. "
     "A time ratio pairs each save with the peer's save of the same step; it is the median "
     "over rounds of the per-round median over the saves after the first.",
-    "The page cache cannot be dropped here (no privilege assumed): the reused files were "
-    "just written and a dedup save hashes them from the live tensors, never from disk, "
-    "so the cache does not favour it; every save calls fsync on what it writes.",
+    "The page cache cannot be dropped whole here (no privilege assumed). A dedup save "
+    "decides reuse by hashing the live tensors, then its check reads the files to reuse "
+    "back: in the dedup run from the page cache (the previous save just wrote or linked "
+    "them), which favours it; the dedup-cold run evicts them first and shows the save "
+    "without that help. Every save calls fsync on what it writes.",
     "Bytes written are counted two independent ways: the growth of the run's physical "
     "size (each hard-linked file once) and this process's wchar from /proc/self/io "
     "(every byte passed to write calls: tensor files, manifest, the run's history).",
@@ -76,6 +94,12 @@ NOTES = [
     "<= 10 % needs t <= ~3.6 % and 10 checkpoints <= 1.5x needs t <= ~1.9 %.",
     "The full fine-tune's runs keep their newest checkpoint only (KeepLast(1)) to bound "
     "the disk; retention runs inside save() for both peers alike.",
+    "The reuse check reads back only the files about to be reused (here the frozen base "
+    "and the RNG file). In the dedup and dedup-unchecked runs they were written or linked "
+    "by the previous save, so the check hashes them from the page cache (a memory map, no "
+    "copy): the warm case, which is the usual one for a source saved minutes earlier. The "
+    "dedup-cold run evicts them first (clean pages, posix_fadvise DONTNEED), so its check "
+    "pays the disk read: the case of a source whose pages the kernel has reclaimed.",
     "A full fine-tune changes every tensor, so dedup only adds its check: the header and "
     "the smallest tensor of each file are hashed before writing (hashes kept, not taken "
     "again). On this VM the same fsync'd 1.2 GB save took 0.4-3.9 s (page-cache reclaim "
@@ -207,27 +231,72 @@ def allocated_bytes(run: Path) -> int:
     return sum(seen.values())
 
 
-class Run:
-    """One run directory, its manager and what each of its saves took and wrote."""
+@contextlib.contextmanager
+def reuse_check(run: Run) -> Iterator[None]:
+    """During one save of ``run``: the reuse check timed (its seconds and the bytes it
+    hashed added to the run's last entries), or, for dedup-unchecked, skipped."""
+    real = writing._intact_sources
 
-    def __init__(self, directory: Path, *, dedup: bool, keep_last: int | None) -> None:
-        self.directory = directory
+    def timed(storage: Any, reusable: Any, outs: Any, same: Sequence[bool]) -> list[bool]:
+        started = time.perf_counter()
+        checked = real(storage, reusable, outs, same)
+        run.check_times[-1] += time.perf_counter() - started
+        run.check_bytes[-1] += sum(out.nbytes for out, reused in zip(outs, same, strict=True)
+                                   if reused)
+        return checked
+
+    def skipped(storage: Any, reusable: Any, outs: Any, same: Sequence[bool]) -> list[bool]:
+        return list(same)
+
+    writing._intact_sources = skipped if run.variant == "dedup-unchecked" else timed
+    try:
+        yield
+    finally:
+        writing._intact_sources = real
+
+
+def evict(checkpoint: Path) -> None:
+    """Drop a checkpoint's (clean) files from the page cache: the next read is the disk's."""
+    for path in checkpoint.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+class Run:
+    """One run directory, its manager and what each of its saves took and wrote.
+    ``variant``: dedup, dedup-unchecked (no reuse check), dedup-cold (its sources
+    evicted from the page cache before each save) or no-dedup."""
+
+    def __init__(self, directory: Path, *, variant: str, keep_last: int | None) -> None:
+        self.directory, self.variant = directory, variant
         keep = [ckpts.KeepLast(keep_last)] if keep_last else None
-        self.manager = ckpts.CheckpointManager(directory, keep=keep, dedup=dedup)
+        self.manager = ckpts.CheckpointManager(directory, keep=keep,
+                                               dedup=variant != "no-dedup")
         self.times: list[float] = []
         self.wchar: list[int] = []
         self.growth: list[int] = []
-        self.went_first: list[bool] = []  # of its pair of saves of the same state
+        self.check_times: list[float] = []  # the reuse check's own time in each save
+        self.check_bytes: list[int] = []  # and the bytes it hashed (the files reused)
+        self.went_first: list[bool] = []  # of its lockstep's saves of the same state
         self.physical = 0
 
     def save(self, step: int, state: ckpts.TrainState, *, first: bool) -> None:
         """One timed sync save; its bytes counted by wchar and by physical growth."""
         self.went_first.append(first)
+        self.check_times.append(0.0)
+        self.check_bytes.append(0)
         gc.collect()
         os.sync()  # nothing dirty from before: the save's fsyncs flush its own bytes only
+        listing = self.manager.storage.committed()
+        if self.variant == "dedup-cold" and listing:
+            evict(self.directory / max(listing, key=lambda e: e.step).name)
         before = process_io()["wchar"]
         started = time.perf_counter()
-        self.manager.save(step, state)
+        with reuse_check(self):
+            self.manager.save(step, state)
         self.times.append(time.perf_counter() - started)
         self.wchar.append(process_io()["wchar"] - before)
         now = physical_bytes(self.manager.storage.committed())
@@ -239,6 +308,7 @@ class Run:
         listing = self.manager.storage.committed()
         self.manager.close()
         return {"times": self.times, "wchar": self.wchar, "growth": self.growth,
+                "check_times": self.check_times, "check_bytes": self.check_bytes,
                 "went_first": self.went_first,
                 "checkpoints": len(listing), "physical": physical_bytes(listing),
                 "logical": sum(sum(e.sizes.values()) for e in listing),
@@ -246,24 +316,26 @@ class Run:
                 "allocated": allocated_bytes(self.directory)}
 
 
-def save_pair(training: Training, workdir: Path, *, saves: int, seed: int,
-              keep_last: int | None, check_restore: bool = False) -> dict[bool, dict[str, Any]]:
-    """A dedup run and a no-dedup run of the same training, in lockstep: after each
-    optimizer step both save the same state, in a shuffled order (so each pair of saves
-    meets the same disk weather). Returns each run's record, by ``dedup``."""
+def save_pair(training: Training, workdir: Path, *, variants: Sequence[str], saves: int,
+              seed: int, keep_last: int | None, check_restore: bool = False
+              ) -> dict[str, dict[str, Any]]:
+    """Runs of the same training, one per variant (dedup, no-dedup, ...), in lockstep:
+    after each optimizer step each saves the same state, in a shuffled order (so the
+    saves of one step meet the same disk weather). Returns each run's record, by
+    variant."""
     training.reset()
     gen = torch.Generator().manual_seed(seed)
     order = random.Random(seed)
-    runs = {dedup: Run(workdir / ("dedup" if dedup else "no-dedup"), dedup=dedup,
-                       keep_last=keep_last) for dedup in (True, False)}
+    runs = {variant: Run(workdir / variant, variant=variant, keep_last=keep_last)
+            for variant in variants}
     for step in range(1, saves + 1):
         training.step(gen)
         state = training.state()
-        for position, dedup in enumerate(order.sample([True, False], 2)):
-            runs[dedup].save(step, state, first=position == 0)
-    records = {dedup: run.finish() for dedup, run in runs.items()}
+        for position, variant in enumerate(order.sample(list(variants), len(variants))):
+            runs[variant].save(step, state, first=position == 0)
+    records = {variant: run.finish() for variant, run in runs.items()}
     if check_restore:
-        restores_exactly(training, runs[True].directory, saves)
+        restores_exactly(training, runs["dedup"].directory, saves)
     shutil.rmtree(workdir)
     return records
 
@@ -313,29 +385,24 @@ def run_rounds(plan: Plan, workdir: Path, full_workdir: Path
                             "lora_trainable": count(lora.model, True),
                             "full_params": count(full.model),
                             "lora_changed_bytes": lora.changed_bytes()}
-    results: dict[str, list[dict[str, Any]]] = {name(k, d): [] for k in KINDS
-                                                 for d in (True, False)}
+    results: dict[str, list[dict[str, Any]]] = {f"{k}/{v}": [] for k in KINDS
+                                                 for v in VARIANTS[k]}
     for index in range(plan.rounds):
         for kind in random.Random(index).sample(KINDS, len(KINDS)):
             training, saves, keep_last = ((lora, plan.lora_saves, None) if kind == "lora"
                                           else (full, plan.full_saves, 1))
             started = time.perf_counter()
             where = workdir if kind == "lora" else full_workdir
-            records = save_pair(training, where / f"{kind}-{index}", saves=saves, seed=index,
-                                keep_last=keep_last,
+            records = save_pair(training, where / f"{kind}-{index}", variants=VARIANTS[kind],
+                                saves=saves, seed=index, keep_last=keep_last,
                                 check_restore=kind == "lora" and index == plan.rounds - 1)
-            for dedup, record in records.items():
-                results[name(kind, dedup)].append(record)
+            for variant, record in records.items():
+                results[f"{kind}/{variant}"].append(record)
             log(f"  round {index + 1}/{plan.rounds}, {kind}: " + ", ".join(
-                f"{'dedup' if d else 'no-dedup'} "
-                f"{statistics.median(later(results[name(kind, d)][-1]['times'])):.3f} s/save"
-                for d in (True, False)) + f" ({time.perf_counter() - started:.0f} s)")
+                f"{v} {statistics.median(later(results[f'{kind}/{v}'][-1]['times'])):.3f} s/save"
+                for v in VARIANTS[kind]) + f" ({time.perf_counter() - started:.0f} s)")
     info["restore_checked"] = True
     return results, info
-
-
-def name(kind: str, dedup: bool) -> str:
-    return f"{kind}/{'dedup' if dedup else 'no-dedup'}"
 
 
 # ---------------------------------------------------------------- the verdict
@@ -436,6 +503,39 @@ def timing_lines(results: dict[str, list[dict[str, Any]]]) -> Iterator[str]:
                f"{rounds[0]['checkpoints']} checkpoint(s) |")
 
 
+def check_lines(results: dict[str, list[dict[str, Any]]]) -> Iterator[str]:
+    """The reuse check's cost (issue 24): its own time and the bytes it hashed in each
+    dedup run, then save times paired with the same save without the check."""
+    yield ("| reuse check, saves 2..N | check time per save, median [min-max] | MB hashed "
+           "per save (median) | rate (median) | share of the save's time (median) |")
+    yield "|---|---|---|---|---|"
+    for run_name in ("lora/dedup", "lora/dedup-cold", "full/dedup"):
+        spent = [t for r in results[run_name] for t in later(r["check_times"])]
+        hashed = [b for r in results[run_name] for b in later(r["check_bytes"])]
+        shares = [c / t for r in results[run_name]
+                  for c, t in zip(later(r["check_times"]), later(r["times"]), strict=True)]
+        rates = [b / t for b, t in zip(hashed, spent, strict=True) if t > 0 and b]
+        yield (f"| {run_name} | {1e3 * statistics.median(spent):.1f} ms "
+               f"[{1e3 * min(spent):.1f}-{1e3 * max(spent):.1f}] | "
+               f"{statistics.median(hashed) / 1e6:.1f} | "
+               + (f"{statistics.median(rates) / 1e9:.2f} GB/s" if rates else "-")
+               + f" | {100 * statistics.median(shares):.1f}% |")
+    yield ""
+    yield ("| save time, paired ratio (same step), saves 2..N | median over rounds | "
+           "per round | single pairs |")
+    yield "|---|---|---|---|"
+    for ours, peer, what in (("dedup", "dedup-unchecked", "check on (warm) / off"),
+                             ("dedup-cold", "dedup-unchecked", "check on (cold) / off"),
+                             ("dedup-unchecked", "no-dedup", "reuse without the check / no dedup"),
+                             ("dedup-cold", "no-dedup", "reuse, cold check / no dedup")):
+        ratios = paired(results[f"lora/{peer}"], results[f"lora/{ours}"])
+        rounds = round_medians(ratios)
+        pairs = [v for per_round in ratios for v in per_round]
+        yield (f"| LoRA: {what} ({ours} / {peer}) | {statistics.median(rounds):.3f}x | "
+               + ", ".join(f"{v:.3f}" for v in rounds)
+               + f" | {min(pairs):.2f}-{max(pairs):.2f} |")
+
+
 def markdown(result: dict[str, Any]) -> str:
     info, plan = result["info"], result["plan"]
     lines = [f"# {TITLE}", "", f"Machine: {wl.machine_line(result['machine'])}", "",
@@ -451,7 +551,7 @@ def markdown(result: dict[str, Any]) -> str:
              "| target | measured | limit | pass | how |", "|---|---|---|---|---|"]
     lines += [f"| {r['target']} | {fmt(r['value'], r['unit'])} | {fmt(r['limit'], r['unit'])} "
               f"| {'PASS' if r['pass'] else 'FAIL'} | {r['how']} |" for r in result["targets"]]
-    lines += ["", *timing_lines(result["runs"]), ""]
+    lines += ["", *timing_lines(result["runs"]), "", *check_lines(result["runs"]), ""]
     return "\n".join(lines + [f"- {note}" for note in NOTES]) + "\n"
 
 

@@ -9,7 +9,9 @@ that every later save reuses.
 
 What must hold: reuse happens (same inode) and only for equal bytes; every
 checkpoint stays whole whatever is deleted in whatever order, copied elsewhere or
-killed mid-save; ``verify`` and ``restore`` see shared files as each checkpoint's own.
+killed mid-save; ``verify`` and ``restore`` see shared files as each checkpoint's own;
+a source file damaged at rest is never reused, so no save commits a checkpoint that
+fails ``verify`` (on a disk and on a store).
 
 The SIGKILL tests run 2 worker lives per mode; ``CKPTS_LONG=1`` runs 12::
 
@@ -19,6 +21,7 @@ The SIGKILL tests run 2 worker lives per mode; ``CKPTS_LONG=1`` runs 12::
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -37,6 +40,7 @@ import torch
 
 import ckpts
 from dedup_worker import FROZEN_KEYS, KEEP, TRAINABLE_KEYS, AdapterNet, build, train_step
+from faulty_storage import FaultyStorage, raising
 from s3_server import S3Bucket
 from test_kill_harness import leftovers, start_and_kill
 
@@ -118,6 +122,13 @@ def flip_byte(path: Path, offset: int) -> None:
         byte = f.read(1)
         f.seek(where)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def middle_of(data: bytes, key: str) -> int:
+    """The offset of the middle byte of tensor ``key``'s data in safetensors ``data``."""
+    size = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8:8 + size])[key]["data_offsets"]
+    return 8 + size + (begin + end) // 2
 
 
 def train_and_save(manager: ckpts.CheckpointManager, state: ckpts.TrainState,
@@ -380,25 +391,69 @@ def test_a_flipped_byte_in_a_shared_file_fails_every_checkpoint_sharing_it(
     assert_same(tensors_of(model, optimizer), saved[1], "the fallback")
 
 
-def test_a_source_damaged_after_its_commit_is_never_restored_through_a_reusing_save(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The other side of the trade-off: reuse trusts the source file at rest (it does
-    not read it back), so a save that links a file damaged since its commit holds
-    the damage too, although the bytes in memory were right. ``verify`` reports both
-    checkpoints and ``restore()`` refuses them rather than load wrong values."""
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_source_damaged_at_rest_is_written_anew_and_every_later_checkpoint_verifies(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, async_save: bool) -> None:
+    """The other side of the trade-off: a byte inside a base tensor flipped on disk
+    after steps 1 and 2 committed the base (one inode: both are damaged). The
+    manager's next save would link that file; it must read it back, see the damage,
+    write the base from the bytes being saved, and warn naming the file; later saves
+    reuse the intact copy. So every checkpoint committed after the damage verifies,
+    and once KeepLast(2) has pruned the damaged ones the whole run does, its newest
+    checkpoint restoring bit-exact."""
     state, model, optimizer = build(SEED)
-    with ckpts.CheckpointManager(tmp_path) as manager:
+    with caplog.at_level(logging.WARNING, logger="ckpts"), \
+            ckpts.CheckpointManager(tmp_path, keep=[ckpts.KeepLast(2)],
+                                    async_save=async_save) as manager:
+        saved = train_and_save(manager, state, model, optimizer, [1, 2])
+        frozen = file_of(step_dir(tmp_path, 2), FROZEN_KEYS)
+        damaged = step_dir(tmp_path, 2) / frozen
+        damaged_inode = inode(damaged)
+        assert damaged_inode == inode(step_dir(tmp_path, 1) / frozen)
+        flip_byte(damaged, middle_of(damaged.read_bytes(), FROZEN_KEYS[0]))
+        assert ckpts.verify(step_dir(tmp_path, 2)) != []
+        for step in (3, 4, 5):
+            saved |= train_and_save(manager, state, model, optimizer, [step])
+            assert ckpts.verify(step_dir(tmp_path, step)) == [], f"step {step}"
+            if step == 3:
+                assert inode(step_dir(tmp_path, 3) / frozen) != damaged_inode
+    assert [c.step for c in ckpts.CheckpointManager(tmp_path).checkpoints()] == [4, 5]
+    assert ckpts.verify(tmp_path) == []
+    assert inode(step_dir(tmp_path, 4) / frozen) == inode(step_dir(tmp_path, 5) / frozen)
+    warned = [r.getMessage() for r in caplog.records
+              if r.name == "ckpts" and frozen in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "step-00000002" in warned[0] and "ckpts verify" in warned[0], warned[0]
+    assert_same(restored(tmp_path, 5), saved[5], "step 5")
+
+
+@pytest.mark.parametrize("fault", ["truncated", "unreadable"])
+def test_a_source_truncated_or_unreadable_is_written_not_reused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, fault: str) -> None:
+    """The check reads the source back through the storage port: a source cut short
+    is damage; one whose read fails (EIO from a bad sector, injected at the port) cannot
+    be shown intact. Either way the save writes the file, warns, and commits a
+    checkpoint that verifies."""
+    storage = FaultyStorage(tmp_path)
+    state, model, optimizer = build(SEED)
+    with caplog.at_level(logging.WARNING, logger="ckpts"), \
+            ckpts.CheckpointManager(storage) as manager:
         train_and_save(manager, state, model, optimizer, [1])
         frozen = file_of(step_dir(tmp_path, 1), FROZEN_KEYS)
-        flip_byte(step_dir(tmp_path, 1) / frozen, -5)
-        train_and_save(manager, state, model, optimizer, [2])
-    assert inode(step_dir(tmp_path, 1) / frozen) == inode(step_dir(tmp_path, 2) / frozen)
-    problems = ckpts.verify(tmp_path)
-    assert sorted({p.split(":")[0] for p in problems}) == ["step-00000001", "step-00000002"]
-    with caplog.at_level(logging.WARNING, logger="ckpts"), \
-            ckpts.CheckpointManager(tmp_path) as manager, \
-            pytest.raises(ckpts.CorruptCheckpointError, match="every checkpoint"):
-        manager.restore(build(SEED + 1000)[0])
+        source = step_dir(tmp_path, 1) / frozen
+        if fault == "truncated":
+            os.truncate(source, os.stat(source).st_size - 100)
+        else:
+            storage.hooks["map_file"] = raising(OSError(errno.EIO, "Input/output error"))
+        saved = train_and_save(manager, state, model, optimizer, [2])
+        storage.hooks.clear()
+    assert inode(source) != inode(step_dir(tmp_path, 2) / frozen)
+    assert ckpts.verify(step_dir(tmp_path, 2)) == []
+    warned = [r.getMessage() for r in caplog.records
+              if r.name == "ckpts" and frozen in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert ("is damaged" if fault == "truncated" else "could not be read back") in warned[0]
+    assert_same(restored(tmp_path, 2), saved[2], "step 2")
 
 
 # ---------------------------------------------------------------- 6. a frozen tensor modified
@@ -514,6 +569,40 @@ def test_on_an_object_store_reuse_is_a_server_side_copy(
     assert ckpts.verify(url, storage_options=options) == []
     for step in (2, 3):
         assert_same(restored(url, step, storage_options=options), saved[step], f"step {step}")
+
+
+def test_on_an_object_store_a_source_damaged_at_rest_is_sent_anew_not_copied(
+        store: tuple[str, dict[str, Any]], caplog: pytest.LogCaptureFixture) -> None:
+    """A server-side copy never passes the bytes through ckpts, so the check reads the
+    source object back: step 2's base object, damaged in place, is not copied into
+    step 3; step 3 sends the base, and steps 4 and 5 copy step 3's."""
+    url, options = store
+    storage = RecordingStorage(url, options)
+    state, model, optimizer = build(SEED)
+    names = {step: f"step-{step:08d}" for step in range(1, 6)}
+    with caplog.at_level(logging.WARNING, logger="ckpts"), \
+            ckpts.CheckpointManager(storage, keep=[ckpts.KeepLast(2)]) as manager:
+        saved = train_and_save(manager, state, model, optimizer, [1, 2])
+        index = json.loads(storage.fs.cat_file(
+            f"{url}/{names[2]}/model.safetensors.index.json"))
+        frozen = index["weight_map"][FROZEN_KEYS[0]]
+        assert (names[2], frozen) in storage.copied
+        damaged = bytearray(storage.fs.cat_file(f"{url}/{names[2]}/{frozen}"))
+        damaged[middle_of(damaged, FROZEN_KEYS[0])] ^= 0xFF
+        storage.fs.pipe_file(f"{url}/{names[2]}/{frozen}", bytes(damaged))
+        for step in (3, 4, 5):
+            saved |= train_and_save(manager, state, model, optimizer, [step])
+            assert ckpts.verify(f"{url}/{names[step]}", storage_options=options) == [], \
+                f"step {step}"
+    assert (names[3], frozen) in storage.sent and (names[3], frozen) not in storage.copied
+    assert {(names[4], frozen), (names[5], frozen)} <= set(storage.copied)
+    assert [c.step for c in ckpts.CheckpointManager(url, storage_options=options)
+            .checkpoints()] == [4, 5]
+    assert ckpts.verify(url, storage_options=options) == []
+    warned = [r.getMessage() for r in caplog.records
+              if r.name == "ckpts" and frozen in r.getMessage()]
+    assert len(warned) == 1 and names[2] in warned[0] and "ckpts verify" in warned[0], warned
+    assert_same(restored(url, 5, storage_options=options), saved[5], "step 5")
 
 
 # ---------------------------------------------------------------- 8. bad inputs, edge cases

@@ -5,15 +5,18 @@ hands the parts to the storage to write in parallel, and hashes them meanwhile:
 the header and every tensor get their own xxh3-128 hash (format v2). A file
 holding a tensor outside host memory (CUDA) is streamed instead, through a few
 reused host chunks (ckpts._tensors.streaming). A file equal to the previous checkpoint's
-is reused, not written (:class:`Reusable`).
+is reused, not written (:class:`Reusable`), once that checkpoint's file has been read
+back and found intact at rest: a reused file is never one that fails verification.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
+from itertools import accumulate, pairwise
 from typing import Any
 
 import torch
@@ -21,14 +24,25 @@ import torch
 from ckpts._format.manifest import digest
 from ckpts._format.safetensors import dense, encode_header, tensor_bytes
 from ckpts._tensors.gc import paused_gc
-from ckpts._tensors.streaming import RunningHash, file_pieces, shared_pool, transfers_for
+from ckpts._tensors.streaming import (
+    RunningHash,
+    chunk_plan,
+    file_pieces,
+    shared_pool,
+    transfers_for,
+)
+from ckpts.errors import CorruptCheckpointError
 from ckpts.storage._parallel import run_parallel
-from ckpts.storage._port import Staged, Storage
+from ckpts.storage._port import Range, Staged, Storage
+
+log = logging.getLogger("ckpts")
 
 # called with the bytes a save is about to write and the files it is about to reuse
 BeforeWriting = Callable[[int, Mapping[str, int]], None]
 
 _INLINE = 32 * 1024 * 1024  # bytes below which a save hashes on the calling thread
+# bytes a check of a reuse source reads at a time where the backend cannot map files
+_CHECK_CHUNK = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,9 @@ class Reusable:
 
     A new file is reused when it has the same name, the same header (so the same
     keys, dtypes, shapes and byte ranges) and the same hash for every tensor, each
-    hash computed from the bytes being saved: never from a flag.
+    hash computed from the bytes being saved: never from a flag. And only while this
+    checkpoint's file, read back, still has those hashes: a link or a server-side copy
+    takes the bytes at rest, damage and all (see :func:`_intact_at_rest`).
     """
 
     name: str
@@ -94,10 +110,12 @@ def write_tensor_files(
     reused (:meth:`Storage.reuse`) instead of written. Deciding hashes the file's
     tensors first, smallest first, and stops at the first that differs: a file that
     changed costs about one small tensor's hash, and those hashes are not taken again.
-    ``before_writing`` gets the bytes about to be written and the files (with their
-    sizes) about to be reused, once that is decided; it may raise to stop the save
-    before anything is written. With ``block``, a tensor of more than ``block`` bytes
-    also gets the hash of each ``block`` bytes (for readers of part of it).
+    A file found equal is then read back from that checkpoint and hashed (from the page
+    cache where the storage maps files): one damaged since its commit is written
+    instead, with a warning. ``before_writing`` gets the bytes about to be written and
+    the files (with their sizes) about to be reused, once that is decided; it may raise
+    to stop the save before anything is written. With ``block``, a tensor of more than
+    ``block`` bytes also gets the hash of each ``block`` bytes (for readers of part of it).
     """
     outs = [_OutFile(name, items, block, streamed=through_chunks
                      or any(tensor.device.type != "cpu" for _, tensor in items))
@@ -106,6 +124,8 @@ def write_tensor_files(
     chunks = _Chunks([tensor for out in streamed for tensor in out.tensors])
     same = [reusable is not None and _unchanged(reusable.files.get(out.name), out, chunks)
             for out in outs]
+    if reusable is not None:  # equal hashes say nothing of the source's bytes at rest
+        same = _intact_sources(storage, reusable, outs, same)
     before_writing(sum(out.nbytes for out, reused in zip(outs, same, strict=True) if not reused)
                    + sum(len(data) for _, data in small_files),
                    {out.name: out.nbytes for out, reused in zip(outs, same, strict=True)
@@ -223,3 +243,77 @@ def _unchanged(previous: tuple[str, Mapping[str, str]] | None, out: _OutFile,
         if out.hash_of(i, chunks) != tensor_hashes.get(out.items[i - 1][0]):
             return False
     return True
+
+
+def _intact_sources(storage: Storage, reusable: Reusable, outs: Sequence[_OutFile],
+                    same: Sequence[bool]) -> list[bool]:
+    """``same``, less the files whose source in ``reusable`` is no longer, at rest, the
+    bytes its manifest's hashes describe (see :func:`_intact_at_rest`): those are written."""
+    chosen = [i for i, reused in enumerate(same) if reused]
+    intact = run_parallel(lambda i: _intact_at_rest(storage, reusable, outs[i]), chosen,
+                          threads=storage.io_threads())
+    checked = list(same)
+    for i, ok in zip(chosen, intact, strict=True):
+        checked[i] = ok
+    return checked
+
+
+def _intact_at_rest(storage: Storage, reusable: Reusable, out: _OutFile) -> bool:
+    """Whether ``reusable``'s file ``out.name`` still hashes, header and every tensor, as
+    its manifest says. A hard link or a server-side copy takes the bytes at rest, not the
+    bytes being saved, so a file damaged since its commit (a flipped bit, a bad write)
+    would pass its damage on to every later checkpoint: it is written anew instead, and
+    a warning names it. Only a file already shown equal by its hashes is checked, so its
+    layout is ``out``'s: the header, then each tensor, ``out.sizes`` bytes each."""
+    header_hash, tensor_hashes = reusable.files[out.name]
+    expected = [header_hash, *(tensor_hashes.get(key) for key, _ in out.items)]
+    try:
+        found = _hashes_at_rest(storage, reusable.name, out.name, out.sizes)
+    except FileNotFoundError:
+        return False  # gone: Storage.reuse would refuse too, and the file is written
+    except CorruptCheckpointError as e:  # truncated, or grown
+        problem = f"is damaged: {e}"
+    except OSError as e:  # EIO from a bad sector; a store that does not answer
+        problem = f"could not be read back to check it ({e})"
+    else:
+        differing = [what for what, got, want in zip(
+            ["its header", *(f"tensor {key!r}" for key, _ in out.items)], found, expected,
+            strict=True) if got != want]
+        if not differing:
+            return True
+        problem = f"is damaged: the hash of {', '.join(differing)} differs from its manifest's"
+    log.warning("%s/%s %s. It is not reused: this save writes the file from the bytes "
+                "being saved. Run `ckpts verify %s` to list the checkpoints that fail "
+                "verification (on a local disk, every one sharing this file by a hard link)",
+                storage.where(reusable.name), out.name, problem, storage.location)
+    return False
+
+
+def _hashes_at_rest(storage: Storage, name: str, file: str, sizes: Sequence[int]) -> list[str]:
+    """The hash of each of a committed file's consecutive parts of ``sizes`` bytes, taken
+    from the file at rest: where the backend maps files, in the page cache without a
+    copy; else read :data:`_CHECK_CHUNK` bytes at a time into one buffer.
+
+    Raises:
+        FileNotFoundError: the file is gone.
+        CorruptCheckpointError: the file is shorter, or (mapped) longer, than ``sizes``.
+        OSError: it cannot be read.
+    """
+    total = sum(sizes)
+    mapped = storage.map_file(name, file)
+    if mapped is not None:
+        with mapped:
+            if len(mapped) != total:
+                raise CorruptCheckpointError(f"{len(mapped)} bytes where the manifest says "
+                                             f"{total}")
+            ends = list(accumulate(sizes, initial=0))
+            return [digest(mapped[begin:end]) for begin, end in pairwise(ends)]
+    hashes = [RunningHash() for _ in sizes]
+    buffer = memoryview(bytearray(min(total, _CHECK_CHUNK)))
+    for offset, pieces in zip(range(0, total, _CHECK_CHUNK), chunk_plan(sizes, _CHECK_CHUNK),
+                              strict=True):
+        view = buffer[:min(_CHECK_CHUNK, total - offset)]
+        storage.read_ranges(name, [Range(file, offset, view)])
+        for piece in pieces:
+            hashes[piece.item].update(view[piece.at:piece.at + piece.stop - piece.start])
+    return [running.result()[0] for running in hashes]
