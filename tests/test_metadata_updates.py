@@ -74,6 +74,7 @@ def test_two_processes_adding_metrics_at_once_keep_all_of_them(run: str) -> None
     assert ckpts.verify(run) == []
 
 
+@pytest.mark.parametrize("run", ["local"], indirect=True)  # S3: the same update as metrics
 def test_two_processes_pinning_at_once_keep_every_tag(run: str) -> None:
     count = PER_PROCESS // 4
     finish(start_workers(run, ("tags", "a", count), ("tags", "b", count)))
@@ -81,6 +82,7 @@ def test_two_processes_pinning_at_once_keep_every_tag(run: str) -> None:
     assert tags == {f"{prefix}{i}" for prefix in "ab" for i in range(count)}
 
 
+@pytest.mark.parametrize("run", ["local"], indirect=True)  # every backend: test_storage_conformance
 def test_threads_of_one_process_updating_at_once_never_tear_the_manifest(run: str) -> None:
     manager = ckpts.CheckpointManager(run)
 
