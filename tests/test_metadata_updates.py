@@ -156,3 +156,13 @@ def test_add_metrics_on_a_full_disk_raises_write_error_and_leaves_no_temporary_f
     assert (run / "step-00000001" / "manifest.json").read_bytes() == manifest
     assert manager.add_metrics(1, {"eval_acc": 0.9}).metrics == {"loss": 1.0, "eval_acc": 0.9}
     assert ckpts.verify(run) == []
+
+
+def test_an_updated_manifest_keeps_its_permissions(tmp_path: Path) -> None:
+    """A shared run stays readable by the others: the temporary file's 0600 is not kept."""
+    manager = ckpts.CheckpointManager(tmp_path / "run")
+    manager.save(1, ckpts.TrainState(model=torch.nn.Linear(2, 2)))
+    manifest = tmp_path / "run" / "step-00000001" / "manifest.json"
+    manifest.chmod(0o644)
+    manager.add_metrics(1, {"eval_acc": 0.9})
+    assert manifest.stat().st_mode & 0o777 == 0o644

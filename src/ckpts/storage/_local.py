@@ -197,6 +197,7 @@ class LocalStorage(Storage):
             fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST}.",
                                              suffix=".tmp")
             try:
+                os.fchmod(fd, stat.S_IMODE(os.stat(directory / MANIFEST).st_mode))  # not 0600
                 with open(fd, "wb") as f:
                     f.write(manifest)
                     f.flush()
