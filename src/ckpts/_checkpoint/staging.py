@@ -279,6 +279,12 @@ class BackgroundWriter:
         # save() to return
         go.set()
 
+    def poll(self) -> None:
+        """Raise the failure of a job that is done, if any, without waiting for one in
+        flight."""
+        if not self.busy:
+            self.wait()
+
     def join(self) -> None:
         """Block until the job in flight is done; a failure stays for :meth:`wait`."""
         if self._thread is not None:

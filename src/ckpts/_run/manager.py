@@ -21,13 +21,20 @@ from ckpts._checkpoint.staging import BackgroundWriter, Stager
 from ckpts._format.catalog import Checkpoint, check_metrics, is_local, open_run
 from ckpts._run import history
 from ckpts._run.evaluate import EvaluationProgress, evaluate
-from ckpts._run.policy import Mode, RetentionPolicy, SaveTrigger, check_policies, check_triggers
+from ckpts._run.host_memory import HostMemory, check_memory_run
+from ckpts._run.policy import (
+    Mode,
+    RetentionPolicy,
+    SaveTrigger,
+    check_policies,
+    check_triggers,
+    fires,
+)
 from ckpts._run.records import Records
 from ckpts._run.restoring import (
     branch_past_corrupt,
-    candidates,
+    choose,
     first_intact,
-    refuse_pinned,
 )
 from ckpts._run.retention import Retention
 from ckpts._run.signals import SaveOnSignal
@@ -61,6 +68,11 @@ class CheckpointManager:
         save: a save trigger (``Every(...)``, ``OnImprovement(...)``) or a list of
             them; ``save()`` then writes only when one says so. ``None``: every
             ``save()`` call writes.
+        memory: a trigger (or list) for snapshots in host shared memory (the memory
+            tier, docs/memory.md): ``save()`` then blocks only to copy the state there,
+            durable checkpoints are written from that copy in the background, a keeper
+            process persists the newest snapshot if the trainer dies, and ``restore()``
+            takes the newest intact state of memory and run. Needs a path or URL.
         save_on_signal: signals (e.g. ``(signal.SIGTERM,)`` for preemption) that
             make the next ``save()`` call write regardless of the trigger. Once
             that checkpoint is committed the process ends the conventional way
@@ -105,6 +117,7 @@ class CheckpointManager:
         *,
         keep: Sequence[RetentionPolicy] | None = None,
         save: SaveTrigger | Sequence[SaveTrigger] | None = None,
+        memory: SaveTrigger | Sequence[SaveTrigger] | None = None,
         save_on_signal: Sequence[signal.Signals | int] = (),
         async_save: bool = False,
         max_shard_size: int | str = "512MB",
@@ -113,6 +126,7 @@ class CheckpointManager:
         process_group: Any = None,
         collective_timeout: float = 600.0,
     ) -> None:
+        check_memory_run(directory, memory)
         self.storage = open_run(directory, storage_options)
         self.directory: Path | str = Path(self.storage.location) if is_local(self.storage) \
             else self.storage.location
@@ -128,8 +142,12 @@ class CheckpointManager:
         self._steps = StepOrder(self.storage)
         self._signals = SaveOnSignal(save_on_signal)
         self._run_writer = RunWriter(self.storage, self.directory)
-        self._stager = Stager() if async_save else None
-        self._background = BackgroundWriter() if async_save else None
+        self._stager = Stager() if async_save and memory is None else None
+        self._memory = HostMemory(
+            check_triggers(memory), self.storage, storage_options, self.max_shard_size,
+            new_job=lambda: job_of(process_group, collective_timeout, run=self.storage.location)
+        ) if memory is not None else None
+        self._background = BackgroundWriter() if async_save or memory is not None else None
         self._job_of: tuple[Any, float] = (process_group, collective_timeout)
         self._job: Job | None = None  # found at the first save or restore
 
@@ -183,49 +201,55 @@ class CheckpointManager:
             LockedError: another process writes to the run.
         """
         check_step(step)
-        if not isinstance(state, TrainState):
-            raise InvalidArgumentError(
-                f"save() needs a ckpts.TrainState, got {type(state).__qualname__}; "
-                "wrap your objects: TrainState(model=model, optimizer=optimizer)"
-            )
+        _check_state(state, "save()")
         clean_metrics = check_metrics(metrics)
         if epoch is not None and (type(epoch) is not int or epoch < 0):
             raise InvalidArgumentError(f"epoch must be an int >= 0 or None, got {epoch!r}")
-        if self._background is not None:
+        if self._memory is not None and self._background is not None:
+            self._background.poll()  # a durable save from memory may run on: its failure?
+        elif self._background is not None:
             self._background.wait()  # one save in flight; surfaces the previous one's failure
         job = self._the_job()
-        due = force or self._signals.pending is not None or self._triggered(step, epoch,
-                                                                            clean_metrics)
-        if self.triggers or self._signals.watching:
+        due = force or self._signals.pending is not None \
+            or fires(self.triggers, step, epoch, clean_metrics, self.checkpoints)
+        snap = self._memory is not None \
+            and self._memory.due(step, epoch, clean_metrics, self.checkpoints)
+        if self.triggers or self._signals.watching or self._memory is not None:
             # every rank saves, or none: rank 0's triggers decide, and a signal any rank
             # received makes every rank save and then exit with it
-            votes = job.gather_json([due, self._signals.pending])
-            self._signals.pending = next((s for _, s in votes if s is not None), None)
+            votes = job.gather_json([due, self._signals.pending, snap])
+            self._signals.pending = next((s for _, s, _ in votes if s is not None), None)
             due = votes[0][0] or self._signals.pending is not None
-        if not due:
+            snap = votes[0][2]
+        if not (due or snap):
             return None
         with paused_gc():  # many small objects: see ckpts._tensors.gc
             snapshots = state.snapshot()  # refuses unserializable values before any write
             job.on_rank0(lambda: self._take_the_run(step))
-            if self._stager is not None and self._background is not None:
+            if self._memory is not None and self._background is not None:
+                nbytes = self._memory.take(
+                    step, epoch, clean_metrics, snapshots, job, background=self._background,
+                    durable=(lambda staged, on: self._commit(step, staged, clean_metrics, epoch,
+                                                             job=on)) if due else None)
+                del snapshots  # freed while the collector is paused, as below
+                checkpoint = self._pending(step, clean_metrics, epoch, nbytes) if due else None
+            elif self._stager is not None and self._background is not None:
                 staged = self._stager.stage(snapshots)
                 # freed while the collector is paused: else the collection that ends the
                 # pause scans all their objects (a state_dict's detached tensors, ...)
                 del snapshots
-                checkpoint = Checkpoint(
-                    step=step, path=self._path_of(checkpoint_name(step)), metrics=clean_metrics,
-                    created=datetime.datetime.now(datetime.timezone.utc), epoch=epoch,
-                    nbytes=self._stager.staged_bytes,
-                    storage=self.storage,
-                )
+                checkpoint = self._pending(step, clean_metrics, epoch, self._stager.staged_bytes)
                 # last: once the writer thread runs, it competes with this one for the GIL
                 self._background.submit(
                     lambda: self._commit(step, staged, clean_metrics, epoch),
                     name=f"ckpts-save-{step}")
             else:
                 checkpoint = self._commit(step, snapshots, clean_metrics, epoch)
-        for trigger in self.triggers:
-            trigger.saved(step, epoch, clean_metrics)
+        if due:
+            for trigger in self.triggers:
+                trigger.saved(step, epoch, clean_metrics)
+        if self._memory is not None:
+            self._memory.saved(step, epoch, clean_metrics)
         if self._signals.pending is not None:
             self.wait()
             log.warning("step %d committed after signal %d; exiting", step, self._signals.pending)
@@ -252,12 +276,10 @@ class CheckpointManager:
             >>> manager = ckpts.CheckpointManager("runs/exp1", async_save=True)  # doctest: +SKIP
             >>> manager.prepare(state)  # before the training loop             # doctest: +SKIP
         """
-        if not isinstance(state, TrainState):
-            raise InvalidArgumentError(
-                f"prepare() needs the ckpts.TrainState that save() will be given, got "
-                f"{type(state).__qualname__}; wrap your objects: "
-                "TrainState(model=model, optimizer=optimizer)"
-            )
+        _check_state(state, "prepare()")
+        if self._memory is not None:
+            self._memory.check_room(state, self._the_job())
+            return
         with paused_gc():  # many small objects: see ckpts._tensors.gc
             snapshots = state.snapshot()  # refuses unserializable values, as save() does
             if self._stager is not None:
@@ -281,14 +303,30 @@ class CheckpointManager:
         """Wait for the save in flight, raise its failure, release the run's writer lock
         and restore signal handlers."""
         self._signals.stop()
+        kept = False  # the newest memory snapshot is durable, or needs not be
         try:
             self.wait()
+            if self._memory is not None:
+                job = self._the_job()
+                newest = self.latest() if job.rank == 0 else None
+                self._memory.persist(job, job.broadcast_json(newest and newest.step),
+                                     self._commit)
+            kept = True
         finally:
+            if self._memory is not None:
+                self._memory.close(free=kept)
             if self._run_writer.locked:
                 self._run_writer.unlock()
                 # another process may write the run now: look at it afresh next time
                 self._steps.forget()
                 self._reusable = None
+
+    def _pending(self, step: int, metrics: dict[str, float], epoch: int | None, nbytes: int
+                 ) -> Checkpoint:
+        """The record of a checkpoint being written in the background."""
+        return Checkpoint(step=step, path=self._path_of(checkpoint_name(step)), metrics=metrics,
+                          created=datetime.datetime.now(datetime.timezone.utc), epoch=epoch,
+                          nbytes=nbytes, storage=self.storage)
 
     def _take_the_run(self, step: int) -> None:
         """Become the run's writer and check that ``step`` may be saved (rank 0)."""
@@ -301,13 +339,6 @@ class CheckpointManager:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _triggered(self, step: int, epoch: int | None, metrics: dict[str, float]) -> bool:
-        if not self.triggers:
-            return True
-        # every trigger sees the call, so interval bookkeeping stays right
-        votes = [t.should_save(step, epoch, metrics, self.checkpoints) for t in self.triggers]
-        return any(votes)
-
     def _the_job(self) -> Job:
         """This process's job (one process, or the ranks of a torch.distributed job),
         found at the first save or restore, which every rank makes."""
@@ -316,7 +347,8 @@ class CheckpointManager:
         return self._job
 
     def _commit(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
-                clean_metrics: dict[str, float], epoch: int | None) -> Checkpoint:
+                clean_metrics: dict[str, float], epoch: int | None, *,
+                job: Job | None = None) -> Checkpoint:
         """Write, commit atomically, then apply retention (on the writer thread if async).
 
         A failed write (ENOSPC, EIO, ...) removes its partial data and leaves every
@@ -327,7 +359,7 @@ class CheckpointManager:
         name = checkpoint_name(step)
         pending = self._run_writer.begin(name)
         try:
-            reusable, reused = self._the_job().write(
+            reusable, reused = (job or self._the_job()).write(
                 self.storage, step, snapshots, stage=pending.stage, commit=pending.commit,
                 metrics=clean_metrics, epoch=epoch, max_shard_size=self.max_shard_size,
                 reusable=self._reusable, before_writing=lambda nbytes, reusing:
@@ -406,10 +438,7 @@ class CheckpointManager:
             IncompatibleStateError: the checkpoint does not fit ``state``.
             LockedError: another process writes to the run.
         """
-        if not isinstance(state, TrainState):
-            raise InvalidArgumentError(
-                f"restore() needs a ckpts.TrainState, got {type(state).__qualname__}"
-            )
+        _check_state(state, "restore()")
         if step is not None:
             check_step(step)
         if discard_newer and step is None:
@@ -418,19 +447,19 @@ class CheckpointManager:
             )
         self._settle()
         job = self._the_job()
+        if self._memory is not None:
+            self._memory.open(job)  # first: a keeper persisting a dead trainer's state is done
         choice: dict[str, Any] = {}
-
-        def choose() -> None:  # on rank 0, or the one process
-            self._run_writer.lock()
-            self._run_writer.look_again()  # the next save looks for damage anew
-            listed, newer = candidates(self.storage, step, missing_ok=missing_ok)
-            if discard_newer:
-                refuse_pinned(self.checkpoints(), newer, self.directory)
-            choice.update(names=[entry.name for entry in listed], newer=newer,
-                          sizes={entry.name: dict(entry.sizes) for entry in listed})
-
-        job.on_rank0(choose)
+        job.on_rank0(lambda: choice.update(choose(
+            self._run_writer, step, missing_ok=missing_ok or self._memory is not None,
+            discard_newer=discard_newer, checkpoints=self.checkpoints)))
         choice = job.broadcast_json(choice if job.rank == 0 else None)
+        if self._memory is not None:
+            from_memory = self._memory.restore(state, job, choice["names"], step=step,
+                                               missing_ok=missing_ok)
+            if from_memory is not None:
+                self.restored_from, self._reusable = from_memory, None
+                return from_memory
         if not choice["names"]:
             return None
         name, manifest, corrupt = first_intact(self.storage, choice["names"], choice["sizes"],
@@ -563,3 +592,9 @@ class CheckpointManager:
         self._settle()
         return self._apply_retention(dry_run=dry_run)
 
+
+def _check_state(state: object, call: str) -> None:
+    if not isinstance(state, TrainState):
+        raise InvalidArgumentError(
+            f"{call} needs a ckpts.TrainState, got {type(state).__qualname__}; wrap your "
+            "objects: TrainState(model=model, optimizer=optimizer)")

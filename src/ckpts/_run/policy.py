@@ -350,3 +350,11 @@ def check_triggers(save: SaveTrigger | Sequence[SaveTrigger] | None) -> list[Sav
                 "or ckpts.OnImprovement('val_loss')"
             )
     return list(triggers)
+
+
+def fires(triggers: Sequence[SaveTrigger], step: int, epoch: int | None,
+          metrics: dict[str, float], checkpoints: Callable[[], list[Checkpoint]]) -> bool:
+    """Whether a save is due: no triggers means every call; else any that says so (every
+    trigger sees the call, so its interval bookkeeping stays right)."""
+    votes = [t.should_save(step, epoch, metrics, checkpoints) for t in triggers]
+    return any(votes) or not triggers

@@ -5,7 +5,7 @@ then goes on from."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from ckpts._checkpoint.verify import check_file_sizes
 from ckpts._format.catalog import Checkpoint
 from ckpts._format.manifest import read_manifest
 from ckpts._run.steps import StepOrder
+from ckpts._run.writer import RunWriter
 from ckpts._state.train_state import TrainState
 from ckpts.errors import (
     CheckpointError,
@@ -108,6 +109,20 @@ def first_intact(storage: Storage, names: Sequence[str], sizes: Mapping[str, Map
         "restored (model tensors may hold partly read data); run "
         f"`ckpts verify {storage.location}` for details"
     )
+
+
+def choose(writer: RunWriter, step: int | None, *, missing_ok: bool, discard_newer: bool,
+           checkpoints: Callable[[], Sequence[Checkpoint]]) -> dict[str, Any]:
+    """What a restore tries (on rank 0): the run's candidates (see :func:`candidates`),
+    newest first, with their listed sizes, and the newer steps a branch discards; after
+    taking the run's writer lock (the next save looks for damage in the run anew)."""
+    writer.lock()
+    writer.look_again()
+    listed, newer = candidates(writer.storage, step, missing_ok=missing_ok)
+    if discard_newer:
+        refuse_pinned(checkpoints(), newer, writer.directory)
+    return {"names": [entry.name for entry in listed], "newer": newer,
+            "sizes": {entry.name: dict(entry.sizes) for entry in listed}}
 
 
 def refuse_pinned(checkpoints: Sequence[Checkpoint], newer: Sequence[int],

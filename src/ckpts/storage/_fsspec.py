@@ -338,6 +338,13 @@ class FsspecStorage(Storage):
     def unlock(self) -> None:
         self._lease.release()
 
+    def lock_token(self) -> str | None:
+        return self._lease.owner if self._lease.held else None
+
+    @as_os_errors
+    def take_over(self, token: str | None) -> None:
+        self._lease.acquire(heir_of=token)
+
     @as_os_errors
     def append_history(self, line: bytes) -> None:
         """Append by rewriting the history object (stores cannot append), conditionally

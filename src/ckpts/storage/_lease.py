@@ -58,8 +58,14 @@ class Lease:
     def __repr__(self) -> str:
         return f"Lease({self.location!r}, seconds={self.seconds}, held={self._renewer is not None})"
 
-    def acquire(self) -> None:
-        """Take the lease and keep renewing it; a no-op while held.
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lease (and keeps renewing it)."""
+        return self._renewer is not None
+
+    def acquire(self, *, heir_of: str | None = None) -> None:
+        """Take the lease and keep renewing it; a no-op while held. With ``heir_of``, a
+        live lease whose owner is that (a process known to be dead) is taken over too.
 
         Raises:
             LockedError: another writer holds a live lease; names its host, pid and expiry.
@@ -68,7 +74,8 @@ class Lease:
             return
         found = self.objects.get(self.path)
         lease = _parse(found[0]) if found else None
-        if lease is not None and float(lease.get("expires", 0)) > time.time():
+        if lease is not None and float(lease.get("expires", 0)) > time.time() \
+                and (heir_of is None or lease.get("owner") != heir_of):
             raise self._refused(lease)
         try:
             self._write(version=found[1] if found else None)

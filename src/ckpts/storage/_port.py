@@ -208,6 +208,21 @@ class Storage(Protocol):
         """Give up being the writer."""
         ...
 
+    def lock_token(self) -> str | None:
+        """What an heir of this process needs to take the writer lock over once this
+        process is dead (the memory tier's keeper), without waiting for the lock to lapse:
+        None where the lock ends with its process (flock), or is not held."""
+        return None
+
+    def take_over(self, token: str | None) -> None:
+        """Become the writer in place of a dead process that held the lock under
+        ``token`` (from :meth:`lock_token`); with None, or by default, :meth:`lock`.
+
+        Raises:
+            LockedError: another process is the writer (not the dead one).
+        """
+        self.lock()
+
     def free_space(self) -> int | None:
         """Bytes that can still be written, or None when there is no such limit."""
         ...
