@@ -46,9 +46,10 @@ def aligned_order(items: Iterable[tuple[_Item, torch.Tensor]]
     return sorted(items, key=lambda item: -item[1].element_size())
 
 
-def encode_header(items: Sequence[tuple[str, torch.Tensor]]) -> bytes:
+def encode_header(items: Sequence[tuple[str, torch.Tensor]], *, align: int = 8) -> bytes:
     """The length prefix and JSON header of a safetensors file holding ``items`` in order,
-    padded with spaces so the data starts 8-byte aligned."""
+    padded with spaces so the data starts at a multiple of ``align`` bytes (a multiple
+    of 8)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key, tensor in items:
@@ -60,7 +61,7 @@ def encode_header(items: Sequence[tuple[str, torch.Tensor]]) -> bytes:
         }
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
+    encoded += b" " * (-(len(encoded) + 8) % align)
     return struct.pack("<Q", len(encoded)) + encoded
 
 

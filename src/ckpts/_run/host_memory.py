@@ -9,6 +9,7 @@ a restore, and the end of the run at ``close()``. It owns this rank's
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -63,11 +64,11 @@ class HostMemory:
         for trigger in self.triggers:
             trigger.saved(step, epoch, metrics)
 
-    def open(self, job: Job) -> MemoryTier:
+    def own(self, job: Job) -> MemoryTier:
         """This rank's tier, its area made and owned (waiting for a persisting keeper)."""
         if self.tier is None:
             self.tier = MemoryTier(self.storage.location, job.rank)
-        self.tier.open(wait=KEEPER_WAIT)
+        self.tier.own(wait=KEEPER_WAIT)
         return self.tier
 
     def take(self, step: int, epoch: int | None, metrics: dict[str, float],
@@ -78,7 +79,7 @@ class HostMemory:
         snapshot and the job to write it with, while the slot is kept from being
         overwritten. Starts the keeper (in a job of one process) at the first snapshot.
         Returns the tensor bytes taken."""
-        tier = self.open(job)
+        tier = self.own(job)
         slot, staged = tier.take(step, epoch, metrics, snapshots)
         self.latest = (step, epoch, metrics, staged)
         self._start_keeper(job)
@@ -120,7 +121,7 @@ class HostMemory:
 
     def check_room(self, state: TrainState, job: Job) -> None:
         """Allocate the snapshots' memory now, refusing a state it cannot hold."""
-        self.open(job).check_room(state.snapshot())
+        self.own(job).check_room(state.snapshot())
 
     def restore(self, state: TrainState, job: Job, names: Sequence[str], *, step: int | None,
                 missing_ok: bool) -> int | None:
@@ -133,7 +134,7 @@ class HostMemory:
             NotACheckpointError: neither tier has a state and not ``missing_ok``.
             InsufficientSpaceError: the memory area cannot hold two snapshots of ``state``.
         """
-        tier = self.open(job)
+        tier = self.own(job)
         self.latest = None
         restored = None
         if step is None:
@@ -143,6 +144,7 @@ class HostMemory:
         if restored is None and not names and not missing_ok:
             candidates(self.storage, None, missing_ok=False)  # raises: nothing anywhere
         self.check_room(state, job)
+        self._start_keeper(job)  # now, not at the first snapshot: it takes a second or two
         return restored
 
     def close(self, *, free: bool) -> None:
@@ -156,9 +158,19 @@ class HostMemory:
         self.latest = None
 
 
-def check_memory_run(directory: object, memory: object) -> None:
-    """``memory=`` needs a run the keeper can open again: a path or a URL."""
-    if memory is not None and isinstance(directory, Storage):
+def check_memory_run(directory: object, memory: object,
+                     storage_options: Mapping[str, Any] | None) -> None:
+    """``memory=`` needs a run the keeper can open again: a path or a URL, and options
+    it can be sent (plain JSON)."""
+    if memory is None:
+        return
+    if isinstance(directory, Storage):
         raise InvalidArgumentError(
             "memory= needs the run as a path or URL, not a Storage object: its keeper "
             "process opens the run anew to persist the newest snapshot")
+    try:
+        json.dumps(dict(storage_options or {}))
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(
+            f"memory= needs storage_options of plain JSON values (str, numbers, lists, "
+            f"dicts) to hand them to its keeper process: {e}") from e

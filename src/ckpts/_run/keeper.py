@@ -132,7 +132,7 @@ def persist(config: dict[str, Any]) -> int | None:
     checkpoint. Returns the step persisted, or None."""
     tier = MemoryTier(config["run"], 0)
     try:
-        tier.open(wait=TAKE_WAIT)
+        tier.own(wait=TAKE_WAIT)
     except LockedError:
         log.info("a new trainer owns the memory snapshots of %s: nothing to do", config["run"])
         return None

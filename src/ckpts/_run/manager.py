@@ -126,7 +126,7 @@ class CheckpointManager:
         process_group: Any = None,
         collective_timeout: float = 600.0,
     ) -> None:
-        check_memory_run(directory, memory)
+        check_memory_run(directory, memory, storage_options)
         self.storage = open_run(directory, storage_options)
         self.directory: Path | str = Path(self.storage.location) if is_local(self.storage) \
             else self.storage.location
@@ -448,7 +448,7 @@ class CheckpointManager:
         self._settle()
         job = self._the_job()
         if self._memory is not None:
-            self._memory.open(job)  # first: a keeper persisting a dead trainer's state is done
+            self._memory.own(job)  # first: a keeper persisting a dead trainer's state is done
         choice: dict[str, Any] = {}
         job.on_rank0(lambda: choice.update(choose(
             self._run_writer, step, missing_ok=missing_ok or self._memory is not None,

@@ -33,7 +33,7 @@ from ckpts._checkpoint.restore import restore_into
 from ckpts._checkpoint.write import describe, new_manifest
 from ckpts._format.codec import is_dtensor
 from ckpts._format.manifest import digest, encode_json, parse_manifest
-from ckpts._format.safetensors import DTYPES, aligned_order, encode_header
+from ckpts._format.safetensors import DTYPES, encode_header
 from ckpts._state.train_state import ObjectSnapshot, TrainState
 from ckpts.errors import CheckpointError, CorruptCheckpointError, InvalidArgumentError, LockedError
 from ckpts.storage import MANIFEST
@@ -89,7 +89,7 @@ class MemoryTier:
     def __repr__(self) -> str:
         return f"MemoryTier({self.area.location!r})"
 
-    def open(self, *, wait: float) -> None:
+    def own(self, *, wait: float) -> None:
         """Make the area and become its owner, waiting up to ``wait`` seconds for a keeper
         that is still persisting the snapshots of a trainer that died.
 
@@ -342,8 +342,11 @@ def _layout_of(snapshots: Mapping[str, ObjectSnapshot], signature: tuple[Any, ..
             places[name] = []
             continue
         file = f"{name}{_SUFFIX}"
-        ordered = aligned_order(snap.tensors.items())
-        header = encode_header(ordered)
+        # a copy runs at full speed only between cache-line aligned addresses: the data
+        # starts on a page, and within each dtype the tensors of whole cache lines go first
+        ordered = sorted(snap.tensors.items(),
+                         key=lambda item: (-item[1].element_size(), _nbytes(item[1]) % 64 != 0))
+        header = encode_header(ordered, align=4096)
         offsets, position = {}, len(header)
         for key, tensor in ordered:
             offsets[key] = position
