@@ -16,6 +16,7 @@ from typing import Any
 
 from ckpts._checkpoint.job import Job
 from ckpts._checkpoint.staging import BackgroundWriter
+from ckpts._format.catalog import metrics_of
 from ckpts._run.keeper import Keeper
 from ckpts._run.memory import MemoryTier, restore_newest
 from ckpts._run.policy import SaveTrigger, fires
@@ -95,14 +96,22 @@ class HostMemory:
                 finally:
                     tier.busy.discard(slot)
 
-            background.submit(write, name=f"ckpts-save-{step}")
+            try:
+                background.submit(write, name=f"ckpts-save-{step}")
+            except BaseException:  # the previous save's failure: this one never started
+                tier.busy.discard(slot)
+                raise
         return sum(t.numel() * t.element_size() for snap in staged.values()
                    for t in snap.tensors.values())
 
     def persist(self, job: Job, run_newest: int | None,
                 commit: Callable[[int, Mapping[str, ObjectSnapshot], dict[str, float],
                                   int | None], object]) -> None:
-        """Commit the newest snapshot taken if the run has nothing as new (at close)."""
+        """Commit the newest snapshot if the run has nothing as new (at close): the one
+        taken last, or else the one restored from memory (read back, hash-checked)."""
+        if self.latest is None and self.tier is not None and self.tier.newest is not None:
+            manifest, objects = self.tier.read(self.tier.newest)
+            self.latest = (manifest["step"], manifest["epoch"], metrics_of(manifest), objects)
         if self.latest is None:
             return
         step, epoch, metrics, staged = self.latest

@@ -122,18 +122,25 @@ class MemoryArea(LocalStorage):
 
     def map_slot(self, slot: str, sizes: Mapping[str, int]) -> dict[str, memoryview]:
         """The slot's files of these sizes, each mapped shared and writable, for a snapshot
-        to be copied into: kept mapped from call to call; a file of another size is made
-        anew (old mappings of it stay valid). Files of the slot not named are removed.
+        to be copied into: kept mapped from call to call, and a file already of its size
+        is mapped as it is (its snapshot stays valid). Where a file must be made anew (of
+        another size; old mappings of it stay valid) or removed (not named), the slot's
+        snapshot is taken away first.
 
         Raises:
             InsufficientSpaceError: the memory filesystem cannot hold them (nothing is
-                left half-allocated; the slot's markers are already gone).
+                left half-allocated).
         """
         folder = self.run / slot
         folder.mkdir(mode=0o700, exist_ok=True)
         with os.scandir(folder) as entries:
-            stale = [e.name for e in entries if e.name not in sizes]
-        for name in stale:
+            present = {e.name: e.stat(follow_symlinks=False) for e in entries
+                       if e.name not in (MANIFEST, PENDING)}
+        keep = {name for name, found in present.items() if stat.S_ISREG(found.st_mode)
+                and sizes.get(name) == found.st_size}
+        if set(present) - keep or set(sizes) - keep:
+            self.clear(slot)
+        for name in set(present) - set(sizes):
             self._maps.pop((slot, name), None)
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(folder / name)
@@ -141,18 +148,22 @@ class MemoryArea(LocalStorage):
         for name, size in sizes.items():
             held = self._maps.get((slot, name))
             if held is None or held[0] != size:
-                held = self._maps[slot, name] = (size, self._new_file(folder / name, size))
+                held = self._maps[slot, name] = (size, self._map(folder / name, size,
+                                                                  new=name not in keep))
             views[name] = held[1]
         return views
 
-    def _new_file(self, path: Path, size: int) -> memoryview:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+    def _map(self, path: Path, size: int, *, new: bool) -> memoryview:
+        """``path`` mapped shared and writable, populated: made anew (allocated whole) or,
+        without ``new``, as it is."""
+        if new:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if new else 0)
+        fd = os.open(path, flags, 0o600)
         try:
             try:
-                if size:
+                if size and new:
                     os.posix_fallocate(fd, 0, size)
             except OSError as e:
                 os.unlink(path)
