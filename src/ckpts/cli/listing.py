@@ -35,6 +35,7 @@ from ckpts.cli._common import (
     stdout,
 )
 from ckpts.storage import Storage, open_storage
+from ckpts.storage._shm import held_on_this_host
 
 DEFAULT_TAG = "pinned"  # CheckpointManager.pin's default tag, shown as plain "pinned"
 
@@ -64,13 +65,28 @@ def ls(
         return
     if "" in marked and not marked[""]:
         stderr.print(f"no checkpoints in {run}")
-        return
     for i, (name, pairs) in enumerate(marked.items()):
         if name:  # a directory of runs: a blank line, then each run's name
             if i:
                 stdout.print()
             stdout.print(Text(printable(name), style="bold"))
-        print_checkpoint_table(pairs)
+        if pairs:
+            print_checkpoint_table(pairs)
+    if "" in marked:
+        print_memory_snapshots(open_run(run).location)
+
+
+def print_memory_snapshots(location: str) -> None:
+    """A line on the memory tier's snapshots of the run on this host, if it holds any."""
+    folder, steps, held = held_on_this_host(location)
+    if not any(steps.values()):
+        return
+    ranks = ", ".join(f"rank {rank}: {', '.join(map(str, found)) or 'none'}"
+                      for rank, found in steps.items())
+    stdout.print(printable(
+        f"in host memory (memory tier, this host only, not in the run): steps by {ranks}; "
+        f"{decimal(held)} in {folder} (a restart of the job restores from there; its close() "
+        "frees it)"))
 
 
 @reports_errors

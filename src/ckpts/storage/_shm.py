@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import mmap
 import os
 import re
@@ -58,6 +59,32 @@ def run_folder(location: str) -> Path:
     return memory_parent() / f"ckpts-{os.getuid()}" / f"{tail}-{key}"
 
 
+def held_on_this_host(location: str) -> tuple[Path, dict[int, list[int]], int]:
+    """What the memory tier holds of a run on this host, read without taking anything: its
+    folder, each rank's snapshot steps (newest first), and the bytes its files hold."""
+    folder = run_folder(location)
+    steps: dict[int, list[int]] = {}
+    held = 0
+    for rank_folder in sorted(folder.glob("rank-[0-9]*")) if folder.is_dir() else []:
+        if not rank_folder.name[5:].isdigit() or rank_folder.is_symlink():
+            continue
+        area = MemoryArea(location, int(rank_folder.name[5:]))
+        found = []
+        for slot in area.slots():
+            held += area.held_bytes(slot)
+            for marker in (MANIFEST, PENDING):
+                try:
+                    data = area.read_marker(slot, marker)
+                    step = json.loads(data)["step"] if data is not None else None
+                except (OSError, ValueError, KeyError, TypeError):
+                    break
+                if type(step) is int:
+                    found.append(step)
+                    break
+        steps[area.rank] = sorted(found, reverse=True)
+    return folder, steps, held
+
+
 class MemoryArea(LocalStorage):
     """One rank's snapshots of one run, in host shared memory (see the module docstring).
 
@@ -68,6 +95,7 @@ class MemoryArea(LocalStorage):
 
     def __init__(self, location: str, rank: int) -> None:
         super().__init__(run_folder(location) / f"rank-{rank:05d}")
+        self.rank = rank
         self._maps: dict[tuple[str, str], tuple[int, memoryview]] = {}  # (slot, file) -> map
 
     def __repr__(self) -> str:
