@@ -22,7 +22,7 @@ from ckpts._run.memory import MemoryTier, restore_newest
 from ckpts._run.policy import SaveTrigger, fires
 from ckpts._run.restoring import candidates
 from ckpts._state.train_state import ObjectSnapshot, TrainState
-from ckpts.errors import InvalidArgumentError
+from ckpts.errors import CheckpointError, InvalidArgumentError
 from ckpts.storage import Storage, parse_step
 
 log = logging.getLogger("ckpts")
@@ -109,9 +109,19 @@ class HostMemory:
                                   int | None], object]) -> None:
         """Commit the newest snapshot if the run has nothing as new (at close): the one
         taken last, or else the one restored from memory (read back, hash-checked)."""
+        error: BaseException | None = None
         if self.latest is None and self.tier is not None and self.tier.newest is not None:
-            manifest, objects = self.tier.read(self.tier.newest)
-            self.latest = (manifest["step"], manifest["epoch"], metrics_of(manifest), objects)
+            try:
+                manifest, objects = self.tier.read(self.tier.newest)
+                self.latest = (manifest["step"], manifest["epoch"], metrics_of(manifest),
+                               objects)
+            except Exception as e:  # every rank learns of it before any raises
+                error = e
+        problems, _ = job.problems(error)
+        if problems:
+            raise error if error is not None else CheckpointError(
+                f"reading the newest memory snapshot failed on another rank: "
+                f"{'; '.join(problems)}; it stays in host memory")
         if self.latest is None:
             return
         step, epoch, metrics, staged = self.latest

@@ -385,25 +385,30 @@ def restore_newest(tier: MemoryTier, state: TrainState, job: Job, run_newest: in
                    ) -> int | None:
     """Restore from memory when it holds a state at least as new as the run's, on every
     rank or none. Returns the step, or None when the run must serve (and then the
-    snapshots are dropped: a restore from the run starts the memory tier afresh)."""
+    snapshots are dropped: a restore from the run starts the memory tier afresh).
+
+    Raises:
+        CheckpointError: on every rank, when one rank's snapshot does not fit the state
+            (IncompatibleStateError there), or fails otherwise than by damage.
+    """
     chosen = choose(tier, job, run_newest)
     error: BaseException | None = None
     if chosen is not None:
         try:
             tier.restore(chosen, state)
-        except CheckpointError as e:
+        except Exception as e:  # every rank learns of it before any raises
             error = e
-    problems = job.gather_json(None if error is None else str(error))
-    failed = [p for p in problems if p is not None]
-    if chosen is not None and not failed:
+    problems, damaged = job.problems(error)
+    if problems and not damaged:
+        raise error if error is not None else CheckpointError(
+            f"restoring from host memory failed on another rank: {'; '.join(problems)}")
+    if chosen is not None and not problems:
         tier.drop(newer_than=chosen.step)
         log.info("restored step %d from host memory (%s)", chosen.step,
                  tier.area.where(chosen.slot))
         return chosen.step
-    if failed:
-        if error is not None and not isinstance(error, CorruptCheckpointError):
-            raise error
+    if problems:
         log.warning("the memory snapshot of step %d is not usable on every rank (%s); "
-                    "restoring from the run", chosen.step if chosen else -1, "; ".join(failed))
+                    "restoring from the run", chosen.step if chosen else -1, "; ".join(problems))
     tier.drop()
     return None
