@@ -5,7 +5,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 
 .PHONY: demo test test-oldest test-long screenshots bench bench-s3 bench-dedup bench-dist \
-	bench-gpu clean
+	bench-gpu bench-memory clean
 
 .venv/.installed: pyproject.toml
 	test -d .venv || python3 -m venv .venv
@@ -56,6 +56,12 @@ bench: .venv/.installed
 # The S3 path against s3fs, on a moto server it starts on loopback (no network, no AWS).
 bench-s3: .venv/.installed
 	$(PY) -m benchmarks.s3_bench
+
+# The memory tier (memory=Every(1), save=Every(5)): save()'s blocking time per step against
+# the copy floor, on a local run and on a moto S3 server it starts on loopback, then the
+# goodput of 0.3 s training steps against no checkpointing (~5 minutes, ~2 GB of /dev/shm).
+bench-memory: .venv/.installed
+	$(PY) -m benchmarks.memory_bench
 
 # Issue 11: a LoRA run (frozen base) and a full fine-tune, saved with and without reuse of
 # unchanged tensor files, in lockstep; checks the targets (a few minutes, ~5 GB of disk).

@@ -6,12 +6,14 @@ keep=[KeepLast(2)])`` on a transformer-like fp32 state with AdamW (``--size``, d
 
 1. **Blocking time per step.** Each step updates every tensor in place (an optimizer's
    step, so each snapshot copies new values), sleeps ``--sleep`` seconds (the
-   accelerator's step), then times the copy floor and right after it ``save(step,
-   state)``. The floor is ``torch._foreach_copy_`` of the state into buffers allocated
-   and touched once: what any snapshot that is complete when save() returns must do.
-   Reported: save()'s median, min and max over the steps, the ratio median/floor median
-   (and the median of the per-step ratios), and the medians over durable steps (every
-   5th: the snapshot plus starting the background checkpoint) and memory-only steps.
+   accelerator's step), then times the copy floor, ``state.snapshot()`` alone (save()'s
+   Python walk of the state: it shows what waiting for the GIL costs) and ``save(step,
+   state)``, in that order. The floor is ``torch._foreach_copy_`` of the state into
+   buffers allocated and touched once: what any snapshot that is complete when save()
+   returns must do. Reported: save()'s median, min and max over the steps, the ratio
+   median/floor median (and the median of the per-step ratios), the medians over durable
+   steps (every 5th: the snapshot plus starting the background checkpoint) and
+   memory-only steps, and what went on around each step more than twice the median.
    Once with the run on the local disk, once on a moto S3 server in a child process
    (``--no-s3`` skips it). After each, a fresh manager restores the run's newest
    checkpoint into a copy of the state and checks it bit-exact.
@@ -21,11 +23,16 @@ keep=[KeepLast(2)])`` on a transformer-like fp32 state with AdamW (``--size``, d
    against the same loop without checkpointing, interleaved (every loop once per round,
    order shuffled per round) over ``--reps`` rounds. The work is a calibrated loop of
    1024x1024 fp32 matmuls (it needs the cores, as the background hashing and writing
-   do) or ``time.sleep`` (which hides that competition); ``--work`` picks either or both.
+   do: the default) or ``time.sleep`` (which hides that competition): ``--work matmul``,
+   ``sleep`` or ``matmul,sleep``. Also reported: the overhead counting ``close()`` (which
+   waits for the durable save still in flight: an upper bound), and the CPU seconds per
+   step of this process and its keeper (less sensitive than wall time to the machine's
+   other tenants).
 
 Each loop gets a fresh run and manager; ``restore()`` (which allocates two snapshot slots
-in shared memory and starts the keeper process) and ``close()`` (which waits for the
-durable save in flight) are timed apart from the steps. The snapshots go to a temporary
+in shared memory and starts the keeper process), the keeper's start (until it is idle)
+and ``close()`` (which waits for the durable save in flight) are timed apart from the
+steps. The snapshots go to a temporary
 folder under /dev/shm (``CKPTS_MEMORY_DIR``), removed at the end.
 
 Run: ``python -m benchmarks.memory_bench [--size medium] [--steps 30] [--json]``, or
@@ -76,6 +83,9 @@ NOTES = [
     "notes). A third slot is allocated (on the training thread) the first time a snapshot "
     "is taken while a durable save still reads one slot and the newest snapshot holds "
     "the other.",
+    "The keeper process imports torch when restore() starts it (seconds of one core): "
+    "every loop starts once it is idle, so its start is reported apart ('keeper start'), "
+    "not spread over the first steps; a training run pays it once.",
     "'others' is the share of the machine's CPU used by processes other than this one "
     "and its children (keeper, moto) while the timed code ran: this machine is shared.",
     "moto keeps S3 objects in this machine's memory and answers on loopback: its times "
@@ -145,12 +155,30 @@ def keepers() -> list[int]:
     return alive
 
 
+def settle_keeper(limit: float = 20.0) -> dict[str, float]:
+    """Wait until the keeper children are idle (no CPU used for 0.3 s): a keeper spends
+    its first seconds importing torch, on the cores the timed loop would use. Returns the
+    seconds waited and the CPU seconds the keepers have used (their start)."""
+    started = time.perf_counter()
+    ticks = os.sysconf("SC_CLK_TCK")
+    previous, quiet = -1, 0
+    while time.perf_counter() - started < limit:
+        used = sum(_ticks(Path(f"/proc/{pid}/stat"), children=False) for pid in keepers())
+        quiet = quiet + 1 if used == previous else 0
+        if quiet >= 3:
+            break
+        previous = used
+        time.sleep(0.1)
+    return {"waited_s": time.perf_counter() - started, "cpu_s": max(previous, 0) / ticks}
+
+
 class Window:
-    """Wall seconds and the share of the machine other processes used, over a block."""
+    """Over a block: wall seconds, CPU seconds of this process and its children (``own``)
+    and the share of the machine's CPUs that other processes used (``others``)."""
 
     def __init__(self, clock: CpuClock) -> None:
         self.clock = clock
-        self.seconds = self.others = 0.0
+        self.seconds = self.own = self.others = 0.0
 
     def __enter__(self) -> Window:
         self._cpu = self.clock.read()
@@ -161,6 +189,7 @@ class Window:
         self.seconds = time.perf_counter() - self._started
         end = self.clock.read()
         used = self.clock.others(self._cpu, end)
+        self.own = (end[1] - self._cpu[1]) / os.sysconf("SC_CLK_TCK")
         self.others = min(1.0, used / (self.seconds * self.clock.cores)) if self.seconds else 0.0
 
 
@@ -274,6 +303,7 @@ def blocking_phase(t: Training, where: str | Path, options: Mapping[str, Any] | 
         started = time.perf_counter()
         manager.restore(state)  # allocates two slots, starts the keeper
         setup = time.perf_counter() - started
+        keeper = settle_keeper()
         for step in range(1, steps + 1):
             t.update()
             time.sleep(sleep)
@@ -285,16 +315,20 @@ def blocking_phase(t: Training, where: str | Path, options: Mapping[str, Any] | 
                 t.floor()
                 floor = time.perf_counter() - started
                 started = time.perf_counter()
+                state.snapshot()  # save()'s walk of the state alone (Python: needs the GIL)
+                walk = time.perf_counter() - started
+                started = time.perf_counter()
                 manager.save(step, state)
                 blocked = time.perf_counter() - started
             records.append({"step": step, "durable": step % SAVE_EVERY == 0, "floor": floor,
-                            "save": blocked, **before,
+                            "snapshot": walk, "save": blocked, **before,
                             "slots_allocated": area_files(shm, "") - before["slots"],
                             "others": round(window.others, 3)})
         closing = time.perf_counter()
     finally:
         manager.close()
-    return {"setup_s": setup, "close_s": time.perf_counter() - closing, "steps": records}
+    return {"setup_s": setup, "keeper": keeper, "close_s": time.perf_counter() - closing,
+            "steps": records}
 
 
 def check_restore(t: Training, where: str | Path, options: Mapping[str, Any] | None,
@@ -334,6 +368,7 @@ def summarize_blocking(result: dict[str, Any], target: float) -> dict[str, Any]:
                 "ratio": median / floor}
 
     return {"save": ms.Series(saves).summary(), "floor": ms.Series(floors).summary(),
+            "snapshot": ms.Series([r["snapshot"] for r in records]).summary(),
             "ratio": statistics.median(saves) / floor,
             "paired_ratio": statistics.median(r["save"] / r["floor"] for r in records),
             "durable": part(True), "memory_only": part(False), "worst_step": worst,
@@ -353,8 +388,9 @@ def causes(record: Mapping[str, Any]) -> list[str]:
     if record["unsealed"] > 1:
         found.append(f"{record['unsealed']} snapshots not yet hashed")
     if record["step"] == 1:
-        found.append("first save (keeper starting)")
-    found.append(f"floor {1e3 * record['floor']:.0f} ms, others {100 * record['others']:.0f}%")
+        found.append("first save")
+    found.append(f"floor {1e3 * record['floor']:.0f} ms, state.snapshot() alone "
+                 f"{1e3 * record['snapshot']:.0f} ms, others {100 * record['others']:.0f}%")
     return found
 
 
@@ -380,7 +416,8 @@ def training_loop(t: Training, kind: str, step_s: float, steps: int,
                 started = time.perf_counter()
                 manager.save(step, state)
                 blocked.append(time.perf_counter() - started)
-    return {"wall": window.seconds, "others": round(window.others, 3), "blocked": blocked}
+    return {"wall": window.seconds, "cpu": window.own, "others": round(window.others, 3),
+            "blocked": blocked}
 
 
 def goodput_phase(t: Training, kinds: Sequence[str], step_s: float, steps: int, reps: int,
@@ -400,17 +437,19 @@ def goodput_phase(t: Training, kinds: Sequence[str], step_s: float, steps: int, 
                 if every is not None:
                     manager = memory_manager(workdir / f"{kind}-{rep}-{every}", every, None)
                 try:
-                    setup = 0.0
+                    setup, keeper = 0.0, None
                     if manager is not None:
                         started = time.perf_counter()
                         manager.restore(t.state)
                         setup = time.perf_counter() - started
+                        keeper = settle_keeper()
                     record = training_loop(t, kind, step_s, steps, manager, clock)
                     started = time.perf_counter()
                 finally:
                     if manager is not None:
                         manager.close()
-                record.update(setup_s=setup, close_s=time.perf_counter() - started)
+                record.update(setup_s=setup, keeper=keeper,
+                              close_s=time.perf_counter() - started)
                 runs[name].append(record)
                 shutil.rmtree(workdir / f"{kind}-{rep}-{every}", ignore_errors=True)
             log(f"  goodput ({kind}) round {rep + 1}/{reps}: " + ", ".join(
@@ -422,22 +461,35 @@ def goodput_phase(t: Training, kinds: Sequence[str], step_s: float, steps: int, 
 def summarize_goodput(runs: Mapping[str, list[dict[str, Any]]], steps: int,
                       floor: float | None) -> dict[str, Any]:
     base = [r["wall"] for r in runs["no checkpointing"]]
+    base_cpu = [r["cpu"] for r in runs["no checkpointing"]]
     step_s = statistics.median(base) / steps
     rows: dict[str, Any] = {}
     for name, records in runs.items():
         walls = [r["wall"] for r in records]
         row: dict[str, Any] = {"wall": ms.Series(walls).summary(), "step_s": step_s,
+                               "cpu": ms.Series([r["cpu"] for r in records]).summary(),
                                "others": statistics.median(r["others"] for r in records)}
         if LOOPS[name] is not None:
             overhead = [w / b - 1 for w, b in zip(walls, base, strict=True)]
+            # the durable save still in flight at the end, paid by close(): an upper bound
+            drained = [(r["wall"] + r["close_s"]) / b - 1
+                       for r, b in zip(records, base, strict=True)]
+            extra_cpu = [(r["cpu"] - c) / steps for r, c in zip(records, base_cpu, strict=True)]
             blocked = [s for r in records for s in r["blocked"]]
             row.update(overhead=ms.Series(overhead).summary(),
+                       overhead_with_close=ms.Series(drained).summary(),
+                       extra_cpu_per_step=ms.Series(extra_cpu).summary(),
                        blocked=ms.Series(blocked).summary(),
                        setup_s=statistics.median(r["setup_s"] for r in records),
                        close_s=statistics.median(r["close_s"] for r in records))
         rows[name] = row
+    others = [r["others"] for records in runs.values() for r in records]
     return {"loops": rows, "step_s": step_s,
-            "floor_share": None if floor is None else floor / step_s}
+            "floor_share": None if floor is None else floor / step_s,
+            # how much the loop without checkpointing varied from round to round: an
+            # overhead smaller than this is not resolved by the run
+            "noise": (max(base) - min(base)) / statistics.median(base),
+            "others_range": [min(others), max(others)]}
 
 
 # ---------------------------------------------------------------- output
@@ -478,11 +530,15 @@ def markdown(result: dict[str, Any]) -> str:
             + (f"{_ms(d['median'])} ({d['ratio']:.2f}x, n={d['steps']})" if d else "-")
             + " | " + (f"{_ms(m['median'])} ({m['ratio']:.2f}x, n={m['steps']})" if m else "-")
             + f" | step {worst['step']}: {_ms(worst['save'])} | {100 * s['others']:.0f}% |")
-    lines += ["", "| run | restore() before the loop (2 slots + keeper) | close() after it "
-              "(drain) | restore check (fresh manager) |", "|---|---|---|---|"]
+    lines += ["", "| run | state.snapshot() alone (save()'s Python walk of the state), "
+              "median [min-max] | restore() before the loop (2 slots, starts the keeper) | "
+              "keeper start (until idle; CPU) | close() after the loop (drain) | "
+              "restore check (fresh manager) |", "|---|---|---|---|---|---|"]
     for run, b in result["blocking"].items():
-        lines.append(f"| {run} | {_ms(b['setup_s'])} | {_ms(b['close_s'])} | "
-                     f"step {plan['steps']} bit-exact in {_ms(b['restore_check_s'])} |")
+        lines.append(f"| {run} | {_span(b['summary']['snapshot'])} | {_ms(b['setup_s'])} | "
+                     f"{_ms(b['keeper']['waited_s'])}; {b['keeper']['cpu_s']:.2f} CPU s | "
+                     f"{_ms(b['close_s'])} | step {plan['steps']} bit-exact in "
+                     f"{_ms(b['restore_check_s'])} |")
     lines += ["", "Steps whose save() blocked more than twice the median, and what was "
               "going on:", ""]
     for run, b in result["blocking"].items():
@@ -497,19 +553,31 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"## Goodput ({kind}): {plan['loop_steps']} steps of in-place update "
                   f"+ {work}, {plan['reps']} interleaved rounds", "",
                   "| checkpointing | wall median [min-max] | per step | overhead vs none, "
-                  "median [min-max] | save() blocking median [min-max] | restore() / close() "
-                  "(untimed) | others |", "|---|---|---|---|---|---|---|"]
+                  "median [min-max] | with close() (drain) | save() blocking median "
+                  "[min-max] | process CPU per step (extra vs none) | restore() / close() "
+                  "(untimed) | others |", "|---|---|---|---|---|---|---|---|---|"]
         for name, row in g["loops"].items():
             wall = row["wall"]
             per_step = wall["median"] / plan["loop_steps"]
             target = " (target <= 5%)" if LOOPS[name] == 1 else ""
+            cpu = f"{_ms(row['cpu']['median'] / plan['loop_steps'])}"
+            if "extra_cpu_per_step" in row:
+                cpu += f" (+{_ms(row['extra_cpu_per_step']['median'])})"
             lines.append(
                 f"| {name} | {wall['median']:.2f} s [{wall['min']:.2f}-{wall['max']:.2f}] | "
                 f"{_ms(per_step)} | "
                 + (f"{_pct(row['overhead'])}{target}" if "overhead" in row else "-") + " | "
-                + (_span(row["blocked"]) if "blocked" in row else "-") + " | "
+                + (_pct(row["overhead_with_close"]) if "overhead" in row else "-") + " | "
+                + (_span(row["blocked"]) if "blocked" in row else "-") + f" | {cpu} | "
                 + (f"{_ms(row['setup_s'])} / {_ms(row['close_s'])}" if "setup_s" in row
                    else "-") + f" | {100 * row['others']:.0f}% |")
+        if g["noise"] > GOODPUT_TARGET:
+            low, high = g["others_range"]
+            lines += ["", f"**Noise:** the loop without checkpointing varied by "
+                      f"{100 * g['noise']:.0f}% of its median between rounds, while other "
+                      f"processes used {100 * low:.0f}-{100 * high:.0f}% of the CPUs: "
+                      "overheads smaller than that are not resolved by this run (more "
+                      "--reps, or a quiet machine)."]
         if g["floor_share"] is not None:
             lines += ["", f"Copy floor (local run's median) = {100 * g['floor_share']:.1f}% "
                       f"of a step without checkpointing ({_ms(g['step_s'])}): the least an "
@@ -535,8 +603,8 @@ def main() -> None:
     parser.add_argument("--step", type=float, default=0.3,
                         help="seconds of work per goodput step (default 0.3)")
     parser.add_argument("--reps", type=int, default=3, help="goodput rounds (default 3)")
-    parser.add_argument("--work", default="matmul,sleep",
-                        help="goodput work: matmul, sleep or both (default matmul,sleep)")
+    parser.add_argument("--work", default="matmul",
+                        help="goodput work: matmul, sleep or matmul,sleep (default matmul)")
     parser.add_argument("--no-s3", action="store_true", help="skip the run on moto S3")
     parser.add_argument("--no-goodput", action="store_true", help="skip the goodput loops")
     parser.add_argument("--json", action="store_true", help="also print the result as JSON")

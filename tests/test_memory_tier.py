@@ -43,13 +43,14 @@ import torch
 import ckpts
 from ckpts.storage._shm import MEMORY_DIR_ENV, run_folder
 from conftest import run_contents
-from memory_worker import KEEP, SAVE_EVERY, build, reference
+from memory_worker import KEEP, SAVE_EVERY, build, reference, train_step
 from s3_server import S3Bucket
 
 WORKER = str(Path(__file__).with_name("memory_worker.py"))
 SEED = 1234
 MAX_STEP = 40
-PACE = 0.02  # seconds a worker sleeps after each step, so kills land between saves too
+PACE = 0.05  # seconds a worker to be killed sleeps after each step: kills land between
+# saves too, and a test stalled on a busy host still kills it well before its last step
 KEPT_WITHIN = 30.0  # seconds from a kill until the run holds its state and the keeper exited
 START_TIMEOUT = 120.0  # seconds a worker may take to start (torch's import on a busy host)
 KILLS = 2  # kills of one run in the random-instant test (each life costs a few seconds)
@@ -404,7 +405,7 @@ def test_sigkill_at_random_instants_resumes_exactly_from_host_memory(
         newest = wait_until_kept(run, memory_dir, last, log)
         assert ckpts.verify(run) == []
         last = newest  # the next life must resume here (it may be one step past a return)
-    worker = Worker(run, MAX_STEP, SEED, memory_dir, tmp_path / "final.log")
+    worker = Worker(run, MAX_STEP, SEED, memory_dir, tmp_path / "final.log", pace=0.0)
     workers.append(worker)
     worker.finish()
     start, source = worker.started()
@@ -430,7 +431,8 @@ def test_sigkill_on_s3_keeper_takes_over_the_lease(
     last = check_life(worker, losses)
     newest = wait_until_kept(url, memory_dir, last, log, options)
     assert ckpts.verify(url, storage_options=options) == []
-    worker = Worker(url, MAX_STEP, SEED, memory_dir, tmp_path / "final.log", options=options)
+    worker = Worker(url, MAX_STEP, SEED, memory_dir, tmp_path / "final.log", options=options,
+                    pace=0.0)
     workers.append(worker)
     worker.finish()
     assert worker.started() == (newest, "memory"), worker.describe()
@@ -453,7 +455,7 @@ def test_host_memory_wiped_resumes_exactly_from_the_run(
     newest = wait_until_kept(run, memory_dir, last, log)
     assert area_of(run, memory_dir).is_dir()  # the keeper left the snapshots for a restart
     shutil.rmtree(memory_dir / f"ckpts-{os.getuid()}")
-    worker = Worker(run, MAX_STEP, SEED, memory_dir, tmp_path / "final.log")
+    worker = Worker(run, MAX_STEP, SEED, memory_dir, tmp_path / "final.log", pace=0.0)
     workers.append(worker)
     worker.finish()
     assert worker.started() == (newest, "run"), worker.describe()
@@ -478,7 +480,7 @@ def test_two_runs_on_one_host_never_mix_their_snapshots(
     for worker in killed.values():
         worker.wait_for(lambda lines: sum(line.startswith("returned ") for line in lines) >= 5,
                         START_TIMEOUT, "5 returned steps")
-    time.sleep(rng.uniform(0.0, 10 * PACE))
+    time.sleep(rng.uniform(0.0, 3 * PACE))
     for worker in killed.values():
         worker.kill()
     newest = {}
@@ -488,7 +490,8 @@ def test_two_runs_on_one_host_never_mix_their_snapshots(
     areas = {name: area_of(run, memory_dir) for name, run in runs.items()}
     assert areas["a"] != areas["b"] and all(area.is_dir() for area in areas.values())
     restarted = {name: Worker(runs[name], MAX_STEP, seed, memory_dir,
-                              tmp_path / f"{name}-final.log") for name, seed in seeds.items()}
+                              tmp_path / f"{name}-final.log", pace=0.0)
+                 for name, seed in seeds.items()}
     workers.extend(restarted.values())
     for name, worker in restarted.items():
         worker.finish()
@@ -576,24 +579,38 @@ def test_restore_of_a_given_step_uses_the_run_and_drops_newer_snapshots(
 def test_close_makes_the_newest_snapshot_durable_and_frees_memory(
         tmp_path: Path, memory_dir: Path) -> None:
     """close() writes the newest snapshot into the run when no durable save took it (step 7
-    with save=Every(steps=100)), removes the run's memory area and ends the keeper."""
+    with save=Every(steps=100)), with exactly step 7's state, removes the run's memory
+    area and ends the keeper."""
     run = tmp_path / "run"
-    with torch.random.fork_rng():
-        model, optimizer = build(SEED)
-        state = ckpts.TrainState(model=model, optimizer=optimizer)
-        manager = ckpts.CheckpointManager(run, save=ckpts.Every(steps=100),
-                                          memory=ckpts.Every(steps=1))
-        assert manager.restore(state) is None
-        for step in range(1, 8):
-            assert manager.save(step, state) is None
-        assert committed(run) == []
-        assert area_of(run, memory_dir).is_dir()
-        assert len(keepers(memory_dir)) == 1
-        manager.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference's setting: same kernels, same bits
+    try:
+        with torch.random.fork_rng():
+            model, optimizer = build(SEED)
+            state = ckpts.TrainState(model=model, optimizer=optimizer)
+            manager = ckpts.CheckpointManager(run, save=ckpts.Every(steps=100),
+                                              memory=ckpts.Every(steps=1))
+            assert manager.restore(state) is None
+            for step in range(1, 8):
+                train_step(model, optimizer, step)
+                assert manager.save(step, state) is None
+            assert committed(run) == []
+            assert area_of(run, memory_dir).is_dir()
+            assert len(keepers(memory_dir)) == 1
+            manager.close()
+    finally:
+        torch.set_num_threads(threads)
     assert committed(run) == [7]
     assert ckpts.verify(run) == []
     assert not run_folder(ckpts.storage.open_storage(run).location).exists()
     assert keepers(memory_dir) == []
+    with torch.random.fork_rng():
+        model, optimizer = build(0)
+        with ckpts.CheckpointManager(run) as reader:
+            restored = Restored(reader.restore(ckpts.TrainState(model=model, optimizer=optimizer)),
+                                model, optimizer, torch.get_rng_state())
+    assert restored.step == 7
+    restored.assert_state_of(reference_of(SEED).tensors[7])
 
 
 def test_too_small_memory_fails_before_training(small_disk: Path,

@@ -16,22 +16,23 @@ Run as ``python -m ckpts._run.keeper``; nothing else calls :func:`main`.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import select
 import subprocess
 import sys
+import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ckpts._checkpoint.job import OneProcess
-from ckpts._format.catalog import metrics_of, open_run
-from ckpts._run import history
-from ckpts._run.memory import MemoryTier
-from ckpts._run.writer import RunWriter
 from ckpts.errors import CheckpointError, LockedError
-from ckpts.storage import Storage, checkpoint_name
+
+if TYPE_CHECKING:
+    from ckpts._run.memory import MemoryTier
+    from ckpts._run.writer import RunWriter
+    from ckpts.storage import Storage
 
 log = logging.getLogger("ckpts")
 
@@ -84,8 +85,11 @@ def main() -> int:
     if not first:
         return 0
     config = json.loads(first)
+    # torch and the write path load meanwhile: "close" is answered at once all the same
+    threading.Thread(target=importlib.import_module, args=("ckpts._run.memory",),
+                     daemon=True).start()
     if not _trainer_died(messages, int(config["trainer"])):
-        return 0
+        os._exit(0)  # not a normal exit: that would wait for the import thread
     try:
         persist(config)
     except Exception as e:
@@ -130,6 +134,10 @@ def _trainer_died(messages: _Messages, trainer: int) -> bool:
 def persist(config: dict[str, Any]) -> int | None:
     """Write the newest intact snapshot into the run if it is newer than the run's newest
     checkpoint. Returns the step persisted, or None."""
+    from ckpts._format.catalog import open_run
+    from ckpts._run.memory import MemoryTier
+    from ckpts._run.writer import RunWriter
+
     tier = MemoryTier(config["run"], 0)
     try:
         tier.own(wait=TAKE_WAIT)
@@ -163,6 +171,11 @@ def _take_run(storage: Storage, writer: RunWriter, token: str | None) -> None:
 
 def _persist_newest(tier: MemoryTier, storage: Storage, writer: RunWriter,
                     max_shard_size: int) -> int | None:
+    from ckpts._checkpoint.job import OneProcess
+    from ckpts._format.catalog import metrics_of
+    from ckpts._run import history
+    from ckpts.storage import checkpoint_name
+
     listed = storage.committed()
     run_newest = max((entry.step for entry in listed), default=None)
     for snapshot in tier.found():

@@ -251,8 +251,15 @@ class MemoryTier:
         return parse_manifest(data, self.area.where(snapshot.slot))
 
     def restore(self, snapshot: Found, state: TrainState) -> None:
-        """Load a snapshot into ``state``, every byte hash-checked (this rank's own)."""
-        restore_into(self.area, snapshot.slot, self.manifest(snapshot), state, OneProcess())
+        """Load a snapshot into ``state`` (this rank's own): every tensor is checked
+        against its hash before anything is loaded, so a damaged snapshot changes nothing.
+
+        Raises:
+            CorruptCheckpointError: the snapshot fails its hashes.
+            IncompatibleStateError: it does not fit ``state``.
+        """
+        manifest, _ = self.read(snapshot)
+        restore_into(self.area, snapshot.slot, manifest, state, OneProcess())
         self._newest = snapshot
 
     def read(self, snapshot: Found) -> tuple[dict[str, Any], dict[str, ObjectSnapshot]]:
@@ -367,48 +374,43 @@ def _view(buffer: torch.Tensor | None, offset: int, like: torch.Tensor) -> torch
     return buffer[offset:offset + _nbytes(like)].view(like.dtype).view(like.shape)
 
 
-def choose(tier: MemoryTier, job: Job, run_newest: int | None) -> Found | None:
-    """The snapshot every rank restores from: the newest step that every rank holds in
-    memory and that is not older than the run's newest checkpoint; None: the run serves.
-    Every rank calls this (it gathers each rank's steps)."""
+def usable(tier: MemoryTier, job: Job, run_newest: int | None) -> list[Found]:
+    """The snapshots every rank may restore from, newest first: the steps that every rank
+    holds in memory and that are not older than the run's newest checkpoint. Every rank
+    calls this (it gathers each rank's steps) and gets the same steps."""
     mine = tier.found()
     steps = job.gather_json(sorted({f.step for f in mine}))
     common = set(steps[0]).intersection(*steps[1:]) if steps else set()
-    usable = [s for s in common if run_newest is None or s >= run_newest]
-    if not usable:
-        return None
-    step = max(usable)
-    return next(f for f in mine if f.step == step)
+    return [f for f in mine if f.step in common and (run_newest is None or f.step >= run_newest)]
 
 
 def restore_newest(tier: MemoryTier, state: TrainState, job: Job, run_newest: int | None
                    ) -> int | None:
-    """Restore from memory when it holds a state at least as new as the run's, on every
-    rank or none. Returns the step, or None when the run must serve (and then the
-    snapshots are dropped: a restore from the run starts the memory tier afresh).
+    """Restore the newest snapshot that every rank can read, if it is at least as new as
+    the run's newest checkpoint; one that fails its hashes on any rank is skipped (with a
+    warning) for the next. Returns the step, or None when the run must serve (and then
+    the snapshots are dropped: a restore from the run starts the memory tier afresh).
 
     Raises:
         CheckpointError: on every rank, when one rank's snapshot does not fit the state
             (IncompatibleStateError there), or fails otherwise than by damage.
     """
-    chosen = choose(tier, job, run_newest)
-    error: BaseException | None = None
-    if chosen is not None:
+    for snapshot in usable(tier, job, run_newest):
+        error: BaseException | None = None
         try:
-            tier.restore(chosen, state)
+            tier.restore(snapshot, state)
         except Exception as e:  # every rank learns of it before any raises
             error = e
-    problems, damaged = job.problems(error)
-    if problems and not damaged:
-        raise error if error is not None else CheckpointError(
-            f"restoring from host memory failed on another rank: {'; '.join(problems)}")
-    if chosen is not None and not problems:
-        tier.drop(newer_than=chosen.step)
-        log.info("restored step %d from host memory (%s)", chosen.step,
-                 tier.area.where(chosen.slot))
-        return chosen.step
-    if problems:
-        log.warning("the memory snapshot of step %d is not usable on every rank (%s); "
-                    "restoring from the run", chosen.step if chosen else -1, "; ".join(problems))
+        problems, damaged = job.problems(error)
+        if problems and not damaged:
+            raise error if error is not None else CheckpointError(
+                f"restoring from host memory failed on another rank: {'; '.join(problems)}")
+        if not problems:
+            tier.drop(newer_than=snapshot.step)
+            log.info("restored step %d from host memory (%s)", snapshot.step,
+                     tier.area.where(snapshot.slot))
+            return snapshot.step
+        log.warning("skipping the memory snapshot of step %d, not intact on every rank: %s",
+                    snapshot.step, "; ".join(problems))
     tier.drop()
     return None
