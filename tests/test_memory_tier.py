@@ -680,3 +680,21 @@ def test_unsafe_memory_folder_is_refused(tmp_path: Path, memory_dir: Path, kind:
     assert parent.is_symlink() or list(parent.iterdir()) == []
     assert not run.exists() or run_contents(run) == []
     assert keepers(memory_dir) == []
+
+
+def test_ls_shows_the_snapshots_held_in_host_memory(dead_trainer: DeadTrainer) -> None:
+    """`ckpts ls RUN` lists the run's checkpoints, then says which steps this host holds in
+    memory for it (marked as memory, not in the run) and where: the place to look, or to
+    free, after a crash. A run with no snapshots in memory gets no such line."""
+    from typer.testing import CliRunner
+
+    from ckpts.cli import app
+
+    shown = CliRunner().invoke(app, ["ls", str(dead_trainer.run)])
+    assert shown.exit_code == 0, shown.output
+    assert "in host memory" in shown.output and "not in the run" in shown.output
+    assert re.search(r"rank 0: 7, 6\b", shown.output), shown.output
+    assert str(dead_trainer.area.parent) in shown.output.replace("\n", "")
+    shutil.rmtree(dead_trainer.area)
+    again = CliRunner().invoke(app, ["ls", str(dead_trainer.run)])
+    assert again.exit_code == 0 and "in host memory" not in again.output, again.output
