@@ -19,15 +19,16 @@ keep=[KeepLast(2)])`` on a transformer-like fp32 state with AdamW (``--size``, d
    checkpoint into a copy of the state and checks it bit-exact.
 2. **Goodput.** ``--loop-steps`` training steps, each an in-place update of the state
    plus ~``--step`` seconds of work on the training thread, then ``save()``: the wall
-   time with memory=Every(1)+save=Every(5) and with memory=Every(4)+save=Every(5),
-   against the same loop without checkpointing, interleaved (every loop once per round,
-   order shuffled per round) over ``--reps`` rounds. The work is a calibrated loop of
-   1024x1024 fp32 matmuls (it needs the cores, as the background hashing and writing
-   do: the default) or ``time.sleep`` (which hides that competition): ``--work matmul``,
-   ``sleep`` or ``matmul,sleep``. Also reported: the overhead counting ``close()`` (which
-   waits for the durable save still in flight: an upper bound), and the CPU seconds per
-   step of this process and its keeper (less sensitive than wall time to the machine's
-   other tenants).
+   time with memory=Every(1)+save=Every(5), with memory=Every(4)+save=Every(5) and, for
+   reference, with the same durable saves without the memory tier (async_save=True,
+   save=Every(5)), against the same loop without checkpointing, interleaved (every loop
+   once per round, order shuffled per round) over ``--reps`` rounds. The work is a
+   calibrated loop of 1024x1024 fp32 matmuls (it needs the cores, as the background
+   hashing and writing do: the default) or ``time.sleep`` (which hides that
+   competition): ``--work matmul``, ``sleep`` or ``matmul,sleep``. Also reported: the
+   overhead counting ``close()`` (which waits for the durable save still in flight: an
+   upper bound), and the CPU seconds per step of this process and its keeper (less
+   sensitive than wall time to the machine's other tenants).
 
 Each loop gets a fresh run and manager; ``restore()`` (which allocates two snapshot slots
 in shared memory and starts the keeper process), the keeper's start (until it is idle)
@@ -43,7 +44,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -155,21 +158,25 @@ def keepers() -> list[int]:
     return alive
 
 
-def settle_keeper(limit: float = 20.0) -> dict[str, float]:
-    """Wait until the keeper children are idle (no CPU used for 0.3 s): a keeper spends
+def settle_keeper(limit: float = 30.0) -> dict[str, float]:
+    """Wait until the keeper children have used no CPU for half a second: a keeper spends
     its first seconds importing torch, on the cores the timed loop would use. Returns the
-    seconds waited and the CPU seconds the keepers have used (their start)."""
+    seconds waited and the CPU seconds the keepers have used (their start); at once when
+    no keeper runs (no memory=)."""
     started = time.perf_counter()
-    ticks = os.sysconf("SC_CLK_TCK")
     previous, quiet = -1, 0
     while time.perf_counter() - started < limit:
-        used = sum(_ticks(Path(f"/proc/{pid}/stat"), children=False) for pid in keepers())
-        quiet = quiet + 1 if used == previous else 0
-        if quiet >= 3:
+        pids = keepers()
+        if not pids and time.perf_counter() - started > 0.5:
+            break
+        used = sum(_ticks(Path(f"/proc/{pid}/stat"), children=False) for pid in pids)
+        quiet = quiet + 1 if pids and used == previous else 0
+        if quiet >= 5:
             break
         previous = used
         time.sleep(0.1)
-    return {"waited_s": time.perf_counter() - started, "cpu_s": max(previous, 0) / ticks}
+    cpu = sum(_ticks(Path(f"/proc/{pid}/stat"), children=False) for pid in keepers())
+    return {"waited_s": time.perf_counter() - started, "cpu_s": cpu / os.sysconf("SC_CLK_TCK")}
 
 
 class Window:
@@ -191,6 +198,41 @@ class Window:
         used = self.clock.others(self._cpu, end)
         self.own = (end[1] - self._cpu[1]) / os.sysconf("SC_CLK_TCK")
         self.others = min(1.0, used / (self.seconds * self.clock.cores)) if self.seconds else 0.0
+
+
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def ckpts_warnings() -> Iterator[list[str]]:
+    """What the ckpts logger says at WARNING and above inside the block (a skipped durable
+    save, a failed hash, ...)."""
+    found: list[str] = []
+    handler = _Collect(found)
+    logging.getLogger("ckpts").addHandler(handler)
+    try:
+        yield found
+    finally:
+        logging.getLogger("ckpts").removeHandler(handler)
+
+
+def sources() -> dict[str, str]:
+    """A hash of each memory-tier source file measured (ckpts is developed meanwhile)."""
+    import importlib
+
+    out = {}
+    for module in ("ckpts._run.memory", "ckpts._run.host_memory", "ckpts._run.keeper",
+                   "ckpts._run.manager", "ckpts.storage._shm"):
+        path = importlib.import_module(module).__file__
+        if path is not None:
+            out[module] = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    return out
 
 
 @contextlib.contextmanager
@@ -380,7 +422,7 @@ def causes(record: Mapping[str, Any]) -> list[str]:
     """What a step's save() may have waited for, as recorded around it."""
     found = ["durable step"] if record["durable"] else []
     if record["durable"] and record["durable_in_flight"]:
-        found.append("waited for the previous durable save")
+        found.append("the previous durable save still in flight")
     elif record["durable_in_flight"]:
         found.append("durable save in flight")
     if record["slots_allocated"]:
@@ -397,9 +439,22 @@ def causes(record: Mapping[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- 2. goodput
 
 
-LOOPS: dict[str, int | None] = {"no checkpointing": None,
-                                "memory=Every(1), save=Every(5)": 1,
-                                "memory=Every(4), save=Every(5)": 4}
+NONE, EVERY_STEP = "no checkpointing", "memory=Every(1), save=Every(5)"
+
+
+def async_manager(where: Path) -> ckpts.CheckpointManager:
+    return ckpts.CheckpointManager(where, save=ckpts.Every(steps=SAVE_EVERY), async_save=True,
+                                   keep=[ckpts.KeepLast(2)])
+
+
+# each goodput loop's manager (made for a fresh run folder), or None: no checkpointing
+LOOPS: dict[str, Callable[[Path], ckpts.CheckpointManager] | None] = {
+    NONE: None,
+    EVERY_STEP: lambda where: memory_manager(where, 1, None),
+    "memory=Every(4), save=Every(5)": lambda where: memory_manager(where, 4, None),
+    # the same durable saves without the memory tier: what the snapshots cost on top
+    "async_save=True, save=Every(5), no memory= (reference)": async_manager,
+}
 
 
 def training_loop(t: Training, kind: str, step_s: float, steps: int,
@@ -431,16 +486,15 @@ def goodput_phase(t: Training, kinds: Sequence[str], step_s: float, steps: int, 
             order = list(LOOPS)
             random.Random(rep).shuffle(order)
             for name in order:
-                every = LOOPS[name]
+                make, folder = LOOPS[name], workdir / f"goodput-{kind}-{rep}"
                 ms._settle()  # untimed: the previous loop's dirty pages are flushed
-                manager = None
-                if every is not None:
-                    manager = memory_manager(workdir / f"{kind}-{rep}-{every}", every, None)
+                manager = make(folder) if make is not None else None
                 try:
                     setup, keeper = 0.0, None
                     if manager is not None:
                         started = time.perf_counter()
-                        manager.restore(t.state)
+                        manager.restore(t.state)  # memory=: allocates 2 slots, the keeper
+                        manager.prepare(t.state)  # async_save: its staging buffers
                         setup = time.perf_counter() - started
                         keeper = settle_keeper()
                     record = training_loop(t, kind, step_s, steps, manager, clock)
@@ -451,7 +505,7 @@ def goodput_phase(t: Training, kinds: Sequence[str], step_s: float, steps: int, 
                 record.update(setup_s=setup, keeper=keeper,
                               close_s=time.perf_counter() - started)
                 runs[name].append(record)
-                shutil.rmtree(workdir / f"{kind}-{rep}-{every}", ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
             log(f"  goodput ({kind}) round {rep + 1}/{reps}: " + ", ".join(
                 f"{n} {runs[n][-1]['wall']:.2f}s" for n in LOOPS))
         out[kind] = runs
@@ -460,8 +514,8 @@ def goodput_phase(t: Training, kinds: Sequence[str], step_s: float, steps: int, 
 
 def summarize_goodput(runs: Mapping[str, list[dict[str, Any]]], steps: int,
                       floor: float | None) -> dict[str, Any]:
-    base = [r["wall"] for r in runs["no checkpointing"]]
-    base_cpu = [r["cpu"] for r in runs["no checkpointing"]]
+    base = [r["wall"] for r in runs[NONE]]
+    base_cpu = [r["cpu"] for r in runs[NONE]]
     step_s = statistics.median(base) / steps
     rows: dict[str, Any] = {}
     for name, records in runs.items():
@@ -547,6 +601,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"- {run}: " + ("; ".join(
             f"step {r['step']} {_ms(r['save'])} ({', '.join(causes(r))})" for r in slow)
             or "none"))
+    lines += ["", "ckpts warnings during the loops:", ""]
+    for run, warned in [*((f"blocking, {run}", b["warnings"])
+                          for run, b in result["blocking"].items()),
+                        ("goodput", info.get("goodput_warnings", []))]:
+        lines.append(f"- {run}: " + (f"{len(warned)}, e.g. {warned[0]!r}" if warned
+                                     else "none"))
     for kind, g in result["goodput"].items():
         work = (f"{plan['matmuls']} matmuls {MATMUL}x{MATMUL} (calibrated to "
                 f"{plan['step_s']} s)" if kind == "matmul" else f"sleep {plan['step_s']} s")
@@ -559,10 +619,11 @@ def markdown(result: dict[str, Any]) -> str:
         for name, row in g["loops"].items():
             wall = row["wall"]
             per_step = wall["median"] / plan["loop_steps"]
-            target = " (target <= 5%)" if LOOPS[name] == 1 else ""
+            target = " (target <= 5%)" if name == EVERY_STEP else ""
             cpu = f"{_ms(row['cpu']['median'] / plan['loop_steps'])}"
             if "extra_cpu_per_step" in row:
-                cpu += f" (+{_ms(row['extra_cpu_per_step']['median'])})"
+                extra = row["extra_cpu_per_step"]["median"]
+                cpu += f" ({'+' if extra >= 0 else '-'}{_ms(abs(extra))})"
             lines.append(
                 f"| {name} | {wall['median']:.2f} s [{wall['min']:.2f}-{wall['max']:.2f}] | "
                 f"{_ms(per_step)} | "
@@ -624,7 +685,8 @@ def main() -> None:
     clock = CpuClock()
     log(f"== building the {args.size} workload")
     t = Training.of(args.size)
-    info: dict[str, Any] = {"params": t.w.n_params, "tensors": len(t.tensors),
+    info: dict[str, Any] = {"sources": sources(), "params": t.w.n_params,
+                            "tensors": len(t.tensors),
                             "state_bytes": t.w.nbytes()}
     plan: dict[str, Any] = {"size": args.size, "steps": args.steps, "sleep": args.sleep,
                             "loop_steps": args.loop_steps, "step_s": args.step,
@@ -651,7 +713,10 @@ def main() -> None:
                     where, options = bench.url("blocking-run"), bench.options
                 log(f"== blocking time per step, {name}: {args.steps} steps")
                 ms._settle()
-                result = blocking_phase(t, where, options, args.steps, args.sleep, shm, clock)
+                with ckpts_warnings() as warned:
+                    result = blocking_phase(t, where, options, args.steps, args.sleep, shm,
+                                            clock)
+                result["warnings"] = warned
                 result["restore_check_s"] = check_restore(t, where, options, args.steps)
                 result["summary"] = summarize_blocking(
                     result, TARGETS["s3" if endpoint else "local"])
@@ -667,8 +732,10 @@ def main() -> None:
                 plan.update(matmuls=t.matmuls, matmul_s=one)
                 log(f"== goodput: one {MATMUL}x{MATMUL} matmul takes {1e3 * one:.1f} ms: "
                     f"{t.matmuls} per step")
-            raw = goodput_phase(t, kinds, args.step, args.loop_steps, args.reps, Path(tmp),
-                                clock)
+            with ckpts_warnings() as warned:
+                raw = goodput_phase(t, kinds, args.step, args.loop_steps, args.reps,
+                                    Path(tmp), clock)
+            info["goodput_warnings"] = warned
             floor = blocking["local"]["summary"]["floor"]["median"]
             goodput = {kind: {**summarize_goodput(runs_of, args.loop_steps, floor),
                               "runs": runs_of} for kind, runs_of in raw.items()}

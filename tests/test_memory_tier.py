@@ -698,3 +698,43 @@ def test_ls_shows_the_snapshots_held_in_host_memory(dead_trainer: DeadTrainer) -
     shutil.rmtree(dead_trainer.area)
     again = CliRunner().invoke(app, ["ls", str(dead_trainer.run)])
     assert again.exit_code == 0 and "in host memory" not in again.output, again.output
+
+
+def test_the_trainer_never_waits_for_a_store_slower_than_save(
+        tmp_path: Path, memory_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With a store slower than save= asks (every commit held back until the test lets it
+    go), every save() returns while the durable save of step 2 is still being written:
+    the trainer waits for no store. Step 4's durable save waits its turn, step 6's takes
+    its place (with a warning naming both), and once the store is free close() leaves the
+    run with steps 2 and 6, exactly as trained."""
+    from ckpts.storage import LocalStorage
+
+    release = threading.Event()
+    commit = LocalStorage.commit
+
+    def slow_commit(self: LocalStorage, staged: Any, manifest: bytes) -> None:
+        assert release.wait(60), "the test never let the store go"
+        commit(self, staged, manifest)
+
+    monkeypatch.setattr(LocalStorage, "commit", slow_commit)
+    model, optimizer = build(SEED)
+    state = ckpts.TrainState(model=model, optimizer=optimizer)
+    run = tmp_path / "run"
+    manager = ckpts.CheckpointManager(run, save=ckpts.Every(steps=2), memory=ckpts.Every(steps=1))
+    caplog.set_level(logging.INFO, logger="ckpts")
+    try:
+        manager.restore(state)
+        for step in range(1, 7):
+            train_step(model, optimizer, step)
+            manager.save(step, state)
+        assert committed(run) == [], "a save() waited for the store"
+        expected = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    finally:
+        release.set()
+        manager.close()
+    assert committed(run) == [2, 6]
+    assert "durable save of step 4 is skipped" in caplog.text and "step 6's" in caplog.text
+    loaded, _ = build(SEED)
+    ckpts.load_weights(run / "step-00000006", loaded)
+    assert all(torch.equal(loaded.state_dict()[key], value) for key, value in expected.items())

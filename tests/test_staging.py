@@ -152,7 +152,7 @@ def test_prepare_then_save_allocates_nothing_new(tmp_path: Path) -> None:
 
 def test_prepare_checks_its_argument(tmp_path: Path) -> None:
     with ckpts.CheckpointManager(tmp_path, async_save=True) as manager, \
-            pytest.raises(ckpts.InvalidArgumentError, match=r"prepare\(\) needs a ckpts.TrainState"):
+            pytest.raises(ckpts.InvalidArgumentError, match=r"prepare\(\) needs a ckpts"):
         manager.prepare(TinyNet())  # type: ignore[arg-type]
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ckpts._checkpoint.job import Job
@@ -54,6 +56,9 @@ class HostMemory:
         self.keeper: Keeper | None = None
         self._new_job = new_job
         self._durable_job: Job | None = None
+        self._guard = threading.Lock()  # of the two below, for the training and writer threads
+        self._writing = False  # a durable save is being written from memory
+        self._next: _Durable | None = None  # the one due meanwhile (one process)
         self.latest: tuple[int, int | None, dict[str, float], dict[str, ObjectSnapshot]] \
             | None = None  # the newest snapshot taken: step, epoch, metrics, its objects
 
@@ -87,22 +92,50 @@ class HostMemory:
         if durable is not None:
             if self._durable_job is None:  # every rank is here at once: a collective
                 self._durable_job = job if job.size == 1 else self._new_job()
-            on = self._durable_job
             tier.busy.add(slot)
-
-            def write() -> None:
-                try:
-                    durable(staged, on)
-                finally:
-                    tier.busy.discard(slot)
-
+            save = _Durable(step, slot, staged, durable, self._durable_job)
+            if job.size == 1:  # ranks must write the same steps: they wait instead
+                with self._guard:
+                    if self._writing:  # the trainer does not wait for the store
+                        self._supersede(save, tier)
+                        return _nbytes(staged)
+                    self._writing = True
             try:
-                background.submit(write, name=f"ckpts-save-{step}")
+                background.submit(lambda: self._write(save, tier), name=f"ckpts-save-{step}")
             except BaseException:  # the previous save's failure: this one never started
                 tier.busy.discard(slot)
+                self._writing = False
                 raise
-        return sum(t.numel() * t.element_size() for snap in staged.values()
-                   for t in snap.tensors.values())
+        return _nbytes(staged)
+
+    def _supersede(self, save: _Durable, tier: MemoryTier) -> None:
+        """Make ``save`` the one durable save written after the one in flight (under the
+        guard): a durable save already waiting is dropped for it, its slot freed."""
+        if self._next is not None:
+            tier.busy.discard(self._next.slot)
+            log.warning("the durable save of step %d is skipped: the run's store is slower "
+                        "than save= asks, and step %d's comes due before it could start",
+                        self._next.step, save.step)
+        self._next = save
+
+    def _write(self, save: _Durable | None, tier: MemoryTier) -> None:
+        """Write durable saves from their slots (on the background thread): ``save``, then
+        each one that came due meanwhile; each slot is freed once written."""
+        try:
+            while save is not None:
+                try:
+                    save.write(save.staged, save.job)
+                finally:
+                    tier.busy.discard(save.slot)
+                with self._guard:
+                    save, self._next = self._next, None
+                    self._writing = save is not None
+        except BaseException:
+            with self._guard:
+                waiting, self._next, self._writing = self._next, None, False
+            if waiting is not None:
+                tier.busy.discard(waiting.slot)
+            raise
 
     def persist(self, job: Job, run_newest: int | None,
                 commit: Callable[[int, Mapping[str, ObjectSnapshot], dict[str, float],
@@ -175,6 +208,23 @@ class HostMemory:
             self.tier.close(free=free)
             self.tier = None
         self.latest = None
+
+
+@dataclass(frozen=True)
+class _Durable:
+    """A durable save from a memory snapshot: its step, slot, objects, how to write it
+    and with which job."""
+
+    step: int
+    slot: str
+    staged: Mapping[str, ObjectSnapshot]
+    write: Callable[[Mapping[str, ObjectSnapshot], Job], object]
+    job: Job
+
+
+def _nbytes(staged: Mapping[str, ObjectSnapshot]) -> int:
+    return sum(t.numel() * t.element_size() for snap in staged.values()
+               for t in snap.tensors.values())
 
 
 def check_memory_run(directory: object, memory: object,

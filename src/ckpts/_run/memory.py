@@ -12,7 +12,8 @@ the whole cost the training thread pays. Its protocol mirrors a checkpoint's com
    other, read back and hash-checked by the same code.
 
 Slots rotate so that a snapshot never overwrites the newest complete one, nor one the
-background writer is making durable: two slots, a third while a durable save runs.
+background writer is making durable or is about to: two slots, a third while a durable
+save runs, a fourth while another one waits for it.
 A durable checkpoint is written from a slot, so the trainer does not wait for it.
 """
 
@@ -41,8 +42,10 @@ from ckpts.storage._shm import PENDING, MemoryArea
 
 log = logging.getLogger("ckpts")
 
-SLOTS = 3
-"""Slots of an area at most: the newest snapshot, the one a durable save reads, the next."""
+SLOTS = 4
+"""Slots of an area at most: the newest snapshot, the next one, the one a durable save
+reads and (one process, on a store slower than save= asks) the one whose durable save
+waits for it."""
 _SUFFIX = ".safetensors"
 
 
