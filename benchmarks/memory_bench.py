@@ -81,11 +81,11 @@ NOTES = [
     "a small JSON marker; hashing (a sealing thread) and, every 5th step, the durable "
     "checkpoint (a writer thread, from the slot) run in the background, on the same 2 "
     "cores as the training thread.",
-    "A durable step's save() also starts the background checkpoint, and waits for the "
-    "previous one if it is still being written ('durable in flight' in the worst-step "
-    "notes). A third slot is allocated (on the training thread) the first time a snapshot "
-    "is taken while a durable save still reads one slot and the newest snapshot holds "
-    "the other.",
+    "A durable step's save() also hands its slot to the background writer; 'durable "
+    "save in flight' in the notes on slow steps says an earlier one was still being "
+    "written. restore() allocates two slots; another one is allocated on the training "
+    "thread the first time a snapshot needs it while durable saves hold slots "
+    "('allocated N new slot(s)').",
     "The keeper process imports torch when restore() starts it (seconds of one core): "
     "every loop starts once it is idle, so its start is reported apart ('keeper start'), "
     "not spread over the first steps; a training run pays it once.",

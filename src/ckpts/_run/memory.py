@@ -82,6 +82,7 @@ class MemoryTier:
         self.busy: set[str] = set()
         """Slots a durable save is reading: not overwritten until it is done."""
         self._newest: Found | None = None  # the newest snapshot this process took
+        self._held: dict[str, int] = {}  # slot -> step of its snapshot, as this process knows
         self._layout: _Layout | None = None  # of the last snapshot
         self._layouts: dict[str, _Layout] = {}  # of each slot's views
         self._targets: dict[str, dict[str, list[torch.Tensor]]] = {}  # slot -> object -> views
@@ -112,6 +113,7 @@ class MemoryTier:
                     raise
                 time.sleep(0.1)
         self.opened = True
+        self._held = {found.slot: found.step for found in self.found()}
 
     def close(self, *, free: bool) -> None:
         """Finish the hashing in flight, give the area up, and remove it with ``free``."""
@@ -178,6 +180,11 @@ class MemoryTier:
         self.area.write_marker(slot, PENDING, encode_json(pending))
         self._newest = Found(slot, step, sealed=False)
         self._seals[slot] = self._sealer.submit(self._seal, slot)
+        # a snapshot of the same step or a later one (a step saved again, or a branch's)
+        # is older than this one: it must not be restored instead
+        self._forget({other for other, held in self._held.items()
+                      if held >= step and other != slot})
+        self._held[slot] = step
         staged = {name: replace(snap, tensors=dict(zip(snap.tensors, targets[name], strict=True)),
                                 notes=None) for name, snap in snapshots.items()}
         return slot, staged
@@ -298,14 +305,18 @@ class MemoryTier:
     def drop(self, *, newer_than: int = -1) -> None:
         """Take away every snapshot newer than ``newer_than`` (default: all): states the
         run must not go back to (a restore from the run, or of an older common step)."""
-        for snapshot in self.found():
-            if snapshot.step > newer_than:
-                seal = self._seals.pop(snapshot.slot, None)
-                if seal is not None:
-                    seal.result()
-                self.area.clear(snapshot.slot)
+        self._forget({found.slot for found in self.found() if found.step > newer_than})
         if self._newest is not None and self._newest.step > newer_than:
             self._newest = None
+
+    def _forget(self, slots: set[str]) -> None:
+        """Take the snapshots of these slots away (their files stay, for reuse)."""
+        for slot in slots:
+            seal = self._seals.pop(slot, None)
+            if seal is not None:
+                seal.result()
+            self.area.clear(slot)
+            self._held.pop(slot, None)
 
     @property
     def newest(self) -> Found | None:
