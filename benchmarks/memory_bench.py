@@ -10,9 +10,9 @@ keep=[KeepLast(2)])`` on a transformer-like fp32 state with AdamW (``--size``, d
    Python walk of the state: it shows what waiting for the GIL costs) and ``save(step,
    state)``, in that order. The floor is ``torch._foreach_copy_`` of the state into
    buffers allocated and touched once: what any snapshot that is complete when save()
-   returns must do. Reported: save()'s median, min and max over the steps, the ratio
-   median/floor median (and the median of the per-step ratios), the medians over durable
-   steps (every 5th: the snapshot plus starting the background checkpoint) and
+   returns must do. Reported: save()'s median, min and max over the steps, the median of
+   the per-step ratios save()/floor (the target's) and the ratio of the medians, the
+   medians over durable steps (every 5th: the snapshot plus starting the background checkpoint) and
    memory-only steps, and what went on around each step more than twice the median.
    Once with the run on the local disk, once on a moto S3 server in a child process
    (``--no-s3`` skips it). After each, a fresh manager restores the run's newest
@@ -21,8 +21,9 @@ keep=[KeepLast(2)])`` on a transformer-like fp32 state with AdamW (``--size``, d
    plus ~``--step`` seconds of work on the training thread, then ``save()``: the wall
    time with memory=Every(1)+save=Every(5), with memory=Every(4)+save=Every(5) and, for
    reference, with the same durable saves without the memory tier (async_save=True,
-   save=Every(5)), against the same loop without checkpointing, interleaved (every loop
-   once per round, order shuffled per round) over ``--reps`` rounds. The work is a
+   save=Every(5)) and with the copy floor in place of save() (the lower bound of any
+   every-step snapshot), against the same loop without checkpointing, interleaved (every
+   loop once per round, order shuffled per round) over ``--reps`` rounds. The work is a
    calibrated loop of 1024x1024 fp32 matmuls (it needs the cores, as the background
    hashing and writing do: the default) or ``time.sleep`` (which hides that
    competition): ``--work matmul``, ``sleep`` or ``matmul,sleep``. Also reported: the
@@ -33,8 +34,8 @@ keep=[KeepLast(2)])`` on a transformer-like fp32 state with AdamW (``--size``, d
 Each loop gets a fresh run and manager; ``restore()`` (which allocates two snapshot slots
 in shared memory and starts the keeper process), the keeper's start (until it is idle)
 and ``close()`` (which waits for the durable save in flight) are timed apart from the
-steps. The snapshots go to a temporary
-folder under /dev/shm (``CKPTS_MEMORY_DIR``), removed at the end.
+steps. The snapshots go to a temporary folder under /dev/shm (``CKPTS_MEMORY_DIR``),
+removed at the end; every manager is closed, and no keeper process is left.
 
 Run: ``python -m benchmarks.memory_bench [--size medium] [--steps 30] [--json]``, or
 ``make bench-memory``. Writes ``benchmarks/results/memory-<timestamp>.json`` and ``.md``.
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -72,11 +74,17 @@ SAVE_EVERY = 5
 TARGETS = {"local": 1.3, "s3": 1.5}  # blocking median / copy-floor median (the issue's)
 GOODPUT_TARGET = 0.05  # overhead of memory=Every(1)+save=Every(5) against no checkpointing
 MATMUL = 1024  # the side of the work's square matmuls
+SLOWEST = 6  # slow steps described, at most
 SHM = Path("/dev/shm")
 NOTES = [
     "The copy floor is torch._foreach_copy_ of every tensor into buffers allocated and "
     "touched before the loop, timed right before each save() in the same step: the least "
     "any snapshot that is complete when save() returns can block for.",
+    "The target is checked on the median of the per-step ratios save()/floor (each pair "
+    "measured back to back, as BENCHMARKS.md asks). The ratio of the two medians is shown "
+    "too; when other tenants load the machine for part of the run, both times are "
+    "bimodal (a copy takes ~65 ms here when quiet, ~500 ms when not) and the two medians "
+    "can fall in different modes.",
     "save() with memory= copies the state into a preallocated slot in /dev/shm and writes "
     "a small JSON marker; hashing (a sealing thread) and, every 5th step, the durable "
     "checkpoint (a writer thread, from the slot) run in the background, on the same 2 "
@@ -161,8 +169,8 @@ def keepers() -> list[int]:
 def settle_keeper(limit: float = 30.0) -> dict[str, float]:
     """Wait until the keeper children have used no CPU for half a second: a keeper spends
     its first seconds importing torch, on the cores the timed loop would use. Returns the
-    seconds waited and the CPU seconds the keepers have used (their start); at once when
-    no keeper runs (no memory=)."""
+    seconds waited and the CPU seconds the keepers have used (their start); after half a
+    second when no keeper runs (no memory=)."""
     started = time.perf_counter()
     previous, quiet = -1, 0
     while time.perf_counter() - started < limit:
@@ -286,8 +294,8 @@ class Training:
             torch._foreach_copy_(self.buffers, self.tensors)
 
     def calibrate(self, seconds: float) -> float:
-        """Set how many matmuls make ``seconds`` of work; returns one matmul's time (the
-        median of a few, on whatever the machine has free now)."""
+        """Set how many matmuls make ``seconds`` of work on this machine when it is quiet;
+        returns one matmul's time (the fastest of a few: other tenants only slow it)."""
         a, b = torch.randn(MATMUL, MATMUL), torch.randn(MATMUL, MATMUL)
         out = torch.empty(MATMUL, MATMUL)
         torch.mm(a, b, out=out)
@@ -297,7 +305,7 @@ class Training:
             for _ in range(5):
                 torch.mm(a, b, out=out)
             times.append((time.perf_counter() - started) / 5)
-        one = statistics.median(times)
+        one = min(times)
         self.matmuls = max(1, round(seconds / one))
         self._operands = (a, b, out)
         return one
@@ -404,17 +412,16 @@ def summarize_blocking(result: dict[str, Any], target: float) -> dict[str, Any]:
         chosen = [r for r in records if r["durable"] == durable]
         if not chosen:
             return None
-        median = statistics.median(r["save"] for r in chosen)
-        return {"steps": len(chosen), "median": median,
+        return {"steps": len(chosen), "median": statistics.median(r["save"] for r in chosen),
                 "floor_median": statistics.median(r["floor"] for r in chosen),
-                "ratio": median / floor}
+                "paired_ratio": statistics.median(r["save"] / r["floor"] for r in chosen)}
 
+    paired = statistics.median(r["save"] / r["floor"] for r in records)
     return {"save": ms.Series(saves).summary(), "floor": ms.Series(floors).summary(),
             "snapshot": ms.Series([r["snapshot"] for r in records]).summary(),
-            "ratio": statistics.median(saves) / floor,
-            "paired_ratio": statistics.median(r["save"] / r["floor"] for r in records),
+            "ratio": statistics.median(saves) / floor, "paired_ratio": paired,
             "durable": part(True), "memory_only": part(False), "worst_step": worst,
-            "target": target, "pass": statistics.median(saves) / floor <= target,
+            "target": target, "pass": paired <= target,
             "others": statistics.median(r["others"] for r in records)}
 
 
@@ -440,6 +447,7 @@ def causes(record: Mapping[str, Any]) -> list[str]:
 
 
 NONE, EVERY_STEP = "no checkpointing", "memory=Every(1), save=Every(5)"
+FLOOR = "copy floor every step, instead of save() (lower bound)"
 
 
 def async_manager(where: Path) -> ckpts.CheckpointManager:
@@ -447,38 +455,44 @@ def async_manager(where: Path) -> ckpts.CheckpointManager:
                                    keep=[ckpts.KeepLast(2)])
 
 
-# each goodput loop's manager (made for a fresh run folder), or None: no checkpointing
+# each goodput loop's manager (made for a fresh run folder), or None: none
 LOOPS: dict[str, Callable[[Path], ckpts.CheckpointManager] | None] = {
     NONE: None,
     EVERY_STEP: lambda where: memory_manager(where, 1, None),
     "memory=Every(4), save=Every(5)": lambda where: memory_manager(where, 4, None),
     # the same durable saves without the memory tier: what the snapshots cost on top
     "async_save=True, save=Every(5), no memory= (reference)": async_manager,
+    FLOOR: None,
 }
 
 
 def training_loop(t: Training, kind: str, step_s: float, steps: int,
-                  manager: ckpts.CheckpointManager | None, clock: CpuClock
-                  ) -> dict[str, Any]:
-    """Wall seconds of ``steps`` steps (update, work, save()), and save()'s blocking."""
-    state = t.state
+                  save: Callable[[int], object] | None, clock: CpuClock) -> dict[str, Any]:
+    """Wall seconds of ``steps`` steps (update, work, ``save(step)``), and each save's
+    blocking time."""
     blocked = []
     with Window(clock) as window:
         for step in range(1, steps + 1):
             t.update()
             t.work(kind, step_s)
-            if manager is not None:
+            if save is not None:
                 started = time.perf_counter()
-                manager.save(step, state)
+                save(step)
                 blocked.append(time.perf_counter() - started)
     return {"wall": window.seconds, "cpu": window.own, "others": round(window.others, 3),
             "blocked": blocked}
 
 
 def goodput_phase(t: Training, kinds: Sequence[str], step_s: float, steps: int, reps: int,
-                  workdir: Path, clock: CpuClock) -> dict[str, Any]:
+                  workdir: Path, clock: CpuClock
+                  ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Every loop once per round (order shuffled), ``reps`` rounds, per kind of work."""
-    out: dict[str, Any] = {}
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    state = t.state
+
+    def copy_floor(step: int) -> None:
+        t.floor()
+
     for kind in kinds:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in LOOPS}
         training_loop(t, kind, step_s, 2, None, clock)  # untimed warm-up
@@ -489,15 +503,17 @@ def goodput_phase(t: Training, kinds: Sequence[str], step_s: float, steps: int, 
                 make, folder = LOOPS[name], workdir / f"goodput-{kind}-{rep}"
                 ms._settle()  # untimed: the previous loop's dirty pages are flushed
                 manager = make(folder) if make is not None else None
+                save: Callable[[int], object] | None = copy_floor if name == FLOOR else None
                 try:
                     setup, keeper = 0.0, None
                     if manager is not None:
                         started = time.perf_counter()
-                        manager.restore(t.state)  # memory=: allocates 2 slots, the keeper
-                        manager.prepare(t.state)  # async_save: its staging buffers
+                        manager.restore(state)  # memory=: allocates 2 slots, the keeper
+                        manager.prepare(state)  # async_save: its staging buffers
                         setup = time.perf_counter() - started
                         keeper = settle_keeper()
-                    record = training_loop(t, kind, step_s, steps, manager, clock)
+                        save = functools.partial(manager.save, state=state)
+                    record = training_loop(t, kind, step_s, steps, save, clock)
                     started = time.perf_counter()
                 finally:
                     if manager is not None:
@@ -507,13 +523,13 @@ def goodput_phase(t: Training, kinds: Sequence[str], step_s: float, steps: int, 
                 runs[name].append(record)
                 shutil.rmtree(folder, ignore_errors=True)
             log(f"  goodput ({kind}) round {rep + 1}/{reps}: " + ", ".join(
-                f"{n} {runs[n][-1]['wall']:.2f}s" for n in LOOPS))
+                f"{n.split(',')[0]} {runs[n][-1]['wall']:.2f}s" for n in LOOPS))
         out[kind] = runs
     return out
 
 
-def summarize_goodput(runs: Mapping[str, list[dict[str, Any]]], steps: int,
-                      floor: float | None) -> dict[str, Any]:
+def summarize_goodput(runs: Mapping[str, list[dict[str, Any]]], steps: int
+                      ) -> dict[str, Any]:
     base = [r["wall"] for r in runs[NONE]]
     base_cpu = [r["cpu"] for r in runs[NONE]]
     step_s = statistics.median(base) / steps
@@ -523,7 +539,7 @@ def summarize_goodput(runs: Mapping[str, list[dict[str, Any]]], steps: int,
         row: dict[str, Any] = {"wall": ms.Series(walls).summary(), "step_s": step_s,
                                "cpu": ms.Series([r["cpu"] for r in records]).summary(),
                                "others": statistics.median(r["others"] for r in records)}
-        if LOOPS[name] is not None:
+        if name != NONE:
             overhead = [w / b - 1 for w, b in zip(walls, base, strict=True)]
             # the durable save still in flight at the end, paid by close(): an upper bound
             drained = [(r["wall"] + r["close_s"]) / b - 1
@@ -538,8 +554,10 @@ def summarize_goodput(runs: Mapping[str, list[dict[str, Any]]], steps: int,
                        close_s=statistics.median(r["close_s"] for r in records))
         rows[name] = row
     others = [r["others"] for records in runs.values() for r in records]
+    floors = [s for r in runs[FLOOR] for s in r["blocked"]]
     return {"loops": rows, "step_s": step_s,
-            "floor_share": None if floor is None else floor / step_s,
+            "floor": ms.Series(floors).summary(),
+            "floor_share": statistics.median(floors) / step_s,
             # how much the loop without checkpointing varied from round to round: an
             # overhead smaller than this is not resolved by the run
             "noise": (max(base) - min(base)) / statistics.median(base),
@@ -571,18 +589,19 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"## save() blocking per step: memory=Every(1), save=Every({SAVE_EVERY}), "
               f"{plan['steps']} steps of in-place update + sleep {plan['sleep']} s", "",
               "| run | save() median [min-max] | copy floor median [min-max] | "
-              "median / floor median (target) | per-step ratio, median | durable steps: "
-              "median (/ floor) | memory-only steps: median (/ floor) | worst step | others |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "save() / floor, per-step median (target) | median / floor median | durable "
+              "steps: median (per-step ratio) | memory-only steps: median (per-step ratio) | "
+              "worst step | others |", "|---|---|---|---|---|---|---|---|---|"]
     for run, b in result["blocking"].items():
         s = b["summary"]
         d, m, worst = s["durable"], s["memory_only"], s["worst_step"]
         lines.append(
-            f"| {run} | {_span(s['save'])} | {_span(s['floor'])} | **{s['ratio']:.2f}x** "
-            f"(<= {s['target']}x: {'PASS' if s['pass'] else 'FAIL'}) | "
-            f"{s['paired_ratio']:.2f}x | "
-            + (f"{_ms(d['median'])} ({d['ratio']:.2f}x, n={d['steps']})" if d else "-")
-            + " | " + (f"{_ms(m['median'])} ({m['ratio']:.2f}x, n={m['steps']})" if m else "-")
+            f"| {run} | {_span(s['save'])} | {_span(s['floor'])} | "
+            f"**{s['paired_ratio']:.2f}x** (<= {s['target']}x: "
+            f"{'PASS' if s['pass'] else 'FAIL'}) | {s['ratio']:.2f}x | "
+            + (f"{_ms(d['median'])} ({d['paired_ratio']:.2f}x, n={d['steps']})" if d else "-")
+            + " | " + (f"{_ms(m['median'])} ({m['paired_ratio']:.2f}x, n={m['steps']})"
+                       if m else "-")
             + f" | step {worst['step']}: {_ms(worst['save'])} | {100 * s['others']:.0f}% |")
     lines += ["", "| run | state.snapshot() alone (save()'s Python walk of the state), "
               "median [min-max] | restore() before the loop (2 slots, starts the keeper) | "
@@ -593,14 +612,16 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{_ms(b['keeper']['waited_s'])}; {b['keeper']['cpu_s']:.2f} CPU s | "
                      f"{_ms(b['close_s'])} | step {plan['steps']} bit-exact in "
                      f"{_ms(b['restore_check_s'])} |")
-    lines += ["", "Steps whose save() blocked more than twice the median, and what was "
-              "going on:", ""]
+    lines += ["", f"Steps whose save() blocked more than twice the median (the {SLOWEST} "
+              "slowest), and what was going on:", ""]
     for run, b in result["blocking"].items():
         median = b["summary"]["save"]["median"]
-        slow = [r for r in b["steps"] if r["save"] > 2 * median]
+        slow = sorted((r for r in b["steps"] if r["save"] > 2 * median),
+                      key=lambda r: r["save"], reverse=True)
         lines.append(f"- {run}: " + ("; ".join(
-            f"step {r['step']} {_ms(r['save'])} ({', '.join(causes(r))})" for r in slow)
-            or "none"))
+            f"step {r['step']} {_ms(r['save'])} ({', '.join(causes(r))})"
+            for r in sorted(slow[:SLOWEST], key=lambda r: r["step"])) or "none")
+            + (f"; and {len(slow) - SLOWEST} more" if len(slow) > SLOWEST else ""))
     lines += ["", "ckpts warnings during the loops:", ""]
     for run, warned in [*((f"blocking, {run}", b["warnings"])
                           for run, b in result["blocking"].items()),
@@ -639,10 +660,10 @@ def markdown(result: dict[str, Any]) -> str:
                       f"processes used {100 * low:.0f}-{100 * high:.0f}% of the CPUs: "
                       "overheads smaller than that are not resolved by this run (more "
                       "--reps, or a quiet machine)."]
-        if g["floor_share"] is not None:
-            lines += ["", f"Copy floor (local run's median) = {100 * g['floor_share']:.1f}% "
-                      f"of a step without checkpointing ({_ms(g['step_s'])}): the least an "
-                      "every-step snapshot that is complete when save() returns can cost."]
+        lines += ["", f"Copy floor {_span(g['floor'])} per step (in its loop) = "
+                  f"{100 * g['floor_share']:.1f}% of a step without checkpointing "
+                  f"({_ms(g['step_s'])}): the least an every-step snapshot that is complete "
+                  "when save() returns can cost."]
     lines += ["", f"Keeper processes left after the run: {result['keepers_left']}; memory "
               f"folder removed: {result['memory_dir_removed']}.", ""]
     return "\n".join(lines + [f"- {note}" for note in NOTES]) + "\n"
@@ -736,9 +757,8 @@ def main() -> None:
                 raw = goodput_phase(t, kinds, args.step, args.loop_steps, args.reps,
                                     Path(tmp), clock)
             info["goodput_warnings"] = warned
-            floor = blocking["local"]["summary"]["floor"]["median"]
-            goodput = {kind: {**summarize_goodput(runs_of, args.loop_steps, floor),
-                              "runs": runs_of} for kind, runs_of in raw.items()}
+            goodput = {kind: {**summarize_goodput(runs_of, args.loop_steps), "runs": runs_of}
+                       for kind, runs_of in raw.items()}
     left = keepers()
     for pid in left:  # ours: started by a manager of this process; say so and end it
         log(f"WARNING: keeper process {pid} still running after every manager closed")

@@ -395,7 +395,7 @@ def test_sigkill_at_random_instants_resumes_exactly_from_host_memory(
     last = 0
     for life in range(KILLS):
         log = tmp_path / f"life-{life}.log"
-        worker = Worker(run, MAX_STEP, SEED, memory_dir, log)
+        worker = Worker(run, MAX_STEP, SEED, memory_dir, log, hold=True)
         workers.append(worker)
         start, source = worker.started()
         assert start == last, worker.describe()
@@ -425,7 +425,7 @@ def test_sigkill_on_s3_keeper_takes_over_the_lease(
     url, options = s3_bucket.url("run"), s3_bucket.storage_options
     losses = reference_of(SEED).losses
     log = tmp_path / "killed.log"
-    worker = Worker(url, MAX_STEP, SEED, memory_dir, log, options=options)
+    worker = Worker(url, MAX_STEP, SEED, memory_dir, log, options=options, hold=True)
     workers.append(worker)
     kill_at_random(worker, random.Random("memory tier: s3 kill"), 6, 14)
     last = check_life(worker, losses)
@@ -448,7 +448,7 @@ def test_host_memory_wiped_resumes_exactly_from_the_run(
     run = tmp_path / "run"
     losses = reference_of(SEED).losses
     log = tmp_path / "killed.log"
-    worker = Worker(run, MAX_STEP, SEED, memory_dir, log)
+    worker = Worker(run, MAX_STEP, SEED, memory_dir, log, hold=True)
     workers.append(worker)
     kill_at_random(worker, random.Random("memory tier: wiped"), 6, 14)
     last = check_life(worker, losses)
@@ -474,14 +474,14 @@ def test_two_runs_on_one_host_never_mix_their_snapshots(
     references = {name: reference_of(seed).losses for name, seed in seeds.items()}
     assert references["a"][1] != references["b"][1]  # a mix-up would show
     rng = random.Random("memory tier: two runs")
-    killed = {name: Worker(runs[name], MAX_STEP, seed, memory_dir, tmp_path / f"{name}.log")
-              for name, seed in seeds.items()}
+    # held at the end rather than closed: one may start (and finish) long before the other
+    killed = {name: Worker(runs[name], MAX_STEP, seed, memory_dir, tmp_path / f"{name}.log",
+                           hold=True) for name, seed in seeds.items()}
     workers.extend(killed.values())
     for worker in killed.values():
         worker.wait_for(lambda lines: sum(line.startswith("returned ") for line in lines) >= 5,
                         START_TIMEOUT, "5 returned steps")
-    time.sleep(rng.uniform(0.0, 3 * PACE))
-    for worker in killed.values():
+        time.sleep(rng.uniform(0.0, 3 * PACE))
         worker.kill()
     newest = {}
     for name, worker in killed.items():
