@@ -59,7 +59,7 @@ bench-s3: .venv/.installed
 
 # The memory tier (memory=Every(1), save=Every(5)): save()'s blocking time per step against
 # the copy floor, on a local run and on a moto S3 server it starts on loopback, then the
-# goodput of 0.3 s training steps against no checkpointing (~5 minutes, ~2 GB of /dev/shm).
+# goodput of 0.3 s training steps against no checkpointing (~6 minutes, ~3 GB of /dev/shm).
 bench-memory: .venv/.installed
 	$(PY) -m benchmarks.memory_bench
 

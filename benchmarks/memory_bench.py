@@ -28,8 +28,8 @@ keep=[KeepLast(2)])`` on a transformer-like fp32 state with AdamW (``--size``, d
    hashing and writing do: the default) or ``time.sleep`` (which hides that
    competition): ``--work matmul``, ``sleep`` or ``matmul,sleep``. Also reported: the
    overhead counting ``close()`` (which waits for the durable save still in flight: an
-   upper bound), and the CPU seconds per step of this process and its keeper (less
-   sensitive than wall time to the machine's other tenants).
+   upper bound). The JSON also has each loop's CPU seconds (this process and its keeper:
+   OpenMP threads' spin-waits included, so only a rough measure of work).
 
 Each loop gets a fresh run and manager; ``restore()`` (which allocates two snapshot slots
 in shared memory and starts the keeper process), the keeper's start (until it is idle)
@@ -47,6 +47,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -232,8 +233,6 @@ def ckpts_warnings() -> Iterator[list[str]]:
 
 def sources() -> dict[str, str]:
     """A hash of each memory-tier source file measured (ckpts is developed meanwhile)."""
-    import importlib
-
     out = {}
     for module in ("ckpts._run.memory", "ckpts._run.host_memory", "ckpts._run.keeper",
                    "ckpts._run.manager", "ckpts.storage._shm"):
@@ -271,6 +270,7 @@ class Training:
     floats: list[torch.Tensor]
     buffers: list[torch.Tensor]
     matmuls: int = 0  # per step, once calibrated
+    operands: tuple[torch.Tensor, ...] = field(default=(), repr=False)  # a, b, out
 
     @classmethod
     def of(cls, size: str) -> Training:
@@ -307,7 +307,7 @@ class Training:
             times.append((time.perf_counter() - started) / 5)
         one = min(times)
         self.matmuls = max(1, round(seconds / one))
-        self._operands = (a, b, out)
+        self.operands = (a, b, out)
         return one
 
     def work(self, kind: str, seconds: float) -> None:
@@ -315,7 +315,7 @@ class Training:
         if kind == "sleep":
             time.sleep(seconds)
             return
-        a, b, out = self._operands
+        a, b, out = self.operands
         for _ in range(self.matmuls):
             torch.mm(a, b, out=out)
 
@@ -635,22 +635,18 @@ def markdown(result: dict[str, Any]) -> str:
                   f"+ {work}, {plan['reps']} interleaved rounds", "",
                   "| checkpointing | wall median [min-max] | per step | overhead vs none, "
                   "median [min-max] | with close() (drain) | save() blocking median "
-                  "[min-max] | process CPU per step (extra vs none) | restore() / close() "
-                  "(untimed) | others |", "|---|---|---|---|---|---|---|---|---|"]
+                  "[min-max] | restore() / close() (untimed) | others |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, row in g["loops"].items():
             wall = row["wall"]
             per_step = wall["median"] / plan["loop_steps"]
             target = " (target <= 5%)" if name == EVERY_STEP else ""
-            cpu = f"{_ms(row['cpu']['median'] / plan['loop_steps'])}"
-            if "extra_cpu_per_step" in row:
-                extra = row["extra_cpu_per_step"]["median"]
-                cpu += f" ({'+' if extra >= 0 else '-'}{_ms(abs(extra))})"
             lines.append(
                 f"| {name} | {wall['median']:.2f} s [{wall['min']:.2f}-{wall['max']:.2f}] | "
                 f"{_ms(per_step)} | "
                 + (f"{_pct(row['overhead'])}{target}" if "overhead" in row else "-") + " | "
                 + (_pct(row["overhead_with_close"]) if "overhead" in row else "-") + " | "
-                + (_span(row["blocked"]) if "blocked" in row else "-") + f" | {cpu} | "
+                + (_span(row["blocked"]) if "blocked" in row else "-") + " | "
                 + (f"{_ms(row['setup_s'])} / {_ms(row['close_s'])}" if "setup_s" in row
                    else "-") + f" | {100 * row['others']:.0f}% |")
         if g["noise"] > GOODPUT_TARGET:

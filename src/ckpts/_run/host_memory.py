@@ -172,8 +172,9 @@ class HostMemory:
                      tier.area.location, self.keeper.pid)
 
     def check_room(self, state: TrainState, job: Job) -> None:
-        """Allocate the snapshots' memory now, refusing a state it cannot hold."""
-        self.own(job).check_room(state.snapshot())
+        """Allocate the snapshots' memory now, refusing a state it cannot hold: three slots
+        (the newest snapshot, the next, and one a durable save reads meanwhile)."""
+        self.own(job).check_room(state.snapshot(), slots=3)
 
     def restore(self, state: TrainState, job: Job, names: Sequence[str], *, step: int | None,
                 missing_ok: bool) -> int | None:

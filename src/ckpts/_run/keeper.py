@@ -16,14 +16,12 @@ Run as ``python -m ckpts._run.keeper``; nothing else calls :func:`main`.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import select
 import subprocess
 import sys
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -85,11 +83,10 @@ def main() -> int:
     if not first:
         return 0
     config = json.loads(first)
-    # torch and the write path load meanwhile: "close" is answered at once all the same
-    threading.Thread(target=importlib.import_module, args=("ckpts._run.memory",),
-                     daemon=True).start()
+    # torch and the write path are imported only once there is something to persist: a
+    # keeper that starts beside a trainer takes none of the trainer's CPU time
     if not _trainer_died(messages, int(config["trainer"])):
-        os._exit(0)  # not a normal exit: that would wait for the import thread
+        return 0
     try:
         persist(config)
     except Exception as e:

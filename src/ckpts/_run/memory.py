@@ -129,16 +129,17 @@ class MemoryTier:
 
     # ---- taking snapshots ---------------------------------------------------------------
 
-    def check_room(self, snapshots: Mapping[str, ObjectSnapshot]) -> None:
-        """Refuse, before training starts, a state that the memory area cannot hold in two
-        slots (a third comes while a durable save runs: also checked when it does).
+    def check_room(self, snapshots: Mapping[str, ObjectSnapshot], *, slots: int) -> None:
+        """Allocate ``slots`` slots for these snapshots now, before training starts (a
+        slot allocated later costs the training thread a page-in of the whole state), and
+        refuse a state that the memory area cannot hold.
 
         Raises:
             InsufficientSpaceError: says how big the tmpfs must be and how to get it.
         """
         layout = _layout_of(snapshots, _signature(snapshots))
-        for slot in ("slot-0", "slot-1"):
-            self.area.map_slot(slot, layout.sizes)
+        for index in range(slots):
+            self.area.map_slot(f"slot-{index}", layout.sizes)
 
     def take(self, step: int, epoch: int | None, metrics: Mapping[str, float],
              snapshots: Mapping[str, ObjectSnapshot]) -> tuple[str, dict[str, ObjectSnapshot]]:
