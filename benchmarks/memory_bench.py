@@ -31,7 +31,7 @@ keep=[KeepLast(2)])`` on a transformer-like fp32 state with AdamW (``--size``, d
    upper bound). The JSON also has each loop's CPU seconds (this process and its keeper:
    OpenMP threads' spin-waits included, so only a rough measure of work).
 
-Each loop gets a fresh run and manager; ``restore()`` (which allocates two snapshot slots
+Each loop gets a fresh run and manager; ``restore()`` (which allocates three snapshot slots
 in shared memory and starts the keeper process), the keeper's start (until it is idle)
 and ``close()`` (which waits for the durable save in flight) are timed apart from the
 steps. The snapshots go to a temporary folder under /dev/shm (``CKPTS_MEMORY_DIR``),
@@ -92,12 +92,11 @@ NOTES = [
     "cores as the training thread.",
     "A durable step's save() also hands its slot to the background writer; 'durable "
     "save in flight' in the notes on slow steps says an earlier one was still being "
-    "written. restore() allocates two slots; another one is allocated on the training "
-    "thread the first time a snapshot needs it while durable saves hold slots "
-    "('allocated N new slot(s)').",
-    "The keeper process imports torch when restore() starts it (seconds of one core): "
-    "every loop starts once it is idle, so its start is reported apart ('keeper start'), "
-    "not spread over the first steps; a training run pays it once.",
+    "written. restore() allocates three slots; a fourth is allocated on the training "
+    "thread the first time a durable save must wait for a slower store while another "
+    "one is written ('allocated N new slot(s)').",
+    "The keeper process imports torch only once its trainer has died; every loop starts "
+    "once it is idle all the same, and its start is reported apart ('keeper start').",
     "'others' is the share of the machine's CPU used by processes other than this one "
     "and its children (keeper, moto) while the timed code ran: this machine is shared.",
     "moto keeps S3 objects in this machine's memory and answers on loopback: its times "
@@ -351,7 +350,7 @@ def blocking_phase(t: Training, where: str | Path, options: Mapping[str, Any] | 
     records: list[dict[str, Any]] = []
     try:
         started = time.perf_counter()
-        manager.restore(state)  # allocates two slots, starts the keeper
+        manager.restore(state)  # allocates three slots, starts the keeper
         setup = time.perf_counter() - started
         keeper = settle_keeper()
         for step in range(1, steps + 1):
@@ -604,7 +603,7 @@ def markdown(result: dict[str, Any]) -> str:
                        if m else "-")
             + f" | step {worst['step']}: {_ms(worst['save'])} | {100 * s['others']:.0f}% |")
     lines += ["", "| run | state.snapshot() alone (save()'s Python walk of the state), "
-              "median [min-max] | restore() before the loop (2 slots, starts the keeper) | "
+              "median [min-max] | restore() before the loop (3 slots, starts the keeper) | "
               "keeper start (until idle; CPU) | close() after the loop (drain) | "
               "restore check (fresh manager) |", "|---|---|---|---|---|---|"]
     for run, b in result["blocking"].items():
