@@ -185,7 +185,7 @@ class HostMemory:
 
         Raises:
             NotACheckpointError: neither tier has a state and not ``missing_ok``.
-            InsufficientSpaceError: the memory area cannot hold two snapshots of ``state``.
+            InsufficientSpaceError: the memory area cannot hold three snapshots of ``state``.
         """
         tier = self.own(job)
         self.latest = None
@@ -197,7 +197,7 @@ class HostMemory:
         if restored is None and not names and not missing_ok:
             candidates(self.storage, None, missing_ok=False)  # raises: nothing anywhere
         self.check_room(state, job)
-        self._start_keeper(job)  # now, not at the first snapshot: it takes a second or two
+        self._start_keeper(job)  # now, before training: a process takes a while to start
         return restored
 
     def close(self, *, free: bool) -> None:
