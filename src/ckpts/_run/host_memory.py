@@ -88,7 +88,7 @@ class HostMemory:
         tier = self.own(job)
         slot, staged = tier.take(step, epoch, metrics, snapshots)
         self.latest = (step, epoch, metrics, staged)
-        self._start_keeper(job)
+        self._start_keeper(job, tier)
         if durable is not None:
             if self._durable_job is None:  # every rank is here at once: a collective
                 self._durable_job = job if job.size == 1 else self._new_job()
@@ -161,9 +161,7 @@ class HostMemory:
         if run_newest is None or step > run_newest:
             commit(step, staged, metrics, epoch)
 
-    def _start_keeper(self, job: Job) -> None:
-        tier = self.tier
-        assert tier is not None
+    def _start_keeper(self, job: Job, tier: MemoryTier) -> None:
         if self.keeper is None and job.size == 1:
             self.keeper = Keeper({"run": self.storage.location, "storage_options": self._options,
                                   "lease": self.storage.lock_token(),
@@ -197,7 +195,7 @@ class HostMemory:
         if restored is None and not names and not missing_ok:
             candidates(self.storage, None, missing_ok=False)  # raises: nothing anywhere
         self.check_room(state, job)
-        self._start_keeper(job)  # now, before training: a process takes a while to start
+        self._start_keeper(job, tier)  # now, before training: a process takes a while to start
         return restored
 
     def close(self, *, free: bool) -> None:

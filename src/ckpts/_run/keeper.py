@@ -23,7 +23,7 @@ import select
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from ckpts.errors import CheckpointError, LockedError
 
@@ -53,9 +53,9 @@ class Keeper:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "ckpts._run.keeper"], stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-        assert self._process.stdin is not None
-        self._process.stdin.write(message.encode())
-        self._process.stdin.flush()
+        self._pipe = cast(IO[bytes], self._process.stdin)  # stdin=PIPE: always a pipe
+        self._pipe.write(message.encode())
+        self._pipe.flush()
 
     @property
     def pid(self) -> int:
@@ -64,9 +64,8 @@ class Keeper:
     def close(self) -> None:
         """End the keeper: the trainer made its state durable (or chose not to)."""
         try:
-            assert self._process.stdin is not None
-            self._process.stdin.write(b"close\n")
-            self._process.stdin.close()
+            self._pipe.write(b"close\n")
+            self._pipe.close()
         except OSError:
             pass  # the keeper is gone already
         try:
