@@ -235,17 +235,9 @@ class MemoryTier:
         """The snapshots in the area, newest first (a slot without a marker is none)."""
         found = []
         for slot in self.area.slots():
-            for marker, sealed in ((MANIFEST, True), (PENDING, False)):
-                data = self.area.read_marker(slot, marker)
-                if data is None:
-                    continue
-                try:
-                    step = json.loads(data)["step"]
-                except (ValueError, KeyError, TypeError):
-                    break  # damaged: not a snapshot
-                if type(step) is int and step >= 0:
-                    found.append(Found(slot, step, sealed))
-                break
+            marked = self.area.marked_step(slot)
+            if marked is not None:
+                found.append(Found(slot, *marked))
         return sorted(found, key=lambda f: f.step, reverse=True)
 
     def manifest(self, snapshot: Found) -> dict[str, Any]:

@@ -72,15 +72,9 @@ def held_on_this_host(location: str) -> tuple[Path, dict[int, list[int]], int]:
         found = []
         for slot in area.slots():
             held += area.held_bytes(slot)
-            for marker in (MANIFEST, PENDING):
-                try:
-                    data = area.read_marker(slot, marker)
-                    step = json.loads(data)["step"] if data is not None else None
-                except (OSError, ValueError, KeyError, TypeError):
-                    break
-                if type(step) is int:
-                    found.append(step)
-                    break
+            marked = area.marked_step(slot)
+            if marked is not None:
+                found.append(marked[0])
         steps[area.rank] = sorted(found, reverse=True)
     return folder, steps, held
 
@@ -219,6 +213,20 @@ class MemoryArea(LocalStorage):
             return None
         with os.fdopen(fd, "rb") as file:
             return file.read()
+
+    def marked_step(self, slot: str) -> tuple[int, bool] | None:
+        """The step of the slot's snapshot and whether it is hashed (its manifest is
+        written), or None: no marker, or one that is damaged or not a file."""
+        for marker, sealed in ((MANIFEST, True), (PENDING, False)):
+            try:
+                data = self.read_marker(slot, marker)
+                if data is None:
+                    continue
+                step = json.loads(data)["step"]
+            except (OSError, CheckpointError, ValueError, KeyError, TypeError):
+                return None
+            return (step, sealed) if type(step) is int and step >= 0 else None
+        return None
 
     def write_marker(self, slot: str, marker: str, data: bytes) -> None:
         """Write a marker whole or not at all (a temporary file renamed into place)."""
