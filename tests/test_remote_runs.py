@@ -44,7 +44,7 @@ import pytest
 import torch
 
 import ckpts
-from ckpts._format.manifest import read_manifest
+from ckpts._format.index import read_manifest
 from ckpts.storage import checkpoint_name
 from ckpts.storage._fsspec import PART_SIZE
 from conftest import TinyNet, assert_state_dicts_equal, train_steps

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ckpts._format.catalog import Checkpoint, open_checkpoint
-from ckpts._format.manifest import TensorEntry, manifest_tensor_entries, read_manifest
+from ckpts._format.index import read_manifest
+from ckpts._format.manifest import TensorEntry, manifest_tensor_entries
 from ckpts.storage._port import Storage
 
 if TYPE_CHECKING:

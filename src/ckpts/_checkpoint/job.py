@@ -19,11 +19,12 @@ import torch.distributed as dist
 from ckpts._checkpoint.ranks import DAMAGE, Ranks
 from ckpts._checkpoint.sharded import materialize_optimizer_state, read_on_ranks, write_on_ranks
 from ckpts._checkpoint.write import new_manifest, write_checkpoint
+from ckpts._format.index import Contents
 from ckpts._format.manifest import tensor_entry
 from ckpts._state.train_state import ObjectSnapshot, Stateful
 from ckpts._tensors.reading import Key, read_tensors
 from ckpts._tensors.writing import BeforeWriting, Reusable
-from ckpts.storage import Staged, Storage, checkpoint_name
+from ckpts.storage import Staged, Storage
 
 Stage = Callable[[], Staged]  # stages the new checkpoint (on the process that commits)
 Commit = Callable[[dict[str, Any]], None]  # commits its manifest (on that process)
@@ -69,11 +70,16 @@ class Job(Protocol):
         """Ready a live object, before its ``state_dict()`` is taken, to be read into."""
         ...
 
-    def read(self, storage: Storage, name: str, files: Mapping[str, Mapping[str, Any]],
+    def saved_object(self, contents: Contents, name: str) -> dict[str, Any]:
+        """Saved object ``name`` with the tensor entries :meth:`read` takes."""
+        ...
+
+    def read(self, storage: Storage, contents: Contents,
              entries: Mapping[Key, Mapping[str, Any]], live: Mapping[Key, torch.Tensor]
              ) -> dict[Key, torch.Tensor]:
-        """Read the tensors of ``entries`` (manifest tensor entries), into ``live`` tensors
-        where they fit, every byte checked against its hash. Returns every key's tensor."""
+        """Read the tensors of ``entries`` (from :meth:`saved_object`) of the checkpoint
+        ``contents`` describes, into ``live`` tensors where they fit, every byte checked
+        against its hash. Returns every key's tensor."""
         ...
 
 
@@ -101,28 +107,31 @@ class OneProcess:
               stage: Stage, commit: Commit, metrics: Mapping[str, float], epoch: int | None,
               max_shard_size: int, reusable: Reusable | None, before_writing: BeforeWriting
               ) -> tuple[Reusable | None, list[str]]:
-        manifest, reused = write_checkpoint(
+        manifest, reused, following = write_checkpoint(
             storage, stage(), step=step, snapshots=snapshots, metrics=metrics, epoch=epoch,
             max_shard_size=max_shard_size, reusable=reusable, before_writing=before_writing)
         commit(manifest)
-        return Reusable.of(checkpoint_name(step), manifest), reused
+        return following, reused
 
     def prepare(self, obj: Stateful) -> None:
         pass
 
-    def read(self, storage: Storage, name: str, files: Mapping[str, Mapping[str, Any]],
+    def saved_object(self, contents: Contents, name: str) -> dict[str, Any]:
+        return contents.object(name)  # every piece located: one process reads them all
+
+    def read(self, storage: Storage, contents: Contents,
              entries: Mapping[Key, Mapping[str, Any]], live: Mapping[Key, torch.Tensor]
              ) -> dict[Key, torch.Tensor]:
         fillable = _without_overlaps(live)
-        return read_tensors(storage, name, files,
+        return read_tensors(storage, contents.name, contents.files,
                             {key: tensor_entry(info) for key, info in entries.items()},
                             {key: fillable[key] for key in entries if key in fillable},
                             fill_targets=True)
 
 
 class ManyRanks:
-    """The ranks of a torch.distributed job: each writes and reads its own part (through
-    DCP's planners, ckpts._checkpoint.sharded), rank 0 commits."""
+    """The ranks of a torch.distributed job: each writes and reads its own part
+    (ckpts._checkpoint.sharded), rank 0 commits."""
 
     def __init__(self, ranks: Ranks) -> None:
         self.ranks = ranks
@@ -156,10 +165,13 @@ class ManyRanks:
         if isinstance(obj, torch.optim.Optimizer):
             materialize_optimizer_state(obj)  # live shards to read into
 
-    def read(self, storage: Storage, name: str, files: Mapping[str, Mapping[str, Any]],
+    def saved_object(self, contents: Contents, name: str) -> dict[str, Any]:
+        return contents.object(name, located=False)  # each rank finds the pieces it needs
+
+    def read(self, storage: Storage, contents: Contents,
              entries: Mapping[Key, Mapping[str, Any]], live: Mapping[Key, torch.Tensor]
              ) -> dict[Key, torch.Tensor]:
-        return read_on_ranks(storage, name, files, self.ranks, live, entries)
+        return read_on_ranks(storage, contents, self.ranks, live, entries)
 
 
 def job_of(process_group: Any, timeout: float, run: str) -> Job:

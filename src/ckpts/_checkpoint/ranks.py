@@ -74,6 +74,10 @@ class Ranks:
         return [json.loads(bytes(chunk[:int(size.item())].numpy()))
                 for chunk, size in zip(found, sizes, strict=True)]
 
+    def global_ranks(self) -> list[int]:
+        """The job's ranks as torch.distributed's default group numbers them, in order."""
+        return list(dist.get_process_group_ranks(self.group))
+
     def broadcast_json(self, value: Any) -> Any:
         """Rank 0's ``value`` (JSON), on every rank."""
         return self.gather_json(value if self.rank == 0 else None)[0]

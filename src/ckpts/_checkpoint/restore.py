@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from ckpts._checkpoint.filling import module_filled_in_place, optimizer_filled_in_place
 from ckpts._checkpoint.job import Job
 from ckpts._format.codec import decode, live_tensors
+from ckpts._format.index import Contents
 from ckpts._format.manifest import (
     TensorEntry,
     manifest_tensor_entries,
@@ -48,8 +50,8 @@ class ModuleFit:
     entries: dict[str, TensorEntry]
 
 
-def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
-                 state: TrainState, job: Job) -> None:
+def restore_into(storage: Storage, name: str, manifest: dict[str, Any],
+                 state: TrainState, job: Job) -> Contents:
     """Check the checkpoint fits ``state``, then load every object in place.
 
     Every object's ``state_dict()`` is called first: it tells whether the live
@@ -81,10 +83,15 @@ def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
         CorruptCheckpointError: a file's hash does not match. Its bytes may already
             be in live tensors, but no ``load_state_dict`` has run; restoring
             another checkpoint overwrites them all.
+
+    Returns:
+        The checkpoint's contents as read (for the next save to reuse its files).
     """
     directory = storage.where(name)
+    contents = Contents(storage, name, manifest)
     chosen = match_objects(directory, manifest, state, rank=job.rank, size=job.size)
-    saved = {live_name: manifest["objects"][saved_name] for live_name, saved_name in chosen.items()}
+    saved = {live_name: job.saved_object(contents, saved_name)
+             for live_name, saved_name in chosen.items()}
     objects = {live_name: state.objects[live_name] for live_name in chosen}
     for obj_name, obj in objects.items():
         check_compatible(directory, obj_name, saved[obj_name], obj, strict=True,
@@ -94,7 +101,7 @@ def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
     # one read of every object's tensors at once (keys are unique per object only)
     live = {(obj_name, key): tensor for obj_name, obj in objects.items()
             for key, tensor in live_tensors(live_state(directory, obj_name, obj))[0].items()}
-    read = job.read(storage, name, manifest["files"], {
+    read = job.read(storage, contents, {
         (obj_name, key): info for obj_name in objects
         for key, info in saved[obj_name]["tensors"].items()}, live)
     loaded: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -102,6 +109,7 @@ def restore_into(storage: Storage, name: str, manifest: Mapping[str, Any],
         loaded[obj_name][key] = tensor
     for obj_name, obj in objects.items():
         load_object(directory, obj_name, saved[obj_name], obj, loaded[obj_name])
+    return contents
 
 
 def match_objects(directory: str, manifest: Mapping[str, Any], state: TrainState, *,
@@ -195,7 +203,8 @@ def load_object(directory: str, name: str, saved: Mapping[str, Any], obj: Statef
     """Hand an object its state: the tree, with the tensors already read."""
     state_dict = decode_object(directory, name, saved, loaded)
     try:
-        if not _optimizer_filled_in_place(obj, state_dict):
+        if not (optimizer_filled_in_place(obj, state_dict)
+                or module_filled_in_place(obj, state_dict)):
             obj.load_state_dict(state_dict)
     except CheckpointError:
         raise
@@ -205,44 +214,6 @@ def load_object(directory: str, name: str, saved: Mapping[str, Any], obj: Statef
             f"{name!r} ({type(e).__name__}: {e}). Objects restored before it were already "
             "loaded; restore again once the live object matches the one that was saved"
         ) from e
-
-
-def _optimizer_filled_in_place(obj: Stateful, state_dict: Any) -> bool:
-    """Finish restoring a torch optimizer whose every state tensor the read has just
-    filled in place (the same parameters, keys and tensor objects as saved): only its
-    parameter groups come from the checkpoint. ``Optimizer.load_state_dict`` would copy
-    each state tensor once more (1 s for 40,000 small ones); here nothing is copied.
-
-    Anything else takes torch's own path (returns False): an optimizer class with its
-    own ``load_state_dict``, load hooks, a state entry that is not a tensor or was not
-    filled in place, or state for other parameters than were saved.
-    """
-    if not isinstance(obj, torch.optim.Optimizer) \
-            or type(obj).load_state_dict is not torch.optim.Optimizer.load_state_dict \
-            or obj._optimizer_load_state_dict_pre_hooks \
-            or obj._optimizer_load_state_dict_post_hooks:
-        return False
-    groups, saved_groups = obj.param_groups, state_dict["param_groups"]
-    params = [p for group in groups for p in group["params"]]
-    ids = [i for group in saved_groups for i in group["params"]]
-    saved_state = state_dict["state"]
-    if len(groups) != len(saved_groups) or len(params) != len(ids) \
-            or len(obj.state) != len(saved_state):
-        return False
-    by_id = dict(zip(ids, params, strict=True))
-    for saved_id, entry in saved_state.items():
-        live = obj.state.get(by_id[saved_id]) if saved_id in by_id else None
-        if live is None or live.keys() != entry.keys() \
-                or any(value is not live[key] for key, value in entry.items()):
-            return False
-    restored = []
-    for group, saved_group in zip(groups, saved_groups, strict=True):
-        new_group = {**saved_group, "params": group["params"]}
-        if "param_names" in group and "param_names" not in saved_group:
-            new_group["param_names"] = group["param_names"]
-        restored.append(new_group)
-    obj.__setstate__({"state": obj.state, "param_groups": restored})
-    return True
 
 
 def load_module_weights(storage: Storage, checkpoint: str, manifest: Mapping[str, Any],

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ckpts._format.catalog import is_committed, open_checkpoint
-from ckpts._format.manifest import manifest_tensor_entries, read_manifest
+from ckpts._format.index import read_manifest
+from ckpts._format.manifest import manifest_tensor_entries
 from ckpts._tensors.reading import check_files, read_header
 from ckpts.errors import CheckpointError, CorruptCheckpointError, NotACheckpointError
 from ckpts.storage import open_storage

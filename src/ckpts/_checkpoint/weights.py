@@ -17,12 +17,13 @@ import torch
 from ckpts._checkpoint.restore import decode_object, fit_module, load_module_weights
 from ckpts._checkpoint.verify import check_file_sizes
 from ckpts._format.catalog import Checkpoint, open_checkpoint
-from ckpts._format.manifest import check_tensor_entries, manifest_tensor_entries, read_manifest
+from ckpts._format.index import Contents, read_manifest
+from ckpts._format.manifest import manifest_tensor_entries
 from ckpts._format.safetensors import DTYPE_NAMES
 from ckpts._tensors.gc import paused_gc
 from ckpts._tensors.reading import read_tensors
 from ckpts.errors import NotACheckpointError
-from ckpts.storage._port import MANIFEST, Storage
+from ckpts.storage._port import Storage
 
 
 @paused_gc()
@@ -63,7 +64,8 @@ def load_weights(
     """
     storage, checkpoint_name, manifest = _resolve(checkpoint, storage_options)
     where = storage.where(checkpoint_name)
-    obj_name, saved = _pick_module(where, manifest, name)
+    obj_name, manifest = _pick_module(storage, checkpoint_name, manifest, name)
+    saved = manifest["objects"][obj_name]
     fit = fit_module(where, obj_name, saved, model, strict=strict)  # from the manifest alone
     _check_sizes(storage, checkpoint_name, manifest, obj_name)
     load_module_weights(storage, checkpoint_name, manifest, obj_name, model, fit)
@@ -114,8 +116,8 @@ def load_state(
             f"{where} has no object named {name!r}; it holds {sorted(objects)}. "
             "Pass one of those names"
         )
-    saved = objects[name]
-    check_tensor_entries(manifest, name, f"{where}/{MANIFEST}")
+    manifest = Contents(storage, checkpoint_name, manifest).expanded([name])
+    saved = manifest["objects"][name]
     if tensors:
         values = _read_object(storage, checkpoint_name, manifest, name)
     else:  # placeholders: no tensor file is opened
@@ -146,7 +148,8 @@ def read_module_tensors(
         CorruptCheckpointError: the module's files fail their size or hash check.
     """
     storage, checkpoint_name, manifest = _resolve(checkpoint)
-    obj_name, saved = _pick_module(storage.where(checkpoint_name), manifest, name)
+    obj_name, manifest = _pick_module(storage, checkpoint_name, manifest, name)
+    saved = manifest["objects"][obj_name]
     tensors = _read_object(storage, checkpoint_name, manifest, obj_name)
     for alias, key in saved.get("aliases", {}).items():
         tensors[alias] = tensors[key]
@@ -158,17 +161,18 @@ def module_record(
 ) -> tuple[str, dict[str, Any]]:
     """The name and manifest entry of a saved module (class, aliases, ``hf_config``...)."""
     storage, checkpoint_name, manifest = _resolve(checkpoint)
-    return _pick_module(storage.where(checkpoint_name), manifest, name)
+    obj_name, manifest = _pick_module(storage, checkpoint_name, manifest, name)
+    return obj_name, manifest["objects"][obj_name]
 
 
 def _resolve(checkpoint: Checkpoint | str | os.PathLike[str],
           storage_options: Mapping[str, Any] | None = None
           ) -> tuple[Storage, str, dict[str, Any]]:
     """The storage, name and manifest of a checkpoint, checked but for its objects'
-    tensor entries: each reader here reads one object, and checks that object's
-    entries (:func:`check_tensor_entries`) before using them. The other objects'
-    entries (an optimizer's, three times a model's) are never used, so they need no
-    check; ``verify`` and ``restore`` check every entry, as they read every one."""
+    tensor entries: each reader here reads one object, and reads and checks that
+    object's entries (:meth:`Contents.expanded`; v4: its index file) before using them.
+    The other objects' entries (an optimizer's, three times a model's) are never used,
+    so they are not read; ``verify`` and ``restore`` check every entry they read."""
     storage, name = open_checkpoint(checkpoint, storage_options)
     return storage, name, read_manifest(storage, name, tensor_entries=False)
 
@@ -196,8 +200,10 @@ def _read_object(storage: Storage, checkpoint: str, manifest: dict[str, Any], na
     return {key: tensor for (_, key), tensor in read.items()}
 
 
-def _pick_module(directory: str, manifest: dict[str, Any], name: str | None
-                 ) -> tuple[str, dict[str, Any]]:
+def _pick_module(storage: Storage, checkpoint: str, manifest: dict[str, Any],
+                 name: str | None) -> tuple[str, dict[str, Any]]:
+    """The saved module's name, and the manifest with that object's entries read."""
+    directory = storage.where(checkpoint)
     objects = manifest["objects"]
     modules = [n for n, o in objects.items() if o.get("kind") == "module"]
     if name is None:
@@ -207,5 +213,4 @@ def _pick_module(directory: str, manifest: dict[str, Any], name: str | None
             f"{directory} has no module named {name or 'model'!r}; its modules are "
             f"{modules}. Pass name=... to choose one"
         )
-    check_tensor_entries(manifest, name, f"{directory}/{MANIFEST}")
-    return name, objects[name]
+    return name, Contents(storage, checkpoint, manifest).expanded([name])

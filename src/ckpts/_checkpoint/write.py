@@ -4,8 +4,8 @@ Each object's distinct tensors go into ``<name>.safetensors`` (or, above the sha
 size, ``<name>-00001-of-0000N.safetensors`` plus ``<name>.safetensors.index.json``,
 the Hugging Face layout), so a model's weights load with ``safe_open`` or
 ``from_pretrained`` as they are. Everything else about the object (its JSON tree,
-tied-tensor aliases, each tensor's file, dtype, shape, byte range and hash) is in
-``manifest.json``.
+tied-tensor aliases, each tensor's file, dtype, shape, byte range and hash) is in its
+index file ``<name>.index.json`` (format v4), which ``manifest.json`` covers by hash.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from ckpts._format.codec import encode
+from ckpts._format.index import object_index_name
 from ckpts._format.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    SHARDED_FORMAT_VERSION,
     digest,
     encode_json,
     manifest_allowance,
@@ -46,12 +46,13 @@ def write_checkpoint(
     max_shard_size: int,
     reusable: Reusable | None = None,
     before_writing: BeforeWriting = lambda nbytes, reused: None,
-) -> tuple[dict[str, Any], list[str]]:
+) -> tuple[dict[str, Any], list[str], Reusable]:
     """Write every object's tensor files (all at once, see ckpts._tensors.writing) and index
     files into ``staged``, reusing ``reusable``'s unchanged files (see
     :func:`ckpts._tensors.writing.write_tensor_files`, which also explains ``before_writing``).
     The bytes ``before_writing`` gets include an allowance for the manifest.
-    Returns the manifest, for the caller to commit, and the files reused."""
+    Returns the manifest, for the caller to commit, the files reused, and the files
+    the next save may reuse."""
     tensor_count = sum(len(snap.tensors) for snap in snapshots.values())
     placements = {name: plan_shards(name, snap.tensors, max_shard_size, snap.frozen)
                   for name, snap in snapshots.items()}
@@ -77,34 +78,53 @@ def write_checkpoint(
         for f, w in written.items()
     }
     files.update({f: {"nbytes": len(data), "hash": digest(data)} for f, data in indexes.items()})
-    objects = {name: describe(snap, {
-        k: new_tensor_entry(f, DTYPES[snap.tensors[k].dtype], snap.tensors[k].shape,
-                            *written[f].tensors[k])
-        for f, keys in placements[name].items() for k in keys
-    }) for name, snap in snapshots.items()}
+    objects = {}
+    for name, snap in snapshots.items():
+        if not snap.tensors:  # JSON alone: in the manifest itself
+            objects[name] = describe(snap, {})
+            continue
+        index = encode_json({"objects": {name: object_contents(snap, {
+            k: new_tensor_entry(f, DTYPES[snap.tensors[k].dtype], snap.tensors[k].shape,
+                                *written[f].tensors[k])
+            for f, keys in placements[name].items() for k in keys})}})
+        storage.write(staged, [(object_index_name(name), [memoryview(index)])])
+        files[object_index_name(name)] = {"nbytes": len(index), "hash": digest(index)}
+        objects[name] = {**object_fields(snap), "index": object_index_name(name)}
     reused = [f for f, w in written.items() if w.reused]
+    following = Reusable(staged.name, {
+        f: (w.header_hash, {key: entry[2] for key, entry in w.tensors.items()})
+        for f, w in written.items()})
     return new_manifest(step=step, epoch=epoch, metrics=metrics, files=files,
-                        objects=objects), reused
+                        objects=objects), reused, following
 
 
 def describe(snap: ObjectSnapshot, tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """One object's manifest entry, given its tensors' entries."""
-    described = {"kind": snap.kind, "class": snap.class_name, "tree": snap.tree,
-                 "tensors": dict(tensors), "aliases": snap.aliases}
+    """One object's whole entry, given its tensors' entries: its manifest fields and
+    its contents (a manifest holds this for an object without tensors)."""
+    return {**object_fields(snap), **object_contents(snap, tensors)}
+
+
+def object_fields(snap: ObjectSnapshot) -> dict[str, Any]:
+    """An object's fields in the manifest: its kind, class and Hugging Face config."""
+    fields: dict[str, Any] = {"kind": snap.kind, "class": snap.class_name}
     if snap.hf_config is not None:
-        described["hf_config"] = snap.hf_config
-    return described
+        fields["hf_config"] = snap.hf_config
+    return fields
+
+
+def object_contents(snap: ObjectSnapshot, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """An object's contents, as its index holds them: JSON tree, aliases, tensor entries."""
+    return {"tree": snap.tree, "aliases": snap.aliases, "tensors": dict(tensors)}
 
 
 def new_manifest(*, step: int, epoch: int | None, metrics: Mapping[str, float],
                  files: Mapping[str, Any], objects: Mapping[str, Any], world_size: int = 1,
                  per_rank: Sequence[str] = ()) -> dict[str, Any]:
-    """A checkpoint's manifest: format v2, or v3 when saved by ranks of a job."""
+    """A checkpoint's manifest (format v4)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     manifest = {
         "format": FORMAT_NAME,
-        "format_version": SHARDED_FORMAT_VERSION if world_size > 1 or per_rank
-        else FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "step": step,
         "epoch": epoch,
         "created": now.isoformat(timespec="milliseconds"),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpts._format.codec import decode
-from ckpts._format.manifest import read_manifest
+from ckpts._format.index import read_manifest
 from ckpts.errors import (
     CheckpointError,
     CorruptCheckpointError,

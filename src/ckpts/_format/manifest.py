@@ -1,16 +1,17 @@
 """The manifest: the commit marker and table of contents of a checkpoint (no torch needed).
 
 ``manifest.json`` is written last into a checkpoint. It holds the format version,
-step, epoch, metrics, tags, creation time, library versions, every file with its
-byte size and xxh3-128 hash, and each saved object's JSON tree with references to
-its tensors. Reading it needs only the standard library, so listing a run never
-imports torch.
+step, epoch, metrics, tags, creation time, library versions, and every file with its
+byte size and xxh3-128 hash. Reading it needs only the standard library, so listing
+a run never imports torch.
 
-Format v2 (written now) records each tensor's file, byte range and own hash, and a
-tensor file's hash covers its header only: every byte is still covered by exactly
-one hash, and one tensor can be read and verified alone. Format v1 (still read)
-has no per-tensor records: a file's hash covers the whole file, and the byte
-ranges come from the safetensors headers. docs/format.md has both schemas.
+Format v4 (written now) keeps the manifest small whatever the tensors and ranks: an
+object with tensors is described by an index file that the manifest covers by hash
+(ckpts._format.index), and a tensor saved by many ranks by its compact layout
+(ckpts._format.layout). Formats v1-v3 (still read) hold each object's JSON tree and
+tensor entries in the manifest: v2 a record per tensor (file, byte range, own hash),
+v3 also a record per rank's shard, v1 none (a file's hash covers the whole file).
+docs/format.md has every schema.
 
 xxh3-128 runs at memory speed (~15 GB/s here, against ~1.5 GB/s for sha256), so
 hashing costs a save almost nothing. It detects corruption, not tampering.
@@ -38,9 +39,10 @@ if TYPE_CHECKING:
     from ckpts.storage._port import Storage
 
 FORMAT_NAME = "ckpts"
-FORMAT_VERSION = 2  # what a save by one process writes
-SHARDED_FORMAT_VERSION = 3  # a save by many ranks: tensor shards and per-rank objects
-READABLE_VERSION = SHARDED_FORMAT_VERSION
+SHARDED_FORMAT_VERSION = 3  # the first with tensor shards and per-rank objects
+INDEXED_FORMAT_VERSION = 4  # the first with index files and compact layouts
+FORMAT_VERSION = INDEXED_FORMAT_VERSION  # what a save writes
+READABLE_VERSION = INDEXED_FORMAT_VERSION
 BLOCK = 2**20  # v3: a tensor or shard above this many bytes has a hash per block of it
 HASH_PREFIX = "xxh3_128:"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
@@ -104,9 +106,10 @@ def encode_json(data: Any) -> bytes:
     return (json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
-def read_manifest(storage: Storage, name: str, *, tensor_entries: bool = True,
+def load_manifest(storage: Storage, name: str, *, tensor_entries: bool = True,
                   sizes: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """Load and check a checkpoint's manifest.
+    """Load and check a checkpoint's manifest file (its index files, format v4, are
+    left to ckpts._format.index.read_manifest, which most readers call).
 
     Args:
         storage: the run's storage.
@@ -187,18 +190,23 @@ def check_manifest(manifest: Any, path: str, *, tensor_entries: bool = True) -> 
     files = _field(manifest, "files", dict, path)
     for name, record in files.items():
         check_file_name(name, path)
-        header = record.get("header", 0) if isinstance(record, dict) else None
-        if not isinstance(record, dict) or type(record.get("nbytes")) is not int \
-                or record["nbytes"] < 0 or not isinstance(record.get("hash"), str) \
-                or type(header) is not int or not 0 <= header <= record["nbytes"]:
-            raise CorruptCheckpointError(f"{path}: file record for {name!r} is malformed")
+        check_file_record(name, record, path)
     for name, obj in _field(manifest, "objects", dict, path).items():
-        _check_object(name, obj, path)
-        if tensor_entries:
+        _check_object(name, obj, files, path)
+        if tensor_entries and "index" not in obj:  # an index is checked when read
             check_tensor_entries(manifest, name, path)
     per_rank = manifest.get("per_rank", [])
     if not isinstance(per_rank, list) or not all(isinstance(n, str) for n in per_rank):
         raise CorruptCheckpointError(f"{path}: per_rank must be a list of object names")
+
+
+def check_file_record(name: str, record: Any, path: str) -> None:
+    """A file's record: its size, its hash and (a tensor file) its header's size."""
+    header = record.get("header", 0) if isinstance(record, dict) else None
+    if not isinstance(record, dict) or type(record.get("nbytes")) is not int \
+            or record["nbytes"] < 0 or not isinstance(record.get("hash"), str) \
+            or type(header) is not int or not 0 <= header <= record["nbytes"]:
+        raise CorruptCheckpointError(f"{path}: file record for {name!r} is malformed")
 
 
 def _fits(piece: dict[str, Any], origin: Any, size: Any, shape: list[int], itemsize: int,
@@ -306,10 +314,20 @@ def _nests_too_deep(tree: Any) -> bool:
     return bool(level)
 
 
-def _check_object(name: str, obj: Any, path: str) -> None:
-    """An object's own fields (its tensor entries: :func:`check_tensor_entries`)."""
-    if not isinstance(obj, dict) or "tree" not in obj or not isinstance(obj.get("tensors"), dict) \
-            or not isinstance(obj.get("kind", ""), str):
+def _check_object(name: str, obj: Any, files: Mapping[str, Any], path: str) -> None:
+    """An object's own fields (its tensor entries: :func:`check_tensor_entries`): its
+    tree and tensors, or (v4) the listed index file that holds them."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("kind", ""), str):
+        raise CorruptCheckpointError(f"{path}: object {name!r} is malformed")
+    if "index" in obj:
+        if obj["index"] not in files:
+            raise CorruptCheckpointError(
+                f"{path}: object {name!r} names an index {str(obj['index'])[:80]!r} that the "
+                "manifest does not list")
+        if not isinstance(obj.get("hf_config", {}), dict):
+            raise CorruptCheckpointError(f"{path}: object {name!r} has a malformed hf_config")
+        return
+    if "tree" not in obj or not isinstance(obj.get("tensors"), dict):
         raise CorruptCheckpointError(f"{path}: object {name!r} is malformed")
     if not isinstance(obj.get("hf_config", {}), dict):
         raise CorruptCheckpointError(f"{path}: object {name!r} has a malformed hf_config")
@@ -352,7 +370,8 @@ def tensor_entry(info: Mapping[str, Any]) -> TensorEntry:
     if "hash" in info:  # positional: 10,000 entries are made per load of 10,000 weights
         begin, end = info["offsets"]
         return TensorEntry(info["file"], info["dtype"], shape, begin, end, info["hash"])
-    return TensorEntry(file=info["file"], dtype=info["dtype"], shape=shape)
+    # v1 (the range is in the file's header), or a v4 layout (no file: many ranks' pieces)
+    return TensorEntry(file=info.get("file", ""), dtype=info["dtype"], shape=shape)
 
 
 def tensor_pieces(info: Mapping[str, Any]) -> tuple[Shard, ...]:

@@ -462,11 +462,11 @@ class CheckpointManager:
                 return from_memory
         if not choice["names"]:
             return None
-        name, manifest, corrupt = first_intact(self.storage, choice["names"], choice["sizes"],
+        name, contents, corrupt = first_intact(self.storage, choice["names"], choice["sizes"],
                                                state, job=job, step=step)
         restored = parse_step(name) or 0
         self.restored_from = restored
-        self._reusable = Reusable.of(name, manifest) if self.dedup else None
+        self._reusable = Reusable.of(contents, job.rank) if self.dedup else None
         if job.rank != 0:
             return restored  # rank 0 keeps the run's books
         if discard_newer and choice["newer"]:

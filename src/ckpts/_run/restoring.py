@@ -13,7 +13,7 @@ from ckpts._checkpoint.job import Job
 from ckpts._checkpoint.restore import restore_into
 from ckpts._checkpoint.verify import check_file_sizes
 from ckpts._format.catalog import Checkpoint
-from ckpts._format.manifest import read_manifest
+from ckpts._format.index import Contents, read_manifest
 from ckpts._run.steps import StepOrder
 from ckpts._run.writer import RunWriter
 from ckpts._state.train_state import TrainState
@@ -71,9 +71,9 @@ def _nothing_to_restore(storage: Storage, missing_ok: bool) -> None:
 
 def first_intact(storage: Storage, names: Sequence[str], sizes: Mapping[str, Mapping[str, int]],
                  state: TrainState, *, job: Job, step: int | None
-                 ) -> tuple[str, dict[str, Any], list[int]]:
+                 ) -> tuple[str, Contents, list[int]]:
     """Load the first of ``names`` that passes every check into ``state``. Returns its
-    name, its manifest and the steps skipped as corrupt (each with a warning).
+    name, its contents as read and the steps skipped as corrupt (each with a warning).
 
     Every process of ``job`` tries the same checkpoint and they all agree on the outcome
     before any moves on or raises: a rank never goes on alone.
@@ -87,10 +87,10 @@ def first_intact(storage: Storage, names: Sequence[str], sizes: Mapping[str, Map
         path = storage.where(name)
         error: BaseException | None = None
         try:
-            manifest = read_manifest(storage, name, sizes=sizes.get(name))
+            manifest = read_manifest(storage, name, tensor_entries=False, sizes=sizes.get(name))
             if name in sizes:
                 check_file_sizes(path, manifest, sizes[name])
-            restore_into(storage, name, manifest, state, job)  # every byte read is hashed
+            contents = restore_into(storage, name, manifest, state, job)  # all bytes hashed
         except Exception as e:
             error = e  # every rank learns of it before any raises
         problems, damaged = job.problems(error)
@@ -98,7 +98,7 @@ def first_intact(storage: Storage, names: Sequence[str], sizes: Mapping[str, Map
             raise error if error is not None else CheckpointError(
                 f"restoring {path} failed on another rank: {'; '.join(problems)}")
         if not problems:
-            return name, manifest, corrupt
+            return name, contents, corrupt
         if step is not None:
             raise CorruptCheckpointError(
                 f"{path} fails verification: {'; '.join(problems)}") from error

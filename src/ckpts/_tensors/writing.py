@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ckpts._format.index import Contents
 from ckpts._format.manifest import digest
 from ckpts._format.safetensors import dense, encode_header, tensor_bytes
 from ckpts._tensors.gc import paused_gc
@@ -75,16 +76,31 @@ class Reusable:
     files: Mapping[str, tuple[str, Mapping[str, str]]]  # file -> (header hash, key -> hash)
 
     @classmethod
-    def of(cls, name: str, manifest: Mapping[str, Any]) -> Reusable:
-        """The reusable files of a checkpoint (format v2 tensor files; none in v1)."""
+    def of(cls, contents: Contents, rank: int = 0) -> Reusable:
+        """The files of a committed checkpoint that ``rank`` wrote and may reuse (format
+        v2 and later tensor files; none in v1)."""
+        manifest = contents.manifest
+        if contents.indexed and manifest.get("world_size", 1) > 1:  # v4: the rank's index
+            if rank >= manifest["world_size"]:
+                return cls(contents.name, {})
+            index = contents.rank_index(rank)
+            pieces = [piece for tensors in index["pieces"].values()
+                      for piece in tensors.items()]
+            pieces += [(key, info) for obj in index["objects"].values()
+                       for key, info in obj["tensors"].items()]
+            records = index["files"]
+        else:
+            manifest = contents.expanded()
+            pieces = [(key, piece) for obj in manifest["objects"].values()
+                      for key, info in obj["tensors"].items()
+                      for piece in info.get("shards", [info])]  # format v3: each rank's piece
+            records = manifest["files"]
         hashes: dict[str, dict[str, str]] = defaultdict(dict)
-        for obj in manifest["objects"].values():
-            for key, info in obj["tensors"].items():
-                for piece in info.get("shards", [info]):  # format v3: each rank's piece
-                    if "hash" in piece:
-                        hashes[piece["file"]][key] = piece["hash"]
-        return cls(name, {file: (record["hash"], hashes[file])
-                          for file, record in manifest["files"].items() if "header" in record})
+        for key, piece in pieces:
+            if "hash" in piece:
+                hashes[piece["file"]][key] = piece["hash"]
+        return cls(contents.name, {file: (record["hash"], hashes[file])
+                                   for file, record in records.items() if "header" in record})
 
 
 @paused_gc()

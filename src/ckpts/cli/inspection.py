@@ -17,7 +17,8 @@ import typer
 from rich.filesize import decimal
 
 from ckpts._format.catalog import Checkpoint
-from ckpts._format.manifest import DTYPE_SIZES, read_manifest
+from ckpts._format.index import read_manifest
+from ckpts._format.manifest import DTYPE_SIZES
 from ckpts._run.usage import physical_bytes, shared_bytes, usage
 from ckpts.cli._common import (
     JsonOption,

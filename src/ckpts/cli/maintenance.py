@@ -14,7 +14,7 @@ from rich.filesize import decimal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ckpts._format.catalog import Checkpoint, list_checkpoints
-from ckpts._format.manifest import read_manifest
+from ckpts._format.index import read_manifest
 from ckpts._run.policy import KeepBest, KeepEvery, KeepLast, KeepWithinBytes, Mode
 from ckpts._run.usage import identity, physical_bytes
 from ckpts.cli._common import (

@@ -257,7 +257,7 @@ def _committed(target: Path) -> Checkpoint:
 
 def _object_names(checkpoint: Checkpoint) -> list[str]:
     from ckpts._format.catalog import open_checkpoint
-    from ckpts._format.manifest import read_manifest
+    from ckpts._format.index import read_manifest
 
     return list(read_manifest(*open_checkpoint(checkpoint))["objects"])
 

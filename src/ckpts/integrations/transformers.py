@@ -101,7 +101,7 @@ from ckpts._checkpoint.verify import verify_checkpoint
 from ckpts._checkpoint.weights import load_weights
 from ckpts._format.catalog import Checkpoint
 from ckpts._format.codec import decode
-from ckpts._format.manifest import read_manifest
+from ckpts._format.index import read_manifest
 from ckpts._run.manager import CheckpointManager
 from ckpts._run.policy import Mode, RetentionPolicy, rank_by
 from ckpts._state.rng import RNGState

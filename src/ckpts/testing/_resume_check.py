@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpts._checkpoint.compare import CheckpointComparison, compare_checkpoints
-from ckpts._format.manifest import read_manifest
+from ckpts._format.index import read_manifest
 from ckpts.errors import InvalidArgumentError, LockedError, ResumeCheckError
 from ckpts.storage import MANIFEST, Listed, Storage, checkpoint_name, open_storage
 
