@@ -18,12 +18,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpts._format.index import LAYOUT, Contents, rank_index_name
 from ckpts._format.layout import Box, Layout, assign_writers, intersect
 from ckpts._format.manifest import BLOCK, DTYPE_SIZES, Shard, digest, encode_json, tensor_pieces
 from ckpts.errors import CorruptCheckpointError, WriteError
+
+if TYPE_CHECKING:
+    from ckpts._tensors.writing import WrittenFile
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,53 @@ def rank_status(index: bytes, entries: Mapping[str, Any]) -> dict[str, Any]:
     """What a rank sends rank 0 after writing: its index's size and hash, and the
     digest of the layout entries it computed (every rank's must be the same)."""
     return {"index": [len(index), digest(index)], "layout": digest(encode_json(entries))}
+
+
+def piece_file(name: str, rank: int) -> str:
+    """The file that holds ``rank``'s pieces of shared object ``name``."""
+    return f"{name}-rank{rank:05d}.safetensors"
+
+
+def piece_entries(rank: int, mine: Mapping[str, Mapping[str, Box]],
+                  written: Mapping[str, WrittenFile]) -> dict[str, dict[str, Any]]:
+    """Where each of ``rank``'s pieces (:func:`pieces_of`) went in the files written
+    (:func:`piece_file`): object -> key -> file, byte range, hash, block hashes."""
+    pieces: dict[str, dict[str, Any]] = {}
+    for name, boxes in mine.items():
+        file = piece_file(name, rank)
+        record = written[file]
+        pieces[name] = {}
+        for key in boxes:
+            begin, end, tensor_hash = record.tensors[key]
+            piece: dict[str, Any] = {"file": file, "offsets": [begin, end], "hash": tensor_hash}
+            if record.blocks.get(key):
+                piece["blocks"] = list(record.blocks[key])
+            pieces[name][key] = piece
+    return pieces
+
+
+def commit_plan(statuses: Sequence[Any], entries: Mapping[str, Mapping[str, Any]], where: str,
+                *, size: int, shared: Mapping[str, Mapping[str, Any]],
+                per_rank: Mapping[str, Mapping[str, Any]]
+                ) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+    """Rank 0's part of a commit, from every rank's status (:func:`commit_records`):
+    ``layout.json``, and the manifest's files and objects. ``entries`` are the layout
+    entries of the shared objects with tensors, ``shared`` every shared object whole
+    (:func:`ckpts._checkpoint.write.describe` with no tensors), ``per_rank`` each
+    per-rank object's manifest fields (kind, class)."""
+    layout = layout_index(entries, shared)
+    files = commit_records(statuses, layout, where)
+    objects: dict[str, Any] = {}
+    for name, described in shared.items():
+        if name in entries:
+            objects[name] = {key: value for key, value in described.items()
+                             if key not in ("tree", "aliases", "tensors")} | {"index": LAYOUT}
+        else:  # JSON alone: in the manifest itself
+            objects[name] = dict(described)
+    for rank in range(size):
+        objects.update({f"{name}.rank{rank}": {**fields, "index": rank_index_name(rank)}
+                        for name, fields in per_rank.items()})
+    return layout, files, objects
 
 
 def commit_records(statuses: Sequence[Any], layout: bytes, where: str

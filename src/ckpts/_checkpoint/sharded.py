@@ -27,9 +27,10 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from ckpts._checkpoint.rank_plan import (
     Layouts,
     TensorSpec,
-    commit_records,
+    commit_plan,
     layout_entries,
-    layout_index,
+    piece_entries,
+    piece_file,
     pieces_of,
     planned_reads,
     rank_index,
@@ -133,16 +134,11 @@ def write_on_ranks(storage: Storage, ranks: Ranks, step: int,
     statuses = ranks.gather_json(status)
 
     def finish() -> None:
-        layout = layout_index(entries, {name: object_contents(shared[name], {})
-                                        for name in entries})
-        files = commit_records(statuses, layout, where)
+        layout, files, objects = commit_plan(
+            statuses, entries, where, size=ranks.size,
+            shared={name: describe(snap, {}) for name, snap in shared.items()},
+            per_rank={name: object_fields(snapshots[name]) for name in per_rank})
         storage.write(staged, [(LAYOUT, [memoryview(layout)])])
-        objects = {name: {**object_fields(snap), "index": LAYOUT} if name in entries
-                   else describe(snap, {}) for name, snap in shared.items()}
-        for rank in range(ranks.size):
-            objects.update({f"{name}.rank{rank}": {**object_fields(snapshots[name]),
-                                                   "index": rank_index_name(rank)}
-                            for name in per_rank})
         commit(files, objects, per_rank)
 
     if any("error" in s for s in statuses):
@@ -178,23 +174,13 @@ def _write_rank(storage: Storage, staged: Staged, rank: int,
     files: list[tuple[str, list[tuple[str, torch.Tensor]]]] = []
     for name, boxes in mine.items():
         items = [(key, local_box(snapshots[name].tensors[key])[0].detach()) for key in boxes]
-        files.append((f"{name}-rank{rank:05d}.safetensors", list(aligned_order(items))))
+        files.append((piece_file(name, rank), list(aligned_order(items))))
     own = {f"{name}.rank{rank}": name for name in per_rank if snapshots[name].tensors}
     files += [(f"{saved}.safetensors", list(aligned_order(snapshots[name].tensors.items())))
               for saved, name in own.items()]
     records = write_tensor_files(storage, staged, files, reusable=reusable, block=BLOCK)
     by_file = dict(zip([file for file, _ in files], records, strict=True))
-    pieces: dict[str, dict[str, Any]] = {}
-    for name, boxes in mine.items():
-        record = by_file[f"{name}-rank{rank:05d}.safetensors"]
-        pieces[name] = {}
-        for key in boxes:
-            begin, end, tensor_hash = record.tensors[key]
-            piece = {"file": f"{name}-rank{rank:05d}.safetensors", "offsets": [begin, end],
-                     "hash": tensor_hash}
-            if record.blocks.get(key):
-                piece["blocks"] = list(record.blocks[key])
-            pieces[name][key] = piece
+    pieces = piece_entries(rank, mine, by_file)
     objects = {}
     for name in per_rank:
         snap, file = snapshots[name], f"{name}.rank{rank}.safetensors"
@@ -202,8 +188,8 @@ def _write_rank(storage: Storage, staged: Staged, rank: int,
             key: new_tensor_entry(file, DTYPES[tensor.dtype], tensor.shape,
                                   *by_file[file].tensors[key], by_file[file].blocks.get(key))
             for key, tensor in snap.tensors.items()})
-    file_records = {file: {"nbytes": w.nbytes, "header": w.header, "hash": w.header_hash}
-                    for file, w in by_file.items()}
+    file_records = {file: {"nbytes": w.nbytes, "header": w.header, "hash": w.header_hash,
+                           "rank": rank} for file, w in by_file.items()}
     index = rank_index(rank, file_records, pieces, objects)
     storage.write(staged, [(rank_index_name(rank), [memoryview(index)])])
     # durable from this rank's machine, before rank 0 commits

@@ -21,6 +21,7 @@ from typing import Any
 
 from ckpts._format.codec import decode
 from ckpts._format.index import read_manifest
+from ckpts._format.manifest import INDEXED_FORMAT_VERSION
 from ckpts.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -78,7 +79,8 @@ class Checkpoint:
         """Read a committed checkpoint's manifest (and nothing else); a path or URL."""
         storage, name = open_checkpoint(path)
         sizes = storage.sizes(name)
-        return cls.from_manifest(storage, name, read_manifest(storage, name, sizes=sizes), sizes)
+        manifest = read_manifest(storage, name, tensor_entries=False, sizes=sizes)
+        return cls.from_manifest(storage, name, manifest, sizes)
 
     @classmethod
     def from_manifest(cls, storage: Storage, name: str, manifest: dict[str, Any],
@@ -106,6 +108,16 @@ class Checkpoint:
             raise CorruptCheckpointError(f"{where}: malformed manifest field ({e})") from e
 
 
+def committed_sizes(storage: Storage, name: str, manifest: Mapping[str, Any],
+                    manifest_bytes: int) -> dict[str, int]:
+    """The sizes of a checkpoint just committed: from its manifest, or (many ranks, format
+    v4: the data files are in the ranks' indexes) from a listing."""
+    if manifest["format_version"] >= INDEXED_FORMAT_VERSION and manifest.get("world_size", 1) > 1:
+        return storage.sizes(name)
+    sizes = {file: record["nbytes"] for file, record in manifest["files"].items()}
+    return {**sizes, MANIFEST: manifest_bytes}
+
+
 def list_checkpoints(run: Storage | str | os.PathLike[str]) -> list[Checkpoint]:
     """Committed checkpoints of a run, ascending by step; unreadable ones are skipped
     with a warning. Costs one listing and one manifest read per checkpoint (the
@@ -116,7 +128,8 @@ def list_checkpoints(run: Storage | str | os.PathLike[str]) -> list[Checkpoint]:
 
     def record(entry: Listed) -> Checkpoint | None:
         try:
-            manifest = read_manifest(storage, entry.name, sizes=entry.sizes)
+            manifest = read_manifest(storage, entry.name, tensor_entries=False,
+                                     sizes=entry.sizes)
             return Checkpoint.from_manifest(storage, entry.name, manifest, entry.sizes)
         except (CheckpointError, OSError) as e:
             log.warning("ignoring %s: %s", storage.where(entry.name), e)

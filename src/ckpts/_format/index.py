@@ -88,6 +88,14 @@ class Contents:
         self.files: dict[str, Any] = dict(manifest["files"])  # grows with each rank index
         self._indexes: dict[str, dict[str, Any]] = {}
         self._objects: dict[tuple[str, bool], dict[str, Any]] = {}
+        size = manifest.get("world_size", 1)
+        if type(size) is not int or size < 1 or (LAYOUT in self.files and (
+                size > len(self.files)
+                or any(rank_index_name(rank) not in self.files for rank in range(size)))):
+            raise CorruptCheckpointError(
+                f"{self.where}/{MANIFEST}: world_size {str(size)[:20]} does not match the "
+                "ranks' index files it lists: the manifest is damaged; restore another "
+                "checkpoint")
 
     @property
     def indexed(self) -> bool:

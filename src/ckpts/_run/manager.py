@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckpts._checkpoint.job import Job, job_of
 from ckpts._checkpoint.staging import BackgroundWriter, Stager
-from ckpts._format.catalog import Checkpoint, check_metrics, is_local, open_run
+from ckpts._format.catalog import Checkpoint, check_metrics, committed_sizes, is_local, open_run
 from ckpts._run import history
 from ckpts._run.evaluate import EvaluationProgress, evaluate
 from ckpts._run.host_memory import HostMemory, check_memory_run
@@ -46,7 +46,7 @@ from ckpts._tensors.gc import paused_gc
 from ckpts._tensors.streaming import shared_pool
 from ckpts._tensors.writing import Reusable
 from ckpts.errors import InvalidArgumentError, WriteError
-from ckpts.storage import MANIFEST, Storage, checkpoint_name, parse_step
+from ckpts.storage import Storage, checkpoint_name, parse_step
 
 if TYPE_CHECKING:
     import torch
@@ -380,9 +380,8 @@ class CheckpointManager:
                  f" (reused {len(reused)} unchanged file(s))" if reused else "")
         history.append(self.storage, step, clean_metrics)
         try:
-            sizes = {file: record["nbytes"] for file, record in manifest["files"].items()}
-            checkpoint = Checkpoint.from_manifest(self.storage, name, manifest,
-                                                  {**sizes, MANIFEST: len(encoded)})
+            checkpoint = Checkpoint.from_manifest(self.storage, name, manifest, committed_sizes(
+                self.storage, name, manifest, len(encoded)))
             self._steps.committed(step)  # ends a branch: deletes its newer steps
             if self.restored_from is not None and step > self.restored_from:
                 self.restored_from = None  # a newer checkpoint of this process now exists

@@ -259,7 +259,7 @@ def _object_names(checkpoint: Checkpoint) -> list[str]:
     from ckpts._format.catalog import open_checkpoint
     from ckpts._format.index import read_manifest
 
-    return list(read_manifest(*open_checkpoint(checkpoint))["objects"])
+    return list(read_manifest(*open_checkpoint(checkpoint), tensor_entries=False)["objects"])
 
 
 def _ranked_score(checkpoint: dict[str, Any], run: Path) -> dict[str, float]:
