@@ -1,5 +1,5 @@
 """Restoring an optimizer whose state tensors were filled in place skips torch's
-second copy of them (ckpts._checkpoint._optimizer_filled_in_place), and ends exactly
+second copy of them (ckpts._checkpoint.filling.optimizer_filled_in_place), and ends exactly
 where torch's own ``load_state_dict`` would: same state, same parameter groups, same
 next step. Anything unusual (an empty state, load hooks, a class with its own
 ``load_state_dict``) goes through torch's path."""

@@ -184,12 +184,14 @@ def test_extra_state_is_handed_to_set_extra_state(tmp_path: Path,
             return {"count": self.count}
 
         def set_extra_state(self, state: Any) -> None:
+            handed.append(state)
             self.count = state["count"]
 
+    handed: list[Any] = []
     live, saved = save_and_restore(tmp_path, Counted)
     assert module_loads == ["Counted"]
     assert saved["_extra_state"] == {"count": 2}
-    assert live.count == 2
+    assert handed == [{"count": 2}] and live.count == 2
     assert_same(snapshot(live), saved)
 
 
@@ -270,6 +272,11 @@ def test_the_check_itself() -> None:
     assert not module_filled_in_place(plain, {**state, "1.bias": state["1.bias"].view(
         torch.int32)})
     assert not module_filled_in_place(torch.optim.SGD(plain.parameters(), lr=0.1), state)
+    complex_layer = torch.nn.Linear(2, 2, dtype=torch.complex64)
+    complex_state = complex_layer.state_dict()
+    assert module_filled_in_place(complex_layer, complex_state)
+    assert not module_filled_in_place(complex_layer, {  # copying it in would conjugate
+        **complex_state, "weight": complex_state["weight"].conj()})
     assert not module_filled_in_place(plain, list(state.values()))
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:

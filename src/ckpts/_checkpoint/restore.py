@@ -58,8 +58,11 @@ def restore_into(storage: Storage, name: str, manifest: dict[str, Any],
     object fits the checkpoint (a module's keys, dtypes and shapes; an optimizer's
     parameter groups) and which live tensors can take the saved bytes. Every file
     is then read once, hashed on the way in, straight into those live tensors (no
-    second copy of the state in memory); finally each object's
-    ``load_state_dict()`` gets the saved state.
+    second copy of the state in memory); finally each object gets the saved state:
+    a module or torch optimizer whose every tensor was filled in place needs nothing
+    more (ckpts._checkpoint.filling: torch's ``load_state_dict`` would copy each
+    tensor onto itself, and scan keys in time that grows with modules x keys), any
+    other object gets ``load_state_dict()``.
 
     Which live tensor is *filled* and which is *replaced*: a live tensor is filled
     in place when it is a dense tensor of the saved dtype and shape whose elements

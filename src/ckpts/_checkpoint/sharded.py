@@ -173,7 +173,16 @@ def _write_rank(storage: Storage, staged: Staged, rank: int,
     mine = pieces_of(layouts, rank)
     files: list[tuple[str, list[tuple[str, torch.Tensor]]]] = []
     for name, boxes in mine.items():
-        items = [(key, local_box(snapshots[name].tensors[key])[0].detach()) for key in boxes]
+        items = []
+        for key, box in boxes.items():
+            memory, held = local_box(snapshots[name].tensors[key])
+            if not all(box[1]):  # a tensor of no elements: rank 0 saves it whole
+                memory, held = memory.new_empty(box[1]), box
+            if held != box:  # the layout's arithmetic must say what DTensor holds
+                raise InvalidArgumentError(
+                    f"tensor {key!r} of {name!r}: rank {rank} holds the box {held}, but its "
+                    f"layout gives {box}; ckpts cannot describe this sharding")
+            items.append((key, memory.detach()))
         files.append((piece_file(name, rank), list(aligned_order(items))))
     own = {f"{name}.rank{rank}": name for name in per_rank if snapshots[name].tensors}
     files += [(f"{saved}.safetensors", list(aligned_order(snapshots[name].tensors.items())))

@@ -172,9 +172,10 @@ class Contents:
             if located:
                 obj["tensors"] = {key: self._located(name, key, entry)
                                   for key, entry in saved["tensors"].items()}
-        if located or file != LAYOUT:
-            check_tensor_entries({"files": self.files, "format_version": 3,
-                                  "objects": {name: obj}}, name, where)
+        # the tree's depth, and the entries unless they are layouts (checked above)
+        checked = obj if located or file != LAYOUT else {**obj, "tensors": {}}
+        check_tensor_entries({"files": self.files, "format_version": INDEXED_FORMAT_VERSION,
+                              "objects": {name: checked}}, name, where)
         self._objects[key] = obj
         return obj
 
