@@ -5,7 +5,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 
 .PHONY: demo test test-oldest test-long screenshots bench bench-s3 bench-dedup bench-dist \
-	bench-gpu bench-memory clean
+	bench-gpu bench-memory bench-scale clean
 
 .venv/.installed: pyproject.toml
 	test -d .venv || python3 -m venv .venv
@@ -82,6 +82,13 @@ GPU_PYTHON ?= $(shell python3 -c 'import torch' 2>/dev/null && echo python3 || e
 bench-gpu:
 	test "$(GPU_PYTHON)" != "$(PY)" || $(MAKE) .venv/.installed
 	PYTHONPATH=src $(GPU_PYTHON) -m benchmarks.gpu
+
+# Issue 26: format v4's planning and metadata for a simulated FSDP2 job of 8, 64, 512 and
+# 2,816 ranks (Llama-7B shapes + AdamW, shapes only, no data, one process): a rank's save
+# plan and index, rank 0's commit and manifest, and a rank's restore plan onto twice the
+# ranks, against the issue's targets (docs/scale.md; a few minutes on 2 cores).
+bench-scale: .venv/.installed
+	for n in 8 64 512 2816; do $(PY) -m benchmarks.scale_sim --ranks $$n --json || exit 1; done
 
 clean:
 	rm -rf .venv .venv-oldest .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info

@@ -33,10 +33,15 @@ def test_files_are_plain_safetensors_and_no_pickle(tmp_path: Path, tiny_state) -
     state, model, _ = tiny_state
     checkpoint = ckpts.CheckpointManager(tmp_path).save(7, state)
     names = sorted(p.name for p in checkpoint.path.iterdir())
-    assert names == ["manifest.json", "model.safetensors", "optimizer.safetensors",
+    # format v4: each object's tensors in safetensors, its tree and tensor entries in JSON
+    assert names == ["manifest.json", "model.index.json", "model.safetensors",
+                     "optimizer.index.json", "optimizer.safetensors", "rng.index.json",
                      "rng.safetensors"]
     assert checkpoint.path.name == "step-00000007"
     assert not [p for p in tmp_path.rglob("*") if p.suffix in {".pt", ".pth", ".bin", ".pkl"}]
+    for name in names:
+        if name.endswith(".json"):  # plain JSON, all of it
+            assert isinstance(json.loads((checkpoint.path / name).read_bytes()), dict), name
     with safe_open(str(checkpoint.path / "model.safetensors"), framework="pt") as f:
         assert set(f.keys()) == set(model.state_dict())
         for key, value in model.state_dict().items():

@@ -1,19 +1,23 @@
 """Every format version stays readable, and the current one byte-identical: committed
 fixtures pin them.
 
-``tests/data/v1-small/`` (format v1) and ``tests/data/v2-small/`` (format v2) were
-each written once by ``tests/data/make_small.py`` and are committed; they hold the
-same state, and their safetensors files are the same bytes (v2 changed only the
-manifest). These tests check that the current code still reads both exactly, that
-plain ``safetensors`` reads their files, that their bytes are the pinned ones, and
-that saving the same state today writes the v2 bytes (the manifest aside from its
-creation time and library versions).
+``tests/data/v1-small/`` (format v1), ``tests/data/v2-small/`` (format v2) and
+``tests/data/v4-small/`` (format v4) were each written once by one process running
+``tests/data/make_small.py`` and are committed; they hold the same state, and their
+safetensors files are the same bytes (v2 changed only the manifest; v4 moved each
+object's tree and tensor entries into its index file, ``<object>.index.json``).
+These tests check that the current code still reads each exactly, that plain
+``safetensors`` reads their files, that their bytes are the pinned ones, and that
+saving the same state today writes the v4 bytes (the manifest aside from its creation
+time and library versions).
 
-``tests/data/v3-small/`` (format v3) was written by ``make_small.py v3``: two ranks
-of a gloo job saving an FSDP2 model and its AdamW, each rank its own RNGs. Its tests
-read it in one process (``load_weights`` into a plain module, ``load_state``,
-``restore``, ``verify``, plain ``safetensors``), pin its bytes, and run one 2-process
-job that restores it into FSDP2 objects and saves its state again, to the same bytes.
+``tests/data/v3-small/`` (format v3) and ``tests/data/v4-ranks-small/`` (format v4:
+``layout.json`` and an index per rank) were written by two ranks of a gloo job saving
+an FSDP2 model and its AdamW, each rank its own RNGs (``make_small.py v4-ranks`` today).
+Their safetensors files are the same bytes. Their tests read each in one process
+(``load_weights`` into a plain module, ``load_state``, ``restore``, ``verify``, plain
+``safetensors``), pin their bytes, and run one 2-process job that restores both into
+FSDP2 objects and saves their state again, to the v4 fixture's bytes.
 
 A failure here means the on-disk format changed: that needs a new format version and
 a new fixture, not a regenerated one.
@@ -44,9 +48,15 @@ TENSOR_FILES_SHA256 = {
     "optimizer.safetensors": "dff099461d69262ebf351ed5e79f06308e283efbbab326fba59ed27f022de81d",
     "rng.safetensors": "4e5916d454dcfd7d14f325abf59066175cc4752afbc9caca2ab3d300ea58620e",
 }
+INDEX_FILES_SHA256 = {  # format v4: each object's tree and tensor entries
+    "model.index.json": "146629b8bb9c37dba1a8c68c64ff538bbd1734f55b859785c9948a35e3439c42",
+    "optimizer.index.json": "4bb0bd16209ccc2bda84e2e2075d3e53e4e48091e834af51415223ea5b4c0bba",
+    "rng.index.json": "a883daf0e9fc90a172cdc2bb192b667d17eba7cf4155aa888c21a495f80c6cc5",
+}
 MANIFEST_SHA256 = {
     1: "0786da642a48031f33ea3f28bff3a14412c2268738690e613b39a4c5e1a6307e",
     2: "88ecb943c7007eeb055858cbce9cca748b4148f89347df09362b257448e4adc1",
+    4: "40f7872c691ee179272d900f433c9d4c7586f98b06efcac882e46e1fcf4855b6",
 }
 CURRENT = max(MANIFEST_SHA256)
 VERSIONS = pytest.mark.parametrize("version", sorted(MANIFEST_SHA256))
@@ -58,6 +68,12 @@ def run_of(version: int) -> Path:
 
 def checkpoint_of(version: int) -> Path:
     return run_of(version) / "step-00000003"
+
+
+def files_of(version: int) -> dict[str, str]:
+    """The pinned sha256 of each file of a one-process fixture."""
+    indexes = INDEX_FILES_SHA256 if version >= 4 else {}
+    return {**TENSOR_FILES_SHA256, **indexes, "manifest.json": MANIFEST_SHA256[version]}
 
 
 # What make_small.py's state holds after its one SGD step, written out by hand.
@@ -102,9 +118,14 @@ def test_the_fixture_files_hash_to_the_pinned_values(version: int) -> None:
     assert sorted(p.name for p in run_of(version).iterdir()) == ["step-00000003"]
     found = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
              for p in checkpoint_of(version).iterdir()}
-    assert found == {**TENSOR_FILES_SHA256, "manifest.json": MANIFEST_SHA256[version]}
+    assert found == files_of(version)
     manifest = json.loads((checkpoint_of(version) / "manifest.json").read_bytes())
     assert manifest["format_version"] == version
+    if version >= 4:  # the manifest lists the index files; they hold the tensor entries
+        assert {name: obj["index"] for name, obj in manifest["objects"].items()} == {
+            "model": "model.index.json", "optimizer": "optimizer.index.json",
+            "rng": "rng.index.json"}
+        assert sorted(manifest["files"]) == sorted([*TENSOR_FILES_SHA256, *INDEX_FILES_SHA256])
 
 
 @VERSIONS
@@ -153,7 +174,7 @@ def test_load_weights_and_load_state_read_the_fixture(version: int) -> None:
 
 
 def test_plain_safetensors_reads_the_fixture_files() -> None:
-    checkpoint = checkpoint_of(CURRENT)  # the v1 fixture's files are the same bytes
+    checkpoint = checkpoint_of(CURRENT)  # the v1 and v2 fixtures' files are the same bytes
     with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
         assert sorted(f.keys()) == sorted(MODEL)
         assert f.metadata() == {"format": "pt"}
@@ -171,10 +192,11 @@ def test_plain_safetensors_reads_the_fixture_files() -> None:
 
 def test_saving_the_same_state_today_writes_the_same_bytes(tmp_path: Path) -> None:
     written = load_maker().write(tmp_path / "run")
-    assert sorted(p.name for p in written.iterdir()) == sorted([*TENSOR_FILES_SHA256,
-                                                                "manifest.json"])
-    for name in TENSOR_FILES_SHA256:
-        assert (written / name).read_bytes() == (checkpoint_of(CURRENT) / name).read_bytes()
+    assert sorted(p.name for p in written.iterdir()) == sorted(files_of(CURRENT))
+    for name in files_of(CURRENT):
+        if name != "manifest.json":  # tensor files and index files: the very bytes
+            assert (written / name).read_bytes() == (checkpoint_of(CURRENT) / name).read_bytes(), \
+                name
     today = json.loads((written / "manifest.json").read_bytes())
     pinned = json.loads((checkpoint_of(CURRENT) / "manifest.json").read_bytes())
     for varying in ("created", "versions"):
@@ -200,9 +222,9 @@ def test_a_newer_format_version_is_refused_naming_both_versions(tmp_path: Path) 
     assert f"version {READABLE_VERSION + 1}" in problem and f"version {READABLE_VERSION}" in problem
 
 
-# Format v3: tests/data/v3-small/, saved by 2 ranks (make_small.py v3): each rank's files.
-V3_FILES_SHA256 = {
-    "manifest.json": "028f0cbcd03c443eaa03dd86a10a2d567306f4c839829ea7c42705eda2d4b8c7",
+# Two ranks: tests/data/v3-small/ (format v3) and tests/data/v4-ranks-small/ (format v4,
+# make_small.py v4-ranks) hold the same state; their safetensors files are the same bytes.
+RANK_TENSOR_FILES_SHA256 = {
     "model-rank00000.safetensors":
         "a16cb0662bbe2111e71f1d5ea52463a787d02b7eba6c069e8c3bfaa8af5c53d6",
     "model-rank00001.safetensors":
@@ -214,14 +236,30 @@ V3_FILES_SHA256 = {
     "rng.rank0.safetensors": TENSOR_FILES_SHA256["rng.safetensors"],  # seeded 0, as in v2
     "rng.rank1.safetensors": "25ac199f9f84b5ec8f8d2b2415ff89e3f4e8beb127eed1008ef4b71f199d9e9d",
 }
+V3_FILES_SHA256 = {
+    **RANK_TENSOR_FILES_SHA256,
+    "manifest.json": "028f0cbcd03c443eaa03dd86a10a2d567306f4c839829ea7c42705eda2d4b8c7",
+}
+V4_RANKS_FILES_SHA256 = {
+    **RANK_TENSOR_FILES_SHA256,
+    "layout.json": "cd82f175d4ecd56c911275e26457b95e10212176a228b5b6a96c8293b0e00945",
+    "rank-00000.json": "ada6a48489c6cc64aa7473bb246d614ca2db2d8ce854c0b401a676afeb1d6413",
+    "rank-00001.json": "c648bf5f1c467b04d0187569e414a53d04dc171861254481b1208e8a029fa90b",
+    "manifest.json": "348a50d5e4dd46450f037746aff1892799fbc89b37b2c965bc47c45b26f709e9",
+}
 V3_RUN = DATA / "v3-small"
 V3_CHECKPOINT = V3_RUN / "step-00000003"
+V4_RANKS_RUN = DATA / "v4-ranks-small"
+V4_RANKS_CHECKPOINT = V4_RANKS_RUN / "step-00000003"
+RANK_RUNS = {3: V3_RUN, 4: V4_RANKS_RUN}
+RANK_VERSIONS = pytest.mark.parametrize("version", sorted(RANK_RUNS))
 V3_PARAMETERS = ["first.weight", "first.bias", "second.weight", "second.bias"]  # optimizer order
 
 
 def v3_expected() -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
-    """The v3 fixture's model and AdamW state, by make_small.py's exact arithmetic (its
-    docstring): ``p' = 0.875 p - 0.25 sign(g)``, ``exp_avg = g / 2``, ``exp_avg_sq = g² / 4``."""
+    """The two-rank fixtures' model and AdamW state, by make_small.py's exact arithmetic
+    (its docstring): ``p' = 0.875 p - 0.25 sign(g)``, ``exp_avg = g / 2``,
+    ``exp_avg_sq = g² / 4``."""
     maker = load_maker()
     values, gradients = maker.sharded_values(), maker.sharded_gradients()
     model = {key: value * 0.875 - 0.25 * gradients[key].sign() if key in gradients else value
@@ -233,7 +271,8 @@ def v3_expected() -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Te
 
 
 def assert_v3_values(model: dict[str, torch.Tensor], optimizer: dict[Any, Any]) -> None:
-    """``model`` (a state dict) and ``optimizer`` (its ``state``) hold the v3 fixture's values."""
+    """``model`` (a state dict) and ``optimizer`` (its ``state``) hold the two-rank
+    fixtures' values."""
     expected_model, expected_optimizer = v3_expected()
     assert sorted(model) == sorted(expected_model)
     for key, expected in expected_model.items():
@@ -257,18 +296,48 @@ def test_the_v3_fixture_files_hash_to_the_pinned_values() -> None:
         "optimizer-rank00001.safetensors": 1, "rng.rank1.safetensors": 1}
 
 
-def test_plain_safetensors_reads_each_ranks_shards_of_the_v3_fixture() -> None:
+def test_the_v4_ranks_fixture_files_hash_to_the_pinned_values() -> None:
+    """The manifest lists the layout and the ranks' indexes, and no tensor; each rank's
+    index lists its data files and pieces, and its RNG object whole."""
+    assert sorted(p.name for p in V4_RANKS_RUN.iterdir()) == ["step-00000003"]
+    found = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in V4_RANKS_CHECKPOINT.iterdir()}
+    assert found == V4_RANKS_FILES_SHA256
+    manifest = json.loads((V4_RANKS_CHECKPOINT / "manifest.json").read_bytes())
+    assert (manifest["format_version"], manifest["world_size"], manifest["per_rank"]) == (4, 2,
+                                                                                         ["rng"])
+    assert sorted(manifest["files"]) == ["layout.json", "rank-00000.json", "rank-00001.json"]
+    assert {name: obj["index"] for name, obj in manifest["objects"].items()} == {
+        "model": "layout.json", "optimizer": "layout.json",
+        "rng.rank0": "rank-00000.json", "rng.rank1": "rank-00001.json"}
+    layout = json.loads((V4_RANKS_CHECKPOINT / "layout.json").read_bytes())
+    assert layout["objects"]["model"]["tensors"]["first.weight"] == {
+        "dtype": "F32", "shape": [3, 4], "mesh": [2], "placements": ["S0"]}
+    for rank in range(2):
+        index = json.loads((V4_RANKS_CHECKPOINT / f"rank-{rank:05d}.json").read_bytes())
+        assert sorted(index["files"]) == [f"model-rank{rank:05d}.safetensors",
+                                          f"optimizer-rank{rank:05d}.safetensors",
+                                          f"rng.rank{rank}.safetensors"]
+        assert sorted(index["objects"]) == [f"rng.rank{rank}"]
+        piece = index["pieces"]["model"]["first.weight"]
+        assert piece["file"] == f"model-rank{rank:05d}.safetensors"
+
+
+@RANK_VERSIONS
+def test_plain_safetensors_reads_each_ranks_shards_of_the_two_rank_fixtures(version: int
+                                                                           ) -> None:
     """Each rank's file is standard safetensors holding that rank's rows; the rows of
     both ranks, stacked, are the whole tensor."""
+    checkpoint = RANK_RUNS[version] / "step-00000003"
     expected_model, expected_optimizer = v3_expected()
     rows: dict[str, list[torch.Tensor]] = {}
     for rank in range(2):
-        with safe_open(str(V3_CHECKPOINT / f"model-rank{rank:05d}.safetensors"),
+        with safe_open(str(checkpoint / f"model-rank{rank:05d}.safetensors"),
                        framework="pt") as f:
             assert f.metadata() == {"format": "pt"}
             for key in f.keys():
                 rows.setdefault(key, []).append(f.get_tensor(key))
-        with safe_open(str(V3_CHECKPOINT / f"rng.rank{rank}.safetensors"), framework="pt") as f:
+        with safe_open(str(checkpoint / f"rng.rank{rank}.safetensors"), framework="pt") as f:
             assert_exact(f.get_tensor("torch"),
                          torch.Generator().manual_seed(rank).get_state(), f"rng.rank{rank}")
     assert [len(rows[key]) for key in V3_PARAMETERS] == [2, 2, 2, 2]  # one shard per rank
@@ -277,30 +346,36 @@ def test_plain_safetensors_reads_each_ranks_shards_of_the_v3_fixture() -> None:
         assert_exact(torch.cat(rows[key]), expected, key)
     exp_avg: list[torch.Tensor] = []
     for rank in range(2):
-        with safe_open(str(V3_CHECKPOINT / f"optimizer-rank{rank:05d}.safetensors"),
+        with safe_open(str(checkpoint / f"optimizer-rank{rank:05d}.safetensors"),
                        framework="pt") as f:
             exp_avg.append(f.get_tensor("state.0.exp_avg"))
     assert_exact(torch.cat(exp_avg), expected_optimizer[0]["exp_avg"], "state.0.exp_avg")
 
 
-def test_one_process_reads_the_v3_fixture_with_load_weights_load_state_and_verify() -> None:
-    assert ckpts.verify(V3_RUN) == []
+@RANK_VERSIONS
+def test_one_process_reads_the_two_rank_fixtures_with_load_weights_load_state_and_verify(
+        version: int) -> None:
+    run = RANK_RUNS[version]
+    checkpoint = run / "step-00000003"
+    assert ckpts.verify(run) == []
     model = load_maker().ShardedNet()  # a plain module: no FSDP, no process group
-    ckpts.load_weights(V3_CHECKPOINT, model)
-    optimizer = ckpts.load_state(V3_CHECKPOINT, "optimizer")
+    ckpts.load_weights(checkpoint, model)
+    optimizer = ckpts.load_state(checkpoint, "optimizer")
     assert_v3_values(model.state_dict(), optimizer["state"])
     assert optimizer["param_groups"][0]["betas"] == (0.5, 0.75)
-    (checkpoint,) = ckpts.CheckpointManager(V3_RUN).checkpoints()
-    assert (checkpoint.step, checkpoint.epoch) == (3, 1)
-    assert checkpoint.nbytes == sum(p.stat().st_size for p in V3_CHECKPOINT.iterdir())
+    (listed,) = ckpts.CheckpointManager(run).checkpoints()
+    assert (listed.step, listed.epoch) == (3, 1)
+    assert listed.nbytes == sum(p.stat().st_size for p in checkpoint.iterdir())
 
 
-def test_one_process_restores_the_v3_fixture_and_keeps_its_own_rngs(tmp_path: Path) -> None:
+@RANK_VERSIONS
+def test_one_process_restores_the_two_rank_fixtures_and_keeps_its_own_rngs(
+        version: int, tmp_path: Path) -> None:
     """At world size 1 the two ranks' RNGs cannot both apply: they keep their state."""
     maker = load_maker()
     model = maker.ShardedNet()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    run = shutil.copytree(V3_RUN, tmp_path / "run")
+    run = shutil.copytree(RANK_RUNS[version], tmp_path / "run")
     torch.manual_seed(7)
     assert ckpts.CheckpointManager(run).restore(ckpts.TrainState(model=model,
                                                                  optimizer=optimizer)) == 3
@@ -308,9 +383,10 @@ def test_one_process_restores_the_v3_fixture_and_keeps_its_own_rngs(tmp_path: Pa
     assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(7)))
 
 
-def _v3_on_two_ranks(rank: int, world: int, port: int, fixture: str, today: str) -> None:
-    """One rank of the 2-rank check: save the fixture's state anew into ``today``, then
-    restore ``fixture`` into FSDP2 objects holding zeros and compare every value."""
+def _two_rank_fixtures_on_two_ranks(rank: int, world: int, port: int, fixtures: list[str],
+                                    today: str) -> None:
+    """One rank of the 2-rank check: save the fixtures' state anew into ``today``, then
+    restore each of ``fixtures`` into FSDP2 objects holding zeros and compare every value."""
     import datetime
     import os
 
@@ -323,44 +399,48 @@ def _v3_on_two_ranks(rank: int, world: int, port: int, fixture: str, today: str)
     try:
         maker = load_maker()
         maker.write_sharded(Path(today))
-        model, optimizer = maker.sharded_objects(
-            {key: torch.zeros_like(value) for key, value in maker.sharded_values().items()})
-        random.seed(99)
-        np.random.seed(99)
-        torch.manual_seed(99)
-        manager = ckpts.CheckpointManager(fixture, collective_timeout=120.0)
-        assert manager.restore(ckpts.TrainState(model=model, optimizer=optimizer)) == 3
-        manager.close()
+        for fixture in fixtures:
+            model, optimizer = maker.sharded_objects(
+                {key: torch.zeros_like(value) for key, value in maker.sharded_values().items()})
+            random.seed(99)
+            np.random.seed(99)
+            torch.manual_seed(99)
+            manager = ckpts.CheckpointManager(fixture, collective_timeout=120.0)
+            assert manager.restore(ckpts.TrainState(model=model, optimizer=optimizer)) == 3
+            manager.close()
 
-        def whole(value: Any) -> Any:
-            return value.full_tensor() if isinstance(value, DTensor) else value
+            def whole(value: Any) -> Any:
+                return value.full_tensor() if isinstance(value, DTensor) else value
 
-        state = optimizer.state_dict()["state"]
-        assert_v3_values({key: whole(value) for key, value in model.state_dict().items()},
-                         {index: {name: whole(value) for name, value in tensors.items()}
-                          for index, tensors in state.items()})
-        assert random.random() == random.Random(rank).random()  # this rank's own RNGs
-        assert np.random.random() == np.random.RandomState(rank).random_sample()
-        assert torch.equal(torch.rand(3),
-                           torch.rand(3, generator=torch.Generator().manual_seed(rank)))
+            state = optimizer.state_dict()["state"]
+            assert_v3_values({key: whole(value) for key, value in model.state_dict().items()},
+                             {index: {name: whole(value) for name, value in tensors.items()}
+                              for index, tensors in state.items()})
+            assert random.random() == random.Random(rank).random()  # this rank's own RNGs
+            assert np.random.random() == np.random.RandomState(rank).random_sample()
+            assert torch.equal(torch.rand(3),
+                               torch.rand(3, generator=torch.Generator().manual_seed(rank)))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_restore_the_v3_fixture_and_save_its_bytes_again(tmp_path: Path) -> None:
-    """One 2-process job (gloo, CPU) restores the fixture exactly, each rank its own
-    RNGs, and saving the fixture's state today writes the pinned tensor files."""
+def test_two_ranks_restore_the_two_rank_fixtures_and_save_the_v4_bytes_again(
+        tmp_path: Path) -> None:
+    """One 2-process job (gloo, CPU) restores the v3 and v4 fixtures exactly, each rank
+    its own RNGs, and saving their state today writes the v4 fixture's files."""
     maker = load_maker()
-    fixture = shutil.copytree(V3_RUN, tmp_path / "fixture")
-    torch.multiprocessing.spawn(_v3_on_two_ranks, nprocs=2, args=(
-        2, maker.free_port(), str(fixture), str(tmp_path / "today")))
+    fixtures = [str(shutil.copytree(run, tmp_path / f"v{version}"))
+                for version, run in sorted(RANK_RUNS.items())]
+    torch.multiprocessing.spawn(_two_rank_fixtures_on_two_ranks, nprocs=2, args=(
+        2, maker.free_port(), fixtures, str(tmp_path / "today")))
     written = tmp_path / "today" / "step-00000003"
-    assert sorted(p.name for p in written.iterdir()) == sorted(V3_FILES_SHA256)
-    for name in V3_FILES_SHA256:
+    assert sorted(p.name for p in written.iterdir()) == sorted(V4_RANKS_FILES_SHA256)
+    for name in V4_RANKS_FILES_SHA256:
         if name != "manifest.json":
-            assert (written / name).read_bytes() == (V3_CHECKPOINT / name).read_bytes(), name
+            assert (written / name).read_bytes() == (V4_RANKS_CHECKPOINT / name).read_bytes(), \
+                name
     today = json.loads((written / "manifest.json").read_bytes())
-    pinned = json.loads((V3_CHECKPOINT / "manifest.json").read_bytes())
+    pinned = json.loads((V4_RANKS_CHECKPOINT / "manifest.json").read_bytes())
     for varying in ("created", "versions"):
         assert type(today.pop(varying)) is type(pinned.pop(varying)), varying
     assert today == pinned

@@ -69,8 +69,8 @@ def test_a_failed_hash_names_the_tensor_and_copies_none_of_many(tmp_path: Path) 
     saved = torch.nn.ParameterDict({f"t{i:03d}": torch.nn.Parameter(torch.randn(7))
                                     for i in range(300)})
     checkpoint = ckpts.CheckpointManager(tmp_path).save(1, ckpts.TrainState(model=saved))
-    manifest = json.loads((Path(checkpoint.path) / "manifest.json").read_text())
-    begin, _ = manifest["objects"]["model"]["tensors"]["t150"]["offsets"]
+    index = json.loads((Path(checkpoint.path) / "model.index.json").read_text())
+    begin, _ = index["objects"]["model"]["tensors"]["t150"]["offsets"]
     path = Path(checkpoint.path) / "model.safetensors"
     data = bytearray(path.read_bytes())
     data[begin] ^= 0x01  # one byte of a tensor in the middle

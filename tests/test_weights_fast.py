@@ -1,10 +1,13 @@
 """Weights-only loads check what they read, and only that.
 
 ``load_weights`` checks the manifest's own fields, its file records and the loaded
-module's tensor entries; the other objects' tensor entries (an optimizer's) are left
-to the readers of those objects (``restore``, ``verify``, ``load_state``). Each
-header entry of the module's file must say what the manifest says, JSON types
-included, so a file that a safetensors reader would read differently is refused.
+module's tensor entries (format v4: in the module's index file, ``model.index.json``,
+which must match the manifest's record of it); the other objects' tensor entries (an
+optimizer's) are left to the readers of those objects (``restore``, ``verify``,
+``load_state``). Each header entry of the module's file must say what the index says,
+JSON types included, so a file that a safetensors reader would read differently is
+refused. The damage below is made consistent (the edited index's size and hash
+recorded in the manifest) so that each test reaches the check it is about.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import xxhash
 
 import ckpts
+from v4_worker import change_index
 
 
 class Net(torch.nn.Module):
@@ -92,27 +96,46 @@ def test_a_malformed_entry_of_the_loaded_module_is_refused_naming_it(
         tmp_path: Path, field: str, value: Any) -> None:
     checkpoint, _ = save(tmp_path)
 
-    def damage(manifest: dict[str, Any]) -> None:
-        manifest["objects"]["model"]["tensors"]["b"][field] = value
-    change_manifest(checkpoint, damage)
+    def damage(index: dict[str, Any]) -> None:
+        index["objects"]["model"]["tensors"]["b"][field] = value
+    change_index(checkpoint, "model.index.json", damage)
     fresh = Net()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(ckpts.CorruptCheckpointError,
-                       match=r"manifest\.json: tensor 'b' of object 'model' has a malformed"):
+                       match=r"model\.index\.json: tensor 'b' of object 'model' has a malformed"):
         ckpts.load_weights(checkpoint, fresh)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
     with pytest.raises(ckpts.CorruptCheckpointError, match=r"tensor 'b' of object 'model'"):
         ckpts.load_state(checkpoint, "model", tensors=False)
 
 
+def test_an_index_changed_behind_the_manifests_back_is_refused_as_damaged(
+        tmp_path: Path) -> None:
+    """The same edit as above, its hash not recorded: the index fails its own check."""
+    checkpoint, _ = save(tmp_path)
+
+    def damage(index: dict[str, Any]) -> None:
+        index["objects"]["model"]["tensors"]["b"]["shape"] = [3, 4]
+    change_index(checkpoint, "model.index.json", damage, rehash=False)
+    fresh = Net()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    damaged = r"model\.index\.json differs from the manifest's record of it"
+    with pytest.raises(ckpts.CorruptCheckpointError, match=damaged):
+        ckpts.load_weights(checkpoint, fresh)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(ckpts.CorruptCheckpointError, match=damaged):
+        ckpts.load_state(checkpoint, "model", tensors=False)
+    assert any("model.index.json" in problem for problem in ckpts.verify(checkpoint))
+
+
 def test_an_optimizer_entry_is_checked_by_its_readers_not_by_a_weights_only_load(
         tmp_path: Path) -> None:
     checkpoint, model = save(tmp_path)
 
-    def damage(manifest: dict[str, Any]) -> None:
-        entries = manifest["objects"]["optimizer"]["tensors"]
+    def damage(index: dict[str, Any]) -> None:
+        entries = index["objects"]["optimizer"]["tensors"]
         entries[next(iter(entries))]["offsets"] = [0, 1]
-    change_manifest(checkpoint, damage)
+    change_index(checkpoint, "optimizer.index.json", damage)
 
     fresh = Net()
     ckpts.load_weights(checkpoint, fresh)  # never touches the optimizer's entries

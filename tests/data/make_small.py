@@ -1,24 +1,27 @@
-"""Write the fixtures that test_format_stability.py pins: ``tests/data/v2-small/`` (one
-process, format v2; ``v1-small/`` was written by this script under format v1) and
-``tests/data/v3-small/`` (two ranks, format v3).
+"""Write the fixtures that test_format_stability.py pins, as today's code saves them
+(format v4): ``tests/data/v4-small/`` (one process) and ``tests/data/v4-ranks-small/``
+(two ranks). The older fixtures were written by this script under the format of their
+time and stay as they were: ``v1-small/`` and ``v2-small/`` (one process, formats v1
+and v2), ``v3-small/`` (two ranks, format v3).
 
-Usage: python tests/data/make_small.py [v2|v3] [--force]     (default: v2)
+Usage: python tests/data/make_small.py [v4|v4-ranks] [--force]     (default: v4)
 
 Each fixture is a run directory holding one checkpoint, ``step-00000003``.
 
-v2: a Linear(3, 2) with weights from ``torch.arange``, a bfloat16 parameter, an
-int64 buffer, an SGD-with-momentum optimizer after one step, and the RNGs seeded
-with 0.
+One process (v1, v2, v4): a Linear(3, 2) with weights from ``torch.arange``, a
+bfloat16 parameter, an int64 buffer, an SGD-with-momentum optimizer after one step,
+and the RNGs seeded with 0.
 
-v3: a 2-rank gloo job (``torch.multiprocessing.spawn``, CPU) saves a
-:class:`ShardedNet` under FSDP2 (``fully_shard``: each rank holds half of each
-parameter's rows, 2 + 1 of the 3-row layer) and its AdamW after one step, plus
+Two ranks (v3, v4-ranks): a 2-rank gloo job (``torch.multiprocessing.spawn``, CPU)
+saves a :class:`ShardedNet` under FSDP2 (``fully_shard``: each rank holds half of
+each parameter's rows, 2 + 1 of the 3-row layer) and its AdamW after one step, plus
 each rank's RNGs, seeded with the rank. The hyperparameters (betas 0.5/0.75,
 eps 0, lr 0.25, weight decay 0.5) make the step exact: each parameter becomes
 ``0.875 * p - 0.25 * sign(grad)``, ``exp_avg`` is ``grad / 2`` and ``exp_avg_sq``
 is ``grad**2 / 4``.
 
-Every value is exact in binary, so the tests can state them.
+Every value is exact in binary, so the tests can state them. The safetensors files
+are the same bytes in every format (v2 to v4 changed only the JSON around them).
 
 A fixture records what one format version looks like on disk; it is written once
 and committed. Regenerating it would hide exactly the change it exists to catch, so
@@ -42,8 +45,8 @@ import torch.distributed as dist
 
 import ckpts
 
-FIXTURE = Path(__file__).with_name("v2-small")
-SHARDED_FIXTURE = Path(__file__).with_name("v3-small")
+FIXTURE = Path(__file__).with_name("v4-small")  # one process, today's format
+SHARDED_FIXTURE = Path(__file__).with_name("v4-ranks-small")  # two ranks, today's format
 WORLD_SIZE = 2
 STEP = 3
 CHECKPOINT = f"step-{STEP:08d}"
@@ -142,7 +145,7 @@ def sharded_objects(values: dict[str, torch.Tensor] | None = None
 
 
 def build_sharded_state() -> ckpts.TrainState:
-    """On each rank of a job: the v3 fixture's state after its one step; leaves every
+    """On each rank of a job: the two-rank fixtures' state after its one step; leaves every
     global RNG of rank r seeded with r."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -161,7 +164,7 @@ def build_sharded_state() -> ckpts.TrainState:
 
 
 def write_sharded(run: Path) -> Path:
-    """On every rank of a job: save the v3 fixture's state as step 3 of ``run``;
+    """On every rank of a job: save the two-rank fixtures' state as step 3 of ``run``;
     returns the checkpoint directory."""
     with ckpts.CheckpointManager(run) as manager:
         checkpoint = manager.save(STEP, build_sharded_state(), metrics=METRICS, epoch=EPOCH)
@@ -188,10 +191,10 @@ def _write_sharded_on_rank(rank: int, world: int, port: int, run: str) -> None:
 def main(argv: list[str]) -> int:
     force = "--force" in argv
     rest = [arg for arg in argv if arg != "--force"]
-    if rest not in ([], ["v2"], ["v3"]):
+    if rest not in ([], ["v4"], ["v4-ranks"]):
         print(__doc__, file=sys.stderr)
         return 2
-    fixture = SHARDED_FIXTURE if rest == ["v3"] else FIXTURE
+    fixture = SHARDED_FIXTURE if rest == ["v4-ranks"] else FIXTURE
     if fixture.exists():
         if not force:
             print(f"{fixture} exists: refusing to overwrite the pinned fixture "

@@ -17,7 +17,7 @@ that time instead of hanging. The manager reaches this module through
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ from ckpts._format.manifest import BLOCK, digest, new_tensor_entry
 from ckpts._format.safetensors import DTYPE_NAMES, DTYPES, aligned_order
 from ckpts._state.train_state import PER_RANK_KINDS, ObjectSnapshot
 from ckpts._tensors.pieces import BoxRead
-from ckpts._tensors.writing import Reusable, write_tensor_files
+from ckpts._tensors.writing import Reusable, WrittenFile, write_tensor_files
 from ckpts.errors import CorruptCheckpointError, InvalidArgumentError, WriteError
 from ckpts.storage._port import Range, Staged, Storage
 
@@ -171,41 +171,62 @@ def _write_rank(storage: Storage, staged: Staged, rank: int,
     """Write this rank's pieces (one safetensors file per object) and its index, and
     make them durable from this machine; returns the index and the files for reuse."""
     mine = pieces_of(layouts, rank)
-    files: list[tuple[str, list[tuple[str, torch.Tensor]]]] = []
-    for name, boxes in mine.items():
-        items = []
-        for key, box in boxes.items():
-            memory, held = local_box(snapshots[name].tensors[key])
-            if not all(box[1]):  # a tensor of no elements: rank 0 saves it whole
-                memory, held = memory.new_empty(box[1]), box
-            if held != box:  # the layout's arithmetic must say what DTensor holds
-                raise InvalidArgumentError(
-                    f"tensor {key!r} of {name!r}: rank {rank} holds the box {held}, but its "
-                    f"layout gives {box}; ckpts cannot describe this sharding")
-            items.append((key, memory.detach()))
-        files.append((piece_file(name, rank), list(aligned_order(items))))
-    own = {f"{name}.rank{rank}": name for name in per_rank if snapshots[name].tensors}
-    files += [(f"{saved}.safetensors", list(aligned_order(snapshots[name].tensors.items())))
-              for saved, name in own.items()]
+    files = rank_files(rank, mine, snapshots, per_rank, lambda name, key, box: _held_piece(
+        name, key, snapshots[name].tensors[key], box))
     records = write_tensor_files(storage, staged, files, reusable=reusable, block=BLOCK)
     by_file = dict(zip([file for file, _ in files], records, strict=True))
-    pieces = piece_entries(rank, mine, by_file)
-    objects = {}
-    for name in per_rank:
-        snap, file = snapshots[name], f"{name}.rank{rank}.safetensors"
-        objects[f"{name}.rank{rank}"] = object_contents(snap, {
-            key: new_tensor_entry(file, DTYPES[tensor.dtype], tensor.shape,
-                                  *by_file[file].tensors[key], by_file[file].blocks.get(key))
-            for key, tensor in snap.tensors.items()})
-    file_records = {file: {"nbytes": w.nbytes, "header": w.header, "hash": w.header_hash,
-                           "rank": rank} for file, w in by_file.items()}
-    index = rank_index(rank, file_records, pieces, objects)
+    index = rank_index_of(rank, mine, snapshots, per_rank, by_file)
     storage.write(staged, [(rank_index_name(rank), [memoryview(index)])])
     # durable from this rank's machine, before rank 0 commits
     storage.sync(staged, [*by_file, rank_index_name(rank)])
     return index, Reusable(staged.name, {
         file: (w.header_hash, {key: entry[2] for key, entry in w.tensors.items()})
         for file, w in by_file.items()})
+
+
+def rank_files(rank: int, mine: Mapping[str, Mapping[str, Box]],
+               snapshots: Mapping[str, ObjectSnapshot], per_rank: Sequence[str],
+               piece: Callable[[str, str, Box], Any]) -> list[tuple[str, list[Any]]]:
+    """The safetensors files ``rank`` writes, with their items in file order: one file
+    of its pieces (``mine``) per shared object, each item ``piece(name, key, box)``,
+    and one file per per-rank object with tensors."""
+    files: list[tuple[str, list[Any]]] = []
+    for name, boxes in mine.items():
+        items = [(key, piece(name, key, box)) for key, box in boxes.items()]
+        files.append((piece_file(name, rank), list(aligned_order(items))))
+    files += [(f"{name}.rank{rank}.safetensors",
+               list(aligned_order(snapshots[name].tensors.items())))
+              for name in per_rank if snapshots[name].tensors]
+    return files
+
+
+def _held_piece(name: str, key: str, tensor: torch.Tensor, box: Box) -> torch.Tensor:
+    """What this rank holds of a shared tensor, which must be its layout's ``box``."""
+    memory, held = local_box(tensor)
+    if not all(box[1]):  # a tensor of no elements: rank 0 saves it whole
+        memory, held = memory.new_empty(box[1]), box
+    if held != box:  # the layout's arithmetic must say what DTensor holds
+        raise InvalidArgumentError(
+            f"tensor {key!r} of {name!r} holds the box {held} of the global tensor, but its "
+            f"layout gives {box}; ckpts cannot describe this sharding")
+    return memory.detach()
+
+
+def rank_index_of(rank: int, mine: Mapping[str, Mapping[str, Box]],
+                  snapshots: Mapping[str, ObjectSnapshot], per_rank: Sequence[str],
+                  written: Mapping[str, WrittenFile]) -> bytes:
+    """``rank``'s index (ckpts._checkpoint.rank_plan.rank_index), from the files written
+    (:func:`rank_files`)."""
+    objects = {}
+    for name in per_rank:
+        snap, file = snapshots[name], f"{name}.rank{rank}.safetensors"
+        objects[f"{name}.rank{rank}"] = object_contents(snap, {
+            key: new_tensor_entry(file, DTYPES[tensor.dtype], tensor.shape,
+                                  *written[file].tensors[key], written[file].blocks.get(key))
+            for key, tensor in snap.tensors.items()})
+    records = {file: {"nbytes": w.nbytes, "header": w.header, "hash": w.header_hash,
+                      "rank": rank} for file, w in written.items()}
+    return rank_index(rank, records, piece_entries(rank, mine, written), objects)
 
 
 def read_on_ranks(storage: Storage, contents: Contents, ranks: Ranks,

@@ -165,6 +165,9 @@ class Contents:
                 or not isinstance(saved.get("tensors"), dict) \
                 or not isinstance(saved.get("aliases", {}), dict):
             raise CorruptCheckpointError(f"{where} does not describe object {name!r}")
+        if not all(isinstance(target, str) and target in saved["tensors"]
+                   for target in saved.get("aliases", {}).values()):
+            raise CorruptCheckpointError(f"{where}: object {name!r} has malformed aliases")
         obj = {**{k: v for k, v in described.items() if k != "index"}, "tree": saved["tree"],
                "tensors": saved["tensors"], "aliases": saved.get("aliases", {})}
         if file == LAYOUT:

@@ -155,13 +155,19 @@ def intersect(a: Box, b: Box) -> Box | None:
     return origin, tuple(e - o for o, e in zip(origin, end, strict=True))
 
 
+SPREAD = 2**20  # bytes above which a tensor every rank holds is spread over the ranks
+
+
 def assign_writers(sizes: Mapping[str, int], ranks: int) -> dict[str, int]:
-    """Which rank saves each tensor that every rank holds alike: biggest first, each to
-    the rank with the fewest bytes so far (ties to the lowest rank). Every rank computes
-    the same answer from the same sizes, so no rank needs another's list."""
+    """Which rank saves each tensor that every rank holds alike. Those of at most SPREAD
+    bytes (an optimizer's ``step``, a norm's weight under DDP) all go to rank 0: a
+    restoring rank, which needs each of them whole, then reads one more index, not one
+    per writer. The bigger ones go biggest first, each to the rank with the fewest bytes
+    so far (ties to the lowest rank), so the ranks share the writing. Every rank
+    computes the same answer from the same sizes: no rank needs another's list."""
+    writers = {key: 0 for key, size in sizes.items() if size <= SPREAD}
     load = [(0, rank) for rank in range(ranks)]
-    writers = {}
-    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+    for key in sorted((k for k in sizes if k not in writers), key=lambda k: (-sizes[k], k)):
         total, rank = heapq.heappop(load)
         writers[key] = rank
         heapq.heappush(load, (total + sizes[key], rank))
