@@ -101,7 +101,7 @@ def test_a_manifest_tree_with_unusable_tags_is_a_corrupt_checkpoint(
     def damage(index: dict[str, Any]) -> None:
         index["objects"]["optimizer"]["tree"]["param_groups"][0]["extra"] = node
     change_index(saved[-1].path, "optimizer.index.json", damage)
-    with pytest.raises(ckpts.CorruptCheckpointError, match="in the saved JSON state"):
+    with pytest.raises(ckpts.CorruptCheckpointError, match="in the saved state"):
         manager.restore(fresh_state(), step=3)
 
 

@@ -462,11 +462,10 @@ def _decode_tag(tag: str, inner: Any, load_tensor: Callable[[str], Any]) -> Any:
             key = decode(key, load_tensor)
             if (not isinstance(key, (str, int, bool, tuple)) and key is not None) \
                     or (isinstance(key, tuple) and not _hashable(key)):
-                raise CorruptCheckpointError(f"unusable dict key {key!r} in the saved JSON state")
+                raise CorruptCheckpointError(f"unusable dict key {key!r} in the saved state")
             decoded[key] = decode(value, load_tensor)
         return decoded
-    raise CorruptCheckpointError(
-        f"malformed {tag} value in the saved JSON state: {str(inner)[:80]}")
+    raise CorruptCheckpointError(f"malformed {tag} value in the saved state: {str(inner)[:80]}")
 
 
 def _hashable(value: Any) -> bool:
@@ -483,7 +482,7 @@ def _decode_composite(node: dict[str, Any], load_tensor: Callable[[str], Any]) -
     raw_parts = node.get("parts")
     if not isinstance(raw_parts, dict) or set(raw_parts) != set(_PARTS[kind]):
         raise CorruptCheckpointError(
-            f"malformed {kind} tensor in the saved JSON state: its parts should be "
+            f"malformed {kind} tensor in the saved state: its parts should be "
             f"{list(_PARTS[kind])}, found {str(raw_parts)[:80]}")
     parts = {name: decode(raw_parts[name], load_tensor) for name in _PARTS[kind]}
     if any(part is None for part in parts.values()):
@@ -492,7 +491,7 @@ def _decode_composite(node: dict[str, Any], load_tensor: Callable[[str], Any]) -
     import torch
 
     if not all(isinstance(part, torch.Tensor) for part in parts.values()):
-        raise CorruptCheckpointError(f"malformed {kind} tensor in the saved JSON state: a part is "
+        raise CorruptCheckpointError(f"malformed {kind} tensor in the saved state: a part is "
                                      "not a tensor")
     try:
         return _assemble(kind, parts, params)
