@@ -261,12 +261,16 @@ def test_du_sums_manifest_file_sizes_by_object_kind(run: Path) -> None:
     assert [c["step"] for c in usage["checkpoints"]] == STEPS
     for entry in usage["checkpoints"]:
         manifest_path = Path(entry["path"]) / "manifest.json"
-        files = json.loads(manifest_path.read_text())["files"]
+        files = json.loads(manifest_path.read_text())["files"]  # data files and indexes (v4)
         expected = sum(f["nbytes"] for f in files.values()) + manifest_path.stat().st_size
         assert entry["nbytes"] == sum(entry["by_kind"].values()) == expected
-        assert entry["by_kind"]["module"] == files["model.safetensors"]["nbytes"]
+        # an object's index file (its tree and tensor table) counts with the object's kind
+        for kind, name in (("module", "model"), ("optimizer", "optimizer"), ("rng", "rng")):
+            assert entry["by_kind"][kind] == files[f"{name}.safetensors"]["nbytes"] \
+                + files[f"{name}.index.json"]["nbytes"], (kind, entry["by_kind"])
+        assert entry["by_kind"]["manifest"] == manifest_path.stat().st_size
     assert usage["nbytes"] == sum(c["nbytes"] for c in usage["checkpoints"])
-    assert set(usage["by_kind"]) == {"module", "optimizer", "rng", "manifest"}
+    assert set(usage["by_kind"]) == {"module", "optimizer", "rng", "manifest"}, usage["by_kind"]
     assert table.returncode == 0 and table.stdout.splitlines()[-2].split()[0] == "total"
 
 

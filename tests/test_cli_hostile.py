@@ -16,6 +16,7 @@ import torch
 import ckpts
 from ckpts._checkpoint.verify import verify_listed
 from faulty_storage import FaultyStorage
+from v4_worker import rehash_index
 
 CKPTS = str(Path(sys.executable).parent / "ckpts")
 
@@ -142,9 +143,12 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
         manager.pin(1, CLEAR)
         manager.pin(2, "\ud800")
     checkpoint = run / "step-00000002"
-    manifest = checkpoint / "manifest.json"
-    manifest.write_text(manifest.read_text().replace(
-        "model.safetensors", "model\\u001b[2J.safetensors"))
+    # the file's name is in the manifest's files and in the rows of the model's index
+    # (format v4), whose new size and hash the manifest then records
+    for file in ("manifest.json", "model.index.json"):
+        (checkpoint / file).write_text((checkpoint / file).read_text().replace(
+            "model.safetensors", "model\\u001b[2J.safetensors"))
+    rehash_index(checkpoint, "model.index.json")
     (checkpoint / "model.safetensors").rename(checkpoint / "model\x1b[2J.safetensors")
     damaged = base / f"other{CLEAR}" / "step-00000001"  # `ls` warns, naming its path
     damaged.mkdir(parents=True)

@@ -565,3 +565,15 @@ def test_one_process_falls_back_past_a_damaged_rank_index(
     verified = ckpts_command("verify", run)
     assert verified.returncode != 0
     assert "step-00000002  FAILED" in verified.stdout and "rank-00001.json" in verified.stdout
+
+
+def test_du_counts_a_many_rank_checkpoints_indexes_as_metadata_not_other() -> None:
+    from ckpts.cli.inspection import bytes_by_kind
+    from ckpts.storage import open_storage
+
+    storage = open_storage(Path(__file__).parent / "data" / "v4-ranks-small")
+    manifest = read_manifest(storage, "step-00000003")
+    by_kind = bytes_by_kind(manifest, storage.sizes("step-00000003")["manifest.json"])
+    assert "other" not in by_kind, by_kind
+    on_disk = sum(storage.sizes("step-00000003").values())
+    assert sum(by_kind.values()) == on_disk, (by_kind, on_disk)

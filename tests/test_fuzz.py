@@ -11,6 +11,9 @@ huge allocation (the peak RSS is checked).
   ``..``, absolute and nested file names, huge or negative sizes and shapes, codec
   tags of the wrong type), keys deleted or renamed, deep nesting, integers of
   thousands of digits, truncation and bytes that are not UTF-8.
+- Index files (format v4 keeps each object's tree, aliases and tensor rows in
+  ``<object>.index.json``): the same damage, and the manifest records the damaged
+  index's real size and hash (mostly), so the index's content checks are reached.
 - safetensors headers: any 8-byte length prefix, a header that is not UTF-8 or not
   a JSON object, entries with unknown dtypes, shapes that do not fit their bytes,
   offsets that overlap or fall outside the file, a claim of 100 GB. The manifest
@@ -42,6 +45,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import ckpts
+from v4_worker import rehash_index
 
 LONG = os.environ.get("CKPTS_LONG") == "1"
 FUZZ = settings(
@@ -194,8 +198,9 @@ def exercise(run: Path) -> dict[str, str]:
     if results["load_weights"] == "ok":
         # success must mean the model now holds exactly the file's tensors
         objects = json.loads((directory / "manifest.json").read_bytes())["objects"]
-        saved = objects.get("model") or next(o for o in objects.values()
-                                             if o.get("kind") == "module")
+        name = "model" if "model" in objects else next(
+            n for n, o in objects.items() if o.get("kind") == "module")
+        saved = expanded(directory, name, objects[name])
         on_disk: dict[str, torch.Tensor] = {}
         for name in {info["file"] for info in saved["tensors"].values()}:
             on_disk |= read_tensors(directory / name)
@@ -205,6 +210,27 @@ def exercise(run: Path) -> dict[str, str]:
             assert (stored.dtype, stored.shape) == (value.dtype, value.shape), key
             assert torch.equal(stored, value), f"load_weights succeeded but {key!r} differs"
     return results
+
+
+def expanded(directory: Path, name: str, obj: dict[str, Any]) -> dict[str, Any]:
+    """Object ``name`` of a manifest with its tree, aliases and tensor rows: from its index
+    file (format v4, ``"index"``), else the manifest's own (an object kept inline)."""
+    if "index" not in obj:
+        return obj
+    index = json.loads((directory / obj["index"]).read_bytes())
+    return {**obj, **index["objects"][name]}
+
+
+def index_of(manifest: dict[str, Any], name: str) -> str:
+    """The index file that holds object ``name``'s tree, aliases and tensor rows."""
+    file: str = manifest["objects"][name]["index"]
+    return file
+
+
+def vouch_for(manifest: dict[str, Any], file: str, payload: bytes) -> None:
+    """Record a (hostile) file's real size and hash in the manifest, as a consistent writer
+    would: the readers then get past the hash check to its content."""
+    manifest["files"][file] = {"nbytes": len(payload), "hash": hash_of(payload)}
 
 
 def damaged_copy(base: Path, root: Path) -> Path:
@@ -242,15 +268,25 @@ json_values = st.recursive(
     max_leaves=10,
 )
 START_PATHS = [(), ("files",), ("objects",), ("objects", "model", "tensors"),
-               ("objects", "model"), ("objects", "optimizer", "tree"), ("objects", "extra", "tree"),
+               ("objects", "model"), ("objects", "model", "index"),
+               ("objects", "optimizer", "tree"), ("objects", "extra", "tree"),
                ("objects", "rng", "tree"), ("metrics",), ("tags",)]
+INDEXES = {"model.index.json": "model", "optimizer.index.json": "optimizer",
+           "extra.index.json": "extra", "rng.index.json": "rng"}
 
 
-def walk(data: st.DataObject, doc: Any) -> list[Any]:
+def index_starts(name: str) -> list[tuple[str, ...]]:
+    """Where to start damaging the index of object ``name`` (format v4)."""
+    return [(), ("objects",), ("objects", name), ("objects", name, "tree"),
+            ("objects", name, "tensors"), ("objects", name, "aliases"), ("files",)]
+
+
+def walk(data: st.DataObject, doc: Any,
+         starts: list[tuple[str, ...]] | None = None) -> list[Any]:
     """A random path into ``doc``: a start among the interesting places, then random steps."""
     path: list[Any] = []
     node = doc
-    for key in data.draw(st.sampled_from(START_PATHS), label="start"):
+    for key in data.draw(st.sampled_from(starts or START_PATHS), label="start"):
         if not isinstance(node, dict) or key not in node:
             break
         path.append(key)
@@ -269,9 +305,11 @@ def parent_of(doc: Any, path: list[Any]) -> Any:
     return doc
 
 
-def mutate(data: st.DataObject, doc: dict[str, Any]) -> None:
-    """One damage at a random place: replace, delete, rename a key, or add a hostile file."""
-    path = walk(data, doc)
+def mutate(data: st.DataObject, doc: dict[str, Any],
+           starts: list[tuple[str, ...]] | None = None) -> None:
+    """One damage at a random place: replace, delete, rename a key, or add a hostile file
+    (an index may list files too: a rank's index lists its data files)."""
+    path = walk(data, doc, starts)
     how = data.draw(st.sampled_from(["replace", "delete", "rename", "add-file"]), label="how")
     if how == "add-file":
         name = data.draw(st.sampled_from(FILE_NAMES) | st.text(max_size=300))
@@ -330,6 +368,25 @@ def test_a_damaged_manifest_raises_only_checkpoint_errors(base: Path, peak_rss: 
     with tempfile.TemporaryDirectory() as root:
         run = damaged_copy(base, Path(root))
         (run / NAME / "manifest.json").write_bytes(manifest_bytes(data, doc))
+        exercise(run)
+
+
+@TIMEOUT
+@FUZZ
+@given(data=st.data())
+def test_a_damaged_index_raises_only_checkpoint_errors(base: Path, peak_rss: None,
+                                                       data: st.DataObject) -> None:
+    """What format v4 moved out of the manifest (trees, aliases, tensor rows), damaged
+    where it now is: in an object's index file, which the manifest (mostly) vouches for."""
+    file = data.draw(st.sampled_from(sorted(INDEXES)), label="index")
+    doc = json.loads((base / file).read_bytes())
+    for _ in range(data.draw(st.integers(1, 3), label="mutations")):
+        mutate(data, doc, index_starts(INDEXES[file]))
+    with tempfile.TemporaryDirectory() as root:
+        run = damaged_copy(base, Path(root))
+        (run / NAME / file).write_bytes(manifest_bytes(data, doc))
+        if data.draw(st.integers(0, 9), label="manifest vouches for the index"):
+            rehash_index(run / NAME, file)
         exercise(run)
 
 
@@ -450,20 +507,25 @@ def test_a_hostile_safetensors_header_raises_only_checkpoint_errors(
     manifest = json.loads((base / "manifest.json").read_bytes())
     # the manifest vouches for the hostile file, so every reader gets to its header
     manifest["files"][target] = {"nbytes": len(hostile), "hash": hash_of(hostile)}
-    if data.draw(st.booleans(), label="manifest follows the header"):
+    # the index of the object stored in the file (format v4 keeps its tensor rows there)
+    index_file = next(f for f, name in INDEXES.items() if target == f"{name}.safetensors")
+    index = json.loads((base / index_file).read_bytes())
+    if data.draw(st.booleans(), label="index follows the header"):
         try:
             header, _ = split(hostile)
         except (struct.error, ValueError):
             header = {}
-        obj = next(o for o in manifest["objects"].values()
-                   if any(t["file"] == target for t in o["tensors"].values()))
+        rows = index["objects"][INDEXES[index_file]]["tensors"]
+        assert all(row["file"] == target for row in rows.values())
         for key, info in header.items() if isinstance(header, dict) else ():
-            if key in obj["tensors"] and isinstance(info, dict):
-                obj["tensors"][key].update(
-                    {k: v for k, v in info.items() if k in ("dtype", "shape")})
+            if key in rows and isinstance(info, dict):
+                rows[key].update({k: v for k, v in info.items() if k in ("dtype", "shape")})
+    index_bytes = json.dumps(index, indent=1).encode()
+    vouch_for(manifest, index_file, index_bytes)
     with tempfile.TemporaryDirectory() as root:
         run = damaged_copy(base, Path(root))
         (run / NAME / target).write_bytes(hostile)
+        (run / NAME / index_file).write_bytes(index_bytes)
         (run / NAME / "manifest.json").write_text(json.dumps(manifest, indent=1))
         exercise(run)
 
@@ -472,7 +534,8 @@ def test_a_hostile_safetensors_header_raises_only_checkpoint_errors(
 
 DELETE = object()
 KNOWN_DAMAGE: dict[str, tuple[tuple[Any, ...], Any]] = {
-    # manifest path -> the value put there (DELETE removes the key)
+    # manifest path -> the value put there (DELETE removes the key); an object's tree,
+    # aliases and tensors are in its index file (format v4): the path is the same there
     "tensor-file-is-a-list": (("objects", "model", "tensors", "fc.weight", "file"),
                               ["model.safetensors"]),
     "tensor-dtype-is-a-dict": (("objects", "model", "tensors", "fc.weight", "dtype"), {}),
@@ -511,21 +574,167 @@ KNOWN_TEXT: dict[str, Callable[[str], str]] = {
 }
 
 
+OBJECT_FIELDS = ("tree", "tensors", "aliases")  # what format v4 keeps in an object's index
+
+
+def in_index(path: tuple[Any, ...]) -> bool:
+    """Whether format v4 keeps what ``path`` (of a v3 manifest) names in an index file."""
+    return len(path) > 2 and path[0] == "objects" and path[2] in OBJECT_FIELDS
+
+
+def put(doc: Any, path: tuple[Any, ...], value: Any) -> None:
+    parent = parent_of(doc, list(path))
+    if value is DELETE:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+
+
 @pytest.mark.parametrize("case", [*KNOWN_DAMAGE, *KNOWN_TEXT])
 def test_a_known_hostile_manifest_raises_only_checkpoint_errors(base: Path, tmp_path: Path,
                                                                 case: str) -> None:
+    """Each damage where format v4 keeps what it damages: the manifest, or the object's
+    index file, which the manifest then vouches for (its real size and hash)."""
     doc = json.loads((base / "manifest.json").read_bytes())
+    run = damaged_copy(base, tmp_path)
     if case in KNOWN_DAMAGE:
         path, value = KNOWN_DAMAGE[case]
-        parent = parent_of(doc, list(path))
-        if value is DELETE:
-            del parent[path[-1]]
+        if in_index(path):
+            file = index_of(doc, path[1])
+            index = json.loads((base / file).read_bytes())
+            put(index, path, value)
+            payload = json.dumps(index, indent=1).encode()
+            (run / NAME / file).write_bytes(payload)
+            vouch_for(doc, file, payload)
         else:
-            parent[path[-1]] = value
+            put(doc, path, value)
     text = json.dumps(doc, indent=1)
-    run = damaged_copy(base, tmp_path)
     (run / NAME / "manifest.json").write_text(KNOWN_TEXT.get(case, str)(text))
     exercise(run)
+
+
+def kept_inline(directory: Path) -> dict[str, Any]:
+    """The manifest with every object's tree, aliases and tensor rows moved in from its
+    index (as v1-v3 kept them, and v4 keeps an object without tensors): v4 readers read
+    such an object from the manifest."""
+    manifest = json.loads((directory / "manifest.json").read_bytes())
+    manifest["objects"] = {name: {k: v for k, v in expanded(directory, name, obj).items()
+                                  if k != "index"}
+                           for name, obj in manifest["objects"].items()}
+    return manifest
+
+
+def test_objects_kept_inline_in_a_v4_manifest_are_read(base: Path, tmp_path: Path) -> None:
+    """The ground of the next test: undamaged, such a manifest reads as the original."""
+    run = damaged_copy(base, tmp_path)
+    (run / NAME / "manifest.json").write_text(json.dumps(kept_inline(base), indent=1))
+    assert exercise(run) == {"verify": "ok", "restore": "ok", "load_weights": "ok"}
+
+
+@pytest.mark.parametrize("case", [case for case, (path, _) in KNOWN_DAMAGE.items()
+                                  if in_index(path)])
+def test_a_known_hostile_object_kept_in_the_manifest_raises_only_checkpoint_errors(
+        base: Path, tmp_path: Path, case: str) -> None:
+    """The same damage to an object whose tree and tensor rows the manifest holds itself."""
+    doc = kept_inline(base)
+    path, value = KNOWN_DAMAGE[case]
+    put(doc, path, value)
+    run = damaged_copy(base, tmp_path)
+    (run / NAME / "manifest.json").write_text(json.dumps(doc, indent=1))
+    exercise(run)
+
+
+# ---------------------------------------------------------------- format v4: index files
+
+
+def write_index(directory: Path, file: str, payload: bytes) -> None:
+    """Write index ``file`` and record its size and hash in the manifest."""
+    (directory / file).write_bytes(payload)
+    rehash_index(directory, file)
+
+
+def edit_json(directory: Path, file: str, change: Callable[[Any], object]) -> None:
+    """Change a JSON file of the checkpoint; an index is then vouched for by the manifest."""
+    doc = json.loads((directory / file).read_bytes())
+    change(doc)
+    (directory / file).write_text(json.dumps(doc, indent=1))
+    if file != "manifest.json":
+        rehash_index(directory, file)
+
+
+def model_index(change: Callable[[Any], object]) -> Callable[[Path], None]:
+    return lambda directory: edit_json(directory, "model.index.json", change)
+
+
+def manifest_of(change: Callable[[Any], object]) -> Callable[[Path], None]:
+    return lambda directory: edit_json(directory, "manifest.json", change)
+
+
+def model_entry(change: Callable[[Any], object]) -> Callable[[Path], None]:
+    return manifest_of(lambda manifest: change(manifest["objects"]["model"]))
+
+
+KNOWN_V4: dict[str, Callable[[Path], None]] = {
+    # the index's bytes, vouched for by the manifest
+    "index-not-utf8": lambda d: write_index(d, "model.index.json", b'{"objects": \xff\xfe}'),
+    "index-a-json-list": lambda d: write_index(d, "model.index.json", b"[1, 2]\n"),
+    "index-a-json-string": lambda d: write_index(d, "model.index.json", b'"objects"'),
+    "index-null": lambda d: write_index(d, "model.index.json", b"null"),
+    "index-nested-100000-deep": lambda d: write_index(
+        d, "model.index.json", b'{"objects": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    "index-empty": lambda d: write_index(d, "model.index.json", b""),
+    # the index's content, vouched for by the manifest
+    "index-objects-a-list": model_index(lambda index: index.update(objects=[])),
+    "index-describes-another-object": model_index(lambda index: index.update(
+        objects={"head": index["objects"]["model"]})),
+    "index-object-a-list": model_index(lambda index: index["objects"].update(model=[])),
+    "index-tensors-a-list": model_index(lambda index: index["objects"]["model"].update(
+        tensors=[])),
+    "index-tree-nested-deep": model_index(lambda index: index["objects"]["model"].update(
+        tree={"deep": json.loads("[" * 900 + "]" * 900)})),
+    "index-records-a-data-file-otherwise": model_index(lambda index: index.update(
+        files={"model.safetensors": {"nbytes": 1, "hash": "xxh3_128:0"}})),
+    "index-lists-a-file-outside": model_index(lambda index: index.update(
+        files={"../model.safetensors": {"nbytes": 1, "hash": "xxh3_128:0"}})),
+    "index-files-a-list": model_index(lambda index: index.update(files=[])),
+    "index-pieces-a-list": model_index(lambda index: index.update(pieces=[])),
+    # the manifest's record of the index
+    "index-recorded-huge": manifest_of(lambda manifest: manifest["files"][
+        "model.index.json"].update(nbytes=2**40)),
+    "index-recorded-with-another-hash": manifest_of(lambda manifest: manifest["files"][
+        "model.index.json"].update(hash="xxh3_128:0")),
+    "index-missing": lambda d: (d / "model.index.json").unlink(),
+    "index-not-listed": manifest_of(lambda manifest: manifest["files"].pop(
+        "model.index.json")),
+    # the manifest's "index" of an object
+    "index-names-an-unlisted-file": model_entry(lambda obj: obj.update(
+        index="nope.index.json")),
+    "index-names-a-data-file": model_entry(lambda obj: obj.update(index="model.safetensors")),
+    "index-names-another-objects-index": model_entry(lambda obj: obj.update(
+        index="optimizer.index.json")),
+    "index-names-the-parent-folder": model_entry(lambda obj: obj.update(index="..")),
+    "index-an-int": model_entry(lambda obj: obj.update(index=5)),
+    "index-null-name": model_entry(lambda obj: obj.update(index=None)),
+    "index-a-list": model_entry(lambda obj: obj.update(index=["model.index.json"])),
+    "index-a-dict": model_entry(lambda obj: obj.update(index={})),
+    "index-beside-an-inline-tree": model_entry(lambda obj: obj.update(
+        tree={"fc.weight": {"__tensor__": "nope"}}, tensors={})),
+    # a world size no file backs (one process saved it: there is no layout.json)
+    "world-size-of-a-billion": manifest_of(lambda manifest: manifest.update(
+        world_size=10**9)),
+    "world-size-zero": manifest_of(lambda manifest: manifest.update(world_size=0)),
+    "world-size-a-string": manifest_of(lambda manifest: manifest.update(world_size="1")),
+}
+
+
+@pytest.mark.parametrize("case", KNOWN_V4)
+def test_a_known_hostile_index_raises_only_checkpoint_errors(base: Path, tmp_path: Path,
+                                                             case: str) -> None:
+    run = damaged_copy(base, tmp_path)
+    KNOWN_V4[case](run / NAME)
+    results = exercise(run)
+    if case.startswith("index"):  # each damages what load_weights reads: refused
+        assert results["load_weights"] != "ok", results
 
 
 def test_load_weights_refuses_a_file_whose_header_disagrees_with_the_manifest(

@@ -207,8 +207,14 @@ def test_async_saves_across_layout_changes_restore_bit_exact(tmp_path: Path) -> 
 
 
 def aliases_of(run: Path, step: int, name: str) -> dict[str, str]:
-    manifest = json.loads((run / f"step-{step:08d}" / "manifest.json").read_text())
-    return dict(manifest["objects"][name].get("aliases", {}))
+    """The tied aliases recorded for object ``name``: in the index file the manifest names
+    for it (format v4), a file the manifest lists."""
+    checkpoint = run / f"step-{step:08d}"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    index = manifest["objects"][name]["index"]
+    assert index in manifest["files"]
+    saved = json.loads((checkpoint / index).read_text())["objects"][name]
+    return dict(saved["aliases"])
 
 
 def test_views_sharing_an_address_are_tied_only_when_identical(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 import ckpts
 from conftest import TinyNet
+from v4_worker import change_index
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor, torch.quantize_per_channel"),
@@ -52,6 +53,17 @@ def save_and_restore(tmp_path: Path, state: Any, live: Any = None) -> Box:
 
 def manifest(tmp_path: Path) -> dict[str, Any]:
     return json.loads((tmp_path / "step-00000001" / "manifest.json").read_text())  # type: ignore[no-any-return]
+
+
+def saved_object(tmp_path: Path, name: str = "box") -> dict[str, Any]:
+    """Object ``name`` of step 1 as stored: its tree, aliases and tensor entries, read from
+    the index file the manifest names for it (format v4), a file listed in the manifest."""
+    listed = manifest(tmp_path)
+    assert listed["objects"][name]["index"] == f"{name}.index.json"
+    assert not {"tree", "aliases", "tensors"} & set(listed["objects"][name])  # the index has them
+    assert f"{name}.index.json" in listed["files"]
+    index = json.loads((tmp_path / "step-00000001" / f"{name}.index.json").read_text())
+    return index["objects"][name]  # type: ignore[no-any-return]
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -106,7 +118,7 @@ def test_every_safetensors_dtype_is_stored_natively(tmp_path: Path, name: str) -
     tensor = sample(native_dtypes()[name])
     box = save_and_restore(tmp_path, {"t": tensor, "view": tensor.t()})
     assert same(box.loaded["t"], tensor) and same(box.loaded["view"], tensor.t())
-    entry = manifest(tmp_path)["objects"]["box"]["tensors"]["t"]
+    entry = saved_object(tmp_path)["tensors"]["t"]
     assert entry["dtype"] == name
     # an ordinary safetensors entry, readable with no ckpts code
     with safe_open(tmp_path / "step-00000001" / "box.safetensors", framework="pt") as f:
@@ -165,7 +177,7 @@ def test_composite_kinds_come_back_with_layout_dtype_and_values(tmp_path: Path, 
     box = save_and_restore(tmp_path, {"w": tensor})
     assert same(box.loaded["w"], tensor)
     # the parts are plain safetensors entries, readable with no ckpts code
-    saved = manifest(tmp_path)["objects"]["box"]
+    saved = saved_object(tmp_path)
     node = saved["tree"]["w"]["__tensor__"]
     expected_kind = "quantized_per_channel" if kind.endswith("per_channel") else \
         "quantized_per_tensor" if kind.startswith(("qint", "quint")) else \
@@ -178,7 +190,7 @@ def test_composite_kinds_come_back_with_layout_dtype_and_values(tmp_path: Path, 
 def test_a_sparse_tensor_is_stored_as_its_indices_and_values(tmp_path: Path) -> None:
     tensor = torch.tensor([[0.0, 2.0], [3.0, 0.0]]).to_sparse()
     save_and_restore(tmp_path, {"w": tensor})
-    saved = manifest(tmp_path)["objects"]["box"]
+    saved = saved_object(tmp_path)
     assert saved["tree"] == {"w": {"__tensor__": {
         "kind": "sparse_coo",
         "parts": {"indices": {"__tensor__": "w.indices"}, "values": {"__tensor__": "w.values"}},
@@ -201,7 +213,7 @@ def test_a_complex128_tensor_is_stored_as_its_real_view_under_its_own_key(tmp_pa
 def test_tied_composite_tensors_are_stored_once(tmp_path: Path) -> None:
     tensor = torch.randn(3, 3).to_sparse()
     box = save_and_restore(tmp_path, {"a": tensor, "b": tensor})
-    saved = manifest(tmp_path)["objects"]["box"]
+    saved = saved_object(tmp_path)
     assert saved["aliases"] == {"b.indices": "a.indices", "b.values": "a.values"}
     assert same(box.loaded["b"], tensor) and same(box.loaded["a"], tensor)
 
@@ -467,10 +479,8 @@ def damage(node: dict[str, Any], how: str) -> None:
 def test_a_damaged_composite_node_is_a_corrupt_checkpoint(tmp_path: Path, how: str) -> None:
     manager = ckpts.CheckpointManager(tmp_path)
     manager.save(1, ckpts.TrainState(box=Box({"w": torch.randn(3, 4).to_sparse()})))
-    path = tmp_path / "step-00000001" / "manifest.json"
-    data = json.loads(path.read_text())
-    damage(data["objects"]["box"]["tree"]["w"], how)
-    path.write_text(json.dumps(data))
+    change_index(tmp_path / "step-00000001", "box.index.json",  # its hash re-recorded
+                 lambda index: damage(index["objects"]["box"]["tree"]["w"], how))
     with pytest.raises(ckpts.CorruptCheckpointError):
         manager.restore(ckpts.TrainState(box=Box()), step=1)
 
@@ -479,12 +489,13 @@ def test_a_damaged_quantized_or_complex_part_is_a_corrupt_checkpoint(tmp_path: P
     manager = ckpts.CheckpointManager(tmp_path)
     state = {"q": composite_samples()["qint8"], "z": torch.ones(2, dtype=torch.complex128)}
     manager.save(1, ckpts.TrainState(box=Box(state)))
-    path = tmp_path / "step-00000001" / "manifest.json"
-    data = json.loads(path.read_text())
-    tree = data["objects"]["box"]["tree"]
-    tree["q"]["__tensor__"]["parts"]["int_repr"], tree["z"]["__tensor__"]["parts"]["real"] = \
-        tree["z"]["__tensor__"]["parts"]["real"], tree["q"]["__tensor__"]["parts"]["int_repr"]
-    path.write_text(json.dumps(data))
+
+    def swap_parts(index: dict[str, Any]) -> None:
+        tree = index["objects"]["box"]["tree"]
+        tree["q"]["__tensor__"]["parts"]["int_repr"], tree["z"]["__tensor__"]["parts"]["real"] \
+            = tree["z"]["__tensor__"]["parts"]["real"], tree["q"]["__tensor__"]["parts"]["int_repr"]
+
+    change_index(tmp_path / "step-00000001", "box.index.json", swap_parts)  # hash re-recorded
     with pytest.raises(ckpts.CorruptCheckpointError, match="cannot be rebuilt"):
         manager.restore(ckpts.TrainState(box=Box()), step=1)
 
@@ -494,10 +505,11 @@ def test_a_per_channel_axis_that_does_not_fit_is_a_corrupt_checkpoint(tmp_path: 
                                                                      ) -> None:
     manager = ckpts.CheckpointManager(tmp_path)
     manager.save(1, ckpts.TrainState(box=Box({"q": composite_samples()["qint8_per_channel"]})))
-    path = tmp_path / "step-00000001" / "manifest.json"
-    data = json.loads(path.read_text())
-    data["objects"]["box"]["tree"]["q"]["__tensor__"]["axis"] = axis  # 3 channels on axis 0
-    path.write_text(json.dumps(data))
+
+    def misplace_axis(index: dict[str, Any]) -> None:
+        index["objects"]["box"]["tree"]["q"]["__tensor__"]["axis"] = axis  # 3 channels on axis 0
+
+    change_index(tmp_path / "step-00000001", "box.index.json", misplace_axis)  # hash re-recorded
     with pytest.raises(ckpts.CorruptCheckpointError, match="cannot be rebuilt"):
         manager.restore(ckpts.TrainState(box=Box()), step=1)
 

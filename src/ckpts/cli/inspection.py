@@ -17,7 +17,7 @@ import typer
 from rich.filesize import decimal
 
 from ckpts._format.catalog import Checkpoint
-from ckpts._format.index import read_manifest
+from ckpts._format.index import LAYOUT, object_index_name, rank_index_name, read_manifest
 from ckpts._format.manifest import DTYPE_SIZES
 from ckpts._run.usage import physical_bytes, shared_bytes, usage
 from ckpts.cli._common import (
@@ -250,13 +250,20 @@ def tensor_nbytes(dtype: str, shape: list[int]) -> int:
 def bytes_by_kind(manifest: dict[str, Any], manifest_nbytes: int) -> dict[str, int]:
     """A checkpoint's recorded file sizes summed by the kind of object owning each file.
 
-    A shard index belongs to its object; the manifest (which also holds every
-    object's non-tensor state) counts as ``manifest``; unowned files as ``other``.
+    A shard index and (format v4) an object's own index belong to the object; the
+    manifest, and the indexes that hold several objects' tables (v4: ``layout.json``
+    and each rank's, which v3 kept in the manifest), count as ``manifest``; unowned
+    files as ``other``.
     """
     owner: dict[str, str] = {}
+    if LAYOUT in manifest["files"]:
+        owner[LAYOUT] = "manifest"
+        owner.update({rank_index_name(rank): "manifest"
+                      for rank in range(manifest.get("world_size", 1))})
     for name, obj in manifest["objects"].items():
         kind = obj.get("kind") or "object"
         owner[f"{name}.safetensors.index.json"] = kind
+        owner.setdefault(object_index_name(name), kind)
         owner.update({piece["file"]: kind for entry in obj["tensors"].values()
                       for piece in entry.get("shards", [entry])})
     totals: Counter[str] = Counter({"manifest": manifest_nbytes})
