@@ -575,8 +575,6 @@ KNOWN_TEXT: dict[str, Callable[[str], str]] = {
 
 
 OBJECT_FIELDS = ("tree", "tensors", "aliases")  # what format v4 keeps in an object's index
-
-
 def in_index(path: tuple[Any, ...]) -> bool:
     """Whether format v4 keeps what ``path`` (of a v3 manifest) names in an index file."""
     return len(path) > 2 and path[0] == "objects" and path[2] in OBJECT_FIELDS
@@ -685,6 +683,7 @@ KNOWN_V4: dict[str, Callable[[Path], None]] = {
     "index-empty": lambda d: write_index(d, "model.index.json", b""),
     # the index's content, vouched for by the manifest
     "index-objects-a-list": model_index(lambda index: index.update(objects=[])),
+    "index-without-objects": model_index(lambda index: index.pop("objects")),
     "index-describes-another-object": model_index(lambda index: index.update(
         objects={"head": index["objects"]["model"]})),
     "index-object-a-list": model_index(lambda index: index["objects"].update(model=[])),
@@ -717,7 +716,8 @@ KNOWN_V4: dict[str, Callable[[Path], None]] = {
     "index-null-name": model_entry(lambda obj: obj.update(index=None)),
     "index-a-list": model_entry(lambda obj: obj.update(index=["model.index.json"])),
     "index-a-dict": model_entry(lambda obj: obj.update(index={})),
-    "index-beside-an-inline-tree": model_entry(lambda obj: obj.update(
+    # the index is what v4 readers read: a tree beside it in the manifest is not used
+    "inline-tree-beside-an-index": model_entry(lambda obj: obj.update(
         tree={"fc.weight": {"__tensor__": "nope"}}, tensors={})),
     # a world size no file backs (one process saved it: there is no layout.json)
     "world-size-of-a-billion": manifest_of(lambda manifest: manifest.update(
@@ -727,7 +727,7 @@ KNOWN_V4: dict[str, Callable[[Path], None]] = {
 }
 
 
-@pytest.mark.parametrize("case", KNOWN_V4)
+@pytest.mark.parametrize("case", list(KNOWN_V4))
 def test_a_known_hostile_index_raises_only_checkpoint_errors(base: Path, tmp_path: Path,
                                                              case: str) -> None:
     run = damaged_copy(base, tmp_path)
@@ -742,9 +742,9 @@ def test_load_weights_refuses_a_file_whose_header_disagrees_with_the_manifest(
 ) -> None:
     """The file says fc.weight is [4, 3], the manifest [3, 4]: same bytes, other tensor.
 
-    The manifest records the file's real size and the hashes of its header and
-    tensors (as a writer with another idea of the layout would), so only the header
-    comparison can catch it.
+    The manifest records the file's real size and the hash of its header, and the
+    model's index (format v4) its tensors' byte ranges and hashes (as a writer with
+    another idea of the layout would), so only the header comparison can catch it.
     """
     run = damaged_copy(base, tmp_path)
     path = run / NAME / "model.safetensors"
@@ -758,8 +758,13 @@ def test_load_weights_refuses_a_file_whose_header_disagrees_with_the_manifest(
     shift = data_start - manifest["files"]["model.safetensors"]["header"]
     manifest["files"]["model.safetensors"] = {
         "nbytes": len(hostile), "header": data_start, "hash": hash_of(hostile[:data_start])}
-    for entry in manifest["objects"]["model"]["tensors"].values():
+    file = index_of(manifest, "model")
+    index = json.loads((run / NAME / file).read_bytes())
+    for entry in index["objects"]["model"]["tensors"].values():
         entry["offsets"] = [offset + shift for offset in entry["offsets"]]
+    payload = json.dumps(index).encode()
+    (run / NAME / file).write_bytes(payload)
+    vouch_for(manifest, file, payload)
     (run / NAME / "manifest.json").write_text(json.dumps(manifest))
     assert any("fc.weight" in problem for problem in ckpts.verify(run / NAME))
     _, model = build()

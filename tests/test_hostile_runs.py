@@ -1,7 +1,7 @@
 """Hostile runs that once escaped the readers (issue 24): each is refused, fast, in small memory.
 
 Every case starts from real checkpoints (saved by ``CheckpointManager``, or the
-committed v3 fixture of two ranks) and damages one thing, keeping every other
+committed v3 and v4 fixtures of two ranks) and damages one thing, keeping every other
 record true (file sizes and hashes), so the damage is what the readers meet:
 
 - a 3 GB sparse ``manifest.json``: refused by its size, before it is read;
@@ -10,7 +10,15 @@ record true (file sizes and hashes), so the damage is what the readers meet:
 - a dict key that is a tuple holding a list: refused by every reader that rebuilds
   the state, and no trouble to the others;
 - v3 shards that leave a gap in their tensor, overlap, or lie outside it: refused by
-  the manifest check, instead of handing out uninitialized memory.
+  the manifest check, instead of handing out uninitialized memory;
+- format v4's index files of many ranks (the committed 2-rank fixture): a layout of
+  another mesh, placement or rank, a rank's piece outside its file, an index that is
+  not JSON or not an index, a world size of 10**9: each a CorruptCheckpointError naming
+  the checkpoint and the file, from every reader (a restoring rank's planner too).
+
+Format v4 keeps each object's tree and tensor rows in an index file the manifest
+records by size and hash: a case that damages them damages the index, and records
+its new size and hash in the manifest, so the readers meet the damage itself.
 
 The CLI runs in subprocesses (``ckpts_session`` from test_cli, or the installed
 script under a parent that reports its peak memory).
@@ -20,13 +28,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import shutil
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,10 +45,13 @@ import torch
 import xxhash
 
 import ckpts
+from ckpts._checkpoint.sharded import read_on_ranks
+from ckpts._format.index import Contents, read_manifest
+from ckpts.storage import open_storage
 from conftest import TinyNet, train_steps
 from test_cli import CKPTS, Result, ckpts_session
-from test_format_stability import V3_RUN, load_maker
-from v4_worker import rehash_index
+from test_format_stability import V3_RUN, V4_RANKS_CHECKPOINT, load_maker
+from v4_worker import change_index, rehash_index
 
 MAX_PEAK = 600 * 2**20  # a reader's whole process, torch included; the manifest is 3 GB
 HUGE = 3 * 2**30
@@ -134,8 +148,9 @@ def hash_of(data: bytes) -> str:
 def rewrite_header(checkpoint: Path, file: str, change: Callable[[dict[str, Any]], object],
                    depth: int = DEPTH) -> None:
     """Change a tensor file's safetensors header and make the manifest vouch for the new
-    file: its size, its header's length and hash, and every tensor's byte range (the
-    tensors' bytes, and their hashes, stay as they were)."""
+    file: its size, its header's length and hash, and (in the objects' index files, each
+    then vouched for too) every tensor's byte range (the tensors' bytes, and their
+    hashes, stay as they were)."""
     path = checkpoint / file
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
@@ -259,6 +274,7 @@ def test_a_state_tree_nested_600_deep_is_a_corrupt_checkpoint(
         manager.restore(fresh_state(), step=2)
     (problem,) = ckpts.verify(deep)
     assert str(deep) in problem and "'optimizer' nests deeper" in problem
+    assert problem.startswith(f"{deep}/optimizer.index.json: "), problem
     # the readers of one object check just that object
     ckpts.load_weights(deep, TinyNet())
     assert set(ckpts.load_state(deep, "model")) == set(TinyNet().state_dict())
@@ -528,3 +544,300 @@ def test_v3_shards_in_two_dimensions_that_do_not_tile_are_refused(
     assert refusal in problem
     with pytest.raises(ckpts.CorruptCheckpointError, match=refusal):
         ckpts.load_state(checkpoint, "model")
+
+
+# ---------------------------------------------------------------- format v4: many ranks' indexes
+
+# tests/data/v4-ranks-small/ (a 2-rank FSDP2 model and its AdamW): manifest.json lists
+# layout.json (the shared objects' trees and each tensor's layout) and rank-0000{0,1}.json
+# (each rank's files, its pieces of the shared tensors and its RNG object). Each case
+# below damages one of them; a damaged index is re-recorded in the manifest (its real size
+# and hash, as a consistent writer would), so the readers meet the damage itself.
+LAYOUT, RANK1, MANIFEST = "layout.json", "rank-00001.json", "manifest.json"
+# a piece that does not fit: one process checks it in the tensor's entry (named after
+# layout.json), a rank of a job in its rank's index (ckpts._checkpoint.rank_plan)
+PIECE = (r"(layout\.json: |rank-\d{5}\.json: the piece of )tensor 'first\.weight' of "
+         r"object 'model'")
+
+
+def first_layout(index: dict[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = index["objects"]["model"]["tensors"]["first.weight"]
+    return entry  # {"dtype": "F32", "shape": [3, 4], "mesh": [2], "placements": ["S0"]}
+
+
+def counts_layout(index: dict[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = index["objects"]["model"]["tensors"]["counts"]
+    return entry  # {"dtype": "I64", "shape": [4], "rank": 0}: saved whole by rank 0
+
+
+def first_piece(index: dict[str, Any]) -> dict[str, Any]:
+    piece: dict[str, Any] = index["pieces"]["model"]["first.weight"]
+    return piece  # rank 1's row 2: {"file": "model-rank00001.safetensors", "offsets": [312, 328]}
+
+
+def layout_says(problem: str, key: str = "first.weight") -> str:
+    return re.escape(f"layout.json: tensor '{key}' of object 'model' {problem}")
+
+
+def lacks(key: str) -> str:
+    return re.escape(f"rank-00001.json lacks rank 1's piece of tensor '{key}' of object "
+                     "'model', which layout.json says it saved")
+
+
+V4_DAMAGE: dict[str, tuple[str, Callable[[dict[str, Any]], object] | bytes, str]] = {
+    # case -> (file, its change (JSON) or its new bytes, the refusal: a regular expression)
+    "mesh-of-three-ranks": (LAYOUT, lambda i: first_layout(i).update(mesh=[3]),
+                            layout_says("has a mesh that is not the job's 2 ranks")),
+    "mesh-of-no-ranks": (LAYOUT, lambda i: first_layout(i).update(mesh=[0]),
+                         layout_says("has a mesh that is not the job's 2 ranks")),
+    "mesh-of-a-billion-ranks": (LAYOUT, lambda i: first_layout(i).update(mesh=[10**9]),
+                                layout_says("has a mesh that is not the job's 2 ranks")),
+    "mesh-not-a-list": (LAYOUT, lambda i: first_layout(i).update(mesh="2"),
+                        layout_says("has a mesh that is not the job's 2 ranks")),
+    "placements-fewer-than-the-mesh": (
+        LAYOUT, lambda i: first_layout(i).update(mesh=[1, 2], placements=["S0"]),
+        layout_says("has a mesh that is not the job's 2 ranks")),
+    "placements-a-string": (LAYOUT, lambda i: first_layout(i).update(placements="S0"),
+                            layout_says("has a mesh that is not the job's 2 ranks")),
+    "placement-of-a-missing-dimension": (LAYOUT, lambda i: first_layout(i).update(
+        placements=["S5"]), layout_says("has an unknown placement 'S5'")),
+    "placement-not-a-string": (LAYOUT, lambda i: first_layout(i).update(placements=[0]),
+                               layout_says("has an unknown placement 0")),
+    "placement-a-list": (LAYOUT, lambda i: first_layout(i).update(placements=[["S0"]]),
+                         layout_says("has an unknown placement")),
+    "placement-of-a-negative-dimension": (LAYOUT, lambda i: first_layout(i).update(
+        placements=["S-1"]), layout_says("has an unknown placement 'S-1'")),
+    "placement-with-a-superscript-digit": (LAYOUT, lambda i: first_layout(i).update(
+        placements=["S\u00b2"]), layout_says("has an unknown placement")),
+    "placement-with-an-arabic-digit": (LAYOUT, lambda i: first_layout(i).update(
+        placements=["S\u0661"]), f"({layout_says('has an unknown placement')}|{PIECE})"),
+    "whole-tensor-of-rank-two": (LAYOUT, lambda i: counts_layout(i).update(rank=2),
+                                 layout_says("names rank 2, outside the job's 2", "counts")),
+    "whole-tensor-of-rank-minus-one": (
+        LAYOUT, lambda i: counts_layout(i).update(rank=-1),
+        layout_says("names rank -1, outside the job's 2", "counts")),
+    "whole-tensor-of-rank-true": (LAYOUT, lambda i: counts_layout(i).update(rank=True),
+                                  layout_says("names rank True", "counts")),
+    "whole-tensor-of-rank-a-string": (LAYOUT, lambda i: counts_layout(i).update(rank="0"),
+                                      layout_says("names rank '0'", "counts")),
+    "whole-tensor-of-a-rank-without-it": (LAYOUT, lambda i: counts_layout(i).update(rank=1),
+                                          lacks("counts")),
+    "no-dtype": (LAYOUT, lambda i: first_layout(i).pop("dtype"), layout_says("has no known dtype")),
+    "unknown-dtype": (LAYOUT, lambda i: first_layout(i).update(dtype="F4"),
+                      f"({layout_says('has a')}|{PIECE})"),
+    "huge-shape": (LAYOUT, lambda i: first_layout(i).update(shape=[10**12, 10**12]), PIECE),
+    "shape-a-string": (LAYOUT, lambda i: first_layout(i).update(shape="3x4"),
+                       layout_says("has no valid shape")),
+    "layout-entry-a-list": (LAYOUT, lambda i: i["objects"]["model"]["tensors"].update(
+        {"first.weight": []}), layout_says("has no valid shape")),
+    "layout-tensors-a-list": (LAYOUT, lambda i: i["objects"]["model"].update(tensors=[]),
+                              re.escape("layout.json does not describe object 'model'")),
+    "layout-without-the-model": (LAYOUT, lambda i: i["objects"].pop("model"),
+                                 re.escape("layout.json does not describe object 'model'")),
+    "layout-objects-a-list": (LAYOUT, lambda i: i.update(objects=[]),
+                              re.escape("layout.json is not a ckpts index")),
+    "layout-not-utf8": (LAYOUT, b'{"objects": \xff}', re.escape("layout.json is not a valid JSON")),
+    "layout-a-json-list": (LAYOUT, b"[1, 2]\n", re.escape("layout.json is not a ckpts index")),
+    "layout-nested-100000-deep": (LAYOUT, b"[" * 100_000 + b"]" * 100_000,
+                                  re.escape("layout.json is not a valid JSON")),
+    # rank-00001.json: rank 1's files and pieces
+    "piece-past-the-end-of-its-file": (RANK1, lambda i: first_piece(i).update(
+        offsets=[312, 10**6]), PIECE),
+    "piece-beyond-its-file": (RANK1, lambda i: first_piece(i).update(
+        offsets=[10**6, 10**6 + 16]), PIECE),
+    "piece-offsets-reversed": (RANK1, lambda i: first_piece(i).update(offsets=[328, 312]),
+                               PIECE),
+    "piece-of-another-size": (RANK1, lambda i: first_piece(i).update(offsets=[312, 332]),
+                              PIECE),
+    "piece-in-the-header": (RANK1, lambda i: first_piece(i).update(offsets=[0, 16]), PIECE),
+    "piece-in-an-unlisted-file": (RANK1, lambda i: first_piece(i).update(
+        file="nope.safetensors"), PIECE),
+    "piece-blocks-not-strings": (RANK1, lambda i: first_piece(i).update(blocks=[1]), PIECE),
+    "piece-with-too-many-blocks": (RANK1, lambda i: first_piece(i).update(blocks=["a", "b"]),
+                                   PIECE),
+    "piece-hash-an-int": (RANK1, lambda i: first_piece(i).update(hash=5),
+                          lacks("first.weight")),
+    "piece-missing": (RANK1, lambda i: i["pieces"]["model"].pop("first.weight"),
+                      lacks("first.weight")),
+    "piece-a-list": (RANK1, lambda i: i["pieces"]["model"].update({"first.weight": []}),
+                     lacks("first.weight")),
+    "pieces-of-the-model-a-list": (RANK1, lambda i: i["pieces"].update(model=[]),
+                                   re.escape("rank-00001.json")),
+    "pieces-a-list": (RANK1, lambda i: i.update(pieces=[]),
+                      re.escape("rank-00001.json is not a ckpts index")),
+    "file-record-malformed": (RANK1, lambda i: i["files"]["model-rank00001.safetensors"].update(
+        nbytes=-1), re.escape("rank-00001.json: file record for 'model-rank00001.safetensors' "
+                              "is malformed")),
+    "file-name-leaving-the-checkpoint": (
+        RANK1, lambda i: i["files"].update({"../x": {"nbytes": 1, "hash": "xxh3_128:0"}}),
+        re.escape("rank-00001.json: file name '../x' is not a plain name")),
+    "file-recorded-otherwise-than-its-rank-does": (
+        RANK1, lambda i: i["files"].update({"model-rank00000.safetensors": {
+            "nbytes": 1, "hash": "xxh3_128:0"}}),
+        r"rank-0000[01]\.json records model-rank00000\.safetensors, which another index "
+        r"records otherwise"),
+    "rank-objects-a-list": (RANK1, lambda i: i.update(objects=[]),
+                            re.escape("rank-00001.json is not a ckpts index")),
+    "rank-index-emptied": (RANK1, lambda i: i.clear(), lacks("first.weight")),
+    "rank-index-not-utf8": (RANK1, b"\xff\xfe", re.escape("rank-00001.json is not a valid JSON")),
+    "rank-index-a-json-string": (RANK1, b'"pieces"',
+                                 re.escape("rank-00001.json is not a ckpts index")),
+    "rank-index-nested-100000-deep": (RANK1, b'{"pieces": ' + b"[" * 100_000 + b"]" * 100_000
+                                      + b"}", re.escape("rank-00001.json is not a valid JSON")),
+    # manifest.json
+    "world-size-of-a-billion": (MANIFEST, lambda m: m.update(
+        world_size=10**9), re.escape("manifest.json: world_size 1000000000 does not match "
+                                     "the ranks' index files it lists")),
+    "world-size-of-three": (MANIFEST, lambda m: m.update(world_size=3),
+                            re.escape("manifest.json: world_size 3 does not match")),
+    "world-size-zero": (MANIFEST, lambda m: m.update(world_size=0),
+                        re.escape("manifest.json: world_size 0 does not match")),
+    "world-size-a-string": (MANIFEST, lambda m: m.update(world_size="2"),
+                            re.escape("manifest.json: world_size 2 does not match")),
+    "world-size-of-one": (MANIFEST, lambda m: m.update(world_size=1),
+                          layout_says("has a mesh that is not the job's 1 ranks")),
+    "index-not-listed": (MANIFEST, lambda m: m["objects"]["model"].update(index="nope.json"),
+                         re.escape("manifest.json: object 'model' names an index 'nope.json' "
+                                   "that the manifest does not list")),
+    "index-a-data-file": (MANIFEST, lambda m: m["objects"]["model"].update(
+        index="model-rank00000.safetensors"), re.escape(
+        "manifest.json: object 'model' names an index 'model-rank00000.safetensors'")),
+    "index-of-a-rank": (MANIFEST, lambda m: m["objects"]["model"].update(index=RANK1),
+                        re.escape("rank-00001.json does not describe object 'model'")),
+    "index-a-list": (MANIFEST, lambda m: m["objects"]["model"].update(index=[LAYOUT]),
+                     re.escape("manifest.json: object 'model'")),
+    "layout-not-listed": (MANIFEST, lambda m: m["files"].pop(LAYOUT), re.escape(
+        "manifest.json: object 'model' names an index 'layout.json' that the manifest does "
+        "not list")),
+    "rank-index-not-listed": (MANIFEST, lambda m: m["files"].pop(RANK1), re.escape(
+        "manifest.json: object 'rng.rank1' names an index 'rank-00001.json'")),
+    "rank-index-recorded-with-another-hash": (
+        MANIFEST, lambda m: m["files"][RANK1].update(hash="xxh3_128:0"),
+        re.escape("rank-00001.json differs from the manifest's record of it")),
+}
+V4_RESTORE_REFUSES: dict[str, tuple[type[ckpts.CheckpointError], str]] = {
+    # a world size of 1 makes the per-rank objects rng.rank0 and rng.rank1 foreign ones
+    "world-size-of-one": (ckpts.IncompatibleStateError, "rng.rank1"),
+}
+
+
+def damage_v4(checkpoint: Path, case: str) -> None:
+    file, change, _ = V4_DAMAGE[case]
+    if isinstance(change, bytes):
+        (checkpoint / file).write_bytes(change)
+        rehash_index(checkpoint, file)
+    elif file == MANIFEST:
+        edit_manifest(checkpoint, change)
+    else:
+        change_index(checkpoint, file, change)
+
+
+def v4_ranks_copy(root: Path) -> Path:
+    """A copy of the committed 2-rank v4 checkpoint, in a run of its own."""
+    return Path(shutil.copytree(V4_RANKS_CHECKPOINT, root / "run" / V4_RANKS_CHECKPOINT.name))
+
+
+def read_as_a_rank(checkpoint: Path) -> dict[tuple[str, str], torch.Tensor]:
+    """What a rank of a job restoring ``checkpoint`` reads, in this process: the shared
+    objects' layouts, unlocated, and the pieces its tensors need (here each tensor whole:
+    every piece), planned from the layouts and read from the ranks' indexes
+    (ckpts._checkpoint.sharded.read_on_ranks)."""
+    storage = open_storage(checkpoint.parent)
+    contents = Contents(storage, checkpoint.name,
+                        read_manifest(storage, checkpoint.name, tensor_entries=False))
+    entries = {(name, key): entry for name in ("model", "optimizer")
+               for key, entry in contents.object(name, located=False)["tensors"].items()}
+    return read_on_ranks(storage, contents, SimpleNamespace(on_this_host=1), {}, entries)
+
+
+def v4_state() -> ckpts.TrainState:
+    model = load_maker().ShardedNet()
+    return ckpts.TrainState(model=model, optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def test_the_readers_of_the_intact_two_rank_v4_checkpoint(tmp_path: Path) -> None:
+    """The ground of the cases below: undamaged, the copy reads."""
+    checkpoint = v4_ranks_copy(tmp_path)
+    assert ckpts.verify(checkpoint) == []
+    ckpts.load_weights(checkpoint, load_maker().ShardedNet())
+    assert torch.equal(read_as_a_rank(checkpoint)[("model", "first.weight")],
+                       ckpts.load_state(checkpoint, "model")["first.weight"])
+    assert ckpts.CheckpointManager(checkpoint.parent).restore(v4_state(), step=3) == 3
+
+
+@pytest.mark.parametrize("case", list(V4_DAMAGE))
+def test_a_hostile_index_of_many_ranks_is_a_corrupt_checkpoint_naming_the_file(
+        tmp_path: Path, case: str) -> None:
+    """Every reader refuses it with a CorruptCheckpointError naming the checkpoint and
+    the file, in well under a second (a world size of 10**9 is not looped over)."""
+    checkpoint = v4_ranks_copy(tmp_path)
+    damage_v4(checkpoint, case)
+    refusal = re.escape(f"{checkpoint}/") + V4_DAMAGE[case][2]
+    manager = ckpts.CheckpointManager(checkpoint.parent)
+    restore_refuses = V4_RESTORE_REFUSES.get(case, (ckpts.CorruptCheckpointError, refusal))
+    readers: list[tuple[Callable[[], object], type[Exception], str]] = [
+        (lambda: ckpts.load_weights(checkpoint, load_maker().ShardedNet()),
+         ckpts.CorruptCheckpointError, refusal),
+        (lambda: ckpts.load_state(checkpoint, "model"), ckpts.CorruptCheckpointError, refusal),
+        (lambda: manager.restore(v4_state(), step=3), *restore_refuses),
+        (lambda: read_as_a_rank(checkpoint), ckpts.CorruptCheckpointError, refusal),
+    ]
+    started = time.monotonic()
+    problems = ckpts.verify(checkpoint)
+    assert problems and re.search(refusal, problems[0]), problems
+    for read, error, match in readers:
+        with pytest.raises(error, match=match):
+            read()
+    assert time.monotonic() - started < 20, "a reader took seconds over a small checkpoint"
+
+
+def test_a_piece_outside_its_file_is_blamed_on_its_ranks_index(tmp_path: Path) -> None:
+    checkpoint = v4_ranks_copy(tmp_path)
+    damage_v4(checkpoint, "piece-past-the-end-of-its-file")
+    refusal = re.escape(f"{checkpoint}/rank-00001.json")
+    (problem,) = ckpts.verify(checkpoint)
+    assert re.match(refusal, problem), problem
+    with pytest.raises(ckpts.CorruptCheckpointError, match=refusal):
+        ckpts.load_state(checkpoint, "model")
+
+
+def test_a_layout_over_a_mesh_of_5001_dimensions_is_read_or_refused(tmp_path: Path) -> None:
+    """``[1] * 5000 + [2]`` is the job's 2 ranks: a layout ckpts never writes, read right
+    (the same values) or refused, never a RecursionError (a restoring rank's planner)."""
+    checkpoint = v4_ranks_copy(tmp_path)
+    expected = ckpts.load_state(checkpoint, "model")["first.weight"]
+    change_index(checkpoint, LAYOUT, lambda i: first_layout(i).update(
+        mesh=[1] * 5000 + [2], placements=["R"] * 5000 + ["S0"]))
+    for read in (lambda: ckpts.load_state(checkpoint, "model")["first.weight"],
+                 lambda: read_as_a_rank(checkpoint)[("model", "first.weight")]):
+        try:
+            value = read()
+        except ckpts.CorruptCheckpointError as e:
+            refusal = str(e)
+            assert refusal.startswith(f"{checkpoint}/layout.json"), refusal
+        else:
+            assert torch.equal(value, expected)
+
+
+def test_the_cli_refuses_each_hostile_index_of_many_ranks(tmp_path: Path) -> None:
+    """``show``, ``diff`` and ``verify`` (one process for every case): exit 2 (``verify``:
+    1) with the refusal, never a traceback; ``ls`` reads the manifests alone and lists a
+    checkpoint or skips it, never crashes."""
+    cases = list(V4_DAMAGE)
+    checkpoints = {}
+    for case in cases:
+        checkpoints[case] = v4_ranks_copy(tmp_path / case)
+        damage_v4(checkpoints[case], case)
+    commands = [[command, *args] for case in cases for command, *args in (
+        ["show", checkpoints[case]], ["diff", V4_RANKS_CHECKPOINT, checkpoints[case]],
+        ["verify", checkpoints[case]], ["ls", checkpoints[case].parent, "--json"])]
+    results = iter(ckpts_session(*commands))
+    for case in cases:
+        refusal = re.escape(f"{checkpoints[case]}/") + V4_DAMAGE[case][2]
+        shown, compared, verified, listed = (next(results) for _ in range(4))
+        for result in (shown, compared):
+            assert_refused(result)
+            assert re.search(refusal, result.stderr), (case, result.stderr)
+        assert verified.returncode == 1, (case, verified)
+        assert re.search(refusal, verified.stdout), (case, verified.stdout)
+        assert listed.returncode == 0 and "Traceback" not in listed.stderr, (case, listed)

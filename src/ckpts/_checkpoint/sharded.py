@@ -17,6 +17,7 @@ that time instead of hanging. The manager reaches this module through
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -247,12 +248,23 @@ def read_on_ranks(storage: Storage, contents: Contents, ranks: Ranks,
     requests = []
     for (obj, key), info in entries.items():
         target = live.get((obj, key))
-        dtype = DTYPE_NAMES[info["dtype"]]
-        if target is None or tuple(target.shape) != tuple(info["shape"]) or target.dtype != dtype:
-            target = torch.empty(tuple(info["shape"]), dtype=dtype)
+        dtype, shape = DTYPE_NAMES[info["dtype"]], tuple(info["shape"])
+        if target is None or tuple(target.shape) != shape or target.dtype != dtype:
+            box: Box = ((0,) * len(shape), shape)
+            reads = planned_reads(contents, obj, key, info, box)
+            # the saved pieces must hold the tensor before memory is taken for it
+            if sum(piece.end - piece.begin for piece, _ in reads) \
+                    < math.prod(shape) * dtype.itemsize:
+                raise CorruptCheckpointError(
+                    f"{where}: the saved pieces of tensor {obj}/{key} do not cover its "
+                    f"shape {list(shape)}")
+            target = torch.empty(shape, dtype=dtype)
+            memory = target
+        else:
+            memory, box = local_box(target)
+            reads = planned_reads(contents, obj, key, info, box)
         targets[(obj, key)] = target
-        memory, box = local_box(target)
-        for piece, (origin, size) in planned_reads(contents, obj, key, info, box):
+        for piece, (origin, size) in reads:
             into = memory
             for dim, (begin, length, mine) in enumerate(zip(origin, size, box[0], strict=True)):
                 into = into.narrow(dim, begin - mine, length)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckpts._format.layout import Layout, every_piece, layout_problem
 from ckpts._format.manifest import (
+    DTYPE_SIZES,
     INDEXED_FORMAT_VERSION,
     MAX_MANIFEST_BYTES,
     check_file_name,
@@ -36,6 +37,7 @@ from ckpts._format.manifest import (
     digest,
     is_shape,
     load_manifest,
+    piece_fits,
 )
 from ckpts.errors import CorruptCheckpointError
 from ckpts.storage._port import MANIFEST
@@ -159,7 +161,7 @@ class Contents:
             self._objects[key] = described
             return described
         file = described["index"]
-        saved = self.index(file)["objects"].get(name)
+        saved = self.index(file).get("objects", {}).get(name)
         where = f"{self.where}/{file}"
         if not isinstance(saved, dict) or "tree" not in saved \
                 or not isinstance(saved.get("tensors"), dict) \
@@ -186,8 +188,8 @@ class Contents:
         size = self.manifest.get("world_size", 1)
         for key, entry in entries.items():
             problem = layout_problem(entry, size)
-            if problem is None and not isinstance(entry.get("dtype"), str):
-                problem = "has no dtype"
+            if problem is None and entry.get("dtype") not in DTYPE_SIZES:
+                problem = "has no known dtype"
             if problem is not None:
                 raise CorruptCheckpointError(f"{where}: tensor {key!r} of object {name!r} "
                                              f"{problem}; restore another checkpoint")
@@ -197,8 +199,12 @@ class Contents:
         layout = Layout.from_json(entry)
         shards = []
         for rank, (origin, size) in every_piece(layout):
-            piece = self.piece(rank, name, key)
-            shards.append({**piece, "origin": list(origin), "size": list(size)})
+            piece = {**self.piece(rank, name, key), "origin": list(origin), "size": list(size)}
+            if not piece_fits(piece, entry["shape"], DTYPE_SIZES[entry["dtype"]], self.files):
+                raise CorruptCheckpointError(
+                    f"{self.where}/{rank_index_name(rank)}: the piece of tensor {key!r} of "
+                    f"object {name!r} has a byte range or hash that does not fit it")
+            shards.append(piece)
         if len(shards) == 1 and shards[0]["size"] == list(layout.shape):
             whole = {k: v for k, v in shards[0].items() if k not in ("origin", "size")}
             return {**whole, "dtype": entry["dtype"], "shape": entry["shape"]}
@@ -206,7 +212,8 @@ class Contents:
 
     def piece(self, rank: int, name: str, key: str) -> dict[str, Any]:
         """Where rank ``rank`` saved its piece of shared tensor ``key`` of ``name``."""
-        piece = self.rank_index(rank).get("pieces", {}).get(name, {}).get(key)
+        pieces = self.rank_index(rank).get("pieces", {}).get(name)
+        piece = pieces.get(key) if isinstance(pieces, dict) else None
         if not isinstance(piece, dict) or not isinstance(piece.get("file"), str) \
                 or not is_shape(piece.get("offsets")) or not isinstance(piece.get("hash"), str):
             raise CorruptCheckpointError(

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import heapq
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (origin, size) inside a tensor
+MAX_MESH_DIMS = 16  # a device mesh has a few dims (DP, FSDP, TP, PP, EP, CP...)
 
 
 @dataclass(frozen=True)
@@ -184,14 +186,15 @@ def layout_problem(entry: Any, world_size: int) -> str | None:
         return None if type(rank) is int and 0 <= rank < world_size else \
             f"names rank {rank!r}, outside the job's {world_size}"
     mesh, placements = entry.get("mesh"), entry.get("placements")
-    if not isinstance(mesh, list) or not mesh or not all(type(n) is int and n > 0 for n in mesh) \
+    if not isinstance(mesh, list) or not 0 < len(mesh) <= MAX_MESH_DIMS \
+            or not all(type(n) is int and n > 0 for n in mesh) \
             or math.prod(mesh) != world_size or not isinstance(placements, list) \
             or len(placements) != len(mesh):
         return f"has a mesh that is not the job's {world_size} ranks"
     for placement in placements:
         if placement == "R":
             continue
-        if not (isinstance(placement, str) and placement[:1] == "S" and placement[1:].isdigit()
+        if not (isinstance(placement, str) and re.fullmatch(r"S(0|[1-9][0-9]{0,2})", placement)
                 and int(placement[1:]) < len(shape)):
             return f"has an unknown placement {placement!r}"
     return None

@@ -192,7 +192,7 @@ def check_manifest(manifest: Any, path: str, *, tensor_entries: bool = True) -> 
         check_file_name(name, path)
         check_file_record(name, record, path)
     for name, obj in _field(manifest, "objects", dict, path).items():
-        _check_object(name, obj, files, path)
+        _check_object(name, obj, files, version, path)
         if tensor_entries and "index" not in obj:  # an index is checked when read
             check_tensor_entries(manifest, name, path)
     per_rank = manifest.get("per_rank", [])
@@ -209,8 +209,14 @@ def check_file_record(name: str, record: Any, path: str) -> None:
         raise CorruptCheckpointError(f"{path}: file record for {name!r} is malformed")
 
 
+def piece_fits(piece: dict[str, Any], shape: list[int], itemsize: int,
+               files: Mapping[str, Any]) -> bool:
+    """A shard's entry (with its ``origin`` and ``size``) fits its tensor and its file."""
+    return _fits(piece, piece.get("origin"), piece.get("size"), shape, itemsize, files)
+
+
 def _fits(piece: dict[str, Any], origin: Any, size: Any, shape: list[int], itemsize: int,
-          files: dict[str, Any]) -> bool:
+          files: Mapping[str, Any]) -> bool:
     """A tensor's (or shard's) entry: a listed file, a hash, a byte range in the file's
     data that fits ``size``, the box at ``origin`` inside the tensor's shape (a shard;
     None for a whole tensor), and (v3) either no block hashes or one per BLOCK."""
@@ -314,16 +320,18 @@ def _nests_too_deep(tree: Any) -> bool:
     return bool(level)
 
 
-def _check_object(name: str, obj: Any, files: Mapping[str, Any], path: str) -> None:
+def _check_object(name: str, obj: Any, files: Mapping[str, Any], manifest_version: int,
+                  path: str) -> None:
     """An object's own fields (its tensor entries: :func:`check_tensor_entries`): its
     tree and tensors, or (v4) the listed index file that holds them."""
     if not isinstance(obj, dict) or not isinstance(obj.get("kind", ""), str):
         raise CorruptCheckpointError(f"{path}: object {name!r} is malformed")
     if "index" in obj:
-        if obj["index"] not in files:
+        if manifest_version < INDEXED_FORMAT_VERSION or not isinstance(obj["index"], str) \
+                or obj["index"] not in files:
             raise CorruptCheckpointError(
                 f"{path}: object {name!r} names an index {str(obj['index'])[:80]!r} that the "
-                "manifest does not list")
+                f"manifest does not list (or format {manifest_version} has no indexes)")
         if not isinstance(obj.get("hf_config", {}), dict):
             raise CorruptCheckpointError(f"{path}: object {name!r} has a malformed hf_config")
         return
