@@ -223,7 +223,7 @@ def test_a_newer_format_version_is_refused_naming_both_versions(tmp_path: Path) 
 
 
 # Two ranks: tests/data/v3-small/ (format v3) and tests/data/v4-ranks-small/ (format v4,
-# make_small.py v4-ranks) hold the same state; their safetensors files are the same bytes.
+# make_small.py v4-ranks) hold the same state; their model and RNG files are the same bytes.
 RANK_TENSOR_FILES_SHA256 = {
     "model-rank00000.safetensors":
         "a16cb0662bbe2111e71f1d5ea52463a787d02b7eba6c069e8c3bfaa8af5c53d6",
@@ -242,10 +242,16 @@ V3_FILES_SHA256 = {
 }
 V4_RANKS_FILES_SHA256 = {
     **RANK_TENSOR_FILES_SHA256,
-    "layout.json": "cd82f175d4ecd56c911275e26457b95e10212176a228b5b6a96c8293b0e00945",
-    "rank-00000.json": "ada6a48489c6cc64aa7473bb246d614ca2db2d8ce854c0b401a676afeb1d6413",
-    "rank-00001.json": "c648bf5f1c467b04d0187569e414a53d04dc171861254481b1208e8a029fa90b",
-    "manifest.json": "348a50d5e4dd46450f037746aff1892799fbc89b37b2c965bc47c45b26f709e9",
+    # v4 saves every small tensor all ranks hold (AdamW's steps) on rank 0, where v3 (DCP's
+    # planner) spread them over the ranks: the optimizer files differ, the model's do not
+    "optimizer-rank00000.safetensors":
+        "10799d331970bf06c35c9773433ce05e23924e7813518b71065da17ec9d69e8f",
+    "optimizer-rank00001.safetensors":
+        "f0e730a73c85c8c5be5ce7e4fbaa80696cfe41d08ab85c9784ab8509dd74111a",
+    "layout.json": "337823f75445b57fd9aaccd64ba04e4681da87449b792a2ea91668377d037316",
+    "rank-00000.json": "9150adf80323bf90e111dea0eb3b0ecf5951cd4379f6a48b6c7af04ab08e36d2",
+    "rank-00001.json": "912bceb87f52c10c48d303cb7eb2aafe330f60ca65b4327a819603ef48331077",
+    "manifest.json": "aa46b4520f146cfe740be2c947ea203b610377dbd9c0037c95bf873ff828656a",
 }
 V3_RUN = DATA / "v3-small"
 V3_CHECKPOINT = V3_RUN / "step-00000003"
