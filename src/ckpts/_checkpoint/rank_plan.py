@@ -165,13 +165,14 @@ def commit_records(statuses: Sequence[Any], layout: bytes, where: str
     failed = [f"rank {rank}: {status['error']}" for rank, status in enumerate(statuses)
               if "error" in status]
     if failed:
-        raise WriteError(f"saving to {where} failed on {len(failed)} rank(s), so nothing "
-                         f"was committed: {'; '.join(failed[:8])}")
+        raise WriteError(f"saving {where} failed on {len(failed)} rank(s), so nothing "
+                         f"was committed: {'; '.join(failed[:8])}. Earlier checkpoints are "
+                         "intact; the next save starts afresh")
     differ = [rank for rank, status in enumerate(statuses)
               if status["layout"] != statuses[0]["layout"]]
     if differ:
         raise WriteError(
-            f"saving to {where}: ranks {differ[:8]} hold other shared tensors than rank 0 "
+            f"saving {where}: ranks {differ[:8]} hold other shared tensors than rank 0 "
             "(other keys, shapes, dtypes or placements), so nothing was committed; every "
             "rank must save the same model and optimizer")
     files = {rank_index_name(rank): {"nbytes": status["index"][0], "hash": status["index"][1]}
