@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from ckpts._format.index import LAYOUT, Contents, rank_index_name
 from ckpts._format.layout import Box, Layout, assign_writers, intersect
-from ckpts._format.manifest import BLOCK, DTYPE_SIZES, Shard, digest, encode_json, tensor_pieces
-from ckpts.errors import CorruptCheckpointError, WriteError
+from ckpts._format.manifest import DTYPE_SIZES, Shard, digest, encode_json, tensor_pieces
+from ckpts.errors import WriteError
 
 if TYPE_CHECKING:
     from ckpts._tensors.writing import WrittenFile
@@ -188,30 +188,14 @@ def planned_reads(contents: Contents, name: str, key: str, entry: Mapping[str, A
     are computed and only the index files of the ranks that saved them are read; from
     a v1-v3 entry (or a v4 one saved whole) its listed pieces are searched."""
     if "file" in entry or "shards" in entry:
-        found = [(piece, (piece.origin, piece.size)) for piece in tensor_pieces(entry)]
+        pieces = list(tensor_pieces(entry))
     else:
-        itemsize = DTYPE_SIZES[entry["dtype"]]
-        found = []
-        for rank, (origin, size) in Layout.from_json(entry).pieces_overlapping(box):
-            saved = contents.piece(rank, name, key)
-            begin, end = saved["offsets"]
-            record = contents.files.get(saved["file"])
-            count = itemsize
-            for dim in size:
-                count *= dim
-            blocks = saved.get("blocks", [])
-            if record is None or not record.get("header", 0) <= begin <= end \
-                    <= record["nbytes"] or end - begin != count or not isinstance(blocks, list) \
-                    or len(blocks) not in (0, -(-count // BLOCK)) \
-                    or not all(isinstance(block, str) for block in blocks):
-                raise CorruptCheckpointError(
-                    f"{contents.where}/{rank_index_name(rank)}: the piece of tensor {key!r} "
-                    f"of object {name!r} has a byte range that does not fit it")
-            found.append((Shard(saved["file"], begin, end, saved["hash"], origin, size,
-                                tuple(blocks)), (origin, size)))
+        shards = [contents.located_piece(rank, name, key, entry, origin, size)
+                  for rank, (origin, size) in Layout.from_json(entry).pieces_overlapping(box)]
+        pieces = list(tensor_pieces({"shape": entry["shape"], "shards": shards}))
     reads = []
-    for piece, piece_box in found:
-        overlap = intersect(box, piece_box) if all(box[1]) else None
+    for piece in pieces:
+        overlap = intersect(box, (piece.origin, piece.size)) if all(box[1]) else None
         if overlap is not None:
             reads.append((piece, overlap))
     return reads

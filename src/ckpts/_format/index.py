@@ -23,7 +23,7 @@ format share one code path.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ckpts._format.layout import Layout, every_piece, layout_problem
@@ -199,16 +199,22 @@ class Contents:
         layout = Layout.from_json(entry)
         shards = []
         for rank, (origin, size) in every_piece(layout):
-            piece = {**self.piece(rank, name, key), "origin": list(origin), "size": list(size)}
-            if not piece_fits(piece, entry["shape"], DTYPE_SIZES[entry["dtype"]], self.files):
-                raise CorruptCheckpointError(
-                    f"{self.where}/{rank_index_name(rank)}: the piece of tensor {key!r} of "
-                    f"object {name!r} has a byte range or hash that does not fit it")
-            shards.append(piece)
+            shards.append(self.located_piece(rank, name, key, entry, origin, size))
         if len(shards) == 1 and shards[0]["size"] == list(layout.shape):
             whole = {k: v for k, v in shards[0].items() if k not in ("origin", "size")}
             return {**whole, "dtype": entry["dtype"], "shape": entry["shape"]}
         return {"dtype": entry["dtype"], "shape": entry["shape"], "shards": shards}
+
+    def located_piece(self, rank: int, name: str, key: str, entry: Mapping[str, Any],
+                      origin: Sequence[int], size: Sequence[int]) -> dict[str, Any]:
+        """Rank ``rank``'s piece of shared tensor ``key`` (layout ``entry``) as a v3 shard,
+        at its box ``origin``, ``size``: checked to fit the tensor and the rank's file."""
+        piece = {**self.piece(rank, name, key), "origin": list(origin), "size": list(size)}
+        if not piece_fits(piece, entry["shape"], DTYPE_SIZES[entry["dtype"]], self.files):
+            raise CorruptCheckpointError(
+                f"{self.where}/{rank_index_name(rank)}: the piece of tensor {key!r} of "
+                f"object {name!r} has a byte range or hash that does not fit it")
+        return piece
 
     def piece(self, rank: int, name: str, key: str) -> dict[str, Any]:
         """Where rank ``rank`` saved its piece of shared tensor ``key`` of ``name``."""
