@@ -26,7 +26,7 @@ test: .venv/.installed
 
 # The oldest framework releases the extras allow, in a venv of their own: CI runs the
 # integration tests on them too (`make test` has the newest).
-OLDEST := "transformers==4.57.6" "pytorch-lightning==2.6.0"
+OLDEST := "transformers==4.57.6" "pytorch-lightning==2.6.0" "lightning==2.6.0"
 .venv-oldest/.installed: pyproject.toml
 	test -d .venv-oldest || python3 -m venv .venv-oldest
 	.venv-oldest/bin/pip install -q --upgrade pip
