@@ -8,7 +8,6 @@ and, for async saves, the stager and the background writer (ckpts._checkpoint.st
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import signal
@@ -38,14 +37,14 @@ from ckpts._run.restoring import (
 )
 from ckpts._run.retention import Retention
 from ckpts._run.signals import SaveOnSignal
-from ckpts._run.space import parse_size, write_error
+from ckpts._run.space import cleanup_error, parse_size, write_error
 from ckpts._run.steps import StepOrder, check_step
 from ckpts._run.writer import RunWriter
 from ckpts._state.train_state import ObjectSnapshot, TrainState
 from ckpts._tensors.gc import paused_gc
 from ckpts._tensors.streaming import shared_pool
 from ckpts._tensors.writing import Reusable
-from ckpts.errors import InvalidArgumentError, WriteError
+from ckpts.errors import InvalidArgumentError
 from ckpts.storage import Storage, checkpoint_name, parse_step
 
 if TYPE_CHECKING:
@@ -62,9 +61,10 @@ class CheckpointManager:
             fsspec URL such as ``"s3://bucket/run"`` or ``"memory://run"`` (needs
             ``pip install 'ckpts[s3]'``; see docs/storage.md), or a
             :class:`ckpts.storage.Storage` object.
-        keep: retention policies (e.g. ``[KeepLast(3)]``). A checkpoint survives if
-            any policy keeps it; the newest, the one restored from and pinned ones
-            are always kept. ``None`` keeps everything.
+        keep: retention policies (e.g. ``[KeepLast(3)]``). A checkpoint survives if any
+            policy keeps it; the newest, the one restored from and pinned ones are always
+            kept. ``None`` keeps everything. Without a budget, deletions run beside training
+            once a commit is durable (``save()``, ``checkpoints()`` and ``wait()`` wait).
         save: a save trigger (``Every(...)``, ``OnImprovement(...)``) or a list of
             them; ``save()`` then writes only when one says so. ``None``: every
             ``save()`` call writes.
@@ -148,6 +148,7 @@ class CheckpointManager:
             new_job=lambda: job_of(process_group, collective_timeout, run=self.storage.location)
         ) if memory is not None else None
         self._background = BackgroundWriter() if async_save or memory is not None else None
+        self._retiring = BackgroundWriter()  # a synchronous save's retention, after it
         self._job_of: tuple[Any, float] = (process_group, collective_timeout)
         self._job: Job | None = None  # found at the first save or restore
 
@@ -209,6 +210,7 @@ class CheckpointManager:
             self._background.poll()  # a durable save from memory may run on: its failure?
         elif self._background is not None:
             self._background.wait()  # one save in flight; surfaces the previous one's failure
+        self._retiring.wait()  # as must the previous save's retention
         job = self._the_job()
         due = force or self._signals.pending is not None \
             or fires(self.triggers, step, epoch, clean_metrics, self.checkpoints)
@@ -232,19 +234,24 @@ class CheckpointManager:
                     durable=(lambda staged, on: self._commit(step, staged, clean_metrics, epoch,
                                                              job=on)) if due else None)
                 del snapshots  # freed while the collector is paused, as below
-                checkpoint = self._pending(step, clean_metrics, epoch, nbytes) if due else None
+                checkpoint = self._records.pending(step, clean_metrics, epoch, nbytes) \
+                    if due else None
             elif self._stager is not None and self._background is not None:
                 staged = self._stager.stage(snapshots)
                 # freed while the collector is paused: else the collection that ends the
                 # pause scans all their objects (a state_dict's detached tensors, ...)
                 del snapshots
-                checkpoint = self._pending(step, clean_metrics, epoch, self._stager.staged_bytes)
+                nbytes = self._stager.staged_bytes
+                checkpoint = self._records.pending(step, clean_metrics, epoch, nbytes)
                 # last: once the writer thread runs, it competes with this one for the GIL
                 self._background.submit(
                     lambda: self._commit(step, staged, clean_metrics, epoch),
                     name=f"ckpts-save-{step}")
-            else:
-                checkpoint = self._commit(step, snapshots, clean_metrics, epoch)
+            else:  # durable once committed: retention need not hold the caller up (a budget
+                later = job.rank == 0 and self._retention.budget is None  # must, though)
+                checkpoint = self._commit(step, snapshots, clean_metrics, epoch, retire=not later)
+                if later:
+                    self._retiring.submit(lambda: self._retire(step), name=f"ckpts-retire-{step}")
         if due:
             for trigger in self.triggers:
                 trigger.saved(step, epoch, clean_metrics)
@@ -278,8 +285,7 @@ class CheckpointManager:
         """
         _check_state(state, "prepare()")
         if self._memory is not None:
-            self._memory.check_room(state, self._the_job())
-            return
+            return self._memory.check_room(state, self._the_job())
         with paused_gc():  # many small objects: see ckpts._tensors.gc
             snapshots = state.snapshot()  # refuses unserializable values, as save() does
             if self._stager is not None:
@@ -291,13 +297,14 @@ class CheckpointManager:
             del snapshots  # freed while the collector is paused, as in save()
 
     def wait(self) -> None:
-        """Block until the save in flight (async mode) is committed.
+        """Block until the save in flight (async mode) is committed and retention has run.
 
         Raises:
             CheckpointError: the background save failed (raised once).
         """
         if self._background is not None:
             self._background.wait()
+        self._retiring.wait()
 
     def close(self) -> None:
         """Wait for the save in flight, raise its failure, release the run's writer lock
@@ -321,13 +328,6 @@ class CheckpointManager:
                 self._steps.forget()
                 self._reusable = None
 
-    def _pending(self, step: int, metrics: dict[str, float], epoch: int | None, nbytes: int
-                 ) -> Checkpoint:
-        """The record of a checkpoint being written in the background."""
-        return Checkpoint(step=step, path=self._path_of(checkpoint_name(step)), metrics=metrics,
-                          created=datetime.datetime.now(datetime.timezone.utc), epoch=epoch,
-                          nbytes=nbytes, storage=self.storage)
-
     def _take_the_run(self, step: int) -> None:
         """Become the run's writer and check that ``step`` may be saved (rank 0)."""
         self._run_writer.lock()
@@ -348,8 +348,8 @@ class CheckpointManager:
 
     def _commit(self, step: int, snapshots: Mapping[str, ObjectSnapshot],
                 clean_metrics: dict[str, float], epoch: int | None, *,
-                job: Job | None = None) -> Checkpoint:
-        """Write, commit atomically, then apply retention (on the writer thread if async).
+                job: Job | None = None, retire: bool = True) -> Checkpoint:
+        """Write, commit atomically, then apply retention (with ``retire``; see _retire).
 
         A failed write (ENOSPC, EIO, ...) removes its partial data and leaves every
         earlier checkpoint as it was; the training process can go on. No OSError
@@ -372,7 +372,7 @@ class CheckpointManager:
                                   self.storage.free_space()) from e
             raise
         if pending.manifest is None:  # a rank other than 0: rank 0 committed, keeps the books
-            return Checkpoint(step=step, path=self._path_of(name), metrics=clean_metrics,
+            return Checkpoint(step=step, path=self._records.path_of(step), metrics=clean_metrics,
                               epoch=epoch, storage=self.storage)
         manifest, encoded = pending.manifest, pending.encoded
         final = self.storage.where(name)
@@ -385,18 +385,18 @@ class CheckpointManager:
             self._steps.committed(step)  # ends a branch: deletes its newer steps
             if self.restored_from is not None and step > self.restored_from:
                 self.restored_from = None  # a newer checkpoint of this process now exists
-            self._apply_retention()
         except OSError as e:
-            raise WriteError(
-                f"step {step} was committed to {final}, but the clean-up after the commit "
-                f"failed: {e}. Earlier checkpoints are intact, and retention runs again at "
-                f"the next save; check {self.directory} (did another program remove files?)"
-            ) from e
+            raise cleanup_error(step, self.storage, e) from e
+        if retire:
+            self._retire(step)
         return checkpoint
 
-    def _path_of(self, name: str) -> Path | str:
-        where = self.storage.where(name)
-        return Path(where) if isinstance(self.directory, Path) else where
+    def _retire(self, step: int) -> None:
+        """Retention once ``step`` is committed (rank 0)."""
+        try:
+            self._apply_retention()
+        except OSError as e:
+            raise cleanup_error(step, self.storage, e) from e
 
     @paused_gc()
     def restore(self, state: TrainState, *, step: int | None = None,
@@ -479,17 +479,17 @@ class CheckpointManager:
         return restored
 
     def _settle(self) -> None:
-        """Let a save in flight finish first (its failure stays for save/wait/close)."""
+        """Let a save in flight and retention finish (a failure stays for save/wait/close)."""
         if self._background is not None:
             self._background.join()
+        self._retiring.join()
 
     def _check_space(self, step: int, needed: int, reused: Mapping[str, int],
                      metrics: dict[str, float]) -> None:
         """Refuse a save that the disk or the budget cannot hold, before writing a byte
         (see Retention.check_space); ``reused``: the files it takes from the previous
         checkpoint."""
-        upcoming = Checkpoint(step=step, path=self._path_of(checkpoint_name(step)),
-                              metrics=metrics)
+        upcoming = Checkpoint(step=step, path=self._records.path_of(step), metrics=metrics)
         # as _commit will see it: a newer commit ends the restored-from protection
         restored = self.restored_from if self.restored_from is not None \
             and step <= self.restored_from else None
@@ -502,7 +502,7 @@ class CheckpointManager:
                          ) -> list[Checkpoint]:
         """Delete what the policies do not keep, never the checkpoint restored from or
         the one this process saved last (see Retention.apply)."""
-        return self._retention.apply(self.checkpoints, lock=self._run_writer.held,
+        return self._retention.apply(self._records.checkpoints, lock=self._run_writer.held,
                                      dry_run=dry_run, if_unlocked=if_unlocked,
                                      protected=(self.restored_from, self._steps.last_saved))
 
@@ -510,6 +510,7 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[Checkpoint]:
         """Committed checkpoints, ascending by step (reads only manifests)."""
+        self._retiring.join()  # as retention leaves them
         return self._records.checkpoints()
 
     def latest(self) -> Checkpoint | None:

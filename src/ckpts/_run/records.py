@@ -4,6 +4,7 @@ lock, so an evaluation job does it while training writes the run."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,6 +33,18 @@ class Records:
     def checkpoints(self) -> list[Checkpoint]:
         """Committed checkpoints, ascending by step (reads only manifests)."""
         return list_checkpoints(self.storage)
+
+    def path_of(self, step: int) -> Path | str:
+        """Where step ``step``'s checkpoint is (or will be), as the run is named."""
+        where = self.storage.where(checkpoint_name(step))
+        return Path(where) if isinstance(self.directory, Path) else where
+
+    def pending(self, step: int, metrics: dict[str, float], epoch: int | None, nbytes: int
+                ) -> Checkpoint:
+        """The record of a checkpoint still being written (in the background)."""
+        return Checkpoint(step=step, path=self.path_of(step), metrics=metrics,
+                          created=datetime.datetime.now(datetime.timezone.utc), epoch=epoch,
+                          nbytes=nbytes, storage=self.storage)
 
     def best(self, metric: str, mode: Mode) -> Checkpoint | None:
         """The intact checkpoint with the best ``metric`` (NaN last, the earlier step

@@ -30,6 +30,12 @@ class Retention:
         self.storage = storage
         self.keep = keep
 
+    @property
+    def budget(self) -> int | None:
+        """The smallest KeepWithinBytes budget among the policies, or None."""
+        return min((p.nbytes for p in self.keep or () if isinstance(p, KeepWithinBytes)),
+                   default=None)
+
     def doomed(self, checkpoints: list[Checkpoint], *, protected: Iterable[int | None],
                listing: Mapping[int, Listed] | None = None) -> list[Checkpoint]:
         """The checkpoints (ascending by step) the policies would delete. ``listing``:
@@ -83,8 +89,7 @@ class Retention:
             InsufficientSpaceError: naming what it needs, what is free and what to do.
         """
         free = self.storage.free_space()
-        budget = min((p.nbytes for p in self.keep or () if isinstance(p, KeepWithinBytes)),
-                     default=None)
+        budget = self.budget
         if (free is None or needed <= free) and budget is None:
             return
         step = upcoming.step

@@ -16,6 +16,7 @@ from ckpts.errors import (
     InvalidArgumentError,
     WriteError,
 )
+from ckpts.storage import Storage, checkpoint_name
 from ckpts.storage._port import Listed
 
 
@@ -58,6 +59,15 @@ def write_error(error: OSError, step: int, directory: str, free: int | None) -> 
         f"writing step {step} to {directory} failed: {error}. The partial checkpoint was "
         "removed and earlier ones are intact; check the disk, then save again"
     )
+
+
+def cleanup_error(step: int, storage: Storage, error: OSError) -> WriteError:
+    """The error for an OSError in the clean-up after step ``step`` was committed."""
+    return WriteError(
+        f"step {step} was committed to {storage.where(checkpoint_name(step))}, but the "
+        f"clean-up after the commit failed: {error}. Earlier checkpoints are intact, and "
+        f"retention runs again at the next save; check {storage.location} (did another "
+        "program remove files?)")
 
 
 def parse_size(size: int | str) -> int:
