@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 import ckpts
-from ckpts.cli.demo import run_demo
+from ckpts.cli.demo import _show_best, run_demo
 from ckpts.cli.demo_training import (
     BEST_KEPT,
     EVAL_EVERY,
@@ -197,3 +197,15 @@ def test_demo_refuses_too_few_steps_before_touching_the_directory(tmp_path: Path
     assert result.returncode == 2
     assert "steps=10 is too short" in result.stderr
     assert (tmp_path / "earlier.txt").exists()
+
+
+def test_closing_hint_lines_are_whole_when_the_output_is_not_a_terminal() -> None:
+    run = Path("/a/run/folder/whose/path/is/long/enough/to/pass/eighty/columns/demo-run")
+    best = ckpts.Checkpoint(step=225, path=run / "step-00000225", metrics={"val_loss": 1.5})
+    last = ckpts.Checkpoint(step=360, path=run / "step-00000360", metrics={"val_loss": 1.9})
+    shown = io.StringIO()
+    _show_best(Console(file=shown), best=best, last=last, sample="the cat", train_sentences=9)
+    out = shown.getvalue()  # a file, not a terminal: rich's default of 80 columns
+    hint = f"ckpts export {best.path} demo-model.safetensors --format safetensors"
+    assert len(hint) > 80 and f"\n{hint}\n" in out
+    assert f'\nbest = ckpts.CheckpointManager("{run}").best("val_loss")\n' in out

@@ -447,11 +447,20 @@ def _show_best(console: Console, *, best: ckpts.Checkpoint, last: ckpts.Checkpoi
         f"ckpts export {best.path} demo-model.safetensors --format safetensors\n"
         f"ckpts report {run} -o report.html   # curves, table, the recommendation and why\n"
     )
-    console.print(Syntax(shell, "bash", theme="ansi_dark"))
+    _show_code(console, shell, "bash")
     console.print("Or load it into your model in Python (reads the model's file only):")
     code = (
         "import ckpts\n\n"
         f'best = ckpts.CheckpointManager("{run}").best("val_loss")\n'
         "ckpts.load_weights(best, model)  # model: a module of the same architecture\n"
     )
-    console.print(Syntax(code, "python", theme="ansi_dark"))
+    _show_code(console, code, "python")
+
+
+def _show_code(console: Console, code: str, language: str) -> None:
+    """Code to copy: highlighted on a terminal, wrapped rather than cut; elsewhere (a pipe,
+    a log file) plain, each line whole whatever the width."""
+    if console.is_terminal:
+        console.print(Syntax(code, language, theme="ansi_dark", word_wrap=True))
+    else:
+        console.print(code, soft_wrap=True, markup=False, highlight=False)
