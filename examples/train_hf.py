@@ -5,11 +5,13 @@
 A tiny GPT-2 (built from a config, no download) learns a token pattern on CPU in
 seconds. CkptsCallback turns Trainer's saves into atomic, hash-verified,
 pickle-free checkpoints, keeps the two best by eval loss plus the newest, and
-loads the best one at the end.
+loads the best one at the end. ckpts' log (on stderr) says what it saved, removed
+and, on a resume, restored: the objects and random generators of which checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
@@ -61,4 +63,6 @@ def main(run_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("ckpts").setLevel(logging.INFO)
     main(sys.argv[1] if len(sys.argv) > 1 else "runs/hf-example")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,3 +230,34 @@ def test_a_fresh_start_over_existing_checkpoints_is_refused(
     trainer = make_trainer(training_args(tmp_path), [CkptsCallback(reference[0])])
     with pytest.raises(ckpts.InvalidArgumentError, match="resume_from_checkpoint"):
         trainer.train()
+
+
+@pytest.mark.parametrize("resume_step", [8, 12], ids=["epoch-end", "mid-epoch"])
+def test_resume_logs_the_generators_it_restored_not_trainers_missing_rng_file_note(
+        tmp_path: Path, reference: tuple[Path, dict[int, str]], resume_step: int,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(reference[0], run)
+    for step in committed_steps(run):
+        if step > resume_step:
+            shutil.rmtree(run / f"step-{step:08d}")
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="transformers")
+    caplog.set_level(logging.INFO, logger="ckpts")
+
+    callback = CkptsCallback(run)
+    trainer = make_trainer(training_args(run), [callback])
+    trainer.train(resume_from_checkpoint=callback.resume_path())
+
+    def messages(logger: str) -> str:
+        return "\n".join(r.getMessage() for r in caplog.records if r.name.startswith(logger))
+
+    assert "Running training" in messages("transformers")  # Trainer's INFO notes are caught
+    assert "Didn't find an RNG file" not in messages("transformers")
+    assert (f"restored the python, numpy, torch CPU random generators saved in "
+            f"{run / f'step-{resume_step:08d}'}") in messages("ckpts")
+    assert committed_steps(run)[-1] == TOTAL_STEPS
+    # the filter went with the resume: Trainer's note passes again, and is caught
+    assert not logging.getLogger("transformers.trainer").filters
+    trainer._load_rng_state(str(tmp_path))
+    assert "Didn't find an RNG file" in messages("transformers")

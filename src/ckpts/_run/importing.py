@@ -7,10 +7,12 @@ Sources, recognised by their layout:
   ``scheduler.pt``, ``scaler.pt``, ``rng_state.pth``, ``trainer_state.json``,
   ``config.json``), or a Trainer output folder holding many of them: one ckpts
   checkpoint per folder, at step ``global_step``, with the ``eval_*`` values that
-  ``trainer_state.json`` logged at that step as metrics;
-- a Lightning ``.ckpt`` file, stored as the Lightning integration stores it
-  (objects ``model``, ``optimizer`` and ``lightning``, see
-  :func:`split_lightning_checkpoint`);
+  ``trainer_state.json`` logged at that step as metrics; the final model at the
+  folder's top when it is a step of its own (:func:`plan_import`); tied weights that
+  ``save_pretrained`` left out recorded as aliases (:func:`_tied_keys`);
+- a Lightning ``.ckpt`` file, stored as the Lightning integration stores it (objects
+  ``model``, ``optimizer`` and ``lightning``, see :func:`split_lightning_checkpoint`),
+  with ModelCheckpoint's score as its metric (:func:`lightning_scores`);
 - a plain ``torch.save`` file of a state dict, or of a dict holding ``model`` /
   ``optimizer`` / ``scheduler`` state dicts and other plain values.
 
@@ -34,6 +36,9 @@ refused before anything is written.
 
 from __future__ import annotations
 
+import contextlib
+import filecmp
+import functools
 import json
 import logging
 import math
@@ -81,6 +86,16 @@ class _Source:
     read: Callable[[], dict[str, Any]]  # object name -> plain state ("rng" optional)
 
 
+@dataclass(frozen=True)
+class ImportPlan:
+    """What importing ``source`` brings: its checkpoints, ascending by step, and why it
+    leaves out the others (a Trainer folder's final model, see :func:`plan_import`)."""
+
+    source: Path
+    checkpoints: list[_Source]
+    skipped: list[str]
+
+
 class PlainState:
     """A Stateful holding state that is already plain data (an imported object's, a
     part of Lightning's checkpoint dict), so a TrainState can save it as it is."""
@@ -106,16 +121,19 @@ def import_checkpoints(
     into a ckpts run, one committed checkpoint per source checkpoint.
 
     Args:
-        source: a ``checkpoint-N`` folder, a Trainer output folder holding several,
-            a Lightning ``.ckpt`` file or a ``torch.save`` file.
+        source: a ``checkpoint-N`` folder, a Trainer output folder holding several
+            (and maybe the final ``trainer.save_model()`` at its top), a Lightning
+            ``.ckpt`` file or a ``torch.save`` file.
         run: the ckpts run directory to import into (created if needed).
-        step: the step for a single-file source whose contents name none
-            (default: its ``global_step``/``step`` entry, else 0).
+        step: the step of a source whose contents name none: a single file (default:
+            its ``global_step``/``step`` entry, else 0), or the final model at the top
+            of a Trainer output folder that has no ``trainer_state.json``.
         on_progress: called as ``on_progress(done, total)`` after each checkpoint
             is committed (the CLI draws its progress bar with it).
 
     Returns:
-        The imported checkpoints, ascending by step.
+        The imported checkpoints, ascending by step (a final model left out is logged,
+        with why, at INFO).
 
     Raises:
         NotACheckpointError: ``source`` is none of the supported kinds.
@@ -128,17 +146,25 @@ def import_checkpoints(
         >>> ckpts.import_checkpoints("out/checkpoint-500", "runs/exp1")  # doctest: +SKIP
         [Checkpoint(step=500, ...)]
     """
+    return import_plan(plan_import(Path(source), step=step), run, on_progress=on_progress)
+
+
+def import_plan(plan: ImportPlan, run: str | os.PathLike[str], *,
+                on_progress: Callable[[int, int], None] | None = None) -> list[Checkpoint]:
+    """Commit ``plan``'s checkpoints into ``run``, all or nothing (:func:`import_checkpoints`)."""
     from ckpts._run.manager import CheckpointManager
 
-    sources = find_sources(Path(source), step=step)
+    for reason in plan.skipped:
+        log.info("importing %s: skipping %s", plan.source, reason)
+    sources = plan.checkpoints
     manager = CheckpointManager(run)
     existing = [c.step for c in manager.checkpoints()]
     clashing = sorted(set(existing) & {s.step for s in sources})
     if clashing or (existing and sources[0].step <= max(existing)):
         raise InvalidArgumentError(
             f"{run} already holds steps up to {max(existing)} (clashing: {clashing or 'none'}) "
-            f"and {source} brings steps {[s.step for s in sources]}; imported steps must be "
-            "new and above the run's newest. Import into a new run directory"
+            f"and {plan.source} brings steps {[s.step for s in sources]}; imported steps must "
+            "be new and above the run's newest. Import into a new run directory"
         )
     imported: list[Checkpoint] = []
     try:
@@ -151,7 +177,7 @@ def import_checkpoints(
             manager.storage.delete(checkpoint.name)
         if imported:
             log.warning("import of %s failed; removed the %d checkpoint(s) it had committed",
-                        source, len(imported))
+                        plan.source, len(imported))
         raise
     finally:
         manager.close()
@@ -176,30 +202,76 @@ def _import_one(manager: Any, found: _Source) -> Checkpoint:
     return checkpoint
 
 
-def find_sources(source: Path, *, step: int | None = None) -> list[_Source]:
+def plan_import(source: Path, *, step: int | None = None) -> ImportPlan:
     """The checkpoints ``source`` holds, ascending by step (pickles are read lazily,
-    except a single file's, whose step is inside it)."""
+    except a single file's, whose step is inside it).
+
+    A Trainer output folder brings each ``checkpoint-N`` folder at its step, and the
+    model ``trainer.save_model()`` left at its top if that is a step of its own: at
+    ``step``, else at the ``global_step`` of the ``trainer_state.json`` beside it
+    (``trainer.save_state()``), unless a ``checkpoint-N`` has that step or the same
+    weight files (the newest, or the best after ``load_best_model_at_end``). With no
+    step known it is skipped too; :attr:`ImportPlan.skipped` says why.
+
+    Raises:
+        InvalidArgumentError: ``step`` is negative, or names no single checkpoint (a
+            folder of checkpoint-N folders and no model at its top).
+    """
     if step is not None and (type(step) is not int or step < 0):
         raise InvalidArgumentError(f"step must be an int >= 0, got {step!r}")
     if source.is_file():
-        return [_file_source(source, step)]
+        return ImportPlan(source, [_file_source(source, step)], [])
     if not source.is_dir():
         raise NotACheckpointError(f"{source} does not exist; pass a checkpoint file or folder")
-    if _is_hf_checkpoint(source):
-        return [_hf_source(source, step)]
-    children = sorted((int(m.group(1)), p) for p in source.iterdir()
-                      if (m := _HF_CHECKPOINT.match(p.name)) and _is_hf_checkpoint(p))
+    children = [path for path in source.iterdir()
+                if _HF_CHECKPOINT.match(path.name) and _is_hf_checkpoint(path)]
     if not children:
+        if _is_hf_checkpoint(source):
+            return ImportPlan(source, [_hf_source(source, step)], [])
         raise NotACheckpointError(
             f"{source} is neither a Hugging Face checkpoint folder (with one of "
             f"{', '.join(_HF_WEIGHTS)}) nor a folder of checkpoint-N folders; pass one of "
             "those, a Lightning .ckpt file or a torch.save file"
         )
-    found = sorted((_hf_source(path, None) for _, path in children), key=lambda s: s.step)
+    found = sorted((_hf_source(path, None) for path in children), key=lambda s: s.step)
     steps = [s.step for s in found]
     if len(set(steps)) != len(steps):
         raise CorruptCheckpointError(f"{source}: two checkpoint folders claim the same step")
-    return found
+    if not _is_hf_checkpoint(source):
+        if step is not None:
+            raise InvalidArgumentError(
+                f"step={step} sets the step of a single checkpoint, but {source} holds "
+                "checkpoint-N folders, each imported at its own step; leave step out")
+        return ImportPlan(source, found, [])
+    final, reason = _final_model(source, step, found)
+    if final is None:
+        return ImportPlan(source, found, [reason])
+    return ImportPlan(source, sorted([*found, final], key=lambda s: s.step), [])
+
+
+def _final_model(folder: Path, step: int | None, checkpoints: list[_Source]
+                 ) -> tuple[_Source | None, str]:
+    """The model ``trainer.save_model()`` left at the top of a Trainer output folder, as
+    a source, or None and why it is skipped."""
+    by_step = {s.step: s.path for s in checkpoints}
+    state = _trainer_state(folder)
+    known, said = (step, "as given") if step is not None else (
+        state.get("global_step"), "global_step in the trainer_state.json beside it")
+    known = known if type(known) is int and known >= 0 else None
+    what = f"the model at the top of {folder} (trainer.save_model())"
+    if known is not None and known in by_step:
+        return None, (f"{what}: its step, {known} ({said}), is {by_step[known].name}'s, "
+                      "imported from there")
+    # the newest checkpoint's weights, or the best one's after load_best_model_at_end
+    for candidate in reversed(checkpoints):
+        if _same_weights(folder, candidate.path):
+            return None, (f"{what}: it has the same weight files as {candidate.path.name}, "
+                          "imported from there")
+    if known is None:
+        return None, (f"{what}: its step is unknown (no trainer_state.json beside it, which "
+                      "trainer.save_state() writes); to import it too, pass its step "
+                      "(--step N, or step=N)")
+    return _hf_source(folder, known), ""
 
 
 def read_torch_file(path: Path) -> Any:
@@ -229,10 +301,10 @@ def read_torch_file(path: Path) -> Any:
         raise UnserializableStateError(
             f"{path} holds Python objects other than tensors, numpy arrays and plain "
             f"containers (the first is {refused.group(1)}), so torch.load(weights_only=True) "
-            "refused it. ckpts never "
-            "unpickles arbitrary objects. Re-save it with plain types only (state_dict()s, "
-            "dicts, lists, numbers, strings), or, if you trust the file, load it yourself with "
-            "torch.load(weights_only=False) and save its state with ckpts.CheckpointManager"
+            "refused it. ckpts never unpickles arbitrary objects. Re-save it with plain types "
+            "only (state_dict()s, dicts, lists, numbers, strings), or, if you trust the file, "
+            "load it yourself with torch.load(weights_only=False) and save its state with "
+            "ckpts.CheckpointManager"
         ) from e
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as e:
         raise CorruptCheckpointError(f"{path} is not a readable torch.save file: {e}") from e
@@ -281,7 +353,8 @@ def join_lightning_checkpoint(objects: Mapping[str, Any]) -> dict[str, Any]:
 
 def _file_source(path: Path, step: int | None) -> _Source:
     data = read_torch_file(path)
-    if is_lightning_checkpoint(data):
+    lightning = is_lightning_checkpoint(data)
+    if lightning:
         objects = split_lightning_checkpoint(data)
     elif isinstance(data, dict):
         objects = _plain_objects(data)
@@ -295,7 +368,34 @@ def _file_source(path: Path, step: int | None) -> _Source:
     epoch = data.get("epoch")
     return _Source(path=path, step=found_step if step is None else step,
                    epoch=epoch if type(epoch) is int and epoch >= 0 else None,
-                   metrics={}, read=lambda: objects)
+                   metrics=lightning_scores(data, path) if lightning else {},
+                   read=lambda: objects)
+
+
+def lightning_scores(checkpoint: Mapping[str, Any], path: Path) -> dict[str, float]:
+    """``{monitor: score}`` of each ``ModelCheckpoint`` that ranked the ``.ckpt`` file at
+    ``path`` among its top k.
+
+    A ModelCheckpoint's state in ``checkpoint["callbacks"]`` holds ``monitor`` and
+    ``best_k_models``: path -> score of its top-k files, this one included when it was
+    written (``current_score`` is the newest top-k score, not always this file's).
+    ``path`` is matched as it is, resolved (``save_last="link"``), or by its name alone
+    if one entry has it (moved files). ``last.ckpt`` is in no top k: no score.
+    """
+    scores: dict[str, float] = {}
+    callbacks = checkpoint.get("callbacks")
+    here = {os.path.abspath(path), os.path.realpath(path)}
+    for state in callbacks.values() if isinstance(callbacks, Mapping) else ():
+        ranked = state.get("best_k_models") if isinstance(state, Mapping) else None
+        if not isinstance(ranked, Mapping) or not isinstance(state.get("monitor"), str):
+            continue
+        paths = [p for p in ranked if isinstance(p, str)]
+        named = ([p for p in paths if {os.path.abspath(p), os.path.realpath(p)} & here]
+                 or [p for p in paths if Path(p).name == path.name])
+        with contextlib.suppress(TypeError, ValueError, RuntimeError):  # not one number
+            if len(named) == 1:
+                scores[state["monitor"]] = float(ranked[named[0]])  # a one-element tensor
+    return scores
 
 
 def _plain_objects(data: dict[Any, Any]) -> dict[str, Any]:
@@ -325,21 +425,16 @@ def _is_hf_checkpoint(path: Path) -> bool:
 
 
 def _hf_source(folder: Path, step: int | None) -> _Source:
-    trainer_state = _read_json(folder / "trainer_state.json") \
-        if (folder / "trainer_state.json").is_file() else {}
+    trainer_state = _trainer_state(folder)
     name_step = _HF_CHECKPOINT.match(folder.name)
     global_step = trainer_state.get("global_step")
-    if step is None:
-        if type(global_step) is int and global_step >= 0:
-            step = global_step
-        elif name_step:
-            step = int(name_step.group(1))
-        else:
-            step = 0
+    recorded = global_step if type(global_step) is int and global_step >= 0 else (
+        int(name_step.group(1)) if name_step else 0)
+    step = recorded if step is None else step
     epoch = trainer_state.get("epoch")
-    metrics = {}
+    metrics = {}  # logged at the step the folder records, whatever step it is imported at
     for entry in trainer_state.get("log_history", []):
-        if isinstance(entry, dict) and entry.get("step") == step:
+        if isinstance(entry, dict) and entry.get("step") == recorded:
             metrics.update({k: float(v) for k, v in entry.items()
                             if k.startswith("eval_") and type(v) in (int, float)})
     return _Source(
@@ -355,16 +450,39 @@ def _read_hf_folder(folder: Path) -> dict[str, Any]:
     for file_name, name in _HF_STATE_FILES.items():
         if (folder / file_name).is_file():
             objects[name] = read_torch_file(folder / file_name)
-    if (folder / "rng_state.pth").is_file():
-        objects["rng"] = _rng_from_hf(read_torch_file(folder / "rng_state.pth"),
-                                      folder / "rng_state.pth")
+    if (rng := folder / "rng_state.pth").is_file():
+        objects["rng"] = _rng_from_hf(read_torch_file(rng), rng)
     for file_name, name in _HF_JSON_FILES.items():
         if (folder / file_name).is_file():
             objects[name] = _read_json(folder / file_name)
+    _tie_weights(objects["model"], objects.get("config"))
     if (folder / "training_args.bin").is_file():
         log.info("%s: not importing training_args.bin (a pickled TrainingArguments; ckpts "
                  "never unpickles objects)", folder)
     return objects
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """A Hugging Face folder's weight files: the single file, or the shards of its index."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            weight_map = _read_json(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) and "/" not in f for f in weight_map.values()):
+                raise CorruptCheckpointError(f"{folder / index} has no usable weight_map")
+            return [folder / f for f in sorted(set(weight_map.values()))]
+    raise NotACheckpointError(f"{folder} has none of {', '.join(_HF_WEIGHTS)}")
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two Hugging Face folders hold byte-identical weight files (read up to the
+    first difference: different weights differ in their first tensor)."""
+    files_a, files_b = _weight_files(a), _weight_files(b)
+    return [f.name for f in files_a] == [f.name for f in files_b] and all(
+        filecmp.cmp(x, y, shallow=False) for x, y in zip(files_a, files_b, strict=True))
 
 
 def _read_hf_weights(folder: Path) -> dict[str, Any]:
@@ -372,32 +490,70 @@ def _read_hf_weights(folder: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     weights: dict[str, Any] = {}
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (folder / single).is_file():
-            files = [folder / single]
-        elif (folder / index).is_file():
-            weight_map = _read_json(folder / index).get("weight_map")
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(f, str) and "/" not in f for f in weight_map.values()):
-                raise CorruptCheckpointError(f"{folder / index} has no usable weight_map")
-            files = [folder / f for f in sorted(set(weight_map.values()))]
+    for file in _weight_files(folder):
+        if file.suffix == ".safetensors":
+            try:
+                weights.update(load_file(file))
+            except (SafetensorError, OSError) as e:
+                raise CorruptCheckpointError(f"{file} is not a readable safetensors file: "
+                                             f"{e}") from e
         else:
-            continue
-        for file in files:
-            if file.suffix == ".safetensors":
-                try:
-                    weights.update(load_file(file))
-                except (SafetensorError, OSError) as e:
-                    raise CorruptCheckpointError(f"{file} is not a readable safetensors file: "
-                                                 f"{e}") from e
-            else:
-                loaded = read_torch_file(file)
-                if not isinstance(loaded, dict):
-                    raise CorruptCheckpointError(f"{file} does not hold a state dict")
-                weights.update(loaded)
-        return weights
-    raise NotACheckpointError(f"{folder} has none of {', '.join(_HF_WEIGHTS)}")
+            loaded = read_torch_file(file)
+            if not isinstance(loaded, dict):
+                raise CorruptCheckpointError(f"{file} does not hold a state dict")
+            weights.update(loaded)
+    return weights
+
+
+def _tie_weights(weights: dict[str, Any], config: Any) -> None:
+    """Add the tied weights ``save_pretrained`` leaves out (GPT-2's ``lm_head.weight``) as
+    the tensor they are tied to: saved as aliases, as the live model's would be."""
+    if not isinstance(config, dict):
+        return
+    for keys in _tied_keys(json.dumps(config, sort_keys=True)):
+        present = [key for key in keys if key in weights]
+        for key in keys:
+            if present and key not in weights:
+                weights[key] = weights[present[0]]
+
+
+@functools.lru_cache(maxsize=8)
+def _tied_keys(config_json: str) -> tuple[tuple[str, ...], ...]:
+    """The groups of state-dict keys that are one tensor in the model of ``config.json``.
+
+    Only transformers knows which weights a model ties (``_tied_weights_keys``, whose
+    form changed in 5.x, with ``tie_word_embeddings`` and the encoder-decoder
+    settings), so it is asked: the class ``architectures`` names is built from the
+    config on the ``meta`` device (no memory, no weights, never remote code), and
+    the parameters that are one object there are tied. Without transformers or such
+    a class, no tie is recorded (a warning if the config may tie embeddings).
+    """
+    config = json.loads(config_json)
+    name = next(iter(config.get("architectures") or [None]))
+    try:
+        import torch
+        import transformers
+
+        model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+        if model_class is None or not hasattr(model_class, "config_class"):
+            problem = f"transformers has no model class {name!r} (config.json's architectures)"
+        else:
+            with torch.device("meta"):
+                model = model_class(model_class.config_class.from_dict(config))
+            owners: dict[int, list[str]] = {}
+            for key, tensor in [*model.named_parameters(remove_duplicate=False),
+                                *model.named_buffers(remove_duplicate=False)]:
+                owners.setdefault(id(tensor), []).append(key)
+            return tuple(tuple(keys) for keys in owners.values() if len(keys) > 1)
+    except ImportError as e:
+        problem = f"transformers is not installed (pip install 'ckpts[hf]'): {e}"
+    except Exception as e:  # transformers' code building the model: any failure costs the ties only
+        problem = f"transformers could not build {name} on the meta device: {e!r}"
+    if config.get("tie_word_embeddings", True):
+        log.warning("cannot tell which weights %s ties, so no tie is recorded: %s. If it ties "
+                    "its embeddings, load with load_weights(..., strict=False), then call "
+                    "model.tie_weights()", name or "the model in config.json", problem)
+    return ()
 
 
 def _rng_from_hf(data: Any, path: Path) -> dict[str, Any]:
@@ -422,6 +578,11 @@ def _rng_from_hf(data: Any, path: Path) -> dict[str, Any]:
     elif isinstance(cuda, (list, tuple)) and cuda:
         rng["cuda"] = list(cuda)
     return rng
+
+
+def _trainer_state(folder: Path) -> dict[str, Any]:
+    path = folder / "trainer_state.json"
+    return _read_json(path) if path.is_file() else {}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -38,8 +38,8 @@ How it works (read from, and tested with, transformers 4.57.6 and 5.24.0):
   to the checkpoint's model files (no pickle; a copy only where the filesystem has no
   hard links). The view is a folder Trainer opens, inside the run, so the callback
   takes local runs only (a URL run is refused when the callback is built; for one,
-  ``export`` would download the weights into a local folder). It
-  picks the newest checkpoint that passes :func:`ckpts.verify` (a full read). From
+  ``export`` would download the weights into a local folder). It picks the newest
+  checkpoint that passes :func:`ckpts.verify` (a full read). From
   the view Trainer takes the step, epoch and skipped batches (accelerate's
   ``skip_first_batches``, so no data is loaded to skip) and loads the weights.
   Trainer finds no optimizer, scheduler or RNG pickles there, so it loads none; in
@@ -48,11 +48,14 @@ How it works (read from, and tested with, transformers 4.57.6 and 5.24.0):
   optimizer, scheduler and scaler, and puts the saved RNG state back exactly where
   Trainer would call ``_load_rng_state``: at ``on_epoch_begin`` when the checkpoint
   ends an epoch, else at the first ``on_step_begin`` (after the first batch of the
-  resumed epoch is drawn). Newer checkpoints that ``resume_path`` skipped as damaged
-  are deleted once the next save is committed (``restore(discard_newer=True)``). A
-  run that starts at step 0 in a directory that holds checkpoints is refused, and so
-  is resuming from a ``save_only_model`` checkpoint (no optimizer state). The view
-  is removed at the end of training.
+  resumed epoch is drawn), logging which generators it restored from which
+  checkpoint. Until then a filter on the ``transformers.trainer`` logger drops
+  Trainer's "Didn't find an RNG file ... reproducibility is not guaranteed" (false
+  here), and only that. Newer checkpoints that ``resume_path`` skipped as damaged are
+  deleted once the next save is committed (``restore(discard_newer=True)``). A run
+  that starts at step 0 in a directory that holds checkpoints is refused, and so is
+  resuming from a ``save_only_model`` checkpoint (no optimizer state). The view is
+  removed at the end of training.
 * **Trainer settings.** Without ``keep=``, ``save_total_limit`` keeps that many
   checkpoints, always including the newest and, when ``metric_for_best_model`` is
   set, the best one (Trainer's rotation); without a limit every checkpoint is kept.
@@ -122,6 +125,7 @@ TRAINER_STATE = "trainer_state"
 RESUME_VIEW = ".hf-resume"
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAIN_LOG_KEYS = ("loss", "learning_rate", "grad_norm")
+TRAINER_LOGGER = "transformers.trainer"
 
 
 class CkptsCallback(TrainerCallback):
@@ -174,6 +178,8 @@ class CkptsCallback(TrainerCallback):
         self._train_log: tuple[int, dict[str, float]] | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._rng_at_epoch_begin = False
+        self._restored_from: Path | None = None
+        self._rng_note_filter: _NoRNGFileNote | None = None
 
     def __repr__(self) -> str:
         return f"CkptsCallback({str(self.manager.directory)!r}, keep={self.manager.keep!r})"
@@ -293,7 +299,11 @@ class CkptsCallback(TrainerCallback):
         # keep the restored state and set it again at that point.
         self._rng_to_restore = RNGState().state_dict()
         self._rng_at_epoch_begin = bool(args.ignore_data_skip) or float(state.epoch).is_integer()
-        log.info("resumed Trainer at step %d from %s", step, self.manager.directory)
+        self._restored_from = Path(self.manager.directory) / checkpoint_name(step)
+        self._rng_note_filter = _NoRNGFileNote()
+        logging.getLogger(TRAINER_LOGGER).addFilter(self._rng_note_filter)
+        log.info("resumed Trainer at step %d from %s: restored %s (the random generators "
+                 "follow)", step, self._restored_from, ", ".join(sorted(objects)))
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, **kwargs: Any) -> None:
@@ -308,6 +318,7 @@ class CkptsCallback(TrainerCallback):
         self._save_if_pending(args, state, control, kwargs, None)
         if self._rng_to_restore is not None and not self._rng_at_epoch_begin:
             self._put_rng_back()
+        self._stop_filtering_rng_note()  # Trainer has loaded (or not) its rng_state.pth by now
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState,
                     control: TrainerControl, **kwargs: Any) -> None:
@@ -342,6 +353,7 @@ class CkptsCallback(TrainerCallback):
                      control: TrainerControl, **kwargs: Any) -> None:
         """Make the last save durable; load the best checkpoint if asked."""
         self._save_if_pending(args, state, control, kwargs, None)
+        self._stop_filtering_rng_note()
         self.manager.close()
         self._remove_resume_view()
         if args.load_best_model_at_end and args.metric_for_best_model:
@@ -398,7 +410,30 @@ class CkptsCallback(TrainerCallback):
     def _put_rng_back(self) -> None:
         if self._rng_to_restore is not None:
             RNGState().load_state_dict(self._rng_to_restore)
+            log.info("restored the %s random generators saved in %s (ckpts keeps them in the "
+                     "checkpoint, not in an rng_state.pth)", _generator_names(self._rng_to_restore),
+                     self._restored_from)
             self._rng_to_restore = None
+
+    def _stop_filtering_rng_note(self) -> None:
+        if self._rng_note_filter is not None:
+            logging.getLogger(TRAINER_LOGGER).removeFilter(self._rng_note_filter)
+            self._rng_note_filter = None
+
+
+class _NoRNGFileNote(logging.Filter):
+    """Drops Trainer's "Didn't find an RNG file ... reproducibility is not guaranteed",
+    false while CkptsCallback restores the generators (it logs what it restored)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Didn't find an RNG file")  # an f-string there
+
+
+def _generator_names(rng: Mapping[str, Any]) -> str:
+    """The generators an RNG state holds: ``python, numpy, torch CPU, CUDA (2 devices)``."""
+    names = [{"torch": "torch CPU"}.get(name, name) for name in rng if name != "cuda"]
+    cuda = [f"CUDA ({len(rng['cuda'])} devices)"] if rng.get("cuda") else []
+    return ", ".join(names + cuda)
 
 
 # ---- Trainer state as data -----------------------------------------------------------
