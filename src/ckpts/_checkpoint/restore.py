@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from ckpts._format.manifest import (
     manifest_tensor_entries,
 )
 from ckpts._format.safetensors import DTYPES
+from ckpts._state.data import ResumableLoader, reshards
 from ckpts._state.train_state import (
     PER_RANK_KINDS,
     Stateful,
@@ -92,7 +93,10 @@ def restore_into(storage: Storage, name: str, manifest: dict[str, Any],
     """
     directory = storage.where(name)
     contents = Contents(storage, name, manifest)
-    chosen = match_objects(directory, manifest, state, rank=job.rank, size=job.size)
+    chosen = match_objects(directory, manifest, state, rank=job.rank, size=job.size,
+                           saved_state=lambda saved_name: decode(
+                               job.saved_object(contents, saved_name)["tree"],
+                               lambda key: None))
     saved = {live_name: job.saved_object(contents, saved_name)
              for live_name, saved_name in chosen.items()}
     objects = {live_name: state.objects[live_name] for live_name in chosen}
@@ -116,26 +120,38 @@ def restore_into(storage: Storage, name: str, manifest: dict[str, Any],
 
 
 def match_objects(directory: str, manifest: Mapping[str, Any], state: TrainState, *,
-                  rank: int, size: int) -> dict[str, str]:
+                  rank: int, size: int,
+                  saved_state: Callable[[str], Any] | None = None) -> dict[str, str]:
     """Which saved object each live object restores from: the same name, or for a
     per-rank object (RNG, loader positions) saved by many ranks, this rank's copy.
 
     Per-rank objects restore only at the world size they were saved at; at another,
     they are left as they are, with a warning (another rank's random streams or data
-    positions would be wrong for this rank).
+    positions would be wrong for this rank). The exception is a ResumableLoader over a
+    DistributedSampler whose saved state holds the job's position in the epoch (see
+    ckpts._state.data.reshards): every rank restores rank 0's copy, and the loader shares
+    the rest of the epoch out over the new ranks. ``saved_state(name)`` gives a saved
+    object's state without its tensors, to tell; it is asked for rank 0's copy only (on
+    format v4, rank 0's index alone is read). Without it, loaders are kept too.
     """
     saved = manifest["objects"]
     per_rank = set(manifest.get("per_rank", ()))
     saved_size = manifest.get("world_size", 1)
     chosen: dict[str, str] = {}
     kept: list[str] = []
+    resharded: list[str] = []
     for live_name, obj in state.objects.items():
+        first_copy = f"{live_name}.rank0" if live_name in per_rank else live_name
         if object_kind(obj) not in PER_RANK_KINDS and live_name not in per_rank:
             chosen[live_name] = live_name
-        elif saved_size != size:
-            kept.append(live_name)
-        else:
+        elif saved_size == size:
             chosen[live_name] = f"{live_name}.rank{rank}" if live_name in per_rank else live_name
+        elif isinstance(obj, ResumableLoader) and saved_state is not None \
+                and first_copy in saved and reshards(obj, saved_state(first_copy)):
+            chosen[live_name] = first_copy
+            resharded.append(live_name)
+        else:
+            kept.append(live_name)
     expected = set(chosen.values()) | {f"{n}.rank{r}" for n in per_rank for r in range(saved_size)}
     expected |= {n for n in kept if n not in per_rank}
     missing = sorted(n for n in chosen.values() if n not in saved)
@@ -151,6 +167,10 @@ def match_objects(directory: str, manifest: Mapping[str, Any], state: TrainState
         log.warning("%s was saved by %d rank(s) and is restored by %d: %s keep their current "
                     "state (per-rank state restores only at the same world size)",
                     directory, saved_size, size, ", ".join(sorted(kept)))
+    if resharded and rank == 0:
+        log.info("%s was saved by %d rank(s) and is restored by %d: %s go on with the rest of "
+                 "the epoch, shared by the %d ranks", directory, saved_size, size,
+                 ", ".join(sorted(resharded)), size)
     return chosen
 
 
