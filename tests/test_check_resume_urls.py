@@ -33,8 +33,10 @@ def test_a_run_on_a_store_is_killed_resumed_and_compared(
 
     assert result.exact, result.report()
     assert result.step == 6 and 2 <= result.killed_after < 6
-    # the checkpoints compared were taken into the work folder; the run was destroyed
+    # the checkpoints compared were taken into the work folder as they were committed (the
+    # loop keeps its newest one only); the run was destroyed
     assert (work / "a" / checkpoint_name(6) / MANIFEST).is_file()
+    assert len(list((work / "a").glob("step-*/manifest.json"))) >= 2
     assert (work / "b" / checkpoint_name(6) / MANIFEST).is_file()
     assert (work / "b-at-kill" / MANIFEST).is_file()
     fs = fsspec.filesystem("s3", **s3_bucket.storage_options, skip_instance_cache=True)

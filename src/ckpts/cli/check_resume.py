@@ -21,7 +21,8 @@ from ckpts.testing._resume_check import check_resume as run_check
 def check_resume(
     command: Annotated[list[str], typer.Argument(
         help=f"The training command, after --; {RUN_PLACEHOLDER} is replaced by its run "
-             "directory.", show_default=False)],
+             f"directory, inside an argument too (--out_dir={RUN_PLACEHOLDER}).",
+        show_default=False)],
     kill_after_saves: Annotated[int, typer.Option(
         help="SIGKILL the second run right after this many committed checkpoints.")] = 2,
     timeout: Annotated[float, typer.Option(
@@ -35,7 +36,9 @@ def check_resume(
 ) -> None:
     """Run COMMAND to completion, then run it again killed and resumed; compare the checkpoints.
 
-    Example: ckpts check-resume -- python train.py --out_dir {run}
+    COMMAND must resume by itself: it is run again as is, and restores what it finds in {run}.
+
+    Example: ckpts check-resume -- python train.py --out_dir={run}
     """
     result = run_check(command, kill_after_saves=kill_after_saves, timeout=timeout,
                        workdir=workdir, run=run)

@@ -8,15 +8,18 @@ both runs): ``WORKDIR/run`` by default, or any path or URL (``s3://bucket/check`
 2. run B: SIGKILLed (its whole process group) right after its K-th committed
    checkpoint, then run again to completion, so it resumes.
 
-Everything goes through the storage port, so the run may live on any backend: after
-each complete run its committed checkpoints are exported into the local work folder
-(``a/``, ``b/``; hard links for a local run, a download from a store) and the run is
-destroyed, so the next run starts in an empty one; after the kill, the newest
-checkpoint is exported to ``b-at-kill/`` (retention may remove it later), and the
-check waits until the killed run's writer lock is free (at once on a local disk; on a
-store, when the killed writer's lease expires).
+Everything goes through the storage port, so the run may live on any backend. While
+run A and the resumed run B go, every checkpoint they commit is exported into the local
+work folder (``a/``, ``b/``; hard links for a local run, a download from a store) as
+soon as it appears, the command paused (SIGSTOP) for that moment: the command's
+retention (``KeepLast(1)``) deletes checkpoints at its next save, and the comparisons
+below need the ones it deletes. ``b/`` gets only what B commits after the resume. After
+each run the run is destroyed, so the next one starts empty; after the kill, the newest
+checkpoint is exported to ``b-at-kill/``, and the check waits until the killed run's
+writer lock is free (at once on a local disk; on a store, when the killed writer's
+lease expires).
 
-Then the newest checkpoint that A has and that B wrote after resuming is compared
+Then the newest checkpoint that A and the resumed B both wrote is compared
 with :func:`ckpts._checkpoint.compare.compare_checkpoints`, every tensor and every key of the
 non-tensor state. When they differ, two more comparisons tell the likely cause:
 the checkpoint of the kill step that both runs wrote before the kill (if that
@@ -26,7 +29,8 @@ the first checkpoint B wrote after resuming (where the difference starts).
 A generator the loop never draws from (numpy or python ``random`` when only torch
 is used) starts from OS entropy in each process, so its state differs between two
 runs without mattering. Such keys, unchanged within each run, are ignored and
-named in a note.
+named in a note: ``a/`` holds the reference for A (the kill step when A wrote it),
+``b-at-kill/`` the one for B.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,8 +77,9 @@ class ResumeCheck:
         differs_before_kill: True when the runs differ already at the checkpoint
             both saved before the kill: the command is not deterministic.
         notes: observations that help (a step saved twice, ignored generators).
-        workdir: where the runs' checkpoints (``a/``, ``b/``, ``b-at-kill/``) and logs
-            are; removed after an exact check unless it was given.
+        workdir: where the runs' checkpoints and logs are: ``a/`` every checkpoint run
+            A committed, ``b/`` those B committed after the resume, ``b-at-kill/`` B's
+            newest at the kill; removed after an exact check unless it was given.
     """
 
     exact: bool
@@ -160,31 +165,21 @@ def check_resume(
     live = open_storage(work / "run") if given is None else given
     runs = _Runner([arg.replace(RUN_PLACEHOLDER, live.location) for arg in argv], live,
                    timeout)
-    runs.to_completion(work / "a.log", "the uninterrupted run (A)")
-    steps_a = [listed.step for listed in _committed(live)]
-    if not steps_a:
+    runs.to_completion(work / "a.log", "the uninterrupted run (A)", work / "a")
+    if not _committed(open_storage(work / "a")):
         raise ResumeCheckError(
             f"the command ran to completion without committing a checkpoint in {RUN_PLACEHOLDER} "
             "(no step-*/manifest.json appeared), so there is nothing to resume from; pass "
             f"{RUN_PLACEHOLDER} as the directory of its ckpts.CheckpointManager and make it "
             "call save()" + runs.log_tail(work / "a.log"))
-    _take_checkpoints(live, work / "a")
-    killed_after, before_kill = runs.kill_after(kill_after_saves, work / "b-killed.log",
-                                                work / "b-at-kill")
-    runs.to_completion(work / "b-resumed.log", "the resumed run (B)")
-    _take_checkpoints(live, work / "b")
-    result = _judge(work, steps_a, killed_after, before_kill)
+    live.destroy()  # run B starts from nothing, as A did
+    killed_after = runs.kill_after(kill_after_saves, work / "b-killed.log", work / "b-at-kill")
+    runs.to_completion(work / "b-resumed.log", "the resumed run (B)", work / "b")
+    live.destroy()
+    result = _judge(work, killed_after)
     if result.exact and temporary:
         open_storage(work).destroy()
     return result
-
-
-def _take_checkpoints(live: Storage, folder: Path) -> None:
-    """Export every committed checkpoint of the run into ``folder`` (a local run of their
-    own), then destroy the run, so that the next run of the command starts empty."""
-    for listed in live.committed():
-        live.export(listed.name, list(listed.sizes), folder / listed.name)
-    live.destroy()
 
 
 def _prepare(
@@ -224,29 +219,38 @@ class _Runner:
         self.live = live
         self.timeout = timeout
 
-    def to_completion(self, log_path: Path, which: str) -> None:
+    def to_completion(self, log_path: Path, which: str, taken: Path) -> None:
+        """Run the command to its end, exporting each checkpoint it commits into the local
+        folder ``taken`` as it appears (see :class:`_Taker`)."""
+        taker = _Taker(self.live, taken)
         process = self._start(log_path)
+        deadline = time.monotonic() + self.timeout
         try:
-            code = process.wait(timeout=self.timeout)
-        except subprocess.TimeoutExpired as e:
-            _kill_group(process)
-            raise ResumeCheckError(
-                f"{which} did not finish within {self.timeout:g} s and was killed; give the "
-                "check a small configuration (a few dozen steps) or a longer --timeout"
-                + self.log_tail(log_path)) from e
+            while (code := process.poll()) is None:
+                if time.monotonic() > deadline:
+                    raise ResumeCheckError(
+                        f"{which} did not finish within {self.timeout:g} s and was killed; "
+                        "give the check a small configuration (a few dozen steps) or a longer "
+                        "--timeout" + self.log_tail(log_path))
+                started = time.monotonic()
+                new = taker.new()
+                listing = time.monotonic() - started
+                if new:
+                    taker.take(process)
+                # a store's listing is a request: polling takes at most a fifth of the time
+                time.sleep(max(_POLL_SECONDS, 4 * listing))
         finally:
-            _kill_group(process)  # leftovers of a shell command, if any
+            _kill_group(process)  # on a timeout; else the leftovers of a shell command
         if code != 0:
             raise ResumeCheckError(
                 f"{which} failed with exit status {code}" + self.log_tail(log_path))
+        taker.take(None)  # the last checkpoints, committed since the last poll
 
-    def kill_after(
-        self, saves: int, log_path: Path, snapshot: Path
-    ) -> tuple[int, dict[int, bytes]]:
+    def kill_after(self, saves: int, log_path: Path, snapshot: Path) -> int:
         """Start the command, SIGKILL it after ``saves`` new commits; return the newest step
-        then and every committed manifest, and export the newest checkpoint to
-        ``snapshot`` (retention or a repeated save may remove it later). Returns once
-        the killed run's writer lock is free, for the resumed run to take."""
+        then, and export that checkpoint to ``snapshot`` (retention or a repeated save may
+        remove it later). Returns once the killed run's writer lock is free, for the
+        resumed run to take."""
         process = self._start(log_path)
         deadline = time.monotonic() + self.timeout
         seen: set[int] = set()
@@ -282,9 +286,8 @@ class _Runner:
         newest = committed[-1]
         self.live.export(newest.name, list(newest.sizes), snapshot)
         log.info("killed the second run after step %d", newest.step)
-        manifests = {listed.step: self.live.read(listed.name, MANIFEST) for listed in committed}
         self._await_writer_lock(log_path)
-        return newest.step, manifests
+        return newest.step
 
     def _await_writer_lock(self, log_path: Path) -> None:
         """Wait until the killed run's writer lock is free: at once on a local disk (the
@@ -338,27 +341,84 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
         time.sleep(_POLL_SECONDS)
 
 
+class _Taker:
+    """Exports each checkpoint a running command commits into a local folder (a run of its
+    own), so that the command's retention cannot delete it before the check compares it.
+
+    A checkpoint is new when its name is, or when its manifest changed (the step was saved
+    again); those committed when the taker is made (the killed run's, for the resumed run)
+    are not taken. While it exports, the command's process group is stopped (SIGSTOP,
+    then SIGCONT), so that no save and no retention deletes anything meanwhile; a
+    checkpoint deleted between two polls, when the command saves twice in one, is missed.
+    """
+
+    def __init__(self, live: Storage, folder: Path) -> None:
+        self.live, self.folder = live, folder
+        self.taken = open_storage(folder)
+        # name -> the manifest of the version seen last
+        self.manifests = {listed.name: manifest for listed, manifest in self._manifests()}
+
+    def new(self) -> list[tuple[Listed, bytes]]:
+        """The checkpoints not taken yet, with their manifests."""
+        return [(listed, manifest) for listed, manifest in self._manifests()
+                if self.manifests.get(listed.name) != manifest]
+
+    def take(self, process: subprocess.Popen[bytes] | None) -> None:
+        """Export the checkpoints not taken yet; ``process``, while it runs, is stopped
+        meanwhile."""
+        with _stopped(process):
+            for listed, manifest in self.new():  # listed again, now that nothing moves
+                if self.taken.sizes(listed.name):  # the step saved again in this run
+                    self.taken.delete(listed.name)
+                try:
+                    self.live.export(listed.name, list(listed.sizes), self.folder / listed.name)
+                except FileNotFoundError:  # deleted before the SIGSTOP landed; a newer one is there
+                    self.taken.delete(listed.name)
+                    continue
+                self.manifests[listed.name] = manifest
+
+    def _manifests(self) -> Iterator[tuple[Listed, bytes]]:
+        for listed in _committed(self.live):
+            try:
+                yield listed, self.live.read(listed.name, MANIFEST)
+            except FileNotFoundError:  # deleted since the listing
+                continue
+
+
+@contextlib.contextmanager
+def _stopped(process: subprocess.Popen[bytes] | None) -> Iterator[None]:
+    """Stop the command's process group (SIGSTOP) for the block; ``None``: nothing to stop."""
+    if process is None:
+        yield
+        return
+    with contextlib.suppress(ProcessLookupError):  # it has just ended
+        os.killpg(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGCONT)
+
+
 def _committed(run: Storage) -> list[Listed]:
     """The committed checkpoints of a run, oldest first."""
     return sorted(run.committed(), key=lambda listed: listed.step)
 
 
-def _judge(work: Path, steps_a: list[int], killed_after: int,
-           before_kill: dict[int, bytes]) -> ResumeCheck:
-    """Compare the runs' checkpoints, taken into ``work``. ``before_kill``: run B's
-    manifests when it was killed (a step saved again after the resume has a new one:
-    its creation time at least differs)."""
+def _judge(work: Path, killed_after: int) -> ResumeCheck:
+    """Compare the runs' checkpoints, taken into ``work``: ``a/`` every one run A
+    committed, ``b/`` those B committed after the resume, ``b-at-kill/`` B's newest at
+    the kill."""
     run_a, run_b, at_kill = work / "a", work / "b", work / "b-at-kill"
-    resumed = open_storage(run_b)
-    written_after = [listed.step for listed in _committed(resumed)
-                     if before_kill.get(listed.step) != resumed.read(listed.name, MANIFEST)]
+    steps_a = [listed.step for listed in _committed(open_storage(run_a))]
+    written_after = [listed.step for listed in _committed(open_storage(run_b))]
     common = [step for step in written_after if step in steps_a]
     if not common:
         raise ResumeCheckError(
             f"after the resume from step {killed_after}, the command committed no checkpoint "
             f"at a step the uninterrupted run also has (uninterrupted: {steps_a}; resumed: "
             f"{written_after}), so there is nothing to compare; make it save after the kill "
-            "point (a smaller --kill-after-saves) and keep more checkpoints")
+            "point (a smaller --kill-after-saves)")
     notes = []
     repeated = [step for step in written_after if step <= killed_after]
     if repeated:
