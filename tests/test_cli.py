@@ -153,21 +153,21 @@ def test_console_script_prints_json_and_exits_2_on_bad_input(run: Path) -> None:
 
 def test_ls_json_lists_committed_checkpoints_with_markers(run: Path) -> None:
     default, by_accuracy = ckpts_session(["ls", run, "--json"],
-                                         ["ls", run, "--metric", "acc", "--mode", "max", "--json"])
+                                         ["ls", run, "--metric", "acc", "--mode", "min", "--json"])
     rows = parse_json(default)
     assert [r["step"] for r in rows] == STEPS  # foreign files and the uncommitted step 9 ignored
     by_step = {r["step"]: r for r in rows}
-    assert by_step[50]["markers"] == ["latest"]
+    assert by_step[50]["markers"] == ["latest", "best(acc)"]  # acc: higher is better
     assert by_step[20]["markers"] == ["best(val_loss)"]
-    assert by_step[10]["markers"] == ["best(acc)"]  # every metric ranked by min by default
+    assert by_step[10]["markers"] == []
     assert by_step[40]["metrics"] == {"val_loss": None, "acc": 0.4}  # NaN as null
     assert by_step[30]["path"] == str(run / "step-00000030")
     assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2]
     assert all(r["nbytes"] > 0 and r["tags"] == [] and r["created"].endswith("+00:00")
                for r in rows)
 
-    rows = parse_json(by_accuracy)
-    assert [r["markers"] for r in rows] == [[], [], [], [], ["latest", "best(acc)"]]
+    rows = parse_json(by_accuracy)  # --mode says otherwise
+    assert [r["markers"] for r in rows] == [["best(acc)"], [], [], [], ["latest"]]
 
 
 def test_ls_table_shows_metrics_and_markers(run: Path) -> None:
@@ -176,7 +176,7 @@ def test_ls_table_shows_metrics_and_markers(run: Path) -> None:
     header, *lines = result.stdout.splitlines()
     assert header.split() == ["step", "created", "size", "epoch", "val_loss", "acc", "markers"]
     assert [line.split()[0] for line in lines] == [str(s) for s in STEPS]
-    assert lines[1].endswith("best(val_loss)") and lines[4].endswith("latest")
+    assert lines[1].endswith("best(val_loss)") and lines[4].endswith("latest, best(acc)")
     assert " nan " in lines[3]
 
 
@@ -291,6 +291,8 @@ def test_verify_reports_each_checkpoint_and_fails_on_a_corrupt_one(run: Path) ->
     assert lines[-1] == "5 checkpoint(s) verified, 1 with problems"
     assert single.returncode == 0 and single.stdout.startswith("step-00000010  OK")
     assert_bad_input(uncommitted, "is not a checkpoint")
+    # manifests, indexes, headers and hashes: verify never needs torch
+    assert not any(r.imported_torch for r in (whole_run, single, uncommitted))
 
 
 def test_prune_refuses_unclear_policies_and_deletes_nothing(run: Path) -> None:
@@ -338,7 +340,7 @@ def test_pin_and_unpin_tags_a_checkpoint(run: Path) -> None:
         ["unpin", run, "10", "--tag", "release"], ["pin", run, "15"],
         ["unpin", run, "10"], ["ls", run, "--json"])
     assert (pin.returncode, pin.stdout) == (0, "pinned step-00000010 (tags: paper)\n")
-    assert parse_json(listed)[0]["markers"] == ["best(acc)", "pinned:paper"]
+    assert parse_json(listed)[0]["markers"] == ["pinned:paper"]
     assert_bad_input(wrong_tag, "no tag 'release'", "paper")
     assert_bad_input(wrong_step, "step 15", "10, 20, 30, 40, 50")
     assert (unpin.returncode, unpin.stdout) == (0, "unpinned step-00000010 (tags left: none)\n")

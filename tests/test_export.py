@@ -178,6 +178,45 @@ def test_hf_export_without_a_recorded_config_needs_one(tmp_path: Path) -> None:
     assert load_file(out / "model.safetensors").keys() == {"0.weight", "0.bias"}
 
 
+def test_hf_export_refuses_a_config_that_does_not_describe_the_weights(tmp_path: Path) -> None:
+    checkpoint = save(tmp_path / "run", tiny_gpt2())  # n_embd 32
+    wider = tmp_path / "wider.json"
+    wider.write_text(transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64,
+                                             n_layer=2, n_head=2).to_json_string())
+    with pytest.raises(ckpts.IncompatibleStateError) as raised:
+        export(checkpoint, tmp_path / "hf", format="hf", config=wider)
+    assert str(raised.value).startswith(
+        f"the config {wider} does not describe the weights of {checkpoint.path} ('model'): "
+        "GPT2LMHeadModel built from it has 'transformer.wte.weight' of shape [320, 64], "
+        "the checkpoint [320, 32]")
+    assert raised.value.mismatched[0] == ("transformer.wte.weight", "[320, 32]", "[320, 64]")
+    done = CliRunner().invoke(app, ["export", str(checkpoint.path), str(tmp_path / "hf"),
+                                    "--format", "hf", "--config", str(wider)])
+    assert done.exit_code == 2 and done.output.startswith(f"error: the config {wider} does")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "wider.json"]  # nothing written
+
+
+def test_hf_export_refuses_weights_saved_under_a_wrappers_prefix(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+
+    class Wrapped(torch.nn.Module):  # as DistributedDataParallel holds it: keys "module.*"
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = model
+
+    with ckpts.CheckpointManager(tmp_path / "run") as manager:
+        checkpoint = manager.save(1, ckpts.TrainState(model=Wrapped()))
+    assert checkpoint is not None
+    config = tmp_path / "config.json"
+    config.write_text(model.config.to_json_string())
+    with pytest.raises(ckpts.IncompatibleStateError,
+                       match=r"'transformer\.wte\.weight' of shape \[320, 32\], which the "
+                             r"checkpoint lacks \(it holds 'module\.transformer\.wte\.weight': "
+                             r"the weights were saved under the prefix 'module\.'"):
+        export(checkpoint, tmp_path / "hf", format="hf", config=config)
+    assert not (tmp_path / "hf").exists()
+
+
 def test_export_refuses_an_existing_output(tmp_path: Path) -> None:
     checkpoint = save(tmp_path / "run", tiny_llama())
     (tmp_path / "taken").mkdir()

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ckpts._checkpoint.restore import decode_object, fit_module, load_module_weights
 from ckpts._checkpoint.verify import check_file_sizes
 from ckpts._format.catalog import Checkpoint, open_checkpoint
 from ckpts._format.index import Contents, read_manifest
 from ckpts._format.manifest import manifest_tensor_entries
-from ckpts._format.safetensors import DTYPE_NAMES
 from ckpts._tensors.gc import paused_gc
-from ckpts._tensors.reading import read_tensors
 from ckpts.errors import NotACheckpointError
 from ckpts.storage._port import Storage
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (and the modules that need it) is imported where tensors are made: module_record
+# reads the manifest alone, so `ckpts export` checks its arguments before importing torch
 
 
 @paused_gc()
@@ -62,6 +63,8 @@ def load_weights(
         >>> model = build_model()                                   # doctest: +SKIP
         >>> ckpts.load_weights("runs/exp1/step-00000500", model)    # doctest: +SKIP
     """
+    from ckpts._checkpoint.restore import fit_module, load_module_weights
+
     storage, checkpoint_name, manifest = _resolve(checkpoint, storage_options)
     where = storage.where(checkpoint_name)
     obj_name, manifest = _pick_module(storage, checkpoint_name, manifest, name)
@@ -108,6 +111,11 @@ def load_state(
         >>> config = ckpts.load_state("runs/exp1/step-00000500", "config")  # doctest: +SKIP
         >>> model = GPT(**config["model_args"])                              # doctest: +SKIP
     """
+    import torch
+
+    from ckpts._checkpoint.restore import decode_object
+    from ckpts._format.safetensors import DTYPE_NAMES
+
     storage, checkpoint_name, manifest = _resolve(checkpoint, storage_options)
     where = storage.where(checkpoint_name)
     objects = manifest["objects"]
@@ -192,6 +200,8 @@ def _check_sizes(storage: Storage, checkpoint: str, manifest: dict[str, Any], na
 def _read_object(storage: Storage, checkpoint: str, manifest: dict[str, Any], name: str
                  ) -> dict[str, torch.Tensor]:
     """Every tensor of one saved object, read and checked, as new CPU tensors."""
+    from ckpts._tensors.reading import read_tensors
+
     _check_sizes(storage, checkpoint, manifest, name)
     entries = manifest_tensor_entries(manifest["objects"][name])
     read = read_tensors(storage, checkpoint, manifest["files"],

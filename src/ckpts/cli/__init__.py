@@ -2,7 +2,8 @@
 
 Each command lives in its own module (``demo.py``, ...) and is registered below, so
 a new command is a new module plus one line here. The commands print; the library
-they call does not.
+they call does not. The group (:class:`ckpts.cli._common.Commands`) prints a usage
+error as one line on stderr, with exit code 2.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from ckpts.cli import (
     maintenance,
     selection,
 )
-from ckpts.cli._common import show_library_warnings
+from ckpts.cli._common import Commands, show_library_warnings
 
 app = typer.Typer(
+    cls=Commands,
     name="ckpts",
     help="Checkpoint manager for PyTorch training: atomic, verified, bit-exact resume.",
     no_args_is_help=True,

@@ -2,7 +2,9 @@
 
 Exit codes: 0 ok, 1 a check failed (``verify`` found problems), 2 bad usage or
 input. A :class:`~ckpts.errors.CheckpointError` or ``OSError`` escaping a command
-becomes one line on stderr (``error: ...``) and exit code 2, never a traceback.
+becomes one line on stderr (``error: ...``) and exit code 2, never a traceback; so
+does a usage error (a missing option, a bad value: see :class:`Commands`), as
+``ckpts best: missing option '--metric'; see ckpts best --help``.
 
 Runs and checkpoints are given as text, a local path or an fsspec URL
 (``s3://bucket/run``, ``memory://...``): :func:`open_run`, :func:`open_checkpoint_arg`
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
+import typer.core
 from rich.cells import cell_len
 from rich.console import Console
 from rich.text import Text
@@ -44,10 +47,25 @@ from ckpts.storage._port import MANIFEST, Storage, split_checkpoint, url_protoco
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 
+# click, as typer runs it: vendored as typer._click since typer 0.2x, click itself before
+_click: Any = vars(typer.core).get("_click") or vars(typer.core)["click"]
+
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 ModeOption = Annotated[
-    Mode, typer.Option(help="Whether lower (min) or higher (max) values of the metric are better.")
+    Mode | None,
+    typer.Option(help="Whether lower (min) or higher (max) values of the metric are better "
+                      "(default: known from its name, e.g. max for accuracy; else min)."),
 ]
+
+EPOCH_METRIC = "epoch"  # a metric Trainer logs: shown in the epoch column, never ranked
+
+# The words of a metric's name that say which end is better (see metric_direction). Rates
+# and timings (samples_per_second, runtime), learning rates and norms have no better end.
+LOWER_IS_BETTER = frozenset({
+    "loss", "perplexity", "ppl", "error", "err", "wer", "cer", "mse", "mae", "rmse", "nll"})
+HIGHER_IS_BETTER = frozenset({
+    "accuracy", "acc", "f1", "bleu", "rouge", "auc", "precision", "recall", "exact_match",
+    "score", "reward"})
 
 # No markup nor emoji codes: paths, tensor keys and tags print as they are, brackets
 # and colons included. Soft wrap: a long line stays one line (for grep and cut),
@@ -94,6 +112,51 @@ def fail(message: str) -> NoReturn:
     code 2."""
     stderr.print(f"error: {printable(message)}")
     raise typer.Exit(EXIT_BAD_INPUT)
+
+
+class Commands(typer.core.TyperGroup):
+    """The ``ckpts`` command group: a usage error is one line on stderr and exit code 2.
+
+    click (through typer) would print the usage and a boxed message over several
+    lines. Here a missing or unknown option or argument, a bad value or an unknown
+    command prints ``ckpts best: missing option '--metric'; see ckpts best --help``.
+    ``ckpts`` alone still prints the help.
+    """
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
+        """Run the command line (see :meth:`click.Command.main`), reporting usage errors
+        as one line."""
+        if not standalone_mode:  # the caller handles click's exceptions itself
+            return super().main(args, prog_name, complete_var, False, windows_expand_args,
+                                **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args,
+                                **extra)
+        except _click.exceptions.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # `ckpts` alone: the help
+                typer.echo(e.format_message(), nl=False)  # (rich prints it, and gives "")
+            else:
+                stderr.print(usage_error(e))
+            sys.exit(EXIT_BAD_INPUT)
+        except _click.exceptions.ClickException as e:  # other click errors, as one line
+            stderr.print(f"error: {printable(e.format_message())}")
+            sys.exit(e.exit_code)
+        except _click.exceptions.Abort:
+            stderr.print("Aborted!")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_error(error: Any) -> str:
+    """A click usage error as one line: ``COMMAND: what is wrong; see COMMAND --help``."""
+    command = error.ctx.command_path if error.ctx is not None else "ckpts"
+    # typer words a bad value as pydantic does: "Value error, 'mid' is not one of ..."
+    message = error.format_message().strip().rstrip(".").replace(": Value error, ", ": ")
+    if message[:1].isupper() and message[1:2].islower():  # "Missing option" -> "missing ..."
+        message = message[0].lower() + message[1:]
+    return printable(f"{command}: {message}; see {command} --help")
 
 
 def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
@@ -158,6 +221,37 @@ def open_checkpoint_arg(text: str) -> tuple[Storage, str]:
     return found
 
 
+def metric_direction(metric: str) -> Mode | None:
+    """Whether lower (``min``) or higher (``max``) values of ``metric`` are better, from the
+    words of its name (:data:`LOWER_IS_BETTER`, :data:`HIGHER_IS_BETTER`); None when no
+    word says, or words of both kinds do.
+
+    Words are split at non-letters and camelCase, digits at a word's end aside
+    (``rouge1``, ``top5_err``); ``exact_match`` counts as one word. The one rule that
+    ``ls``, ``best``, ``prune``, ``plot`` and ``report`` apply when ``--mode`` is not given.
+
+    Example:
+        >>> [metric_direction(m) for m in ("val_loss", "eval_accuracy", "rouge1", "valPPL")]
+        ['min', 'max', 'max', 'min']
+        >>> [metric_direction(m) for m in ("eval_samples_per_second", "learning_rate")]
+        [None, None]
+    """
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", metric).lower()
+    words = [word for word in re.split(r"[^a-z0-9]+", spaced) if word]
+    if "_exact_match_" in f"_{'_'.join(words)}_":
+        words.append("exact_match")
+    words += [word.rstrip("0123456789") for word in words]
+    lower = not LOWER_IS_BETTER.isdisjoint(words)
+    higher = not HIGHER_IS_BETTER.isdisjoint(words)
+    return None if lower == higher else "min" if lower else "max"
+
+
+def ranking_mode(metric: str, mode: Mode | None) -> Mode:
+    """The mode to rank ``metric`` by when one must be picked: ``mode`` if given, else the
+    metric's known direction (:func:`metric_direction`), else ``min``."""
+    return mode or metric_direction(metric) or "min"
+
+
 def check_metric(metric: str, checkpoints: Iterable[Checkpoint]) -> None:
     """Exit 2 unless some checkpoint has ``metric``; the message lists the metrics present."""
     present = metric_names(checkpoints)
@@ -172,6 +266,20 @@ def metric_names(checkpoints: Iterable[Checkpoint]) -> list[str]:
     for checkpoint in checkpoints:
         names.update(dict.fromkeys(checkpoint.metrics))
     return list(names)
+
+
+def table_metrics(checkpoints: Iterable[Checkpoint]) -> list[str]:
+    """The metrics a table shows as columns: every one but ``epoch``, which Trainer logs
+    as a metric and the table's epoch column shows (see :func:`epoch_cell`)."""
+    return [name for name in metric_names(checkpoints) if name != EPOCH_METRIC]
+
+
+def epoch_cell(checkpoint: Checkpoint) -> str:
+    """A checkpoint's epoch for a table: its ``epoch`` metric where it has one (Trainer's
+    fractional epoch, ``2.5``), else the epoch it was saved with, else empty."""
+    if EPOCH_METRIC in checkpoint.metrics:
+        return format_number(checkpoint.metrics[EPOCH_METRIC])
+    return "" if checkpoint.epoch is None else str(checkpoint.epoch)
 
 
 def json_metrics(metrics: Mapping[str, float]) -> dict[str, float | None]:

@@ -61,18 +61,19 @@ class Recommendation:
     reason: str
 
 
-def metric_curve(run: Storage | str | os.PathLike[str], metric: str, mode: Mode, *,
+def metric_curve(run: Storage | str | os.PathLike[str], metric: str, mode: Mode | None, *,
                  checkpoints: Sequence[Checkpoint], label: str | None = None) -> Curve:
     """The curve of ``metric`` in ``run``: its checkpoints' values, then deleted steps' values.
 
     Args:
         run: the run: a directory, a URL or a storage (its history is read, if any).
         metric: the metric name.
-        mode: ``min`` or ``max``: which end is best.
+        mode: ``min`` or ``max``: which end is best; None: unknown, no point is
+            marked ``best``.
         checkpoints: the run's committed checkpoints (``list_checkpoints(run)``).
         label: the curve's name in legends (default: the run directory's name).
     """
-    ranked = rank_by(checkpoints, metric, mode)
+    ranked = rank_by(checkpoints, metric, mode) if mode is not None else []
     best_step = ranked[0].step if ranked and not math.isnan(ranked[0].metrics[metric]) else None
     latest_step = checkpoints[-1].step if checkpoints else None
     points: dict[int, Point] = {}

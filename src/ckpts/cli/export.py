@@ -69,8 +69,9 @@ def export(
         help="Split safetensors output into files of at most this size.")] = "5GB",
 ) -> None:
     """Export a checkpoint's weights for deployment (reads no optimizer bytes)."""
-    storage, folder = open_checkpoint_arg(checkpoint)  # before importing torch: fails fast
-    from ckpts.export import export as export_weights
+    from ckpts.export import export as export_weights  # checks all it can before torch
+
+    storage, folder = open_checkpoint_arg(checkpoint)
 
     columns = (TextColumn("exporting"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True,
@@ -100,13 +101,14 @@ def evaluate(
     ] = None,
 ) -> None:
     """Run an evaluation script over a run's checkpoints and attach the metrics it prints."""
-    from ckpts._run.manager import CheckpointManager
-
     if not script.is_file():
         fail(f"evaluation script {script} does not exist")
+    storage = open_run(run)
+    from ckpts._run.manager import CheckpointManager  # imports torch: once the input is checked
+
     columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
-    with CheckpointManager(open_run(run)) as manager, Progress(
+    with CheckpointManager(storage) as manager, Progress(
             *columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
         task = progress.add_task("", total=None)
 

@@ -4,6 +4,11 @@ Both read only the manifests (through :func:`ckpts._format.catalog.list_checkpoi
 they start in a fraction of a second and list thousands of checkpoints quickly.
 A checkpoint whose files no longer have the sizes its manifest records is marked
 ``damaged`` by ``ls``, never marked best, and skipped by ``best`` with a note.
+
+Which end of a metric is best comes from ``--mode``, else from the metric's name
+(:func:`ckpts.cli._common.metric_direction`: min for ``val_loss``, max for
+``eval_accuracy``). ``ls`` marks no best for a metric whose name says nothing
+(``eval_samples_per_second``); ``best`` and ``ls --metric`` rank such a metric by min.
 """
 
 from __future__ import annotations
@@ -22,17 +27,20 @@ from ckpts.cli._common import (
     JsonOption,
     ModeOption,
     check_metric,
+    epoch_cell,
     fail,
     format_number,
     json_metrics,
-    metric_names,
+    metric_direction,
     open_run,
     print_json,
     print_table,
     printable,
+    ranking_mode,
     reports_errors,
     stderr,
     stdout,
+    table_metrics,
 )
 from ckpts.storage import Storage, open_storage
 from ckpts.storage._shm import held_on_this_host
@@ -46,9 +54,10 @@ def ls(
         help="A run (a directory or a URL such as s3://bucket/run), or a folder of runs.")],
     metric: Annotated[
         str | None,
-        typer.Option(help="Mark the best checkpoint by this metric only (default: every metric)."),
+        typer.Option(help="Mark the best checkpoint by this metric only (default: every metric "
+                          "whose better end its name tells)."),
     ] = None,
-    mode: ModeOption = "min",
+    mode: ModeOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """List a run's checkpoints: step, time, size, epoch, metrics; latest/best/pinned/damaged.
@@ -93,7 +102,7 @@ def print_memory_snapshots(location: str) -> None:
 def best(
     run: Annotated[str, typer.Argument(help="A run: a directory or a URL.")],
     metric: Annotated[str, typer.Option(help="The metric to rank checkpoints by.")],
-    mode: ModeOption = "min",
+    mode: ModeOption = None,
 ) -> None:
     """Print the path of the checkpoint with the best metric (and nothing else).
 
@@ -107,7 +116,8 @@ def best(
             stderr.print(printable(f"note: skipping step {checkpoint.step}, which is damaged "
                                    f"({checkpoint.damaged}); `ckpts verify {run}` checks "
                                    "every file"))
-    ranked = rank_by([c for c in checkpoints if c.damaged is None], metric, mode)
+    ranked = rank_by([c for c in checkpoints if c.damaged is None], metric,
+                     ranking_mode(metric, mode))
     if not ranked:
         fail(f"every checkpoint with the metric {metric!r} in {run} is damaged; "
              f"run `ckpts verify {run}` for details")
@@ -132,20 +142,27 @@ def find_runs(storage: Storage) -> dict[str, list[Checkpoint]]:
 
 
 def mark(
-    checkpoints: Sequence[Checkpoint], metric: str | None, mode: Mode
+    checkpoints: Sequence[Checkpoint], metric: str | None = None, mode: Mode | None = None
 ) -> list[tuple[Checkpoint, list[str]]]:
     """Pair each checkpoint with its markers: ``latest``, ``best(<metric>)``, ``pinned[:tag]``,
     ``damaged``.
 
-    ``best`` goes to the best intact checkpoint of ``metric``, or of every metric
-    when it is None, ranked by ``mode``; a metric that is NaN everywhere has no best.
+    ``best`` goes to the best intact checkpoint of ``metric``, ranked by ``mode`` (by
+    default the metric's known direction, else min, as ``ckpts best`` ranks it). With
+    no ``metric``, each metric but ``epoch`` is marked, by ``mode`` if given, else by
+    its known direction; a metric whose name tells none gets no ``best``. A metric
+    that is NaN everywhere has no best.
     """
     markers: dict[int, list[str]] = {c.step: [] for c in checkpoints}
     if checkpoints:
         markers[checkpoints[-1].step].append("latest")
     intact = [c for c in checkpoints if c.damaged is None]
-    for name in [metric] if metric is not None else metric_names(checkpoints):
-        ranked = rank_by(intact, name, mode)
+    if metric is not None:
+        ranked_by: dict[str, Mode | None] = {metric: ranking_mode(metric, mode)}
+    else:
+        ranked_by = {name: mode or metric_direction(name) for name in table_metrics(checkpoints)}
+    for name, direction in ranked_by.items():
+        ranked = rank_by(intact, name, direction) if direction is not None else []
         if ranked and not math.isnan(ranked[0].metrics[name]):
             markers[ranked[0].step].append(f"best({name})")
     for c in checkpoints:
@@ -157,14 +174,14 @@ def mark(
 
 def print_checkpoint_table(pairs: list[tuple[Checkpoint, list[str]]]) -> None:
     """Print one run's ``ckpts ls`` table on stdout, from :func:`mark`'s pairs."""
-    metrics = metric_names(c for c, _ in pairs)
+    metrics = table_metrics(c for c, _ in pairs)
     header = ["step", "created", "size", "epoch", *metrics, "markers"]
     rows = [
         [
             str(checkpoint.step),
             checkpoint.created.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
             decimal(checkpoint.nbytes),
-            "" if checkpoint.epoch is None else str(checkpoint.epoch),
+            epoch_cell(checkpoint),
             *(format_number(checkpoint.metrics[m]) if m in checkpoint.metrics else ""
               for m in metrics),
             ", ".join(markers),

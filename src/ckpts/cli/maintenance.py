@@ -1,7 +1,8 @@
 """``ckpts verify``, ``prune``, ``pin`` and ``unpin``: check a run and manage what it keeps.
 
-These commands import torch (through :class:`ckpts.CheckpointManager` and the
-safetensors reader), so they import it inside the command, never at module level.
+``verify`` reads manifests, indexes, headers and hashes only: it never imports
+torch. ``prune``, ``pin`` and ``unpin`` go through :class:`ckpts.CheckpointManager`,
+imported inside the command once its arguments are checked.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import typer
 from rich.filesize import decimal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ckpts._checkpoint.verify import deleted_while_verifying, verify_listed
 from ckpts._format.catalog import Checkpoint, list_checkpoints
 from ckpts._format.index import read_manifest
 from ckpts._run.policy import KeepBest, KeepEvery, KeepLast, KeepWithinBytes, Mode
@@ -25,6 +27,7 @@ from ckpts.cli._common import (
     open_location,
     open_run,
     printable,
+    ranking_mode,
     reports_errors,
     stderr,
     stdout,
@@ -61,9 +64,6 @@ def verify(
     names = [name for name, _ in listed]
     if not names:
         fail(f"{path} is not a checkpoint (no {MANIFEST}) nor a run holding any")
-    # imports torch: only once there is work
-    from ckpts._checkpoint.verify import deleted_while_verifying, verify_listed
-
     failed = deleted = 0
     columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True,
@@ -109,9 +109,9 @@ def prune(
         int | None, typer.Option(min=1, help="Keep the K best checkpoints by --metric.")
     ] = None,
     metric: Annotated[str | None, typer.Option(help="The metric --keep-best ranks by.")] = None,
-    mode: Annotated[
-        Mode | None, typer.Option(help="For --keep-best: is lower (min, default) or higher better.")
-    ] = None,
+    mode: Annotated[Mode | None, typer.Option(
+        help="For --keep-best: is lower (min) or higher (max) better (default: known from "
+             "the metric's name, e.g. max for accuracy; else min).")] = None,
     keep_every: Annotated[
         int | None, typer.Option(min=1, help="Keep every checkpoint whose step is a multiple of S.")
     ] = None,
@@ -150,7 +150,7 @@ def prune(
     if keep_last is not None:
         keep.append(KeepLast(keep_last))
     if keep_best is not None and metric is not None:
-        keep.append(KeepBest(keep_best, metric, mode or "min"))
+        keep.append(KeepBest(keep_best, metric, ranking_mode(metric, mode)))
     if keep_every is not None:
         keep.append(KeepEvery(keep_every))
     if budget is not None:

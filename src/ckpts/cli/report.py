@@ -20,10 +20,17 @@ from pathlib import Path
 from rich.filesize import decimal
 
 from ckpts._format.catalog import Checkpoint, list_checkpoints
+from ckpts._format.index import read_manifest
 from ckpts._run.policy import Mode
-from ckpts.cli._common import printable
+from ckpts.cli._common import (
+    epoch_cell,
+    metric_direction,
+    printable,
+    ranking_mode,
+    table_metrics,
+)
 from ckpts.cli.curves import Curve, Point, Recommendation, metric_curve, recommend, run_name
-from ckpts.errors import InvalidArgumentError
+from ckpts.errors import CheckpointError, InvalidArgumentError
 from ckpts.storage import open_storage
 from ckpts.storage._port import Storage, url_protocol
 
@@ -47,15 +54,18 @@ font-size:11px;background:#e0e7ff}.tag.best{background:#fde68a}.tag.deleted{back
 
 
 def write_report(run: Storage | str | os.PathLike[str], out: Path, *, metric: str | None = None,
-                 mode: Mode = "min", now: datetime.datetime | None = None) -> Path:
+                 mode: Mode | None = None, now: datetime.datetime | None = None) -> Path:
     """Write the HTML report of ``run`` to ``out``.
 
     Args:
         run: the run: a directory, a URL or a storage.
         out: the HTML file to write.
         metric: the metric that picks the recommended checkpoint (default:
-            ``val_loss`` if present, else the first metric seen).
-        mode: whether lower (``min``) or higher (``max``) values are better.
+            ``val_loss``, else ``eval_loss``, else the first metric seen whose name
+            tells its better end, else the first metric seen).
+        mode: whether lower (``min``) or higher (``max``) values of ``metric`` are
+            better (default: known from its name, else ``min``). The other metrics'
+            charts star their best point only when their name tells which end is best.
         now: the time ages are counted from (default: now).
 
     Returns:
@@ -68,25 +78,54 @@ def write_report(run: Storage | str | os.PathLike[str], out: Path, *, metric: st
     checkpoints = list_checkpoints(run)
     if not checkpoints:
         raise InvalidArgumentError(f"{run.location} has no committed checkpoints to report on")
-    names = _metric_names(checkpoints)
+    names = table_metrics(checkpoints)
     if metric is None:
-        metric = "val_loss" if "val_loss" in names else (names[0] if names else None)
+        metric = _default_metric(names)
     elif metric not in names:
         raise InvalidArgumentError(
             f"no checkpoint in {run.location} has the metric {metric!r}; metrics present: "
             f"{', '.join(names) or 'none'}")
-    curves = [metric_curve(run, name, mode if name == metric else _guess_mode(name),
-                           checkpoints=checkpoints) for name in names]
-    advice = recommend(run, metric, mode, checkpoints=checkpoints) if metric else None
+    directions = {name: metric_direction(name) for name in names}
+    advice = None
+    if metric is not None:
+        ranked_by = directions[metric] = ranking_mode(metric, mode)
+        advice = recommend(run, metric, ranked_by, checkpoints=checkpoints)
+    curves = [metric_curve(run, name, direction, checkpoints=checkpoints)
+              for name, direction in directions.items()]
     page = render(run, checkpoints, curves, advice,
-                  now=now or datetime.datetime.now(datetime.timezone.utc))
+                  now=now or datetime.datetime.now(datetime.timezone.utc),
+                  export_format="safetensors" if advice is None
+                  else _export_format(run, advice.checkpoint))
     out.write_text(page, encoding="utf-8")
     return out
 
 
+def _default_metric(names: Sequence[str]) -> str | None:
+    """The metric a report ranks by when none is given (see :func:`write_report`)."""
+    for preferred in ("val_loss", "eval_loss"):
+        if preferred in names:
+            return preferred
+    known = [name for name in names if metric_direction(name) is not None]
+    return next(iter(known or names), None)
+
+
+def _export_format(run: Storage, checkpoint: Checkpoint) -> str:
+    """``hf`` when the checkpoint's module has a recorded Hugging Face config (which
+    ``ckpts export --format hf`` needs), else ``safetensors``."""
+    try:
+        objects = read_manifest(run, checkpoint.name, tensor_entries=False)["objects"]
+    except (CheckpointError, OSError):  # export would fail too; the safe suggestion
+        return "safetensors"
+    modules = [obj for obj in objects.values() if obj.get("kind") == "module"]
+    chosen = objects.get("model") or (modules[0] if len(modules) == 1 else {})
+    return "hf" if isinstance(chosen.get("hf_config"), dict) else "safetensors"
+
+
 def render(run: Storage, checkpoints: Sequence[Checkpoint], curves: Sequence[Curve],
-           advice: Recommendation | None, *, now: datetime.datetime) -> str:
-    """The report page as a string (see :func:`write_report`)."""
+           advice: Recommendation | None, *, now: datetime.datetime,
+           export_format: str = "safetensors") -> str:
+    """The report page as a string (see :func:`write_report`); ``export_format``: the
+    format of the export command it suggests (``hf`` or ``safetensors``)."""
     title = _html(f"ckpts report: {run_name(run)}")
     where = run.location if url_protocol(run.location) else str(Path(run.location).resolve())
     parts = [
@@ -95,7 +134,7 @@ def render(run: Storage, checkpoints: Sequence[Checkpoint], curves: Sequence[Cur
         f"<h1>{title}</h1>",
         f'<div class="muted">{_html(where)} &middot; generated '
         f"{now.strftime('%Y-%m-%d %H:%M UTC')}</div>",
-        _recommendation(advice),
+        _recommendation(advice, export_format),
         '<h2>Metric curves</h2><div id="curves">',
         *(_chart(curve) for curve in curves if curve.points),
         "</div>" if any(c.points for c in curves) else '<p class="muted">No metrics.</p></div>',
@@ -114,16 +153,17 @@ def _html(text: str) -> str:
     return html.escape(printable(text))
 
 
-def _recommendation(advice: Recommendation | None) -> str:
+def _recommendation(advice: Recommendation | None, export_format: str) -> str:
     if advice is None:
         return ('<div class="recommend" id="recommendation">No checkpoint has a metric to '
                 "rank by; attach one with <code>add_metrics</code> or "
                 "<code>ckpts evaluate</code>.</div>")
     path = _html(str(advice.checkpoint.path))
+    out = "OUT" if export_format == "hf" else "model.safetensors"
     return (f'<div class="recommend" id="recommendation" data-step="{advice.checkpoint.step}">'
             f"<b>Recommended:</b> {_html(advice.reason)}.<br><code>{path}</code><br>"
-            f'<span class="muted">Export it: <code>ckpts export {path} OUT --format hf'
-            "</code></span></div>")
+            f'<span class="muted">Export it: <code id="export">ckpts export {path} {out} '
+            f"--format {export_format}</code></span></div>")
 
 
 def _chart(curve: Curve) -> str:
@@ -218,7 +258,7 @@ def _table(checkpoints: Sequence[Checkpoint], curves: Sequence[Curve], *,
         rows.append(f'<tr class="{css}" data-step="{c.step}"><td>{c.step}</td>'
                     f'<td class="left">{c.created.strftime("%Y-%m-%d %H:%M:%S")}</td>'
                     f"<td>{_age(now - c.created)}</td><td>{decimal(c.nbytes)}</td>"
-                    f"<td>{'' if c.epoch is None else c.epoch}</td>{cells}"
+                    f"<td>{_html(epoch_cell(c))}</td>{cells}"
                     f'<td class="left">{badges}</td></tr>')
     rows.append("</tbody></table>")
     deleted: dict[int, dict[str, float]] = {}
@@ -255,19 +295,6 @@ def _disk(run: Storage, checkpoints: Sequence[Checkpoint], curves: Sequence[Curv
         f"free space on this filesystem: {free}",
     ]
     return '<ul id="disk">' + "".join(f"<li>{_html(i)}</li>" for i in items) + "</ul>"
-
-
-def _metric_names(checkpoints: Sequence[Checkpoint]) -> list[str]:
-    names: dict[str, None] = {}
-    for c in checkpoints:
-        names.update(dict.fromkeys(c.metrics))
-    return list(names)
-
-
-def _guess_mode(metric: str) -> Mode:
-    """Which end is best for a metric that is not the ranking one (for its ``best`` star)."""
-    higher = ("acc", "f1", "bleu", "rouge", "auc", "precision", "recall", "score", "reward")
-    return "max" if any(word in metric.lower() for word in higher) else "min"
 
 
 def _span(values: Sequence[float]) -> tuple[float, float]:

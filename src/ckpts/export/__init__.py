@@ -15,6 +15,11 @@ Export reads one saved module's files (hash-checked, through the same read path 
 ``dtype`` (``fp32``, ``bf16``, ``fp16``) casts floating-point tensors; integer
 tensors are written as they are.
 
+Everything that can be checked is checked before a weight is read, and before torch is
+imported: the format, dtype and shard size, that ``out`` is free, the module, and
+the config an ``hf`` or ``gguf`` export needs, which must describe the saved weights
+(:func:`ckpts.export._config.check_config_fits`).
+
 Example:
     >>> from ckpts.export import export
     >>> export("runs/exp1/step-00001500", "out/model", format="hf", dtype="bf16")  # doctest: +SKIP
@@ -22,31 +27,27 @@ Example:
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from ckpts._checkpoint.weights import module_record, read_module_tensors
+from ckpts._format.catalog import Checkpoint
 from ckpts._run.space import parse_size
 from ckpts.errors import InvalidArgumentError
+from ckpts.export._config import check_config_fits, load_config, required_config
 from ckpts.export._output import ProgressCallback, byte_counter
 
 if TYPE_CHECKING:
-    from ckpts._format.catalog import Checkpoint
-
-log = logging.getLogger("ckpts")
+    import torch
 
 ExportFormat = Literal["hf", "safetensors", "gguf"]
 ExportDtype = Literal["fp32", "bf16", "fp16"]
 FORMATS: tuple[str, ...] = ("hf", "safetensors", "gguf")
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-}
+# each dtype option, as torch (and a config.json's "dtype") names it
+DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def export(
     checkpoint: Checkpoint | str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -97,18 +98,22 @@ def export(
         target = target / "model.safetensors"
     _check_free(target, directory=format == "hf")
     obj_name, record = module_record(checkpoint, name=name)
-    hf_config = _config(record, config)
+    hf_config = load_config(record, config)
     if format in ("hf", "gguf"):  # checked before any weight is read
-        hf_config = _required(hf_config, format)
+        hf_config = required_config(hf_config, format)
         if not hf_config.get("architectures") and record.get("class"):
             hf_config["architectures"] = [record["class"]]
+        where = checkpoint.path if isinstance(checkpoint, Checkpoint) else checkpoint
+        check_config_fits(hf_config, record, where=f"{where} ({obj_name!r})",
+                          source=f"the config {config}" if config is not None
+                          else "the Hugging Face config recorded at save")
     aliases: dict[str, str] = dict(record.get("aliases", {}))
     tensors = _cast(read_module_tensors(checkpoint, name=obj_name), dtype)
     if format == "gguf":
         from ckpts.export.gguf import write_gguf
 
         weights = {k: t for k, t in tensors.items() if k not in aliases}
-        write_gguf(weights, _required(hf_config, format), target, dtype=dtype,
+        write_gguf(weights, required_config(hf_config, format), target, dtype=dtype,
                    tokenizer=Path(tokenizer) if tokenizer is not None else None,
                    progress=byte_counter(weights, progress))
         return target
@@ -123,45 +128,19 @@ def export(
         return target
     from ckpts.export.hf import write_hf_folder
 
-    return write_hf_folder(tensors, aliases, _required(hf_config, format), target, dtype=dtype,
+    return write_hf_folder(tensors, aliases, required_config(hf_config, format), target,
+                           dtype=DTYPES[dtype] if dtype is not None else None,
                            tokenizer=Path(tokenizer) if tokenizer is not None else None,
                            max_shard_size=size, progress=progress)
-
-
-def _config(record: Mapping[str, Any], path: str | os.PathLike[str] | None
-            ) -> dict[str, Any] | None:
-    """The model's Hugging Face config: ``path`` if given, else the one recorded at save."""
-    if path is not None:
-        file = Path(path)
-        if file.is_dir():
-            file = file / "config.json"
-        try:
-            loaded = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise InvalidArgumentError(
-                f"cannot read the config {file}: {e}; pass a config.json (or the folder "
-                "holding one) of the model the checkpoint was trained as") from e
-        if not isinstance(loaded, dict):
-            raise InvalidArgumentError(f"{file} is not a JSON object, so not a model config")
-        return loaded
-    recorded = record.get("hf_config")
-    return dict(recorded) if isinstance(recorded, dict) else None
-
-
-def _required(config: dict[str, Any] | None, fmt: str) -> dict[str, Any]:
-    if config is None:
-        raise InvalidArgumentError(
-            f"--format {fmt} needs the model's Hugging Face config, and this checkpoint has "
-            "none recorded (it was not saved from a transformers model); pass "
-            "config=PATH (CLI: --config PATH) with the model's config.json")
-    return config
 
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:
     """Floating-point tensors cast to ``dtype``; tied keys stay one tensor."""
     if dtype is None:
         return tensors
-    wanted = DTYPES[dtype]
+    import torch
+
+    wanted = getattr(torch, DTYPES[dtype])
     cast: dict[int, torch.Tensor] = {}
     out = {}
     for key, tensor in tensors.items():

@@ -8,8 +8,10 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes in all)
 

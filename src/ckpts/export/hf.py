@@ -28,9 +28,6 @@ TOKENIZER_FILES = (
     "merges.txt", "tokenizer.model", "vocab.txt", "added_tokens.json", "chat_template.jinja",
 )
 
-TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def write_hf_folder(
     tensors: Mapping[str, torch.Tensor],
     aliases: Mapping[str, str],
@@ -42,14 +39,18 @@ def write_hf_folder(
     max_shard_size: int,
     progress: Callable[[int, int], None] | None,
 ) -> Path:
-    """Write the folder ``out`` (see the module docstring). Returns ``out``."""
+    """Write the folder ``out`` (see the module docstring). Returns ``out``.
+
+    ``dtype``: what the weights were cast to, as torch names it (``bfloat16``), which
+    the config records; None: as saved.
+    """
     tied = bool(config.get("tie_word_embeddings", True))
     weights = {k: (t.clone() if k in aliases else t) for k, t in tensors.items()
                if not (tied and k in aliases)}
     if dtype is not None:
-        config = {**config, "dtype": TORCH_DTYPE_NAMES[dtype]}
+        config = {**config, "dtype": dtype}
         if "torch_dtype" in config:
-            config["torch_dtype"] = TORCH_DTYPE_NAMES[dtype]
+            config["torch_dtype"] = dtype
     tokenizer_files = _tokenizer_files(tokenizer) if tokenizer is not None else []
     staging = staged_directory(out)
     try:
