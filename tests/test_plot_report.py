@@ -117,6 +117,29 @@ def test_plot_command_draws_several_runs_on_one_chart(tmp_path: Path) -> None:
     assert "no checkpoint has the metric 'acc'" in missing.output
 
 
+@pytest.mark.parametrize(("metric", "mode", "best"), [
+    ("val_accuracy", None, 40),  # higher is better, by its name
+    ("val_loss", None, 10),
+    ("val_loss", "max", 40),  # --mode wins
+    ("samples_per_second", None, None),  # the name does not tell: no star
+])
+def test_plot_stars_the_best_by_the_metrics_direction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metric: str, mode: str | None,
+        best: int | None) -> None:
+    drawn: list[object] = []
+    monkeypatch.setattr("ckpts.cli.plot.plot_curves", lambda curves, out: drawn.extend(curves))
+    with ckpts.CheckpointManager(tmp_path / "run") as manager:
+        for step, value in ((10, 0.1), (20, 0.3), (30, 0.2), (40, 0.9)):
+            manager.save(step, ckpts.TrainState(model=torch.nn.Linear(1, 1)),
+                         metrics={metric: value})
+    done = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "--metric", metric,
+                                    *(["--mode", mode] if mode else [])])
+    assert done.exit_code == 0, done.output
+    (curve,) = drawn
+    starred = [p.step for p in curve.points if "best" in p.markers]
+    assert starred == ([best] if best else [])
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -15,9 +15,6 @@ from typing import Any, TypeVar
 
 import torch
 
-# header_length and parse_header are imported from here by ckpts._tensors.reading
-from ckpts._format.headers import header_length as header_length
-from ckpts._format.headers import parse_header as parse_header
 from ckpts._format.manifest import TensorEntry
 from ckpts.errors import CorruptCheckpointError, UnserializableStateError
 

@@ -9,7 +9,7 @@ reader serves restore (bytes land straight in the live tensors), ``load_weights`
 ``load_state`` and ``diff`` (every tensor checked before any is copied out: in the
 page cache through a memory map where the backend can map files, else read into
 new memory).
-:func:`check_files` streams whole files through the hashes for ``verify``.
+(``verify`` streams whole files through the hashes: ckpts._checkpoint.verify.)
 """
 
 from __future__ import annotations
@@ -21,14 +21,9 @@ from typing import Any
 import torch
 import xxhash
 
+from ckpts._format.headers import header_length, parse_header, read_header
 from ckpts._format.manifest import HASH_PREFIX, TensorEntry, digest
-from ckpts._format.safetensors import (
-    DTYPE_NAMES,
-    byte_view,
-    header_length,
-    parse_header,
-    stored_entry,
-)
+from ckpts._format.safetensors import DTYPE_NAMES, byte_view, stored_entry
 from ckpts._tensors.gc import paused_gc
 from ckpts._tensors.pieces import BoxRead
 from ckpts._tensors.streaming import (
@@ -47,10 +42,6 @@ Key = tuple[str, str]
 # whole tensor, put into words only when its check fails (formatting 10,000 messages
 # that are never shown cost a tenth of a small-tensor load)
 Subject = str | tuple[str, Key]
-
-# verify() reads a file this many bytes at a time, several windows in flight
-VERIFY_WINDOW = 16 * 1024 * 1024
-_WINDOWS_IN_FLIGHT = 4
 
 
 @paused_gc()
@@ -355,64 +346,3 @@ def _fits(entry: TensorEntry, target: torch.Tensor | None) -> bool:
     return target is not None and target.is_contiguous() \
         and target.dtype == DTYPE_NAMES[entry.dtype] and tuple(target.shape) == entry.shape \
         and not target.is_conj() and not target.is_neg()
-
-
-def read_header(storage: Storage, name: str, file: str, size: int) -> dict[str, TensorEntry]:
-    """A safetensors file's header entries (absolute byte ranges), read by range."""
-    where = f"{storage.where(name)}/{file}"
-    prefix = memoryview(bytearray(8))
-    storage.read_ranges(name, [Range(file, 0, prefix[: min(8, size)])])
-    length = header_length(bytes(prefix[: min(8, size)]), size, where)
-    raw = memoryview(bytearray(length))
-    storage.read_ranges(name, [Range(file, 8, raw)])
-    return parse_header(bytes(raw), size, file=file, where=where)
-
-
-def check_files(storage: Storage, name: str, manifest: Mapping[str, Any]) -> list[str]:
-    """Stream every file of a checkpoint through its hashes; the problems found.
-
-    Each file is read in windows of :data:`VERIFY_WINDOW` bytes (a few in flight),
-    so memory stays small whatever the checkpoint's size. v2 tensor files: the
-    header and each tensor against their own hashes; other files: the whole file.
-    """
-    spans: dict[str, list[tuple[int, int, str, str]]] = defaultdict(list)
-    for file, record in manifest["files"].items():
-        if "header" in record:
-            spans[file].append((0, record["header"], record["hash"], "its header"))
-        else:
-            spans[file].append((0, record["nbytes"], record["hash"], "its content"))
-    for obj in manifest["objects"].values():
-        for key, info in obj["tensors"].items():
-            for piece in info.get("shards", [info]):  # format v3: each rank's piece
-                if "offsets" in piece:
-                    begin, end = piece["offsets"]
-                    spans[piece["file"]].append((begin, end, piece["hash"], f"tensor {key!r}"))
-    problems = []
-    for file, file_spans in spans.items():
-        problem = _stream_hashes(storage, name, file, sorted(file_spans))
-        if problem:
-            problems.append(f"{storage.where(name)}/{file}: {problem}")
-    return problems
-
-
-def _stream_hashes(storage: Storage, name: str, file: str,
-                   spans: list[tuple[int, int, str, str]]) -> str | None:
-    """Read ``file`` once, in order, feeding each span's bytes to its own hasher."""
-    end = max((span[1] for span in spans), default=0)
-    hashers = [xxhash.xxh3_128() for _ in spans]
-    window_span = VERIFY_WINDOW * _WINDOWS_IN_FLIGHT
-    for start in range(0, end, window_span):
-        views = [memoryview(bytearray(min(VERIFY_WINDOW, end - offset)))
-                 for offset in range(start, min(end, start + window_span), VERIFY_WINDOW)]
-        storage.read_ranges(name, [Range(file, start + i * VERIFY_WINDOW, view)
-                                   for i, view in enumerate(views)])
-        data = b"".join(views) if len(views) > 1 else views[0]
-        for (begin, stop, _, _), hasher in zip(spans, hashers, strict=True):
-            low, high = max(begin, start), min(stop, start + len(data))
-            if low < high:
-                hasher.update(memoryview(data)[low - start: high - start])
-    for (_, _, expected, what), hasher in zip(spans, hashers, strict=True):
-        actual = HASH_PREFIX + hasher.hexdigest()
-        if actual != expected:
-            return f"content hash of {what} is {actual}, the manifest says {expected}"
-    return None

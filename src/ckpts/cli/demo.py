@@ -364,7 +364,7 @@ def _ls_table(checkpoints: list[ckpts.Checkpoint]) -> Text:
     the demo's console keeps everything the demo prints on one console.
     """
     with ls_stdout.capture() as captured:
-        listing.print_checkpoint_table(listing.mark(checkpoints, None, "min"))
+        listing.print_checkpoint_table(listing.mark(checkpoints))
     return Text.from_ansi(captured.get().rstrip("\n"))
 
 

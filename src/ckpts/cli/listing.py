@@ -100,22 +100,30 @@ def print_memory_snapshots(location: str) -> None:
 
 @reports_errors
 def best(
-    run: Annotated[str, typer.Argument(help="A run: a directory or a URL.")],
+    run: Annotated[str, typer.Argument(
+        help="A run (a directory or a URL), or a folder of runs, such as a Lightning "
+             "ModelCheckpoint dirpath of CkptsCheckpointIO .ckpt runs.")],
     metric: Annotated[str, typer.Option(help="The metric to rank checkpoints by.")],
     mode: ModeOption = None,
 ) -> None:
     """Print the path of the checkpoint with the best metric (and nothing else).
 
+    Given a folder of runs (no checkpoints of its own, as ``ckpts ls`` lists it), the
+    best over all of them: for a Lightning dirpath, the ``step-*`` folder inside the best
+    ``.ckpt``, which ``ckpt_path=`` and ``ckpts.load_weights`` take.
     Ties go to the earlier step; NaN values rank last. A damaged checkpoint (a file
     missing or not the size its manifest records) is skipped, with a note on stderr.
     """
-    checkpoints = list_checkpoints(open_run(run))
+    runs = find_runs(open_run(run))  # a folder of runs: the best over all of them
+    checkpoints = [c for found in runs.values() for c in found]
     check_metric(metric, checkpoints)
-    for checkpoint in checkpoints:
-        if checkpoint.damaged is not None and metric in checkpoint.metrics:
-            stderr.print(printable(f"note: skipping step {checkpoint.step}, which is damaged "
-                                   f"({checkpoint.damaged}); `ckpts verify {run}` checks "
-                                   "every file"))
+    for name, found in runs.items():
+        where, of = (f"{run.rstrip('/')}/{name}", f" of {name}") if name else (run, "")
+        for checkpoint in found:
+            if checkpoint.damaged is not None and metric in checkpoint.metrics:
+                stderr.print(printable(
+                    f"note: skipping step {checkpoint.step}{of}, which is damaged "
+                    f"({checkpoint.damaged}); `ckpts verify {where}` checks every file"))
     ranked = rank_by([c for c in checkpoints if c.damaged is None], metric,
                      ranking_mode(metric, mode))
     if not ranked:

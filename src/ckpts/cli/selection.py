@@ -13,7 +13,15 @@ from typing import Annotated
 import typer
 
 from ckpts._format.catalog import list_checkpoints
-from ckpts.cli._common import ModeOption, check_metric, fail, open_run, reports_errors, stdout
+from ckpts.cli._common import (
+    ModeOption,
+    check_metric,
+    fail,
+    metric_direction,
+    open_run,
+    reports_errors,
+    stdout,
+)
 from ckpts.storage._port import url_protocol
 
 
@@ -23,12 +31,13 @@ def plot(
     metric: Annotated[str, typer.Option(help="The metric to draw against the step.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Image file (.png, .svg, .pdf).")
                       ] = Path("curve.png"),
-    mode: ModeOption = "min",
+    mode: ModeOption = None,
 ) -> None:
     """Draw a metric against the step for one or several runs, on one chart.
 
-    Kept checkpoints are dots, the best a star, pinned ones diamonds; steps that
-    retention deleted are faint, when the run's metrics history knows them.
+    Kept checkpoints are dots, the best a star (when ``--mode`` or the metric's name
+    says which end is best), pinned ones diamonds; steps that retention deleted are
+    faint, when the run's metrics history knows them.
     """
     from ckpts.cli.curves import metric_curve
     from ckpts.cli.plot import plot_curves
@@ -36,7 +45,8 @@ def plot(
     listed = {run: list_checkpoints(open_run(run)) for run in runs}
     check_metric(metric, [c for found in listed.values() for c in found])
     labels = _labels(runs)
-    curves = [metric_curve(run, metric, mode, checkpoints=found, label=labels[run])
+    better = mode or metric_direction(metric)  # None: no best to mark
+    curves = [metric_curve(run, metric, better, checkpoints=found, label=labels[run])
               for run, found in listed.items()]
     plot_curves(curves, output)
     stdout.print(str(output))
@@ -50,9 +60,10 @@ def report(
     metric: Annotated[
         str | None,
         typer.Option(help="The metric that picks the recommended checkpoint "
-                          "(default: val_loss if present, else the first one)."),
+                          "(default: val_loss, else eval_loss, else the first metric whose "
+                          "name tells its better end)."),
     ] = None,
-    mode: ModeOption = "min",
+    mode: ModeOption = None,
 ) -> None:
     """Write a self-contained HTML report: curves, checkpoints table, recommendation, disk use."""
     from ckpts.cli.report import write_report
