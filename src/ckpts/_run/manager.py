@@ -494,7 +494,7 @@ class CheckpointManager:
         restored = self.restored_from if self.restored_from is not None \
             and step <= self.restored_from else None
         self._retention.check_space(
-            upcoming, needed=needed, reused=reused, checkpoints=self.checkpoints(),
+            upcoming, needed=needed, reused=reused, checkpoints=self._records.checkpoints,
             source=self._reusable.name if self._reusable else None,
             protected=(restored, step))
 

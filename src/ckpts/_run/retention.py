@@ -73,7 +73,7 @@ class Retention:
         return removed
 
     def check_space(self, upcoming: Checkpoint, *, needed: int, reused: Mapping[str, int],
-                    source: str | None, checkpoints: list[Checkpoint],
+                    source: str | None, checkpoints: Callable[[], list[Checkpoint]],
                     protected: Iterable[int | None]) -> None:
         """Refuse a save that the disk, or a KeepWithinBytes budget once retention has
         run, cannot hold, before it writes a byte.
@@ -82,7 +82,8 @@ class Retention:
             upcoming: the checkpoint about to be written.
             needed: the bytes it will write.
             reused: the files (and sizes) it takes from checkpoint ``source``.
-            checkpoints: the run's committed checkpoints.
+            checkpoints: lists the run's committed checkpoints (only when the disk is
+                short or there is a budget).
             protected: the steps retention must keep besides the newest and pinned ones.
 
         Raises:
@@ -98,7 +99,7 @@ class Retention:
         origin = listing.get(source_step) if source_step is not None else None
         files = Listed(checkpoint_name(step), {**reused, "": needed},
                        {file: identity(origin, file) for file in reused} if origin else {})
-        plan = sorted([*(c for c in checkpoints if c.step != step), upcoming],
+        plan = sorted([*(c for c in checkpoints() if c.step != step), upcoming],
                       key=lambda c: c.step)
         doomed = {c.step for c in self.doomed(plan, protected=protected,
                                               listing={**listing, step: files})}
