@@ -87,6 +87,20 @@ def test_recommendation_names_the_best_kept_step_and_the_overfitting(tmp_path: P
                              "overfit by +30% (step 80: 1.3)")
 
 
+def test_recommendation_skips_a_damaged_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    make_run(run, VAL_LOSS)
+    damaged = run / "step-00000040" / "model.safetensors"
+    damaged.unlink()  # its bytes are shared (hard links) with the other steps' files
+    damaged.write_bytes(b"truncated")
+    checkpoints = list_checkpoints(run)
+    assert [c.step for c in checkpoints if c.damaged] == [40]
+    advice = recommend(run, "val_loss", "min", checkpoints=checkpoints)
+    assert advice is not None and advice.checkpoint.step == 50
+    assert "damaged step 40 scored better (1); `ckpts verify` says what is wrong" \
+        in advice.reason
+
+
 def test_recommendation_says_when_the_best_is_the_latest_or_was_deleted(tmp_path: Path) -> None:
     run = tmp_path / "run"
     make_run(run, {10: 3.0, 20: 2.0, 30: 1.0})

@@ -96,8 +96,10 @@ def metric_curve(run: Storage | str | os.PathLike[str], metric: str, mode: Mode 
 
 def recommend(run: Storage | str | os.PathLike[str], metric: str, mode: Mode, *,
               checkpoints: Sequence[Checkpoint]) -> Recommendation | None:
-    """The best kept checkpoint by ``metric`` and the reason; None if none has a value."""
-    ranked = [c for c in rank_by(checkpoints, metric, mode) if not math.isnan(c.metrics[metric])]
+    """The best intact kept checkpoint by ``metric`` and the reason; None if none has a
+    value. A damaged checkpoint (as ``ckpts ls`` marks it) is never recommended."""
+    valued = [c for c in rank_by(checkpoints, metric, mode) if not math.isnan(c.metrics[metric])]
+    ranked = [c for c in valued if c.damaged is None]
     if not ranked:
         return None
     best = ranked[0]
@@ -125,6 +127,10 @@ def recommend(run: Storage | str | os.PathLike[str], metric: str, mode: Mode, *,
         gone = min(better_gone, key=lambda p: sign * p.value)
         parts.append(f"deleted step {gone.step} scored better ({gone.value:.4g}) but its "
                      "weights are gone")
+    damaged = valued[:valued.index(best)]  # ranked above it, all damaged
+    if damaged:
+        parts.append(f"damaged step {damaged[0].step} scored better "
+                     f"({damaged[0].metrics[metric]:.4g}); `ckpts verify` says what is wrong")
     return Recommendation(best, metric, "; ".join(parts))
 
 
