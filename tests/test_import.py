@@ -334,3 +334,22 @@ def test_an_imported_trainer_checkpoint_loads_strictly_into_a_fresh_model_tied(
     model = json.loads(shown.output)["objects"]["model"]
     assert model["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
 
+
+
+def test_an_imported_trainer_checkpoint_exports_to_a_hugging_face_folder(
+        tmp_path: Path, trainer_run: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """The folder's config.json is recorded with the model, so ``export --format hf``
+    needs no --config, and ``report`` suggests it."""
+    transformers = pytest.importorskip("transformers")
+    output, trained = trainer_run
+    final = ckpts.import_checkpoints(output, tmp_path / "run")[-1]
+    exported = CliRunner().invoke(app, ["export", str(final.path), str(tmp_path / "hf"),
+                                        "--format", "hf"])
+    assert exported.exit_code == 0, exported.output
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    for key, value in trained.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    reported = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "-o",
+                                        str(tmp_path / "report.html")])
+    assert reported.exit_code == 0, reported.output
+    assert "--format hf" in (tmp_path / "report.html").read_text()

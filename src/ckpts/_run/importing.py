@@ -100,8 +100,9 @@ class PlainState:
     """A Stateful holding state that is already plain data (an imported object's, a
     part of Lightning's checkpoint dict), so a TrainState can save it as it is."""
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: Any, *, hf_config: dict[str, Any] | None = None) -> None:
         self.value = value
+        self.hf_config = hf_config  # an imported model's config.json, recorded for export
 
     def state_dict(self) -> Any:
         return self.value
@@ -188,8 +189,10 @@ def _import_one(manager: Any, found: _Source) -> Checkpoint:
     from ckpts._state.train_state import RNG_NAME, TrainState
 
     objects = found.read()
-    state = TrainState(**{name: PlainState(value) for name, value in objects.items()
-                          if name != RNG_NAME})
+    config = objects.get("config")  # a Hugging Face folder's config.json: the model's
+    state = TrainState(**{name: PlainState(value, hf_config=config if name == "model" and
+                                           isinstance(config, dict) else None)
+                          for name, value in objects.items() if name != RNG_NAME})
     if RNG_NAME in objects:
         # the source's generators replace the importing process's, captured by default
         state.objects[RNG_NAME] = PlainState(objects[RNG_NAME])

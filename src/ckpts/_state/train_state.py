@@ -166,15 +166,19 @@ def hf_config(what: str, obj: object) -> dict[str, Any] | None:
     """A Hugging Face model's config as transformers writes it to ``config.json``.
 
     Recorded so that an export can write ``config.json`` without the model class.
-    Only a :class:`torch.nn.Module` whose ``config`` has ``to_dict()`` has one; the
+    Only a :class:`torch.nn.Module` whose ``config`` has ``to_dict()`` has one (or the
+    plain state of a model ``ckpts import`` read with its ``config.json``); the
     config's own ``to_json_string()`` (which turns dtypes into names) is used when
     it exists. A config that is still not strict JSON (NaN, objects) is refused.
     """
     config = getattr(obj, "config", None) if isinstance(obj, torch.nn.Module) else None
-    if not callable(getattr(config, "to_dict", None)):
+    imported = None if isinstance(obj, torch.nn.Module) else getattr(obj, "hf_config", None)
+    if not callable(getattr(config, "to_dict", None)) and not isinstance(imported, dict):
         return None
     try:
-        if callable(getattr(config, "to_json_string", None)):
+        if isinstance(imported, dict):  # ckpts import's model: its config.json
+            data = imported
+        elif callable(getattr(config, "to_json_string", None)):
             data = json.loads(config.to_json_string(use_diff=False))  # type: ignore[union-attr]
         else:
             data = config.to_dict()  # type: ignore[union-attr]
