@@ -6,12 +6,11 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
 import ckpts
+from lightning_worker import TinyRegressor, data
 from test_cli import ckpts_session
 
 pl = pytest.importorskip("pytorch_lightning")
@@ -26,35 +25,6 @@ pytestmark = [
 ]
 
 
-class Line(pl.LightningModule):  # type: ignore[misc]
-    """A linear fit whose validation loss moves from epoch to epoch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = torch.nn.Linear(2, 1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return torch.nn.functional.mse_loss(self.net(x), y)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=0.5)
-
-
-def loaders() -> tuple[torch.utils.data.DataLoader[Any], torch.utils.data.DataLoader[Any]]:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(48, 2, generator=generator)
-    y = x @ torch.tensor([[2.0], [-1.0]]) + 0.3 * torch.randn(48, 1, generator=generator)
-    train = torch.utils.data.TensorDataset(x[:32], y[:32])
-    val = torch.utils.data.TensorDataset(x[32:], y[32:])
-    return (torch.utils.data.DataLoader(train, batch_size=8),
-            torch.utils.data.DataLoader(val, batch_size=16))
-
-
 def test_native_ckpt_files_import_with_their_monitored_score_for_ckpts_best(
         tmp_path: Path) -> None:
     pl.seed_everything(0, verbose=False)
@@ -66,31 +36,31 @@ def test_native_ckpt_files_import_with_their_monitored_score_for_ckpts_best(
                          callbacks=[checkpointing], enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0,
                          default_root_dir=tmp_path)
-    trainer.fit(Line(), *loaders())  # Lightning's own TorchCheckpointIO writes the files
+    trainer.fit(TinyRegressor(), *data())  # Lightning's own TorchCheckpointIO writes the files
     scores = {Path(path).name: float(score) for path, score in checkpointing.best_k_models.items()}
-    assert sorted(scores) == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt",
-                              "epoch=2-step=12.ckpt"]
+    assert sorted(scores) == ["epoch=0-step=8.ckpt", "epoch=1-step=16.ckpt",
+                              "epoch=2-step=24.ckpt"]
     best_name = min(scores, key=scores.__getitem__)
     moved = tmp_path / "moved"  # a copied folder: ranked by the file's name
     shutil.copytree(saved, moved)
 
     run, last_run = tmp_path / "run", tmp_path / "last"
     results = ckpts_session(
-        ["import", saved / "epoch=0-step=4.ckpt", run],
-        ["import", moved / "epoch=1-step=8.ckpt", run],
-        ["import", saved / "epoch=2-step=12.ckpt", run],
+        ["import", saved / "epoch=0-step=8.ckpt", run],
+        ["import", moved / "epoch=1-step=16.ckpt", run],
+        ["import", saved / "epoch=2-step=24.ckpt", run],
         ["best", run, "--metric", "val_loss"],
         ["ls", run, "--json"],
         ["import", saved / "last.ckpt", last_run])
     assert [r.returncode for r in results] == [0] * 6, [r.stderr for r in results]
 
     assert {row["step"]: row["metrics"] for row in json.loads(results[4].stdout)} == {
-        4: {"val_loss": scores["epoch=0-step=4.ckpt"]},
-        8: {"val_loss": scores["epoch=1-step=8.ckpt"]},
-        12: {"val_loss": scores["epoch=2-step=12.ckpt"]},
+        8: {"val_loss": scores["epoch=0-step=8.ckpt"]},
+        16: {"val_loss": scores["epoch=1-step=16.ckpt"]},
+        24: {"val_loss": scores["epoch=2-step=24.ckpt"]},
     }
     best_step = int(re.search(r"step=(\d+)", best_name).group(1))  # type: ignore[union-attr]
     assert results[3].stdout.strip() == str(run / f"step-{best_step:08d}")
     # last.ckpt is in no top k: Lightning records no score for it, so it gets none
     (last,) = ckpts.CheckpointManager(last_run).checkpoints()
-    assert (last.step, last.metrics) == (12, {})
+    assert (last.step, last.metrics) == (24, {})
