@@ -36,7 +36,8 @@ OLDEST := "transformers==4.57.6" "pytorch-lightning==2.6.0" "lightning==2.6.0"
 
 test-oldest: .venv-oldest/.installed
 	.venv-oldest/bin/pytest -q -p no:cacheprovider tests/test_hf_trainer.py \
-		tests/test_lightning.py tests/test_import.py tests/test_examples.py
+		tests/test_lightning.py tests/test_import.py tests/test_import_lightning.py \
+		tests/test_examples.py
 
 # Opt-in long mode: 200 SIGKILL trials (sync + async), 2,000 fuzz examples per target and
 # 2,000 codec round-trip examples per property.
