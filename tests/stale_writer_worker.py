@@ -31,6 +31,7 @@ def main() -> None:
     for step in (1, 2):
         train_step(model, optimizer, step)
         manager.save(step, state)
+    manager.wait()  # its retention, which runs after the commit, has deleted step 1
     print("saved 2", flush=True)
     sys.stdin.readline()  # frozen here by the test, then woken
     for step in (3, 4):
