@@ -79,7 +79,12 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = PrefetchedBatch()  # draws the first batch; a restore replaces it
     state = ckpts.TrainState(model=model, optimizer=optimizer, batch=batch)
-    manager = ckpts.CheckpointManager(sys.argv[1])
+    train(ckpts.CheckpointManager(sys.argv[1]), state, model, optimizer, batch)
+
+
+def train(manager: ckpts.CheckpointManager, state: ckpts.TrainState, model: TinyLM,
+          optimizer: torch.optim.Optimizer, batch: PrefetchedBatch) -> None:
+    """Resume if the run has a checkpoint (no --resume flag), then train to MAX_ITERS."""
     resumed_at = manager.restore(state)
     iter_num = resumed_at or 0
 

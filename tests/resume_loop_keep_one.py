@@ -14,20 +14,11 @@ batch drawn before its restore() instead.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import ckpts
-from resume_loop_fixed import (
-    EVAL_INTERVAL,
-    MAX_ITERS,
-    PrefetchedBatch,
-    TinyLM,
-    estimate_loss,
-    get_batch,
-    loss_of,
-)
+from resume_loop_fixed import PrefetchedBatch, TinyLM, train
 
 RETENTION = {
     "last": [ckpts.KeepLast(1)],
@@ -50,25 +41,9 @@ def main() -> None:
     objects = {"model": model, "optimizer": optimizer} if args.lose_prefetch \
         else {"model": model, "optimizer": optimizer, "batch": batch}
     state = ckpts.TrainState(**objects)
-    manager = ckpts.CheckpointManager(args.out_dir, keep=RETENTION[args.keep])
-    resumed_at = manager.restore(state)  # no --resume flag: a run resumes when it can
-    iter_num = resumed_at or 0
-
-    while True:
-        if iter_num % EVAL_INTERVAL == 0 and iter_num != resumed_at:
-            val_loss = estimate_loss(model)
-            if iter_num > 0:
-                manager.save(iter_num, state, metrics={"val_loss": val_loss})
-        if iter_num == MAX_ITERS:
-            break
-        loss = loss_of(model, batch.x, batch.y)
-        batch.x, batch.y = get_batch()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        iter_num += 1
-        time.sleep(0.01)
-
+    # the same loop, over this state and retention
+    train(ckpts.CheckpointManager(args.out_dir, keep=RETENTION[args.keep]), state, model,
+          optimizer, batch)
 
 if __name__ == "__main__":
     main()
